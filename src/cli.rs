@@ -1,0 +1,62 @@
+//! The command line.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(name = "switchyard", version, about = "Route Salesforce change events to side effects by rules in YAML files")]
+pub struct Cli {
+    /// Log format on standard error.
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum ProblemFormat {
+    /// `file:line:col: error: message`
+    Text,
+    /// GitHub Actions annotations (`::error file=...,line=...,col=...::message`)
+    Github,
+    /// A JSON array of problems
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum SchemaKind {
+    Rules,
+    Config,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the service. Without --config: the embedded demo (recorded events, in-memory sinks).
+    Run {
+        /// The service config (YAML).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Check rule files (and a config): YAML, schema, predicates, sinks, templates. Exit 1 on any error.
+    Validate {
+        /// Rule files or folders; default: the config's rules, or `rules/`.
+        paths: Vec<PathBuf>,
+        /// Check against this config's sinks, channels and mode (default: the built-in names).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        #[arg(long, value_enum, default_value = "text")]
+        format: ProblemFormat,
+    },
+    /// Print the JSON Schema of rule files or of the config.
+    Schema {
+        #[arg(value_enum)]
+        kind: SchemaKind,
+    },
+}

@@ -1,0 +1,529 @@
+//! The service config (DESIGN.md §4): pure data, `${VAR}` substitution, validation without I/O.
+
+use std::path::{Path, PathBuf};
+
+use indexmap::IndexMap;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::diag::{Problem, Problems};
+
+/// The config of the embedded demo (`switchyard run` with no `--config`).
+pub const DEMO_CONFIG: &str = include_str!("../examples/demo.yaml");
+/// Where the embedded demo config pretends to live, so its relative paths resolve.
+pub const DEMO_CONFIG_PATH: &str = "examples/demo.yaml";
+
+/// Which routes and channels are live.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    /// Change Data Capture: channels under `/data/`.
+    #[default]
+    Cdc,
+    /// Platform events: channels under `/event/`.
+    PlatformEvent,
+}
+
+impl Mode {
+    /// The mode a channel belongs to, from its name (`/data/...` or `/event/...`).
+    pub fn of_channel(channel: &str) -> Option<Mode> {
+        if channel.starts_with("/data/") {
+            Some(Mode::Cdc)
+        } else if channel.starts_with("/event/") {
+            Some(Mode::PlatformEvent)
+        } else {
+            None
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Cdc => "cdc",
+            Mode::PlatformEvent => "platform-event",
+        }
+    }
+}
+
+/// The switchyard service config.
+///
+/// Relative paths (rules, JSONL files) resolve against the directory of the config file.
+/// `${VAR}` and `${VAR:-default}` are substituted from the environment before parsing.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+#[schemars(title = "switchyard config")]
+pub struct Config {
+    /// Which routes and channels are live: `cdc` or `platform-event`. `SWITCHYARD_MODE` overrides it.
+    #[serde(default)]
+    #[schemars(example = &"cdc")]
+    pub mode: Mode,
+    /// Where events come from.
+    pub source: SourceConfig,
+    /// Channel aliases used by routes, mapped to channel names (`/data/...` = CDC, `/event/...` = platform events).
+    #[serde(default = "default_channels")]
+    #[schemars(example = default_channels())]
+    pub channels: IndexMap<String, String>,
+    /// Rule files or folders (every `*.yaml`/`*.yml` in them except `*.test.yaml`).
+    #[schemars(example = vec!["../rules/".to_string()])]
+    pub rules: Vec<PathBuf>,
+    /// Redis for the queue, cache, and dead letters. Absent: all of them in memory (demo only).
+    #[serde(default)]
+    pub redis: Option<RedisConfig>,
+    /// Named sinks the routes' actions call. `dead-letter` is built in and always available.
+    #[serde(default)]
+    pub sinks: IndexMap<String, SinkConfig>,
+    /// Where `enrich` reads records: `recorded` (the events' own `record` map) or `none`.
+    #[serde(default)]
+    pub enricher: EnricherKind,
+    /// What happens to an event no route matched: `ignore`, `log` or `dead-letter`.
+    #[serde(default)]
+    pub on_unmatched: OnUnmatched,
+    /// The HTTP listener for `/healthz` and `/metrics`. Absent: no listener.
+    #[serde(default)]
+    pub http: Option<HttpConfig>,
+    /// Print every decision (event, record, route, actions) to standard output, and a summary when the
+    /// source ends. Meant for demos and local runs.
+    #[serde(default)]
+    pub print_decisions: bool,
+}
+
+/// Where events come from.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SourceConfig {
+    /// `jsonl` (a file of events, DESIGN.md §2) or `stdin` (the same format on standard input).
+    pub kind: SourceKind,
+    /// Settings of the `jsonl` source.
+    #[serde(default)]
+    pub jsonl: Option<JsonlConfig>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum SourceKind {
+    /// Events from a JSONL file.
+    Jsonl,
+    /// Events as JSONL on standard input.
+    Stdin,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct JsonlConfig {
+    /// The JSONL file, one event per line.
+    #[schemars(example = &"events/order-lifecycle.jsonl")]
+    pub path: PathBuf,
+    /// Keep reading as the file grows (like `tail -f`) instead of stopping at its end.
+    #[serde(default)]
+    pub follow: bool,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RedisConfig {
+    /// Redis URL (`redis://[user:password@]host:port/db`).
+    #[schemars(example = &"redis://127.0.0.1:6379")]
+    pub url: String,
+    /// Prefix of the keys switchyard itself writes (dead letters). Sink keys are rendered by the rules.
+    #[serde(default = "default_key_prefix")]
+    #[schemars(example = &"switchyard:")]
+    pub key_prefix: String,
+}
+
+fn default_key_prefix() -> String {
+    "switchyard:".into()
+}
+
+/// A named sink. The kinds are closed: `queue`, `cache-invalidate`, `log`.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum SinkConfig {
+    /// Enqueue a job: a BullMQ job a stock BullMQ/NestJS worker consumes.
+    Queue(QueueSinkConfig),
+    /// UNLINK cache keys, and keys matching patterns (via SCAN), optionally PUBLISH a message.
+    CacheInvalidate(CacheSinkConfig),
+    /// Write one structured log line per action.
+    Log(LogSinkConfig),
+}
+
+impl SinkConfig {
+    pub fn kind(&self) -> SinkKind {
+        match self {
+            SinkConfig::Queue(_) => SinkKind::Queue,
+            SinkConfig::CacheInvalidate(_) => SinkKind::CacheInvalidate,
+            SinkConfig::Log(_) => SinkKind::Log,
+        }
+    }
+}
+
+/// The kind of a sink, which decides the keys its actions take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SinkKind {
+    Queue,
+    CacheInvalidate,
+    Log,
+    DeadLetter,
+}
+
+impl SinkKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SinkKind::Queue => "queue",
+            SinkKind::CacheInvalidate => "cache-invalidate",
+            SinkKind::Log => "log",
+            SinkKind::DeadLetter => "dead-letter",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct QueueSinkConfig {
+    /// The job format; `bullmq` is the one format so far.
+    #[serde(default)]
+    pub format: QueueFormat,
+    /// The BullMQ queue name.
+    #[schemars(example = &"provisioning")]
+    pub queue: String,
+    /// The BullMQ job name.
+    #[schemars(example = &"provision-order")]
+    pub job_name: String,
+    /// The BullMQ key prefix (BullMQ's default is `bull`).
+    #[serde(default = "default_bull_prefix")]
+    #[schemars(example = &"bull")]
+    pub prefix: String,
+    /// Default job options; an action's `job_options` override them key by key.
+    #[serde(default)]
+    pub job_options: JobOptions,
+}
+
+fn default_bull_prefix() -> String {
+    "bull".into()
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum QueueFormat {
+    /// A BullMQ job (same Lua scripts as the Node library).
+    #[default]
+    Bullmq,
+}
+
+/// BullMQ job options.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct JobOptions {
+    /// Attempts before the worker gives the job up.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(example = 5)]
+    pub attempts: Option<u32>,
+    /// Backoff between the worker's attempts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backoff: Option<Backoff>,
+    /// Delay in milliseconds before the job can run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(example = 0)]
+    pub delay: Option<u64>,
+    /// Priority (1 is the highest; unset: no priority).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(example = 1)]
+    pub priority: Option<u32>,
+    /// Keep at most this many completed jobs (unset: keep all).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(example = 1000)]
+    pub remove_on_complete: Option<usize>,
+    /// Keep at most this many failed jobs (unset: keep all).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(example = 5000)]
+    pub remove_on_fail: Option<usize>,
+}
+
+impl JobOptions {
+    /// `self` with every key `over` sets replaced.
+    pub fn merged(&self, over: &JobOptions) -> JobOptions {
+        JobOptions {
+            attempts: over.attempts.or(self.attempts),
+            backoff: over.backoff.clone().or_else(|| self.backoff.clone()),
+            delay: over.delay.or(self.delay),
+            priority: over.priority.or(self.priority),
+            remove_on_complete: over.remove_on_complete.or(self.remove_on_complete),
+            remove_on_fail: over.remove_on_fail.or(self.remove_on_fail),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Backoff {
+    /// `fixed` or `exponential`.
+    #[serde(rename = "type")]
+    pub kind: BackoffKind,
+    /// Base delay in milliseconds.
+    #[schemars(example = 1000)]
+    pub delay: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum BackoffKind {
+    /// The same delay before every retry.
+    Fixed,
+    /// The delay doubles on every retry.
+    Exponential,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CacheSinkConfig {}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LogSinkConfig {}
+
+/// Where `enrich` reads the current record.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum EnricherKind {
+    /// The `record` map recorded with each event (JSONL): deterministic, no network.
+    #[default]
+    Recorded,
+    /// No enrichment: a route that declares `enrich` is a config error.
+    None,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnUnmatched {
+    /// Nothing happens (counted in metrics).
+    #[default]
+    Ignore,
+    /// A log line per unmatched event.
+    Log,
+    /// The event is parked in the dead letters for an operator.
+    DeadLetter,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Address of the HTTP listener (`/healthz`, `/metrics`).
+    #[schemars(example = &"127.0.0.1:9464")]
+    pub listen: String,
+}
+
+/// The channel aliases used when no config says otherwise.
+pub fn default_channels() -> IndexMap<String, String> {
+    IndexMap::from([
+        ("orders".to_string(), "/data/OrderChangeEvent".to_string()),
+        ("order-items".to_string(), "/data/OrderItemChangeEvent".to_string()),
+        ("fulfilment-requests".to_string(), "/event/Order_Fulfilment_Requested__e".to_string()),
+    ])
+}
+
+/// The sinks a rules file is checked against when no config is given.
+pub fn default_sinks() -> IndexMap<String, SinkConfig> {
+    IndexMap::from([
+        (
+            "enqueue-provisioning".to_string(),
+            SinkConfig::Queue(QueueSinkConfig {
+                format: QueueFormat::Bullmq,
+                queue: "provisioning".into(),
+                job_name: "provision-order".into(),
+                prefix: default_bull_prefix(),
+                job_options: JobOptions::default(),
+            }),
+        ),
+        ("invalidate-cache".to_string(), SinkConfig::CacheInvalidate(CacheSinkConfig {})),
+        ("log".to_string(), SinkConfig::Log(LogSinkConfig {})),
+    ])
+}
+
+/// The name of the built-in dead-letter sink.
+pub const DEAD_LETTER_SINK: &str = "dead-letter";
+
+/// A config file as loaded, with where it came from.
+#[derive(Debug, Clone)]
+pub struct LoadedConfig {
+    pub path: PathBuf,
+    pub config: Config,
+}
+
+impl LoadedConfig {
+    /// Reads, substitutes, parses and validates a config file.
+    pub fn load(path: &Path) -> Result<Self, Problems> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            Problems(vec![Problem::error(path, 0, 0, format!("cannot read the config file: {e}"))])
+        })?;
+        Self::parse(path, &text, &|name| std::env::var(name).ok())
+    }
+
+    /// The embedded demo config.
+    pub fn demo() -> Result<Self, Problems> {
+        Self::parse(Path::new(DEMO_CONFIG_PATH), DEMO_CONFIG, &|name| std::env::var(name).ok())
+    }
+
+    /// Parses config text; `env` looks variables up (the real environment outside tests).
+    pub fn parse(path: &Path, text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Self, Problems> {
+        let text = substitute_env(path, text, env)?;
+        let mut config: Config =
+            serde_saphyr::from_str(&text).map_err(|e| Problems(vec![Problem::from_yaml(path, &e)]))?;
+        if let Some(mode) = env("SWITCHYARD_MODE") {
+            config.mode = match mode.as_str() {
+                "cdc" => Mode::Cdc,
+                "platform-event" => Mode::PlatformEvent,
+                other => {
+                    return Err(Problems(vec![Problem::error(
+                        path,
+                        0,
+                        0,
+                        format!("SWITCHYARD_MODE is `{other}`; expected `cdc` or `platform-event`"),
+                    )]));
+                }
+            };
+        }
+        let loaded = LoadedConfig { path: path.to_path_buf(), config };
+        let problems = loaded.validate();
+        if problems.is_empty() { Ok(loaded) } else { Err(Problems(problems)) }
+    }
+
+    /// Checks that need no I/O: channel names, sink names, source settings.
+    pub fn validate(&self) -> Vec<Problem> {
+        let c = &self.config;
+        let mut problems = Vec::new();
+        let err = |m: String| Problem::error(&self.path, 0, 0, m);
+        for (alias, channel) in &c.channels {
+            if Mode::of_channel(channel).is_none() {
+                problems.push(err(format!(
+                    "channel `{alias}` is `{channel}`; a channel starts with /data/ (CDC) or /event/ (platform event)"
+                )));
+            }
+        }
+        if c.sinks.contains_key(DEAD_LETTER_SINK) {
+            problems.push(err(format!("the sink name `{DEAD_LETTER_SINK}` is built in; choose another name")));
+        }
+        if c.source.kind == SourceKind::Jsonl && c.source.jsonl.is_none() {
+            problems.push(err("source `jsonl` needs `source.jsonl.path`".into()));
+        }
+        if c.rules.is_empty() {
+            problems.push(err("`rules` names no file or folder".into()));
+        }
+        problems
+    }
+
+    /// A path from the config, resolved against the config file's directory.
+    pub fn resolve(&self, path: &Path) -> PathBuf {
+        if path.is_absolute() {
+            return path.to_path_buf();
+        }
+        match self.path.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => dir.join(path),
+            _ => path.to_path_buf(),
+        }
+    }
+
+    pub fn rule_paths(&self) -> Vec<PathBuf> {
+        self.config.rules.iter().map(|p| self.resolve(p)).collect()
+    }
+}
+
+/// Replaces `${VAR}` and `${VAR:-default}`; `$$` is a literal `$`. Full-line comments are left alone.
+/// An unset variable without a default is an error: a production config never falls back silently.
+pub fn substitute_env(path: &Path, text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<String, Problems> {
+    let mut out = String::with_capacity(text.len());
+    let mut problems = Vec::new();
+    for (n, line) in text.split_inclusive('\n').enumerate() {
+        if line.trim_start().starts_with('#') {
+            out.push_str(line);
+            continue;
+        }
+        let mut rest = line;
+        while let Some(i) = rest.find('$') {
+            out.push_str(&rest[..i]);
+            let after = &rest[i + 1..];
+            if let Some(tail) = after.strip_prefix('$') {
+                out.push('$');
+                rest = tail;
+            } else if let Some(body) = after.strip_prefix('{') {
+                let Some(end) = body.find('}') else {
+                    problems.push(Problem::error(path, n as u64 + 1, (line.len() - rest.len() + i) as u64 + 1, "`${` without a closing `}`"));
+                    out.push_str(&rest[i..]);
+                    rest = "";
+                    break;
+                };
+                let expr = &body[..end];
+                let (name, default) = match expr.split_once(":-") {
+                    Some((name, default)) => (name, Some(default)),
+                    None => (expr, None),
+                };
+                let column = (line.len() - rest.len() + i) as u64 + 1;
+                if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                    problems.push(Problem::error(path, n as u64 + 1, column, format!("`${{{expr}}}` is not a variable reference")));
+                } else {
+                    match (env(name), default) {
+                        (Some(value), _) if !(value.is_empty() && default.is_some()) => out.push_str(&value),
+                        (_, Some(default)) => out.push_str(default),
+                        (_, None) => problems.push(Problem::error(
+                            path,
+                            n as u64 + 1,
+                            column,
+                            format!("environment variable `{name}` is not set and has no default (write `${{{name}:-default}}` for one)"),
+                        )),
+                    }
+                }
+                rest = &body[end + 1..];
+            } else {
+                out.push('$');
+                rest = after;
+            }
+        }
+        out.push_str(rest);
+    }
+    if problems.is_empty() { Ok(out) } else { Err(Problems(problems)) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(name: &str) -> Option<String> {
+        match name {
+            "REDIS_URL" => Some("redis://127.0.0.1:7777".into()),
+            "EMPTY" => Some(String::new()),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn substitutes_set_variables_and_defaults() {
+        let out = substitute_env(Path::new("c.yaml"), "a: ${REDIS_URL}\nb: ${NOPE:-x}\nc: ${EMPTY:-d}\nd: $$5 $x\n", &env).unwrap();
+        assert_eq!(out, "a: redis://127.0.0.1:7777\nb: x\nc: d\nd: $5 $x\n");
+    }
+
+    #[test]
+    fn unset_variable_without_default_is_an_error_with_position() {
+        let err = substitute_env(Path::new("c.yaml"), "mode: cdc\nredis: { url: \"${REDIS_URL_X}\" }\n# ${IGNORED}\n", &env)
+            .unwrap_err();
+        assert_eq!(err.0.len(), 1);
+        assert_eq!(err.0[0].to_string(), "c.yaml:2:16: error: environment variable `REDIS_URL_X` is not set and has no default (write `${REDIS_URL_X:-default}` for one)");
+    }
+
+    #[test]
+    fn demo_config_loads() {
+        let loaded = LoadedConfig::parse(Path::new(DEMO_CONFIG_PATH), DEMO_CONFIG, &|_| None).expect("demo config is valid");
+        assert!(loaded.config.redis.is_none());
+        assert_eq!(loaded.rule_paths(), vec![PathBuf::from("examples/../rules/")]);
+    }
+
+    #[test]
+    fn switchyard_mode_overrides_mode() {
+        let text = "mode: cdc\nsource: { kind: stdin }\nrules: [r.yaml]\n";
+        let loaded = LoadedConfig::parse(Path::new("c.yaml"), text, &|n| (n == "SWITCHYARD_MODE").then(|| "platform-event".into())).unwrap();
+        assert_eq!(loaded.config.mode, Mode::PlatformEvent);
+    }
+
+    #[test]
+    fn unknown_sink_kind_is_rejected_with_position() {
+        let text = "source: { kind: stdin }\nrules: [r.yaml]\nsinks:\n  x: { kind: kafka }\n";
+        let err = LoadedConfig::parse(Path::new("c.yaml"), text, &|_| None).unwrap_err();
+        assert!(err.to_string().starts_with("c.yaml:4:"), "{err}");
+    }
+}

@@ -1,0 +1,22 @@
+//! switchyard: routes Salesforce change events to side effects by rules that operators edit as files.
+//!
+//! Data flows one way: Source -> Router (`when`) -> Enricher -> Router (`guard`) -> Plan -> Dispatcher ->
+//! Sinks. See DESIGN.md for the architecture and README.md for the rule language.
+#![forbid(unsafe_code)]
+
+pub mod cli;
+pub mod config;
+pub mod diag;
+pub mod dispatch;
+pub mod enrich;
+pub mod event;
+pub mod http;
+pub mod metrics;
+pub mod pipeline;
+pub mod plan;
+pub mod router;
+pub mod rules;
+pub mod schema;
+pub mod service;
+pub mod sinks;
+pub mod sources;

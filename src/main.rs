@@ -1,0 +1,163 @@
+#![forbid(unsafe_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::Parser;
+use switchyard::cli::{Cli, Command, LogFormat, ProblemFormat, SchemaKind};
+use switchyard::config::LoadedConfig;
+use switchyard::diag::{Problem, Severity};
+use switchyard::rules::load::{self, RuleEnv};
+use switchyard::service::{Service, StartError};
+use tokio::sync::watch;
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(cli.log_format);
+    match cli.command {
+        Command::Run { config } => run(config).await,
+        Command::Validate { paths, config, format } => validate(paths, config, format),
+        Command::Schema { kind } => {
+            let schema = match kind {
+                SchemaKind::Rules => switchyard::schema::rules_schema(),
+                SchemaKind::Config => switchyard::schema::config_schema(),
+            };
+            print!("{}", switchyard::schema::pretty(&schema));
+            ExitCode::SUCCESS
+        }
+    }
+}
+
+async fn run(config: Option<PathBuf>) -> ExitCode {
+    switchyard::metrics::install();
+    let (embedded, loaded) = match &config {
+        Some(path) => (false, LoadedConfig::load(path)),
+        None => (true, LoadedConfig::demo()),
+    };
+    let loaded = match loaded {
+        Ok(loaded) => loaded,
+        Err(problems) => {
+            eprintln!("{problems}");
+            eprintln!("switchyard: the config has errors; not starting.");
+            return ExitCode::FAILURE;
+        }
+    };
+    if embedded {
+        tracing::info!("No --config given: running the embedded demo (recorded events, in-memory queue and cache).");
+    }
+    let service = match Service::start(loaded, embedded).await {
+        Ok(service) => service,
+        Err(StartError::Invalid(problems)) => {
+            eprintln!("{problems}");
+            eprintln!("switchyard: the rules have errors; not starting.");
+            return ExitCode::FAILURE;
+        }
+        Err(e) => {
+            eprintln!("switchyard: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let (stop, shutdown) = watch::channel(false);
+    // Ends when a signal arrives or the process exits; a second signal exits at once.
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("Shutting down: finishing the event in hand.");
+        let _ = stop.send(true);
+        wait_for_signal().await;
+        tracing::warn!("Second signal: exiting now.");
+        std::process::exit(130);
+    });
+    match service.run(shutdown).await {
+        Ok(_) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("switchyard: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler cannot fail on unix");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+fn validate(paths: Vec<PathBuf>, config: Option<PathBuf>, format: ProblemFormat) -> ExitCode {
+    let mut problems = Vec::new();
+    let (env, config_paths) = match &config {
+        Some(path) => match LoadedConfig::load(path) {
+            Ok(loaded) => (RuleEnv::from_config(&loaded), loaded.rule_paths()),
+            Err(p) => {
+                problems.extend(p.0);
+                (RuleEnv::defaults(), Vec::new())
+            }
+        },
+        None => (RuleEnv::defaults(), Vec::new()),
+    };
+    let paths = match (paths.is_empty(), config_paths.is_empty()) {
+        (false, _) => paths,
+        (true, false) => config_paths,
+        (true, true) => vec![PathBuf::from("rules")],
+    };
+    let loaded = load::load_paths(&paths, &env);
+    problems.extend(loaded.problems);
+    report(&problems, format);
+    let errors = problems.iter().filter(|p| p.severity == Severity::Error).count();
+    let warnings = problems.len() - errors;
+    match (&loaded.ruleset, errors) {
+        (Some(rules), 0) => {
+            eprintln!(
+                "{}: ok ({} routes in {} file(s), version {}, {warnings} warning(s))",
+                display_paths(&paths),
+                rules.routes.len(),
+                rules.files.len(),
+                rules.version
+            );
+            ExitCode::SUCCESS
+        }
+        _ => {
+            eprintln!("{}: {errors} error(s), {warnings} warning(s)", display_paths(&paths));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn display_paths(paths: &[PathBuf]) -> String {
+    paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+}
+
+fn report(problems: &[Problem], format: ProblemFormat) {
+    match format {
+        ProblemFormat::Text => problems.iter().for_each(|p| println!("{p}")),
+        ProblemFormat::Json => println!("{}", serde_json::to_string_pretty(problems).unwrap_or_default()),
+        ProblemFormat::Github => {
+            for p in problems {
+                let level = if p.severity == Severity::Error { "error" } else { "warning" };
+                let message = p.message.replace('%', "%25").replace('\r', "%0D").replace('\n', "%0A");
+                println!("::{level} file={},line={},col={}::{message}", github_path(&p.file), p.line.max(1), p.column.max(1));
+            }
+        }
+    }
+}
+
+fn github_path(path: &Path) -> String {
+    path.strip_prefix("./").unwrap_or(path).display().to_string()
+}

@@ -1,0 +1,272 @@
+//! The router: pure, deterministic, no I/O, no clock. Two phases (DESIGN.md §5):
+//! `needs` evaluates every candidate route's `when` and says which records must be read;
+//! `plan` evaluates `guard` with those records and renders the actions.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use rhai::{Dynamic, Scope};
+use serde_json::{Map, Value};
+
+use crate::event::{Event, OVERFLOW_PLACEHOLDER_ID, RecordFields};
+use crate::plan::{Action, Decision, Op, Outcome, Plan, job_id_for};
+use crate::rules::helpers::{self, HelperCtx};
+use crate::rules::template::RenderCtx;
+use crate::rules::{ActionParams, ActionTemplate, Predicate, Route, RuleSet};
+
+/// A record to read before `guard` runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EnrichRequest {
+    pub object: String,
+    pub record_id: String,
+    pub fields: Vec<String>,
+}
+
+/// Records as the enricher returned them, by record id; `Err` is an enrichment failure.
+pub type Records = HashMap<String, Result<RecordFields, String>>;
+
+/// A route whose `when` was evaluated for one unit (a CDC record id, or the platform event).
+#[derive(Debug, Clone)]
+struct WhenResult {
+    route: usize,
+    record_id: Option<String>,
+    result: Result<(), String>,
+}
+
+/// Phase-one result: for every unit, the routes whose `when` held or failed.
+pub struct Needs {
+    pub rules_version: String,
+    units: Vec<Vec<WhenResult>>,
+    ctx: Arc<HelperCtx>,
+    scope: Scope<'static>,
+    header: Value,
+}
+
+impl Needs {
+    /// The records to read: one request per record id, fields merged across routes.
+    pub fn requests(&self, rules: &RuleSet) -> Vec<EnrichRequest> {
+        let mut requests: Vec<EnrichRequest> = Vec::new();
+        for w in self.units.iter().flatten().filter(|w| w.result.is_ok()) {
+            let (Some(enrich), Some(id)) = (&rules.routes[w.route].enrich, &w.record_id) else { continue };
+            if id == OVERFLOW_PLACEHOLDER_ID {
+                continue;
+            }
+            match requests.iter_mut().find(|r| &r.record_id == id) {
+                Some(r) => {
+                    for f in &enrich.fields {
+                        if !r.fields.contains(f) {
+                            r.fields.push(f.clone());
+                        }
+                    }
+                }
+                None => requests.push(EnrichRequest { object: enrich.object.clone(), record_id: id.clone(), fields: enrich.fields.clone() }),
+            }
+        }
+        requests
+    }
+
+    /// Whether any route's `when` held (or failed).
+    pub fn matched(&self) -> bool {
+        self.units.iter().any(|u| !u.is_empty())
+    }
+}
+
+/// Builds the script context of an event once; every route is evaluated against it.
+fn event_scope(rules: &RuleSet, event: &Event) -> Scope<'static> {
+    let mut scope = crate::rules::load::scope(&rules.vars, true);
+    scope.set_value("event", rhai::serde::to_dynamic(&event.fields).unwrap_or(Dynamic::UNIT));
+    let header = event.header.as_ref().and_then(|h| rhai::serde::to_dynamic(h).ok()).unwrap_or(Dynamic::UNIT);
+    scope.set_value("header", header);
+    scope.set_value("event_id", Dynamic::from(event.id.clone()));
+    scope.set_value("replay_id", event.replay_id.clone().map(Dynamic::from).unwrap_or(Dynamic::UNIT));
+    scope
+}
+
+fn eval(rules: &RuleSet, scope: &mut Scope<'static>, predicate: &Predicate) -> Result<bool, String> {
+    let value = rules.engine.eval_ast_with_scope::<Dynamic>(scope, &predicate.ast).map_err(|e| e.to_string())?;
+    value.as_bool().map_err(|t| format!("the predicate returned a {t}, not true or false"))
+}
+
+fn dyn_opt(value: Option<&str>) -> Dynamic {
+    value.map(|v| Dynamic::from(v.to_string())).unwrap_or(Dynamic::UNIT)
+}
+
+/// Phase one: evaluates `when` of every live route on the event's channel, per record id.
+pub fn needs(rules: &RuleSet, event: &Event) -> Needs {
+    let ctx = HelperCtx::new(event);
+    let mut scope = event_scope(rules, event);
+    let header = event.header.as_ref().and_then(|h| serde_json::to_value(h).ok()).unwrap_or(Value::Null);
+    let candidates = rules.candidates(&event.channel);
+    let empty = Map::new();
+    let unit_ids: Vec<Option<String>> = if event.header.is_some() {
+        event.record_ids().iter().cloned().map(Some).collect()
+    } else {
+        vec![None]
+    };
+    let mut units = Vec::with_capacity(unit_ids.len());
+    helpers::with_ctx(&ctx, || {
+        scope.set_value("record", Dynamic::from_map(rhai::Map::new()));
+        for unit_id in unit_ids {
+            let mut results = Vec::new();
+            for &i in candidates {
+                let route = &rules.routes[i];
+                let record_id = match (&unit_id, &route.record_id) {
+                    (Some(id), _) => Some(id.clone()),
+                    (None, Some(template)) => {
+                        let rctx = RenderCtx { event, header: &header, record_id: None, record: &empty, vars: &rules.vars, idempotency_key: None, route: &route.name };
+                        template.render_string(&rctx).ok().filter(|s| !s.is_empty())
+                    }
+                    (None, None) => None,
+                };
+                scope.set_value("record_id", dyn_opt(record_id.as_deref()));
+                let result = match eval(rules, &mut scope, &route.when) {
+                    Ok(false) => continue,
+                    Ok(true) => Ok(()),
+                    Err(e) => Err(format!("`when` failed: {e}")),
+                };
+                results.push(WhenResult { route: i, record_id, result });
+            }
+            units.push(results);
+        }
+    });
+    Needs { rules_version: rules.version.clone(), units, ctx, scope, header }
+}
+
+/// Phase two: with the records read, evaluates `guard` and renders the actions.
+pub fn plan(rules: &RuleSet, event: &Event, needs: Needs, records: &Records) -> Plan {
+    let Needs { units, ctx, mut scope, header, .. } = needs;
+    let mut decisions = Vec::new();
+    let mut actions = Vec::new();
+    helpers::with_ctx(&ctx, || {
+        for unit in units {
+            for w in unit {
+                let route = &rules.routes[w.route];
+                let record_id = w.record_id.as_deref();
+                let decided = decide(rules, route, event, &mut scope, &ctx, &header, record_id, records, w.result);
+                let (outcome, rendered) = match decided {
+                    Ok(decided) => decided,
+                    Err(error) => {
+                        let reason = format!("route `{}` failed for {}: {error}", route.name, describe(event, record_id));
+                        let dead = Action {
+                            route: route.name.clone(),
+                            sink: crate::config::DEAD_LETTER_SINK.into(),
+                            record_id: w.record_id.clone(),
+                            shadow: route.shadow,
+                            op: Op::DeadLetter { reason },
+                        };
+                        (Outcome::Failed(error), vec![dead])
+                    }
+                };
+                // `stop: true` ends this record's evaluation once the route's `then` ran.
+                let stop = route.stop && outcome == Outcome::Then;
+                decisions.push(Decision { route: route.name.clone(), record_id: w.record_id, outcome, shadow: route.shadow });
+                actions.extend(rendered);
+                if stop {
+                    break;
+                }
+            }
+        }
+    });
+    Plan { event_id: event.id.clone(), rules_version: rules.version.clone(), decisions, actions }
+}
+
+fn describe(event: &Event, record_id: Option<&str>) -> String {
+    match record_id {
+        Some(id) => format!("event `{}` record `{id}`", event.id),
+        None => format!("event `{}`", event.id),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn decide(
+    rules: &RuleSet,
+    route: &Route,
+    event: &Event,
+    scope: &mut Scope<'static>,
+    ctx: &HelperCtx,
+    header: &Value,
+    record_id: Option<&str>,
+    records: &Records,
+    when: Result<(), String>,
+) -> Result<(Outcome, Vec<Action>), String> {
+    when?;
+    let (found, record) = match (&route.enrich, record_id) {
+        (None, _) => (false, Map::new()),
+        (Some(_), None) => return Err("the route reads a record but has no record id (set `record_id`)".into()),
+        (Some(_), Some(OVERFLOW_PLACEHOLDER_ID)) => (false, Map::new()),
+        (Some(enrich), Some(id)) => match records.get(id) {
+            None => return Err(format!("no enrichment was read for record `{id}`")),
+            Some(Err(e)) => return Err(format!("enrichment failed: {e}")),
+            Some(Ok(None)) => (false, Map::new()),
+            Some(Ok(Some(fields))) => {
+                let record = enrich.fields.iter().map(|f| (f.clone(), fields.get(f).cloned().unwrap_or(Value::Null))).collect();
+                (true, record)
+            }
+        },
+    };
+    ctx.set_has_record(found);
+    scope.set_value("record_id", dyn_opt(record_id));
+    scope.set_value("record", rhai::serde::to_dynamic(&record).unwrap_or(Dynamic::UNIT));
+    let passed = match &route.guard {
+        Some(guard) => eval(rules, scope, guard).map_err(|e| format!("`guard` failed: {e}"))?,
+        None => true,
+    };
+    let (outcome, templates) = if passed { (Outcome::Then, &route.then) } else { (Outcome::Else, &route.otherwise) };
+    let mut rctx = RenderCtx { event, header, record_id, record: &record, vars: &rules.vars, idempotency_key: None, route: &route.name };
+    let rendered = templates.iter().map(|t| render(route, t, &mut rctx)).collect::<Result<Vec<_>, _>>()?;
+    Ok((outcome, rendered))
+}
+
+fn render(route: &Route, t: &ActionTemplate, ctx: &mut RenderCtx<'_>) -> Result<Action, String> {
+    let op = match &t.params {
+        ActionParams::Queue { job, idempotency_key, job_options } => {
+            if ctx.record_id == Some(OVERFLOW_PLACEHOLDER_ID) {
+                return Err(format!("sink `{}` ({}): the GAP_OVERFLOW placeholder record id is never enqueued", t.sink, t.at));
+            }
+            let key = idempotency_key
+                .render_string(ctx)
+                .map_err(|missing| format!("sink `{}` ({}): the idempotency key `{}` has no value for {missing}", t.sink, t.at, idempotency_key.source()))?;
+            if key.trim().is_empty() {
+                return Err(format!("sink `{}` ({}): the idempotency key rendered empty", t.sink, t.at));
+            }
+            let data = {
+                let scoped = RenderCtx { idempotency_key: Some(&key), ..*ctx };
+                job.render(&scoped)
+            };
+            Op::Enqueue { job_id: job_id_for(&key), idempotency_key: key, data, options: job_options.clone() }
+        }
+        ActionParams::CacheInvalidate { keys, patterns, publish } => {
+            let render_all = |list: &[crate::rules::template::Template]| -> Vec<String> {
+                list.iter()
+                    .filter_map(|k| match k.render_string(ctx) {
+                        Ok(s) if !s.is_empty() => Some(s),
+                        Ok(_) | Err(_) => {
+                            tracing::debug!(route = %route.name, key = k.source(), "Cache key skipped: a part has no value.");
+                            None
+                        }
+                    })
+                    .collect()
+            };
+            let publish = match publish {
+                Some((channel, message)) => match (channel.render_string(ctx), message.render_string(ctx)) {
+                    (Ok(c), Ok(m)) => Some((c, m)),
+                    (Err(missing), _) | (_, Err(missing)) => {
+                        return Err(format!("sink `{}` ({}): `publish` has no value for {missing}", t.sink, t.at));
+                    }
+                },
+                None => None,
+            };
+            Op::Invalidate { keys: render_all(keys), patterns: render_all(patterns), publish }
+        }
+        ActionParams::Log { message, level, fields } => {
+            let message = message.render_lossy(ctx);
+            let fields = fields.iter().map(|(k, v)| (k.clone(), v.render(ctx))).collect();
+            Op::Log { level: *level, message, fields }
+        }
+        ActionParams::DeadLetter { reason } => {
+            let reason = reason.render_lossy(ctx);
+            Op::DeadLetter { reason }
+        }
+    };
+    Ok(Action { route: route.name.clone(), sink: t.sink.clone(), record_id: ctx.record_id.map(str::to_string), shadow: route.shadow, op })
+}

@@ -1,0 +1,225 @@
+//! The sandboxed Rhai engine and the CDC helpers predicates call (`changed`, `became`, ...).
+//!
+//! Helpers such as `changed(f)` take no event argument, yet must see the event being evaluated. A native
+//! function cannot see the Scope, and a `sync` Engine is shared by every thread, so the router sets a
+//! thread-local to the current event around each (synchronous) evaluation and the helpers read it.
+
+use std::cell::RefCell;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::collections::HashSet;
+
+use rhai::{Array, Dynamic, Engine};
+use serde_json::{Map, Value};
+
+use crate::event::{ChangeType, Event};
+
+/// Upper bound of operations for one predicate: far above any real rule, low enough that a runaway
+/// expression (`(0..1_000_000_000).len()`) fails in milliseconds instead of stalling the stream.
+const MAX_OPERATIONS: u64 = 100_000;
+/// Nesting limits for expressions (global, inside functions) and calls.
+const MAX_EXPR_DEPTH: usize = 64;
+const MAX_FN_EXPR_DEPTH: usize = 32;
+const MAX_CALL_LEVELS: usize = 16;
+/// Sizes a predicate may build: enough for any field value, small enough to bound memory.
+const MAX_STRING_SIZE: usize = 64 * 1024;
+const MAX_ARRAY_SIZE: usize = 10_000;
+const MAX_MAP_SIZE: usize = 10_000;
+
+/// What the helpers know about the event (and record) being evaluated.
+pub struct HelperCtx {
+    change_type: Option<ChangeType>,
+    changed: HashSet<String>,
+    nulled: HashSet<String>,
+    fields: Map<String, Value>,
+    has_record: AtomicBool,
+}
+
+impl HelperCtx {
+    pub fn new(event: &Event) -> Arc<HelperCtx> {
+        let header = event.header.as_ref();
+        Arc::new(HelperCtx {
+            change_type: header.map(|h| h.change_type),
+            changed: header.map(|h| h.changed_fields.iter().cloned().collect()).unwrap_or_default(),
+            nulled: header.map(|h| h.nulled_fields.iter().cloned().collect()).unwrap_or_default(),
+            fields: event.fields.clone(),
+            has_record: AtomicBool::new(false),
+        })
+    }
+
+    pub fn set_has_record(&self, found: bool) {
+        self.has_record.store(found, Ordering::Relaxed);
+    }
+
+    fn field(&self, path: &str) -> Option<&Value> {
+        crate::event::lookup_path(&self.fields, path.split('.'))
+    }
+}
+
+thread_local! {
+    static CURRENT: RefCell<Option<Arc<HelperCtx>>> = const { RefCell::new(None) };
+}
+
+/// Runs `f` with `ctx` visible to the helpers on this thread, restoring what was there before.
+pub fn with_ctx<R>(ctx: &Arc<HelperCtx>, f: impl FnOnce() -> R) -> R {
+    let previous = CURRENT.with(|c| c.replace(Some(ctx.clone())));
+    let result = f();
+    CURRENT.with(|c| *c.borrow_mut() = previous);
+    result
+}
+
+fn current<R>(default: R, f: impl FnOnce(&HelperCtx) -> R) -> R {
+    CURRENT.with(|c| c.borrow().as_deref().map(f).unwrap_or(default))
+}
+
+fn in_set(set: &HashSet<String>, field: &str) -> bool {
+    set.contains(field) || set.iter().any(|c| c.len() > field.len() && c.starts_with(field) && c.as_bytes()[field.len()] == b'.')
+}
+
+fn names(list: &Array) -> impl Iterator<Item = String> + '_ {
+    list.iter().filter_map(|v| v.clone().into_string().ok())
+}
+
+/// JSON equality as predicates expect it: numbers compare by value (`1 == 1.0`).
+fn json_eq(field: Option<&Value>, expected: &Dynamic) -> bool {
+    let expected: Value = rhai::serde::from_dynamic(expected).unwrap_or(Value::Null);
+    match (field.unwrap_or(&Value::Null), &expected) {
+        (Value::Number(a), Value::Number(b)) => a.as_f64() == b.as_f64(),
+        (a, b) => a == b,
+    }
+}
+
+/// `changed(f)`: f, or any `f.*` nested field, is in the changed fields.
+fn changed(field: &str) -> bool {
+    current(false, |c| in_set(&c.changed, field))
+}
+
+/// `became(f, v)`: UPDATE with f changed and now v; CREATE or UNDELETE with f equal to v.
+fn became(field: &str, value: Dynamic) -> bool {
+    current(false, |c| match c.change_type {
+        Some(ChangeType::Update) => in_set(&c.changed, field) && json_eq(c.field(field), &value),
+        Some(ChangeType::Create | ChangeType::Undelete) => json_eq(c.field(field), &value),
+        _ => false,
+    })
+}
+
+/// `is_blank(v)`: unit, an empty or whitespace string, an empty array or map.
+fn is_blank(value: Dynamic) -> bool {
+    if value.is_unit() {
+        return true;
+    }
+    if let Some(s) = value.read_lock::<rhai::ImmutableString>() {
+        return s.trim().is_empty();
+    }
+    if let Some(a) = value.read_lock::<Array>() {
+        return a.is_empty();
+    }
+    if let Some(m) = value.read_lock::<rhai::Map>() {
+        return m.is_empty();
+    }
+    false
+}
+
+/// The sandboxed engine every predicate is compiled and evaluated with.
+pub fn engine() -> Engine {
+    let mut engine = Engine::new();
+    engine.set_strict_variables(true);
+    engine.set_max_operations(MAX_OPERATIONS);
+    engine.set_max_expr_depths(MAX_EXPR_DEPTH, MAX_FN_EXPR_DEPTH);
+    engine.set_max_call_levels(MAX_CALL_LEVELS);
+    engine.set_max_string_size(MAX_STRING_SIZE);
+    engine.set_max_array_size(MAX_ARRAY_SIZE);
+    engine.set_max_map_size(MAX_MAP_SIZE);
+    engine.set_module_resolver(rhai::module_resolvers::DummyModuleResolver::new());
+    engine.disable_symbol("eval");
+    engine.on_print(|_| {});
+    engine.on_debug(|_, _, _| {});
+
+    engine.register_fn("changed", changed);
+    engine.register_fn("changed_any", |list: Array| names(&list).any(|f| changed(&f)));
+    engine.register_fn("changed_only", |list: Array| {
+        let allowed: Vec<String> = names(&list).collect();
+        current(false, |c| {
+            !c.changed.is_empty()
+                && c.changed.iter().all(|f| {
+                    allowed.iter().any(|a| f == a || (f.starts_with(a.as_str()) && f.as_bytes().get(a.len()) == Some(&b'.')))
+                })
+        })
+    });
+    engine.register_fn("became", became);
+    engine.register_fn("nulled", |field: &str| current(false, |c| in_set(&c.nulled, field)));
+    engine.register_fn("is_blank", is_blank);
+    engine.register_fn("is_gap", || current(false, |c| c.change_type.is_some_and(ChangeType::is_gap)));
+    engine.register_fn("has_record", || current(false, |c| c.has_record.load(Ordering::Relaxed)));
+    engine
+}
+
+/// Converts JSON to a script value (`null` becomes `()`).
+pub fn to_dynamic(value: &Value) -> Dynamic {
+    rhai::serde::to_dynamic(value).unwrap_or(Dynamic::UNIT)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn eval(event: &str, expr: &str) -> bool {
+        let event = Event::from_json(event).unwrap();
+        let engine = engine();
+        let ctx = HelperCtx::new(&event);
+        let mut scope = rhai::Scope::new();
+        scope.push("event", to_dynamic(&Value::Object(event.fields.clone())));
+        let ast = engine.compile_expression_with_scope(&scope, expr).unwrap();
+        with_ctx(&ctx, || engine.eval_ast_with_scope::<bool>(&mut scope, &ast)).unwrap()
+    }
+
+    const UPDATE: &str = r#"{"id":"t:1","channel":"/data/OrderChangeEvent","header":{"entity":"Order","change_type":"UPDATE",
+        "record_ids":["801A"],"changed_fields":["Activation_Status__c","BillingAddress.City","LastModifiedDate"],
+        "nulled_fields":["Description"]},
+        "fields":{"Activation_Status__c":"Activating","BillingAddress":{"City":"Osaka"},"Count__c":3}}"#;
+    const CREATE: &str = r#"{"id":"t:1","channel":"/data/OrderChangeEvent","header":{"entity":"Order","change_type":"CREATE",
+        "record_ids":["801A"]},"fields":{"Activation_Status__c":"Activating"}}"#;
+
+    #[test]
+    fn changed_sees_fields_and_nested_fields() {
+        assert!(eval(UPDATE, r#"changed("Activation_Status__c")"#));
+        assert!(eval(UPDATE, r#"changed("BillingAddress")"#));
+        assert!(eval(UPDATE, r#"changed("BillingAddress.City")"#));
+        assert!(!eval(UPDATE, r#"changed("Billing")"#));
+        assert!(!eval(UPDATE, r#"changed("Status")"#));
+        assert!(eval(UPDATE, r#"changed_any(["Status", "BillingAddress"])"#));
+        assert!(!eval(UPDATE, r#"changed_any(["Status", "Description"])"#));
+    }
+
+    #[test]
+    fn changed_only_covers_every_changed_field() {
+        assert!(eval(UPDATE, r#"changed_only(["Activation_Status__c", "BillingAddress", "LastModifiedDate"])"#));
+        assert!(!eval(UPDATE, r#"changed_only(["Activation_Status__c", "LastModifiedDate"])"#));
+        assert!(!eval(CREATE, r#"changed_only(["Activation_Status__c"])"#));
+    }
+
+    #[test]
+    fn became_needs_a_change_on_update_and_a_value_on_create() {
+        assert!(eval(UPDATE, r#"became("Activation_Status__c", "Activating")"#));
+        assert!(!eval(UPDATE, r#"became("Activation_Status__c", "Activated")"#));
+        assert!(eval(UPDATE, r#"became("BillingAddress.City", "Osaka")"#));
+        assert!(eval(CREATE, r#"became("Activation_Status__c", "Activating")"#));
+        assert!(!eval(UPDATE, r#"became("Count__c", 3)"#), "Count__c did not change");
+    }
+
+    #[test]
+    fn nulled_is_blank_and_gap() {
+        assert!(eval(UPDATE, r#"nulled("Description")"#));
+        assert!(eval(UPDATE, r#"is_blank(event.Description) && is_blank("  ") && !is_blank("x") && is_blank([])"#));
+        assert!(!eval(UPDATE, "is_gap()"));
+        assert!(eval(UPDATE, "event.BillingAddress?.City == \"Osaka\" && event.ShippingAddress?.City == ()"));
+    }
+
+    #[test]
+    fn runaway_predicates_hit_the_operation_limit() {
+        let engine = engine();
+        let ast = engine.compile_expression("(0..10000000).reduce(|s, x| s + x, 0) > 0").unwrap();
+        let err = engine.eval_ast::<bool>(&ast).unwrap_err();
+        assert!(err.to_string().contains("Too many operations"), "{err}");
+    }
+}

@@ -1,0 +1,147 @@
+//! Rules: the model as written, the compiled RuleSet, templates, helpers.
+
+pub mod helpers;
+pub mod load;
+pub mod model;
+pub mod template;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use rhai::{AST, Engine};
+use serde_json::{Map, Value};
+
+use crate::config::{JobOptions, Mode, SinkKind};
+pub use model::{EnrichSpec, LogLevel};
+use template::{Template, ValueTemplate};
+
+/// The variables every predicate sees (besides the rules' `vars`).
+pub const CONTEXT_VARIABLES: &[&str] = &["event", "header", "record_id", "record", "event_id", "replay_id"];
+
+/// A compiled predicate and its source, for messages and `explain`.
+#[derive(Debug, Clone)]
+pub struct Predicate {
+    pub source: String,
+    pub ast: AST,
+}
+
+/// A compiled action: which sink, and that sink kind's templates.
+#[derive(Debug, Clone)]
+pub struct ActionTemplate {
+    pub sink: String,
+    pub kind: SinkKind,
+    /// `file:line:col` of the action, for messages.
+    pub at: String,
+    pub params: ActionParams,
+}
+
+#[derive(Debug, Clone)]
+pub enum ActionParams {
+    Queue { job: ValueTemplate, idempotency_key: Template, job_options: JobOptions },
+    CacheInvalidate { keys: Vec<Template>, patterns: Vec<Template>, publish: Option<(Template, Template)> },
+    Log { message: Template, level: LogLevel, fields: Vec<(String, ValueTemplate)> },
+    DeadLetter { reason: Template },
+}
+
+/// A compiled route.
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub name: String,
+    pub file: PathBuf,
+    pub line: u64,
+    /// The channel name (aliases resolved).
+    pub channel: String,
+    pub mode: Mode,
+    pub when: Predicate,
+    pub guard: Option<Predicate>,
+    pub enrich: Option<EnrichSpec>,
+    pub record_id: Option<Template>,
+    pub then: Vec<ActionTemplate>,
+    pub otherwise: Vec<ActionTemplate>,
+    pub stop: bool,
+    pub shadow: bool,
+}
+
+/// Every route of every rules file, compiled once per load; evaluated by the router.
+pub struct RuleSet {
+    /// Content hash of the rule files (12 hex digits): stamped on logs, metrics and dead letters.
+    pub version: String,
+    pub routes: Vec<Route>,
+    pub vars: Map<String, Value>,
+    /// The mode whose routes are live; `None` (validation without a config) makes every route live.
+    pub mode: Option<Mode>,
+    pub files: Vec<PathBuf>,
+    pub(crate) engine: Engine,
+    live: HashMap<String, Vec<usize>>,
+}
+
+impl std::fmt::Debug for RuleSet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RuleSet").field("version", &self.version).field("routes", &self.routes.len()).finish()
+    }
+}
+
+impl RuleSet {
+    pub(crate) fn new(
+        version: String,
+        routes: Vec<Route>,
+        vars: Map<String, Value>,
+        mode: Option<Mode>,
+        files: Vec<PathBuf>,
+        engine: Engine,
+    ) -> Self {
+        let mut live: HashMap<String, Vec<usize>> = HashMap::new();
+        for (i, route) in routes.iter().enumerate() {
+            if mode.is_none_or(|m| m == route.mode) {
+                live.entry(route.channel.clone()).or_default().push(i);
+            }
+        }
+        RuleSet { version, routes, vars, mode, files, engine, live }
+    }
+
+    /// Indexes of the live routes on `channel`, in file order.
+    pub fn candidates(&self, channel: &str) -> &[usize] {
+        self.live.get(channel).map(Vec::as_slice).unwrap_or(&[])
+    }
+
+    /// The channels that have live routes.
+    pub fn live_channels(&self) -> impl Iterator<Item = &str> {
+        self.live.keys().map(String::as_str)
+    }
+}
+
+/// The closest of `options` to `word`, when it is close enough to be a likely typo.
+pub fn suggest<'a>(word: &str, options: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+    let limit = (word.chars().count() / 3).max(1);
+    options
+        .into_iter()
+        .map(|o| (levenshtein(&word.to_lowercase(), &o.to_lowercase()), o))
+        .filter(|(d, _)| *d <= limit)
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, o)| o)
+}
+
+fn levenshtein(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let cur = row[j + 1];
+            row[j + 1] = (prev + usize::from(ca != *cb)).min(row[j] + 1).min(cur + 1);
+            prev = cur;
+        }
+    }
+    row[b.len()]
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn suggests_close_names_only() {
+        assert_eq!(super::suggest("recordid", ["record_id", "record"]), Some("record_id"));
+        assert_eq!(super::suggest("Activaton_Status__c", ["Activation_Status__c", "Status"]), Some("Activation_Status__c"));
+        assert_eq!(super::suggest("zzz", ["event"]), None);
+    }
+}

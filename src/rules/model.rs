@@ -1,0 +1,165 @@
+//! Rule files as written (DESIGN.md §3): plain structs so every value keeps its line and column.
+
+use indexmap::IndexMap;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use serde_saphyr::Spanned;
+
+use crate::config::JobOptions;
+
+/// A switchyard rules file: routes that map change events to actions.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+#[schemars(title = "switchyard rules")]
+pub struct RulesFile {
+    /// The rules format version; `1` is the only one.
+    #[schemars(with = "u32", example = 1)]
+    pub version: Spanned<u32>,
+    /// Constants every predicate and template can read by name; merged across files, no duplicates.
+    #[serde(default)]
+    #[schemars(with = "IndexMap<String, Value>", example = example_vars())]
+    pub vars: IndexMap<String, Spanned<Value>>,
+    /// The routes, evaluated in file order; every route whose `when` (and `guard`) hold fires.
+    #[serde(default)]
+    pub routes: Vec<RouteSpec>,
+}
+
+fn example_vars() -> Value {
+    serde_json::json!({"trigger_statuses": ["Approved", "Reactivate"]})
+}
+
+/// One route: which events it takes (`channel`, `when`), what it reads (`enrich`), and what it does.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RouteSpec {
+    /// A unique name, shown in logs, metrics and dead letters.
+    #[schemars(with = "String", example = &"provision-on-activating")]
+    pub name: Spanned<String>,
+    /// A channel alias from the config (`orders`) or a literal channel (`/data/OrderChangeEvent`).
+    /// The route's mode follows: `/data/...` is CDC, `/event/...` is platform-event.
+    #[schemars(with = "String", example = &"orders")]
+    pub channel: Spanned<String>,
+    /// Optional free text for people reading the rules.
+    #[serde(default)]
+    #[schemars(example = &"Start provisioning when an approved order becomes Activating")]
+    pub description: Option<String>,
+    /// A Rhai predicate over the event only (no `record`): cheap, evaluated for every event of the channel.
+    #[schemars(with = "String", example = &"became(\"Activation_Status__c\", \"Activating\")")]
+    pub when: Spanned<String>,
+    /// The record to read once `when` passed; its fields become `record` in `guard` and templates.
+    #[serde(default)]
+    pub enrich: Option<EnrichSpec>,
+    /// A Rhai predicate that may also use `record`; when it fails, the `else` actions run.
+    #[serde(default)]
+    #[schemars(with = "Option<String>", example = &"has_record() && is_blank(record.WHMCS_Order_ID__c)")]
+    pub guard: Option<Spanned<String>>,
+    /// Platform events only: the record id this route works on (`"{{event.Order_Id__c}}"`).
+    #[serde(default)]
+    #[schemars(with = "Option<String>", example = &"{{event.Order_Id__c}}")]
+    pub record_id: Option<Spanned<String>>,
+    /// Actions run, in order, when `when` and `guard` hold.
+    #[serde(default)]
+    #[schemars(with = "Vec<ActionSpec>")]
+    pub then: Vec<Spanned<ActionSpec>>,
+    /// Actions run, in order, when `when` held but `guard` did not.
+    #[serde(default, rename = "else")]
+    #[schemars(with = "Vec<ActionSpec>")]
+    pub otherwise: Vec<Spanned<ActionSpec>>,
+    /// When `when` held, evaluate no later route for this record.
+    #[serde(default)]
+    #[schemars(example = false)]
+    pub stop: bool,
+    /// Record what the route would do without calling any sink.
+    #[serde(default)]
+    #[schemars(example = false)]
+    pub shadow: bool,
+}
+
+/// The record to read for a route.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EnrichSpec {
+    /// The Salesforce object (`Order`).
+    #[schemars(example = &"Order")]
+    pub object: String,
+    /// The fields to read; each is a key of `record` (null when empty).
+    #[schemars(example = vec!["WHMCS_Order_ID__c".to_string(), "AccountId".to_string()])]
+    pub fields: Vec<String>,
+}
+
+/// One action: the sink to call and that sink kind's keys.
+///
+/// `queue` sinks take `job`, `idempotency_key`, `job_options`; `cache-invalidate` sinks take `keys`,
+/// `patterns`, `publish`; `log` sinks take `message`, `level`, `fields`; the built-in `dead-letter` takes
+/// `reason`. Strings are templates (`{{record_id}}`).
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ActionSpec {
+    /// A sink name from the config, or the built-in `dead-letter`.
+    #[schemars(with = "String", example = &"enqueue-provisioning")]
+    pub sink: Spanned<String>,
+    /// queue: the job data; string values are templates, a whole `{{...}}` keeps its JSON type.
+    #[serde(default)]
+    #[schemars(with = "Option<IndexMap<String, Value>>", example = example_job())]
+    pub job: Option<IndexMap<String, Spanned<Value>>>,
+    /// queue: the key that makes the action idempotent; also the BullMQ job id. Must render completely.
+    #[serde(default)]
+    #[schemars(with = "Option<String>", example = &"activation-{{record_id}}-{{header.commit_timestamp}}")]
+    pub idempotency_key: Option<Spanned<String>>,
+    /// queue: BullMQ job options for this action, over the sink's defaults.
+    #[serde(default)]
+    pub job_options: Option<JobOptions>,
+    /// cache-invalidate: keys to UNLINK; a key with a missing part is skipped.
+    #[serde(default)]
+    #[schemars(with = "Option<Vec<String>>", example = vec!["orders:detail:{{record_id}}".to_string()])]
+    pub keys: Option<Vec<Spanned<String>>>,
+    /// cache-invalidate: glob patterns whose keys are found with SCAN (never KEYS) and UNLINKed.
+    #[serde(default)]
+    #[schemars(with = "Option<Vec<String>>", example = vec!["orders:list:{{record.AccountId}}:*".to_string()])]
+    pub patterns: Option<Vec<Spanned<String>>>,
+    /// cache-invalidate: a message to PUBLISH after the keys are gone.
+    #[serde(default)]
+    pub publish: Option<PublishSpec>,
+    /// log: the message.
+    #[serde(default)]
+    #[schemars(with = "Option<String>", example = &"Order activation moved to Activating via CDC, enqueuing fulfillment")]
+    pub message: Option<Spanned<String>>,
+    /// log: the level.
+    #[serde(default)]
+    pub level: Option<LogLevel>,
+    /// log: extra structured fields (templates).
+    #[serde(default)]
+    #[schemars(with = "Option<IndexMap<String, Value>>", example = serde_json::json!({"account": "{{record.AccountId}}"}))]
+    pub fields: Option<IndexMap<String, Spanned<Value>>>,
+    /// dead-letter: why the event is parked for an operator.
+    #[serde(default)]
+    #[schemars(with = "Option<String>", example = &"GAP_OVERFLOW for {{header.entity}}: resync needed")]
+    pub reason: Option<Spanned<String>>,
+}
+
+fn example_job() -> Value {
+    serde_json::json!({"sfOrderId": "{{record_id}}", "correlationId": "cdc-order-{{record_id}}"})
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PublishSpec {
+    /// The Redis Pub/Sub channel.
+    #[schemars(with = "String", example = &"orders:invalidated")]
+    pub channel: Spanned<String>,
+    /// The message (template).
+    #[schemars(with = "String", example = &"{{record_id}}")]
+    pub message: Spanned<String>,
+}
+
+/// Log levels for the `log` sink.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum LogLevel {
+    Error,
+    Warn,
+    #[default]
+    Info,
+    Debug,
+}

@@ -1,0 +1,105 @@
+//! `switchyard run`: load the config and rules, connect the sinks, serve HTTP, run the pipeline.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use tokio::sync::watch;
+
+use crate::config::{LoadedConfig, SourceKind};
+use crate::diag::{Problem, Problems, Severity};
+use crate::metrics as m;
+use crate::pipeline::{Pipeline, Stats};
+use crate::rules::RuleSet;
+use crate::rules::load::{self, RuleEnv, RuleSource};
+use crate::sinks::{BuildError, Sinks};
+use crate::sources::jsonl::JsonlSource;
+
+/// The rules and events the embedded demo runs, so `switchyard run` works from any directory.
+const DEMO_RULES: &str = include_str!("../rules/orders.yaml");
+const DEMO_EVENTS: &str = include_str!("../examples/events/order-lifecycle.jsonl");
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{0}")]
+    Invalid(Problems),
+    #[error(transparent)]
+    Sinks(#[from] BuildError),
+    #[error("cannot open the event source {path}: {source}")]
+    Source { path: PathBuf, source: std::io::Error },
+    #[error("cannot listen on {listen}: {source}")]
+    Http { listen: String, source: std::io::Error },
+}
+
+pub struct Service {
+    pub config: LoadedConfig,
+    /// Whether this is the embedded demo (rules and events compiled into the binary).
+    pub embedded: bool,
+    pub rules: Arc<ArcSwap<RuleSet>>,
+    pub sinks: Arc<Sinks>,
+    pub pipeline: Pipeline,
+    /// Warnings found while loading the rules.
+    pub warnings: Vec<Problem>,
+}
+
+impl Service {
+    /// Loads the rules and connects the sinks; nothing runs yet.
+    pub async fn start(config: LoadedConfig, embedded: bool) -> Result<Service, StartError> {
+        let env = RuleEnv::from_config(&config);
+        let loaded = if embedded {
+            load::compile(&[RuleSource { path: PathBuf::from("rules/orders.yaml"), text: DEMO_RULES.to_string() }], &env)
+        } else {
+            load::load_paths(&config.rule_paths(), &env)
+        };
+        let Some(ruleset) = loaded.ruleset else {
+            return Err(StartError::Invalid(Problems(loaded.problems)));
+        };
+        let warnings: Vec<Problem> = loaded.problems.into_iter().filter(|p| p.severity == Severity::Warning).collect();
+        for w in &warnings {
+            tracing::warn!("{w}");
+        }
+        tracing::info!(rules_version = %ruleset.version, routes = ruleset.routes.len(), mode = config.config.mode.as_str(), "Rules loaded.");
+        metrics::gauge!(m::RULES_VERSION, "version" => ruleset.version.clone()).set(1.0);
+        let rules = Arc::new(ArcSwap::from_pointee(ruleset));
+        let sinks = Arc::new(Sinks::build(&config.config).await?);
+        let pipeline = Pipeline::new(&config.config, rules.clone(), sinks.clone());
+        Ok(Service { config, embedded, rules, sinks, pipeline, warnings })
+    }
+
+    /// Opens the configured source.
+    pub async fn source(&self) -> Result<JsonlSource, StartError> {
+        let c = &self.config.config;
+        Ok(match c.source.kind {
+            SourceKind::Stdin => JsonlSource::stdin(),
+            SourceKind::Jsonl if self.embedded => JsonlSource::text("examples/events/order-lifecycle.jsonl", DEMO_EVENTS),
+            SourceKind::Jsonl => {
+                let jsonl = c.source.jsonl.as_ref().expect("validated: a jsonl source has settings");
+                let path = self.config.resolve(&jsonl.path);
+                JsonlSource::file(&path, jsonl.follow).await.map_err(|source| StartError::Source { path, source })?
+            }
+        })
+    }
+
+    /// Serves HTTP (when configured) and runs the pipeline until the source ends or `shutdown` flips.
+    pub async fn run(&self, shutdown: watch::Receiver<bool>) -> Result<Stats, StartError> {
+        let mut source = self.source().await?;
+        let http = match &self.config.config.http {
+            Some(http) => {
+                let (addr, task) = crate::http::serve(&http.listen, self.rules.clone(), m::install(), shutdown.clone())
+                    .await
+                    .map_err(|source| StartError::Http { listen: http.listen.clone(), source })?;
+                tracing::info!(%addr, "HTTP listener up: /healthz, /metrics.");
+                Some(task)
+            }
+            None => None,
+        };
+        let stats = self.pipeline.run(&mut source, shutdown).await;
+        if let Some(task) = http {
+            task.abort();
+        }
+        if self.config.config.print_decisions {
+            stats.print_summary(&self.sinks);
+        }
+        Ok(stats)
+    }
+}

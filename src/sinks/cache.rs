@@ -1,0 +1,77 @@
+//! The `cache-invalidate` sink: UNLINK keys, SCAN+UNLINK patterns (never KEYS), optional PUBLISH.
+
+use std::sync::Arc;
+
+use redis::aio::ConnectionManager;
+
+use super::{MemoryBackend, SinkError, SinkOutcome};
+
+/// Keys asked of SCAN per round trip: large enough to walk a big keyspace quickly, small enough that
+/// one SCAN never blocks Redis noticeably.
+const SCAN_COUNT: usize = 500;
+
+pub enum CacheSink {
+    Redis(ConnectionManager),
+    Memory(Arc<MemoryBackend>),
+}
+
+impl CacheSink {
+    pub fn redis(conn: ConnectionManager) -> Self {
+        CacheSink::Redis(conn)
+    }
+
+    pub fn memory(memory: Arc<MemoryBackend>) -> Self {
+        CacheSink::Memory(memory)
+    }
+
+    pub async fn invalidate(
+        &self,
+        keys: &[String],
+        patterns: &[String],
+        publish: Option<&(String, String)>,
+    ) -> Result<SinkOutcome, SinkError> {
+        match self {
+            CacheSink::Redis(conn) => {
+                let mut conn = conn.clone();
+                let redis_err = |e: redis::RedisError| SinkError::from_redis(&e);
+                if !keys.is_empty() {
+                    redis::cmd("UNLINK").arg(keys).query_async::<i64>(&mut conn).await.map_err(redis_err)?;
+                }
+                for pattern in patterns {
+                    let mut cursor: u64 = 0;
+                    loop {
+                        let (next, found): (u64, Vec<String>) = redis::cmd("SCAN")
+                            .arg(cursor)
+                            .arg("MATCH")
+                            .arg(pattern)
+                            .arg("COUNT")
+                            .arg(SCAN_COUNT)
+                            .query_async(&mut conn)
+                            .await
+                            .map_err(redis_err)?;
+                        if !found.is_empty() {
+                            redis::cmd("UNLINK").arg(&found).query_async::<i64>(&mut conn).await.map_err(redis_err)?;
+                        }
+                        if next == 0 {
+                            break;
+                        }
+                        cursor = next;
+                    }
+                }
+                if let Some((channel, message)) = publish {
+                    redis::cmd("PUBLISH").arg(channel).arg(message).query_async::<i64>(&mut conn).await.map_err(redis_err)?;
+                }
+                Ok(SinkOutcome::Done)
+            }
+            CacheSink::Memory(memory) => {
+                let lock = "memory backend lock is never poisoned";
+                memory.invalidated_keys.lock().expect(lock).extend(keys.iter().cloned());
+                memory.invalidated_patterns.lock().expect(lock).extend(patterns.iter().cloned());
+                if let Some(p) = publish {
+                    memory.published.lock().expect(lock).push(p.clone());
+                }
+                Ok(SinkOutcome::Done)
+            }
+        }
+    }
+}

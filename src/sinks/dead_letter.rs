@@ -1,0 +1,95 @@
+//! Dead letters: events (or single actions) parked for an operator, with everything needed to retry.
+
+use std::sync::Arc;
+
+use redis::aio::ConnectionManager;
+use serde::Serialize;
+use serde_json::Value;
+
+use super::{MemoryBackend, SinkError};
+use crate::event::Event;
+use crate::plan::Action;
+
+/// Dead letters kept in the Redis stream: the oldest are trimmed past this many (approximately).
+const STREAM_MAXLEN: usize = 100_000;
+
+/// One dead letter.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeadLetter {
+    /// Milliseconds since the epoch when it was written.
+    pub at_ms: u64,
+    pub reason: String,
+    pub rules_version: Option<String>,
+    pub event_id: Option<String>,
+    pub route: Option<String>,
+    pub record_id: Option<String>,
+    /// The action that failed, when it was one action (retried by running it again).
+    pub action: Option<Action>,
+    pub attempts: u32,
+    /// The whole event, with its recorded enrichment.
+    pub event: Option<Event>,
+    /// The raw input, when it could not be decoded into an event.
+    pub raw: Option<String>,
+}
+
+pub enum DeadLetters {
+    Redis { conn: ConnectionManager, key: String },
+    Memory(Arc<MemoryBackend>),
+}
+
+impl DeadLetters {
+    pub fn redis(conn: ConnectionManager, key_prefix: &str) -> Self {
+        DeadLetters::Redis { conn, key: format!("{key_prefix}dead-letters") }
+    }
+
+    pub fn memory(memory: Arc<MemoryBackend>) -> Self {
+        DeadLetters::Memory(memory)
+    }
+
+    pub async fn write(&self, letter: &DeadLetter) -> Result<(), SinkError> {
+        let entry = serde_json::to_value(letter).map_err(|e| SinkError::Permanent(e.to_string()))?;
+        match self {
+            DeadLetters::Redis { conn, key } => {
+                let mut conn = conn.clone();
+                redis::cmd("XADD")
+                    .arg(key)
+                    .arg("MAXLEN")
+                    .arg("~")
+                    .arg(STREAM_MAXLEN)
+                    .arg("*")
+                    .arg("entry")
+                    .arg(entry.to_string())
+                    .query_async::<String>(&mut conn)
+                    .await
+                    .map_err(|e| SinkError::from_redis(&e))?;
+                Ok(())
+            }
+            DeadLetters::Memory(memory) => {
+                memory.dead_letters.lock().expect("memory backend lock is never poisoned").push(entry);
+                Ok(())
+            }
+        }
+    }
+
+    /// Every stored dead letter (for tests and the CLI).
+    pub async fn list(&self) -> Result<Vec<Value>, SinkError> {
+        match self {
+            DeadLetters::Redis { conn, key } => {
+                let mut conn = conn.clone();
+                let entries: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
+                    .arg(key)
+                    .arg("-")
+                    .arg("+")
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(|e| SinkError::from_redis(&e))?;
+                Ok(entries
+                    .into_iter()
+                    .filter_map(|(_, fields)| fields.into_iter().find(|(k, _)| k == "entry"))
+                    .filter_map(|(_, v)| serde_json::from_str(&v).ok())
+                    .collect())
+            }
+            DeadLetters::Memory(memory) => Ok(memory.dead_letters()),
+        }
+    }
+}

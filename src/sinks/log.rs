@@ -1,0 +1,43 @@
+//! The `log` sink: one structured tracing event per action.
+
+use serde_json::{Map, Value};
+
+use super::{ActionCx, SinkError, SinkOutcome};
+use crate::plan::Action;
+use crate::rules::LogLevel;
+
+pub struct LogSink;
+
+impl LogSink {
+    pub fn write(
+        &self,
+        action: &Action,
+        level: LogLevel,
+        message: &str,
+        fields: &Map<String, Value>,
+        cx: &ActionCx<'_>,
+    ) -> Result<SinkOutcome, SinkError> {
+        let record_id = action.record_id.as_deref().unwrap_or("");
+        let fields = if fields.is_empty() { String::new() } else { Value::Object(fields.clone()).to_string() };
+        macro_rules! emit {
+            ($level:ident) => {
+                tracing::$level!(
+                    target: "switchyard::rules",
+                    route = %action.route,
+                    event_id = %cx.event.id,
+                    record_id,
+                    rules_version = cx.rules_version,
+                    fields = %fields,
+                    "{message}"
+                )
+            };
+        }
+        match level {
+            LogLevel::Error => emit!(error),
+            LogLevel::Warn => emit!(warn),
+            LogLevel::Info => emit!(info),
+            LogLevel::Debug => emit!(debug),
+        }
+        Ok(SinkOutcome::Done)
+    }
+}

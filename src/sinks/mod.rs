@@ -1,0 +1,165 @@
+//! Built-in sinks: a closed set, built by one `match` from the config (STYLE.md).
+
+pub mod cache;
+pub mod dead_letter;
+pub mod log;
+pub mod memory;
+pub mod queue;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use crate::config::{Config, SinkConfig};
+use crate::event::Event;
+use crate::plan::{Action, Op};
+pub use dead_letter::{DeadLetter, DeadLetters};
+pub use memory::MemoryBackend;
+
+/// Why a sink call failed, and whether trying again can help.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum SinkError {
+    /// The sink or its connection failed for now (connection refused, timeout, Redis LOADING): retry.
+    #[error("transient: {0}")]
+    Transient(String),
+    /// The action cannot succeed as it is (a wrong type, a refused id): dead-letter it.
+    #[error("permanent: {0}")]
+    Permanent(String),
+}
+
+impl SinkError {
+    pub fn is_transient(&self) -> bool {
+        matches!(self, SinkError::Transient(_))
+    }
+
+    /// Redis errors: connection-level problems and a server that is loading or busy are transient.
+    pub fn from_redis(err: &redis::RedisError) -> SinkError {
+        let transient = err.is_io_error()
+            || err.is_connection_refusal()
+            || err.is_connection_dropped()
+            || err.is_timeout()
+            || matches!(err.code(), Some("LOADING" | "BUSY" | "TRYAGAIN" | "MASTERDOWN" | "CLUSTERDOWN"))
+            || err.is_unrecoverable_error();
+        if transient { SinkError::Transient(err.to_string()) } else { SinkError::Permanent(err.to_string()) }
+    }
+}
+
+/// What the call did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SinkOutcome {
+    Done,
+}
+
+/// Who an action is run for: stamped on logs and dead letters.
+pub struct ActionCx<'a> {
+    pub event: &'a Event,
+    pub rules_version: &'a str,
+}
+
+/// One built sink.
+pub enum Sink {
+    Queue(queue::QueueSink),
+    CacheInvalidate(cache::CacheSink),
+    Log(log::LogSink),
+}
+
+impl Sink {
+    pub async fn run(&self, action: &Action, cx: &ActionCx<'_>) -> Result<SinkOutcome, SinkError> {
+        match (self, &action.op) {
+            (Sink::Queue(s), Op::Enqueue { job_id, data, options, .. }) => s.enqueue(job_id, data, options).await,
+            (Sink::CacheInvalidate(s), Op::Invalidate { keys, patterns, publish }) => {
+                s.invalidate(keys, patterns, publish.as_ref()).await
+            }
+            (Sink::Log(s), Op::Log { level, message, fields }) => s.write(action, *level, message, fields, cx),
+            _ => Err(SinkError::Permanent(format!("sink `{}` cannot run a `{}` action", action.sink, op_name(&action.op)))),
+        }
+    }
+}
+
+fn op_name(op: &Op) -> &'static str {
+    match op {
+        Op::Enqueue { .. } => "enqueue",
+        Op::Invalidate { .. } => "invalidate",
+        Op::Log { .. } => "log",
+        Op::DeadLetter { .. } => "dead-letter",
+    }
+}
+
+/// Every sink of the config by name, plus the dead-letter store.
+pub struct Sinks {
+    pub by_name: HashMap<String, Sink>,
+    pub dead_letters: DeadLetters,
+    /// The in-memory backend when the config has no `redis`.
+    pub memory: Option<Arc<MemoryBackend>>,
+}
+
+/// Why sinks could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("cannot connect to Redis at {url}: {source}")]
+    Redis { url: String, source: redis::RedisError },
+    #[error("cannot open BullMQ queue `{queue}` for sink `{sink}`: {message}")]
+    Queue { sink: String, queue: String, message: String },
+}
+
+impl Sinks {
+    /// Connects what the config names: Redis when `redis` is set, memory otherwise.
+    pub async fn build(config: &Config) -> Result<Sinks, BuildError> {
+        let redis = match &config.redis {
+            Some(r) => {
+                let client = redis::Client::open(r.url.as_str()).map_err(|source| BuildError::Redis { url: redact_url(&r.url), source })?;
+                let manager = client
+                    .get_connection_manager()
+                    .await
+                    .map_err(|source| BuildError::Redis { url: redact_url(&r.url), source })?;
+                Some((r, manager))
+            }
+            None => None,
+        };
+        let memory = redis.is_none().then(|| Arc::new(MemoryBackend::default()));
+        let mut by_name = HashMap::new();
+        for (name, sink) in &config.sinks {
+            let built = match sink {
+                SinkConfig::Queue(q) => Sink::Queue(match (&redis, &memory) {
+                    (Some((r, _)), _) => queue::QueueSink::bullmq(name, q, &r.url).await?,
+                    (None, Some(m)) => queue::QueueSink::memory(q, m.clone()),
+                    (None, None) => unreachable!("memory is set whenever redis is not"),
+                }),
+                SinkConfig::CacheInvalidate(_) => Sink::CacheInvalidate(match (&redis, &memory) {
+                    (Some((_, conn)), _) => cache::CacheSink::redis(conn.clone()),
+                    (None, Some(m)) => cache::CacheSink::memory(m.clone()),
+                    (None, None) => unreachable!("memory is set whenever redis is not"),
+                }),
+                SinkConfig::Log(_) => Sink::Log(log::LogSink),
+            };
+            by_name.insert(name.clone(), built);
+        }
+        let dead_letters = match (&redis, &memory) {
+            (Some((r, conn)), _) => DeadLetters::redis(conn.clone(), &r.key_prefix),
+            (None, Some(m)) => DeadLetters::memory(m.clone()),
+            (None, None) => unreachable!("memory is set whenever redis is not"),
+        };
+        Ok(Sinks { by_name, dead_letters, memory })
+    }
+}
+
+/// A Redis URL with its password replaced, for messages.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            let user = userinfo.split(':').next().unwrap_or_default();
+            format!("{}://{}{}{}", &url[..scheme], user, if userinfo.contains(':') { ":***" } else { "" }, &url[at..])
+        }
+        _ => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn redis_passwords_never_reach_messages() {
+        assert_eq!(super::redact_url("redis://user:s3cret@host:6379/0"), "redis://user:***@host:6379/0");
+        assert_eq!(super::redact_url("redis://:s3cret@host"), "redis://:***@host");
+        assert_eq!(super::redact_url("redis://host:6379"), "redis://host:6379");
+    }
+}
