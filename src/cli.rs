@@ -5,7 +5,11 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand, ValueEnum};
 
 #[derive(Debug, Parser)]
-#[command(name = "switchyard", version, about = "Route Salesforce change events to side effects by rules in YAML files")]
+#[command(
+    name = "switchyard",
+    version,
+    about = "Route Salesforce change events to side effects by rules in YAML files"
+)]
 pub struct Cli {
     /// Log format on standard error.
     #[arg(long, global = true, value_enum, default_value = "text")]

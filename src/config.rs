@@ -315,7 +315,10 @@ pub fn default_channels() -> IndexMap<String, String> {
     IndexMap::from([
         ("orders".to_string(), "/data/OrderChangeEvent".to_string()),
         ("order-items".to_string(), "/data/OrderItemChangeEvent".to_string()),
-        ("fulfilment-requests".to_string(), "/event/Order_Fulfilment_Requested__e".to_string()),
+        (
+            "fulfilment-requests".to_string(),
+            "/event/Order_Fulfilment_Requested__e".to_string(),
+        ),
     ])
 }
 
@@ -332,7 +335,10 @@ pub fn default_sinks() -> IndexMap<String, SinkConfig> {
                 job_options: JobOptions::default(),
             }),
         ),
-        ("invalidate-cache".to_string(), SinkConfig::CacheInvalidate(CacheSinkConfig {})),
+        (
+            "invalidate-cache".to_string(),
+            SinkConfig::CacheInvalidate(CacheSinkConfig {}),
+        ),
         ("log".to_string(), SinkConfig::Log(LogSinkConfig {})),
     ])
 }
@@ -351,14 +357,21 @@ impl LoadedConfig {
     /// Reads, substitutes, parses and validates a config file.
     pub fn load(path: &Path) -> Result<Self, Problems> {
         let text = std::fs::read_to_string(path).map_err(|e| {
-            Problems(vec![Problem::error(path, 0, 0, format!("cannot read the config file: {e}"))])
+            Problems(vec![Problem::error(
+                path,
+                0,
+                0,
+                format!("cannot read the config file: {e}"),
+            )])
         })?;
         Self::parse(path, &text, &|name| std::env::var(name).ok())
     }
 
     /// The embedded demo config.
     pub fn demo() -> Result<Self, Problems> {
-        Self::parse(Path::new(DEMO_CONFIG_PATH), DEMO_CONFIG, &|name| std::env::var(name).ok())
+        Self::parse(Path::new(DEMO_CONFIG_PATH), DEMO_CONFIG, &|name| {
+            std::env::var(name).ok()
+        })
     }
 
     /// Parses config text; `env` looks variables up (the real environment outside tests).
@@ -380,9 +393,16 @@ impl LoadedConfig {
                 }
             };
         }
-        let loaded = LoadedConfig { path: path.to_path_buf(), config };
+        let loaded = LoadedConfig {
+            path: path.to_path_buf(),
+            config,
+        };
         let problems = loaded.validate();
-        if problems.is_empty() { Ok(loaded) } else { Err(Problems(problems)) }
+        if problems.is_empty() {
+            Ok(loaded)
+        } else {
+            Err(Problems(problems))
+        }
     }
 
     /// Checks that need no I/O: channel names, sink names, source settings.
@@ -398,7 +418,9 @@ impl LoadedConfig {
             }
         }
         if c.sinks.contains_key(DEAD_LETTER_SINK) {
-            problems.push(err(format!("the sink name `{DEAD_LETTER_SINK}` is built in; choose another name")));
+            problems.push(err(format!(
+                "the sink name `{DEAD_LETTER_SINK}` is built in; choose another name"
+            )));
         }
         if c.source.kind == SourceKind::Jsonl && c.source.jsonl.is_none() {
             problems.push(err("source `jsonl` needs `source.jsonl.path`".into()));
@@ -444,7 +466,12 @@ pub fn substitute_env(path: &Path, text: &str, env: &dyn Fn(&str) -> Option<Stri
                 rest = tail;
             } else if let Some(body) = after.strip_prefix('{') {
                 let Some(end) = body.find('}') else {
-                    problems.push(Problem::error(path, n as u64 + 1, (line.len() - rest.len() + i) as u64 + 1, "`${` without a closing `}`"));
+                    problems.push(Problem::error(
+                        path,
+                        n as u64 + 1,
+                        (line.len() - rest.len() + i) as u64 + 1,
+                        "`${` without a closing `}`",
+                    ));
                     out.push_str(&rest[i..]);
                     rest = "";
                     break;
@@ -456,7 +483,12 @@ pub fn substitute_env(path: &Path, text: &str, env: &dyn Fn(&str) -> Option<Stri
                 };
                 let column = (line.len() - rest.len() + i) as u64 + 1;
                 if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-                    problems.push(Problem::error(path, n as u64 + 1, column, format!("`${{{expr}}}` is not a variable reference")));
+                    problems.push(Problem::error(
+                        path,
+                        n as u64 + 1,
+                        column,
+                        format!("`${{{expr}}}` is not a variable reference"),
+                    ));
                 } else {
                     match (env(name), default) {
                         (Some(value), _) if !(value.is_empty() && default.is_some()) => out.push_str(&value),
@@ -477,7 +509,11 @@ pub fn substitute_env(path: &Path, text: &str, env: &dyn Fn(&str) -> Option<Stri
         }
         out.push_str(rest);
     }
-    if problems.is_empty() { Ok(out) } else { Err(Problems(problems)) }
+    if problems.is_empty() {
+        Ok(out)
+    } else {
+        Err(Problems(problems))
+    }
 }
 
 #[cfg(test)]
@@ -494,21 +530,34 @@ mod tests {
 
     #[test]
     fn substitutes_set_variables_and_defaults() {
-        let out = substitute_env(Path::new("c.yaml"), "a: ${REDIS_URL}\nb: ${NOPE:-x}\nc: ${EMPTY:-d}\nd: $$5 $x\n", &env).unwrap();
+        let out = substitute_env(
+            Path::new("c.yaml"),
+            "a: ${REDIS_URL}\nb: ${NOPE:-x}\nc: ${EMPTY:-d}\nd: $$5 $x\n",
+            &env,
+        )
+        .unwrap();
         assert_eq!(out, "a: redis://127.0.0.1:7777\nb: x\nc: d\nd: $5 $x\n");
     }
 
     #[test]
     fn unset_variable_without_default_is_an_error_with_position() {
-        let err = substitute_env(Path::new("c.yaml"), "mode: cdc\nredis: { url: \"${REDIS_URL_X}\" }\n# ${IGNORED}\n", &env)
-            .unwrap_err();
+        let err = substitute_env(
+            Path::new("c.yaml"),
+            "mode: cdc\nredis: { url: \"${REDIS_URL_X}\" }\n# ${IGNORED}\n",
+            &env,
+        )
+        .unwrap_err();
         assert_eq!(err.0.len(), 1);
-        assert_eq!(err.0[0].to_string(), "c.yaml:2:16: error: environment variable `REDIS_URL_X` is not set and has no default (write `${REDIS_URL_X:-default}` for one)");
+        assert_eq!(
+            err.0[0].to_string(),
+            "c.yaml:2:16: error: environment variable `REDIS_URL_X` is not set and has no default (write `${REDIS_URL_X:-default}` for one)"
+        );
     }
 
     #[test]
     fn demo_config_loads() {
-        let loaded = LoadedConfig::parse(Path::new(DEMO_CONFIG_PATH), DEMO_CONFIG, &|_| None).expect("demo config is valid");
+        let loaded =
+            LoadedConfig::parse(Path::new(DEMO_CONFIG_PATH), DEMO_CONFIG, &|_| None).expect("demo config is valid");
         assert!(loaded.config.redis.is_none());
         assert_eq!(loaded.rule_paths(), vec![PathBuf::from("examples/../rules/")]);
     }
@@ -516,7 +565,10 @@ mod tests {
     #[test]
     fn switchyard_mode_overrides_mode() {
         let text = "mode: cdc\nsource: { kind: stdin }\nrules: [r.yaml]\n";
-        let loaded = LoadedConfig::parse(Path::new("c.yaml"), text, &|n| (n == "SWITCHYARD_MODE").then(|| "platform-event".into())).unwrap();
+        let loaded = LoadedConfig::parse(Path::new("c.yaml"), text, &|n| {
+            (n == "SWITCHYARD_MODE").then(|| "platform-event".into())
+        })
+        .unwrap();
         assert_eq!(loaded.config.mode, Mode::PlatformEvent);
     }
 

@@ -24,11 +24,20 @@ pub struct Problem {
 
 impl Problem {
     pub fn error(file: &Path, line: u64, column: u64, message: impl Into<String>) -> Self {
-        Self { file: file.to_path_buf(), line, column, severity: Severity::Error, message: message.into() }
+        Self {
+            file: file.to_path_buf(),
+            line,
+            column,
+            severity: Severity::Error,
+            message: message.into(),
+        }
     }
 
     pub fn warning(file: &Path, line: u64, column: u64, message: impl Into<String>) -> Self {
-        Self { severity: Severity::Warning, ..Self::error(file, line, column, message) }
+        Self {
+            severity: Severity::Warning,
+            ..Self::error(file, line, column, message)
+        }
     }
 
     /// A YAML or schema error from serde-saphyr, placed where the parser stopped.
@@ -53,7 +62,15 @@ impl fmt::Display for Problem {
             Severity::Error => "error",
             Severity::Warning => "warning",
         };
-        write!(f, "{}:{}:{}: {}: {}", self.file.display(), self.line, self.column, severity, self.message)
+        write!(
+            f,
+            "{}:{}:{}: {}: {}",
+            self.file.display(),
+            self.line,
+            self.column,
+            severity,
+            self.message
+        )
     }
 }
 

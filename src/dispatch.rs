@@ -21,11 +21,15 @@ const DEAD_LETTER_RETRY: Duration = Duration::from_secs(1);
 /// How one action ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ActionResult {
-    Done { attempts: u32 },
+    Done {
+        attempts: u32,
+    },
     /// A shadow route's action: not sent.
     Shadow,
     /// Parked in the dead letters (a `dead-letter` action, a failed route, or a failed sink call).
-    DeadLettered { reason: String },
+    DeadLettered {
+        reason: String,
+    },
 }
 
 pub struct Dispatcher {
@@ -33,7 +37,10 @@ pub struct Dispatcher {
 }
 
 pub fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 impl Dispatcher {
@@ -52,7 +59,8 @@ impl Dispatcher {
 
     async fn run_action(&self, plan: &Plan, event: &Event, action: &Action) -> ActionResult {
         if action.shadow {
-            metrics::counter!(m::SHADOW_ACTIONS, "route" => action.route.clone(), "sink" => action.sink.clone()).increment(1);
+            metrics::counter!(m::SHADOW_ACTIONS, "route" => action.route.clone(), "sink" => action.sink.clone())
+                .increment(1);
             tracing::debug!(route = %action.route, event_id = %event.id, action = %action.summary(), "Shadow route action recorded, no sink called.");
             return ActionResult::Shadow;
         }
@@ -66,7 +74,10 @@ impl Dispatcher {
             self.park(self.letter(plan, event, action, reason.clone(), 0)).await;
             return ActionResult::DeadLettered { reason };
         };
-        let cx = ActionCx { event, rules_version: &plan.rules_version };
+        let cx = ActionCx {
+            event,
+            rules_version: &plan.rules_version,
+        };
         let mut backoff = FIRST_BACKOFF;
         let mut attempt = 0;
         loop {
@@ -87,7 +98,8 @@ impl Dispatcher {
                     }
                     let reason = format!("sink `{}` failed after {attempt} attempt(s): {err}", action.sink);
                     tracing::error!(sink = %action.sink, route = %action.route, event_id = %event.id, rules_version = %plan.rules_version, error = %err, "Action dead-lettered.");
-                    self.park(self.letter(plan, event, action, reason.clone(), attempt)).await;
+                    self.park(self.letter(plan, event, action, reason.clone(), attempt))
+                        .await;
                     return ActionResult::DeadLettered { reason };
                 }
             }
@@ -131,6 +143,9 @@ impl Dispatcher {
 
 /// Up to +25% of `d`, so that many retrying callers do not hit a recovering Redis in lockstep.
 fn jitter(d: Duration) -> Duration {
-    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|t| t.subsec_nanos()).unwrap_or(0) as u64;
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|t| t.subsec_nanos())
+        .unwrap_or(0) as u64;
     d + Duration::from_millis(nanos % (d.as_millis() as u64 / 4 + 1))
 }

@@ -113,7 +113,11 @@ pub struct Event {
     #[serde(default, deserialize_with = "null_as_default")]
     pub fields: Map<String, Value>,
     /// Enrichment results as they were read, per record id (`null`: not found).
-    #[serde(default, deserialize_with = "null_as_default", skip_serializing_if = "IndexMap::is_empty")]
+    #[serde(
+        default,
+        deserialize_with = "null_as_default",
+        skip_serializing_if = "IndexMap::is_empty"
+    )]
     #[schemars(with = "Map<String, Value>")]
     pub record: IndexMap<String, RecordFields>,
 }
@@ -153,7 +157,10 @@ impl Event {
         if self.channel.trim().is_empty() {
             return Err(EventError::Empty("channel"));
         }
-        let invalid = |message: String| EventError::Invalid { id: self.id.clone(), message };
+        let invalid = |message: String| EventError::Invalid {
+            id: self.id.clone(),
+            message,
+        };
         let kind = match (self.kind, self.header.is_some()) {
             (Some(kind), _) => kind,
             (None, true) => EventKind::Change,
@@ -177,7 +184,11 @@ impl Event {
     }
 
     pub fn kind(&self) -> EventKind {
-        self.kind.unwrap_or(if self.header.is_some() { EventKind::Change } else { EventKind::Platform })
+        self.kind.unwrap_or(if self.header.is_some() {
+            EventKind::Change
+        } else {
+            EventKind::Platform
+        })
     }
 
     /// The record ids routes are evaluated for: CDC header ids; none for platform events.

@@ -12,8 +12,11 @@ use switchyard::service::{Service, StartError};
 use tokio::sync::watch;
 
 fn init_tracing(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
@@ -141,7 +144,11 @@ fn validate(paths: Vec<PathBuf>, config: Option<PathBuf>, format: ProblemFormat)
 }
 
 fn display_paths(paths: &[PathBuf]) -> String {
-    paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+    paths
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn report(problems: &[Problem], format: ProblemFormat) {
@@ -150,9 +157,18 @@ fn report(problems: &[Problem], format: ProblemFormat) {
         ProblemFormat::Json => println!("{}", serde_json::to_string_pretty(problems).unwrap_or_default()),
         ProblemFormat::Github => {
             for p in problems {
-                let level = if p.severity == Severity::Error { "error" } else { "warning" };
+                let level = if p.severity == Severity::Error {
+                    "error"
+                } else {
+                    "warning"
+                };
                 let message = p.message.replace('%', "%25").replace('\r', "%0D").replace('\n', "%0A");
-                println!("::{level} file={},line={},col={}::{message}", github_path(&p.file), p.line.max(1), p.column.max(1));
+                println!(
+                    "::{level} file={},line={},col={}::{message}",
+                    github_path(&p.file),
+                    p.line.max(1),
+                    p.column.max(1)
+                );
             }
         }
     }

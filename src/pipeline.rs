@@ -150,7 +150,9 @@ impl Pipeline {
         }
         match self.on_unmatched {
             OnUnmatched::Ignore => {}
-            OnUnmatched::Log => tracing::info!(event_id = %event.id, channel = %event.channel, rules_version = %rules.version, "No route matched the event."),
+            OnUnmatched::Log => {
+                tracing::info!(event_id = %event.id, channel = %event.channel, rules_version = %rules.version, "No route matched the event.")
+            }
             OnUnmatched::DeadLetter => {
                 let letter = DeadLetter {
                     at_ms: now_ms(),
@@ -172,7 +174,10 @@ impl Pipeline {
 }
 
 fn print_plan(event: &Event, position: &str, plan: &Plan, results: &[ActionResult]) {
-    let change = event.change_type().map(|c| format!(" {}", c.as_str())).unwrap_or_default();
+    let change = event
+        .change_type()
+        .map(|c| format!(" {}", c.as_str()))
+        .unwrap_or_default();
     println!("{} ({position}) {}{change}", event.id, event.channel);
     for d in &plan.decisions {
         let outcome = match &d.outcome {
@@ -190,7 +195,9 @@ fn print_plan(event: &Event, position: &str, plan: &Plan, results: &[ActionResul
             let status = match result {
                 ActionResult::Done { .. } => "ok".to_string(),
                 ActionResult::Shadow => "not sent".to_string(),
-                ActionResult::DeadLettered { .. } if matches!(action.op, Op::DeadLetter { .. }) => "dead-lettered".to_string(),
+                ActionResult::DeadLettered { .. } if matches!(action.op, Op::DeadLetter { .. }) => {
+                    "dead-lettered".to_string()
+                }
                 ActionResult::DeadLettered { reason } => format!("dead-lettered: {reason}"),
             };
             println!("    -> {}  [{status}]", action.summary());
@@ -222,7 +229,10 @@ impl Stats {
             for job in jobs {
                 println!("  {}/{} {} {}", job.queue, job.name, job.id, job.data);
             }
-            println!("In-memory cache: {} key(s) invalidated", memory.invalidated_keys().len());
+            println!(
+                "In-memory cache: {} key(s) invalidated",
+                memory.invalidated_keys().len()
+            );
         }
     }
 }

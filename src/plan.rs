@@ -25,10 +25,25 @@ pub struct Action {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "op", rename_all = "kebab-case")]
 pub enum Op {
-    Enqueue { idempotency_key: String, job_id: String, data: Value, options: JobOptions },
-    Invalidate { keys: Vec<String>, patterns: Vec<String>, publish: Option<(String, String)> },
-    Log { level: LogLevel, message: String, fields: Map<String, Value> },
-    DeadLetter { reason: String },
+    Enqueue {
+        idempotency_key: String,
+        job_id: String,
+        data: Value,
+        options: JobOptions,
+    },
+    Invalidate {
+        keys: Vec<String>,
+        patterns: Vec<String>,
+        publish: Option<(String, String)>,
+    },
+    Log {
+        level: LogLevel,
+        message: String,
+        fields: Map<String, Value>,
+    },
+    DeadLetter {
+        reason: String,
+    },
 }
 
 impl Action {
@@ -36,12 +51,24 @@ impl Action {
     pub fn summary(&self) -> String {
         let body = match &self.op {
             Op::Enqueue { job_id, .. } => format!("job {job_id}"),
-            Op::Invalidate { keys, patterns, publish } => {
-                let mut parts: Vec<String> = keys.iter().cloned().chain(patterns.iter().map(|p| format!("{p} (pattern)"))).collect();
+            Op::Invalidate {
+                keys,
+                patterns,
+                publish,
+            } => {
+                let mut parts: Vec<String> = keys
+                    .iter()
+                    .cloned()
+                    .chain(patterns.iter().map(|p| format!("{p} (pattern)")))
+                    .collect();
                 if let Some((channel, _)) = publish {
                     parts.push(format!("publish {channel}"));
                 }
-                if parts.is_empty() { "no keys (every key had a missing part)".into() } else { parts.join(", ") }
+                if parts.is_empty() {
+                    "no keys (every key had a missing part)".into()
+                } else {
+                    parts.join(", ")
+                }
             }
             Op::Log { message, .. } => format!("\"{message}\""),
             Op::DeadLetter { reason } => reason.clone(),
@@ -110,7 +137,10 @@ mod tests {
 
     #[test]
     fn job_ids_are_the_key_when_bullmq_accepts_it() {
-        assert_eq!(job_id_for("activation-801A-1764230400000"), "activation-801A-1764230400000");
+        assert_eq!(
+            job_id_for("activation-801A-1764230400000"),
+            "activation-801A-1764230400000"
+        );
         assert!(job_id_for("a:b").starts_with("sy-"));
         assert!(job_id_for("12345").starts_with("sy-"));
         assert_eq!(job_id_for("a:b"), job_id_for("a:b"));

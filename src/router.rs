@@ -47,7 +47,9 @@ impl Needs {
     pub fn requests(&self, rules: &RuleSet) -> Vec<EnrichRequest> {
         let mut requests: Vec<EnrichRequest> = Vec::new();
         for w in self.units.iter().flatten().filter(|w| w.result.is_ok()) {
-            let (Some(enrich), Some(id)) = (&rules.routes[w.route].enrich, &w.record_id) else { continue };
+            let (Some(enrich), Some(id)) = (&rules.routes[w.route].enrich, &w.record_id) else {
+                continue;
+            };
             if id == OVERFLOW_PLACEHOLDER_ID {
                 continue;
             }
@@ -59,7 +61,11 @@ impl Needs {
                         }
                     }
                 }
-                None => requests.push(EnrichRequest { object: enrich.object.clone(), record_id: id.clone(), fields: enrich.fields.clone() }),
+                None => requests.push(EnrichRequest {
+                    object: enrich.object.clone(),
+                    record_id: id.clone(),
+                    fields: enrich.fields.clone(),
+                }),
             }
         }
         requests
@@ -75,16 +81,28 @@ impl Needs {
 fn event_scope(rules: &RuleSet, event: &Event) -> Scope<'static> {
     let mut scope = crate::rules::load::scope(&rules.vars, true);
     scope.set_value("event", rhai::serde::to_dynamic(&event.fields).unwrap_or(Dynamic::UNIT));
-    let header = event.header.as_ref().and_then(|h| rhai::serde::to_dynamic(h).ok()).unwrap_or(Dynamic::UNIT);
+    let header = event
+        .header
+        .as_ref()
+        .and_then(|h| rhai::serde::to_dynamic(h).ok())
+        .unwrap_or(Dynamic::UNIT);
     scope.set_value("header", header);
     scope.set_value("event_id", Dynamic::from(event.id.clone()));
-    scope.set_value("replay_id", event.replay_id.clone().map(Dynamic::from).unwrap_or(Dynamic::UNIT));
+    scope.set_value(
+        "replay_id",
+        event.replay_id.clone().map(Dynamic::from).unwrap_or(Dynamic::UNIT),
+    );
     scope
 }
 
 fn eval(rules: &RuleSet, scope: &mut Scope<'static>, predicate: &Predicate) -> Result<bool, String> {
-    let value = rules.engine.eval_ast_with_scope::<Dynamic>(scope, &predicate.ast).map_err(|e| e.to_string())?;
-    value.as_bool().map_err(|t| format!("the predicate returned a {t}, not true or false"))
+    let value = rules
+        .engine
+        .eval_ast_with_scope::<Dynamic>(scope, &predicate.ast)
+        .map_err(|e| e.to_string())?;
+    value
+        .as_bool()
+        .map_err(|t| format!("the predicate returned a {t}, not true or false"))
 }
 
 fn dyn_opt(value: Option<&str>) -> Dynamic {
@@ -95,7 +113,11 @@ fn dyn_opt(value: Option<&str>) -> Dynamic {
 pub fn needs(rules: &RuleSet, event: &Event) -> Needs {
     let ctx = HelperCtx::new(event);
     let mut scope = event_scope(rules, event);
-    let header = event.header.as_ref().and_then(|h| serde_json::to_value(h).ok()).unwrap_or(Value::Null);
+    let header = event
+        .header
+        .as_ref()
+        .and_then(|h| serde_json::to_value(h).ok())
+        .unwrap_or(Value::Null);
     let candidates = rules.candidates(&event.channel);
     let empty = Map::new();
     let unit_ids: Vec<Option<String>> = if event.header.is_some() {
@@ -113,7 +135,15 @@ pub fn needs(rules: &RuleSet, event: &Event) -> Needs {
                 let record_id = match (&unit_id, &route.record_id) {
                     (Some(id), _) => Some(id.clone()),
                     (None, Some(template)) => {
-                        let rctx = RenderCtx { event, header: &header, record_id: None, record: &empty, vars: &rules.vars, idempotency_key: None, route: &route.name };
+                        let rctx = RenderCtx {
+                            event,
+                            header: &header,
+                            record_id: None,
+                            record: &empty,
+                            vars: &rules.vars,
+                            idempotency_key: None,
+                            route: &route.name,
+                        };
                         template.render_string(&rctx).ok().filter(|s| !s.is_empty())
                     }
                     (None, None) => None,
@@ -124,17 +154,33 @@ pub fn needs(rules: &RuleSet, event: &Event) -> Needs {
                     Ok(true) => Ok(()),
                     Err(e) => Err(format!("`when` failed: {e}")),
                 };
-                results.push(WhenResult { route: i, record_id, result });
+                results.push(WhenResult {
+                    route: i,
+                    record_id,
+                    result,
+                });
             }
             units.push(results);
         }
     });
-    Needs { rules_version: rules.version.clone(), units, ctx, scope, header }
+    Needs {
+        rules_version: rules.version.clone(),
+        units,
+        ctx,
+        scope,
+        header,
+    }
 }
 
 /// Phase two: with the records read, evaluates `guard` and renders the actions.
 pub fn plan(rules: &RuleSet, event: &Event, needs: Needs, records: &Records) -> Plan {
-    let Needs { units, ctx, mut scope, header, .. } = needs;
+    let Needs {
+        units,
+        ctx,
+        mut scope,
+        header,
+        ..
+    } = needs;
     let mut decisions = Vec::new();
     let mut actions = Vec::new();
     helpers::with_ctx(&ctx, || {
@@ -142,11 +188,17 @@ pub fn plan(rules: &RuleSet, event: &Event, needs: Needs, records: &Records) -> 
             for w in unit {
                 let route = &rules.routes[w.route];
                 let record_id = w.record_id.as_deref();
-                let decided = decide(rules, route, event, &mut scope, &ctx, &header, record_id, records, w.result);
+                let decided = decide(
+                    rules, route, event, &mut scope, &ctx, &header, record_id, records, w.result,
+                );
                 let (outcome, rendered) = match decided {
                     Ok(decided) => decided,
                     Err(error) => {
-                        let reason = format!("route `{}` failed for {}: {error}", route.name, describe(event, record_id));
+                        let reason = format!(
+                            "route `{}` failed for {}: {error}",
+                            route.name,
+                            describe(event, record_id)
+                        );
                         let dead = Action {
                             route: route.name.clone(),
                             sink: crate::config::DEAD_LETTER_SINK.into(),
@@ -159,7 +211,12 @@ pub fn plan(rules: &RuleSet, event: &Event, needs: Needs, records: &Records) -> 
                 };
                 // `stop: true` ends this record's evaluation once the route's `then` ran.
                 let stop = route.stop && outcome == Outcome::Then;
-                decisions.push(Decision { route: route.name.clone(), record_id: w.record_id, outcome, shadow: route.shadow });
+                decisions.push(Decision {
+                    route: route.name.clone(),
+                    record_id: w.record_id,
+                    outcome,
+                    shadow: route.shadow,
+                });
                 actions.extend(rendered);
                 if stop {
                     break;
@@ -167,7 +224,12 @@ pub fn plan(rules: &RuleSet, event: &Event, needs: Needs, records: &Records) -> 
             }
         }
     });
-    Plan { event_id: event.id.clone(), rules_version: rules.version.clone(), decisions, actions }
+    Plan {
+        event_id: event.id.clone(),
+        rules_version: rules.version.clone(),
+        decisions,
+        actions,
+    }
 }
 
 fn describe(event: &Event, record_id: Option<&str>) -> String {
@@ -199,7 +261,11 @@ fn decide(
             Some(Err(e)) => return Err(format!("enrichment failed: {e}")),
             Some(Ok(None)) => (false, Map::new()),
             Some(Ok(Some(fields))) => {
-                let record = enrich.fields.iter().map(|f| (f.clone(), fields.get(f).cloned().unwrap_or(Value::Null))).collect();
+                let record = enrich
+                    .fields
+                    .iter()
+                    .map(|f| (f.clone(), fields.get(f).cloned().unwrap_or(Value::Null)))
+                    .collect();
                 (true, record)
             }
         },
@@ -211,31 +277,73 @@ fn decide(
         Some(guard) => eval(rules, scope, guard).map_err(|e| format!("`guard` failed: {e}"))?,
         None => true,
     };
-    let (outcome, templates) = if passed { (Outcome::Then, &route.then) } else { (Outcome::Else, &route.otherwise) };
-    let mut rctx = RenderCtx { event, header, record_id, record: &record, vars: &rules.vars, idempotency_key: None, route: &route.name };
-    let rendered = templates.iter().map(|t| render(route, t, &mut rctx)).collect::<Result<Vec<_>, _>>()?;
+    let (outcome, templates) = if passed {
+        (Outcome::Then, &route.then)
+    } else {
+        (Outcome::Else, &route.otherwise)
+    };
+    let mut rctx = RenderCtx {
+        event,
+        header,
+        record_id,
+        record: &record,
+        vars: &rules.vars,
+        idempotency_key: None,
+        route: &route.name,
+    };
+    let rendered = templates
+        .iter()
+        .map(|t| render(route, t, &mut rctx))
+        .collect::<Result<Vec<_>, _>>()?;
     Ok((outcome, rendered))
 }
 
 fn render(route: &Route, t: &ActionTemplate, ctx: &mut RenderCtx<'_>) -> Result<Action, String> {
     let op = match &t.params {
-        ActionParams::Queue { job, idempotency_key, job_options } => {
+        ActionParams::Queue {
+            job,
+            idempotency_key,
+            job_options,
+        } => {
             if ctx.record_id == Some(OVERFLOW_PLACEHOLDER_ID) {
-                return Err(format!("sink `{}` ({}): the GAP_OVERFLOW placeholder record id is never enqueued", t.sink, t.at));
+                return Err(format!(
+                    "sink `{}` ({}): the GAP_OVERFLOW placeholder record id is never enqueued",
+                    t.sink, t.at
+                ));
             }
-            let key = idempotency_key
-                .render_string(ctx)
-                .map_err(|missing| format!("sink `{}` ({}): the idempotency key `{}` has no value for {missing}", t.sink, t.at, idempotency_key.source()))?;
+            let key = idempotency_key.render_string(ctx).map_err(|missing| {
+                format!(
+                    "sink `{}` ({}): the idempotency key `{}` has no value for {missing}",
+                    t.sink,
+                    t.at,
+                    idempotency_key.source()
+                )
+            })?;
             if key.trim().is_empty() {
-                return Err(format!("sink `{}` ({}): the idempotency key rendered empty", t.sink, t.at));
+                return Err(format!(
+                    "sink `{}` ({}): the idempotency key rendered empty",
+                    t.sink, t.at
+                ));
             }
             let data = {
-                let scoped = RenderCtx { idempotency_key: Some(&key), ..*ctx };
+                let scoped = RenderCtx {
+                    idempotency_key: Some(&key),
+                    ..*ctx
+                };
                 job.render(&scoped)
             };
-            Op::Enqueue { job_id: job_id_for(&key), idempotency_key: key, data, options: job_options.clone() }
+            Op::Enqueue {
+                job_id: job_id_for(&key),
+                idempotency_key: key,
+                data,
+                options: job_options.clone(),
+            }
         }
-        ActionParams::CacheInvalidate { keys, patterns, publish } => {
+        ActionParams::CacheInvalidate {
+            keys,
+            patterns,
+            publish,
+        } => {
             let render_all = |list: &[crate::rules::template::Template]| -> Vec<String> {
                 list.iter()
                     .filter_map(|k| match k.render_string(ctx) {
@@ -251,22 +359,39 @@ fn render(route: &Route, t: &ActionTemplate, ctx: &mut RenderCtx<'_>) -> Result<
                 Some((channel, message)) => match (channel.render_string(ctx), message.render_string(ctx)) {
                     (Ok(c), Ok(m)) => Some((c, m)),
                     (Err(missing), _) | (_, Err(missing)) => {
-                        return Err(format!("sink `{}` ({}): `publish` has no value for {missing}", t.sink, t.at));
+                        return Err(format!(
+                            "sink `{}` ({}): `publish` has no value for {missing}",
+                            t.sink, t.at
+                        ));
                     }
                 },
                 None => None,
             };
-            Op::Invalidate { keys: render_all(keys), patterns: render_all(patterns), publish }
+            Op::Invalidate {
+                keys: render_all(keys),
+                patterns: render_all(patterns),
+                publish,
+            }
         }
         ActionParams::Log { message, level, fields } => {
             let message = message.render_lossy(ctx);
             let fields = fields.iter().map(|(k, v)| (k.clone(), v.render(ctx))).collect();
-            Op::Log { level: *level, message, fields }
+            Op::Log {
+                level: *level,
+                message,
+                fields,
+            }
         }
         ActionParams::DeadLetter { reason } => {
             let reason = reason.render_lossy(ctx);
             Op::DeadLetter { reason }
         }
     };
-    Ok(Action { route: route.name.clone(), sink: t.sink.clone(), record_id: ctx.record_id.map(str::to_string), shadow: route.shadow, op })
+    Ok(Action {
+        route: route.name.clone(),
+        sink: t.sink.clone(),
+        record_id: ctx.record_id.map(str::to_string),
+        shadow: route.shadow,
+        op,
+    })
 }

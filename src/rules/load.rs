@@ -55,7 +55,11 @@ impl RuleEnv {
     }
 
     fn sink_kind(&self, name: &str) -> Option<SinkKind> {
-        if name == DEAD_LETTER_SINK { Some(SinkKind::DeadLetter) } else { self.sinks.get(name).copied() }
+        if name == DEAD_LETTER_SINK {
+            Some(SinkKind::DeadLetter)
+        } else {
+            self.sinks.get(name).copied()
+        }
     }
 }
 
@@ -96,7 +100,11 @@ pub fn read_sources(paths: &[PathBuf]) -> Result<Vec<RuleSource>, Vec<Problem>> 
             }
         }
     }
-    if problems.is_empty() { Ok(sources) } else { Err(problems) }
+    if problems.is_empty() {
+        Ok(sources)
+    } else {
+        Err(problems)
+    }
 }
 
 /// `*.yaml` / `*.yml`, not `*.test.yaml` / `*.test.yml`.
@@ -109,7 +117,10 @@ pub fn is_rules_file(path: &Path) -> bool {
 pub fn load_paths(paths: &[PathBuf], env: &RuleEnv) -> Loaded {
     match read_sources(paths) {
         Ok(sources) => compile(&sources, env),
-        Err(problems) => Loaded { ruleset: None, problems },
+        Err(problems) => Loaded {
+            ruleset: None,
+            problems,
+        },
     }
 }
 
@@ -143,7 +154,10 @@ impl FileCx<'_> {
     /// Whether the scalar at `s` is quoted in the source (its content then starts one column later).
     fn quoted<T>(&self, s: &Spanned<T>) -> bool {
         let offset = s.referenced.span().offset();
-        matches!(self.text.get(offset as usize..offset as usize + 1), Some("\"") | Some("'"))
+        matches!(
+            self.text.get(offset as usize..offset as usize + 1),
+            Some("\"") | Some("'")
+        )
     }
 
     /// The file position of (1-based) `line`/`column` inside a multi-line scalar value.
@@ -180,18 +194,42 @@ pub fn compile(sources: &[RuleSource], env: &RuleEnv) -> Loaded {
     let mut vars = Map::new();
     let mut var_at: HashMap<String, String> = HashMap::new();
     for (source, file) in &files {
-        let cx = FileCx { path: &source.path, text: &source.text };
+        let cx = FileCx {
+            path: &source.path,
+            text: &source.text,
+        };
         if file.version.value != 1 {
-            problems.push(cx.err(&file.version, format!("rules version {} is not supported; use `version: 1`", file.version.value)));
+            problems.push(cx.err(
+                &file.version,
+                format!(
+                    "rules version {} is not supported; use `version: 1`",
+                    file.version.value
+                ),
+            ));
         }
         for (name, value) in &file.vars {
             let (line, column) = cx.at(value);
             if CONTEXT_VARIABLES.contains(&name.as_str()) || name == "idempotency_key" || name == "route" {
-                problems.push(Problem::error(&source.path, line, column, format!("var `{name}` would hide the built-in variable of that name; rename it")));
+                problems.push(Problem::error(
+                    &source.path,
+                    line,
+                    column,
+                    format!("var `{name}` would hide the built-in variable of that name; rename it"),
+                ));
             } else if !is_identifier(name) {
-                problems.push(Problem::error(&source.path, line, column, format!("var `{name}` is not a valid name (letters, digits and `_`, not starting with a digit)")));
+                problems.push(Problem::error(
+                    &source.path,
+                    line,
+                    column,
+                    format!("var `{name}` is not a valid name (letters, digits and `_`, not starting with a digit)"),
+                ));
             } else if let Some(first) = var_at.get(name) {
-                problems.push(Problem::error(&source.path, line, column, format!("var `{name}` is already defined at {first}")));
+                problems.push(Problem::error(
+                    &source.path,
+                    line,
+                    column,
+                    format!("var `{name}` is already defined at {first}"),
+                ));
             } else {
                 var_at.insert(name.clone(), format!("{}:{line}:{column}", source.path.display()));
                 vars.insert(name.clone(), value.value.clone());
@@ -206,7 +244,10 @@ pub fn compile(sources: &[RuleSource], env: &RuleEnv) -> Loaded {
     let mut routes = Vec::new();
     let mut route_at: HashMap<String, String> = HashMap::new();
     for (source, file) in &files {
-        let cx = FileCx { path: &source.path, text: &source.text };
+        let cx = FileCx {
+            path: &source.path,
+            text: &source.text,
+        };
         for spec in &file.routes {
             let (line, column) = cx.at(&spec.name);
             let name = spec.name.value.trim().to_string();
@@ -217,7 +258,17 @@ pub fn compile(sources: &[RuleSource], env: &RuleEnv) -> Loaded {
             } else {
                 route_at.insert(name.clone(), format!("{}:{line}:{column}", source.path.display()));
             }
-            if let Some(route) = compile_route(&cx, spec, &name, env, &engine, &when_scope, &guard_scope, &is_var, &mut problems) {
+            if let Some(route) = compile_route(
+                &cx,
+                spec,
+                &name,
+                env,
+                &engine,
+                &when_scope,
+                &guard_scope,
+                &is_var,
+                &mut problems,
+            ) {
                 routes.push(route);
             }
         }
@@ -233,7 +284,8 @@ pub fn compile(sources: &[RuleSource], env: &RuleEnv) -> Loaded {
 
 fn is_identifier(name: &str) -> bool {
     let mut chars = name.chars();
-    chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_') && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+    chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
 /// The scope predicates are compiled against; `with_record` adds `record` (for `guard`).
@@ -270,7 +322,10 @@ fn compile_route(
         Some(channel) => Some(channel.clone()),
         None if Mode::of_channel(alias).is_some() => Some(alias.to_string()),
         None => {
-            let mut message = format!("{route_label}: unknown channel `{alias}`; use an alias from the config ({}) or a /data/... or /event/... channel", env.channels.keys().cloned().collect::<Vec<_>>().join(", "));
+            let mut message = format!(
+                "{route_label}: unknown channel `{alias}`; use an alias from the config ({}) or a /data/... or /event/... channel",
+                env.channels.keys().cloned().collect::<Vec<_>>().join(", ")
+            );
             if let Some(best) = suggest(alias, env.channels.keys().map(String::as_str)) {
                 message = format!("{route_label}: unknown channel `{alias}` (did you mean `{best}`?)");
             }
@@ -281,14 +336,23 @@ fn compile_route(
     let mode = channel.as_deref().and_then(Mode::of_channel);
 
     let when = compile_predicate(cx, &spec.when, engine, when_scope, &route_label, "when", problems);
-    let guard = spec.guard.as_ref().and_then(|g| compile_predicate(cx, g, engine, guard_scope, &route_label, "guard", problems));
+    let guard = spec
+        .guard
+        .as_ref()
+        .and_then(|g| compile_predicate(cx, g, engine, guard_scope, &route_label, "guard", problems));
 
     if let Some(enrich) = &spec.enrich {
         if env.enricher == EnricherKind::None {
-            problems.push(cx.err(&spec.name, format!("{route_label} declares `enrich`, but the config's enricher is `none`")));
+            problems.push(cx.err(
+                &spec.name,
+                format!("{route_label} declares `enrich`, but the config's enricher is `none`"),
+            ));
         }
         if enrich.object.trim().is_empty() || enrich.fields.is_empty() {
-            problems.push(cx.err(&spec.name, format!("{route_label}: `enrich` needs an `object` and at least one field")));
+            problems.push(cx.err(
+                &spec.name,
+                format!("{route_label}: `enrich` needs an `object` and at least one field"),
+            ));
         }
     }
 
@@ -305,15 +369,33 @@ fn compile_route(
     });
 
     let has_enrich = spec.enrich.is_some();
-    let then: Vec<_> = spec.then.iter().filter_map(|a| compile_action(cx, a, env, is_var, &route_label, has_enrich, problems)).collect();
-    let otherwise: Vec<_> = spec.otherwise.iter().filter_map(|a| compile_action(cx, a, env, is_var, &route_label, has_enrich, problems)).collect();
+    let then: Vec<_> = spec
+        .then
+        .iter()
+        .filter_map(|a| compile_action(cx, a, env, is_var, &route_label, has_enrich, problems))
+        .collect();
+    let otherwise: Vec<_> = spec
+        .otherwise
+        .iter()
+        .filter_map(|a| compile_action(cx, a, env, is_var, &route_label, has_enrich, problems))
+        .collect();
     if spec.then.is_empty() && spec.otherwise.is_empty() {
         let (line, column) = cx.at(&spec.name);
-        problems.push(Problem::warning(cx.path, line, column, format!("{route_label} has no `then` or `else` actions; it never does anything")));
+        problems.push(Problem::warning(
+            cx.path,
+            line,
+            column,
+            format!("{route_label} has no `then` or `else` actions; it never does anything"),
+        ));
     }
     if !spec.otherwise.is_empty() && spec.guard.is_none() {
         let (line, column) = cx.at(&spec.name);
-        problems.push(Problem::warning(cx.path, line, column, format!("{route_label} has `else` actions but no `guard`; they never run")));
+        problems.push(Problem::warning(
+            cx.path,
+            line,
+            column,
+            format!("{route_label} has `else` actions but no `guard`; they never run"),
+        ));
     }
 
     if problems[before..].iter().any(|p| p.severity == Severity::Error) {
@@ -346,13 +428,24 @@ fn compile_predicate(
     problems: &mut Vec<Problem>,
 ) -> Option<Predicate> {
     if source.value.trim().is_empty() {
-        problems.push(cx.err(source, format!("{route_label}: `{clause}` is empty; write a predicate such as `true`")));
+        problems.push(cx.err(
+            source,
+            format!("{route_label}: `{clause}` is empty; write a predicate such as `true`"),
+        ));
         return None;
     }
     match engine.compile_expression_with_scope(scope, &source.value) {
-        Ok(ast) => Some(Predicate { source: source.value.clone(), ast }),
+        Ok(ast) => Some(Predicate {
+            source: source.value.clone(),
+            ast,
+        }),
         Err(err) => {
+            // An error at the end of input (an unclosed parenthesis) points just past the last character.
+            let lines: Vec<&str> = source.value.trim_end().lines().collect();
             let (line, column) = match (err.1.line(), err.1.position()) {
+                (Some(l), _) if l > lines.len() => {
+                    cx.inner(source, lines.len(), lines.last().map_or(0, |s| s.chars().count()) + 1)
+                }
                 (Some(l), Some(c)) => cx.inner(source, l, c),
                 (Some(l), None) => cx.inner(source, l, 1),
                 _ => cx.at(source),
@@ -362,9 +455,17 @@ fn compile_predicate(
                     "{route_label}: `record` is not available in `when` (it is read only after `when` passed); test it in `guard`"
                 ),
                 rhai::ParseErrorType::VariableUndefined(var) => {
-                    let known = CONTEXT_VARIABLES.iter().copied().chain(scope.iter_raw().map(|(n, _, _)| n));
-                    let hint = suggest(var, known.collect::<Vec<_>>()).map(|s| format!(" (did you mean `{s}`?)")).unwrap_or_default();
-                    format!("{route_label}: `{clause}`: undefined variable `{var}`{hint}; predicates see {} and the names in `vars`", CONTEXT_VARIABLES.join(", "))
+                    let known = CONTEXT_VARIABLES
+                        .iter()
+                        .copied()
+                        .chain(scope.iter_raw().map(|(n, _, _)| n));
+                    let hint = suggest(var, known.collect::<Vec<_>>())
+                        .map(|s| format!(" (did you mean `{s}`?)"))
+                        .unwrap_or_default();
+                    format!(
+                        "{route_label}: `{clause}`: undefined variable `{var}`{hint}; predicates see {} and the names in `vars`",
+                        CONTEXT_VARIABLES.join(", ")
+                    )
                 }
                 other => format!("{route_label}: `{clause}` does not compile: {other}"),
             };
@@ -385,7 +486,12 @@ fn parse_template(
         Ok(t) => Some(t),
         Err(e) => {
             let (line, column) = cx.template_at(source, e.offset);
-            problems.push(Problem::error(cx.path, line, column, format!("{route_label}: {}", e.message)));
+            problems.push(Problem::error(
+                cx.path,
+                line,
+                column,
+                format!("{route_label}: {}", e.message),
+            ));
             None
         }
     }
@@ -403,10 +509,19 @@ fn parse_value_template(
         Err(e) => {
             let (mut line, mut column) = cx.at(source);
             if let Value::String(s) = &source.value {
-                let spanned = Spanned { value: s.clone(), referenced: source.referenced, defined: source.defined };
+                let spanned = Spanned {
+                    value: s.clone(),
+                    referenced: source.referenced,
+                    defined: source.defined,
+                };
                 (line, column) = cx.template_at(&spanned, e.offset);
             }
-            problems.push(Problem::error(cx.path, line, column, format!("{route_label}: {}", e.message)));
+            problems.push(Problem::error(
+                cx.path,
+                line,
+                column,
+                format!("{route_label}: {}", e.message),
+            ));
             None
         }
     }
@@ -425,8 +540,16 @@ fn compile_action(
     let sink = a.sink.value.trim();
     let Some(kind) = env.sink_kind(sink) else {
         let names: Vec<&str> = env.sinks.keys().map(String::as_str).chain([DEAD_LETTER_SINK]).collect();
-        let hint = suggest(sink, names.iter().copied()).map(|s| format!(" (did you mean `{s}`?)")).unwrap_or_default();
-        problems.push(cx.err(&a.sink, format!("{route_label}: unknown sink `{sink}`{hint}; the sinks are {}", names.join(", "))));
+        let hint = suggest(sink, names.iter().copied())
+            .map(|s| format!(" (did you mean `{s}`?)"))
+            .unwrap_or_default();
+        problems.push(cx.err(
+            &a.sink,
+            format!(
+                "{route_label}: unknown sink `{sink}`{hint}; the sinks are {}",
+                names.join(", ")
+            ),
+        ));
         return None;
     };
     let present: Vec<&str> = [
@@ -453,14 +576,22 @@ fn compile_action(
     let label = format!("{route_label}: sink `{sink}` ({})", kind.as_str());
     let before = problems.len();
     for key in present.iter().filter(|k| !allowed.contains(k)) {
-        problems.push(cx.err(&a.sink, format!("{label} does not take `{key}`; it takes {}", allowed.join(", "))));
+        problems.push(cx.err(
+            &a.sink,
+            format!("{label} does not take `{key}`; it takes {}", allowed.join(", ")),
+        ));
     }
 
     let t = |s: &Spanned<String>, problems: &mut Vec<Problem>| parse_template(cx, s, is_var, route_label, problems);
     let params = match kind {
         SinkKind::Queue => {
             let (Some(job), Some(key)) = (&a.job, &a.idempotency_key) else {
-                problems.push(cx.err(&a.sink, format!("{label} needs `job` and `idempotency_key` (the key makes a redelivered event enqueue one job)")));
+                problems.push(cx.err(
+                    &a.sink,
+                    format!(
+                        "{label} needs `job` and `idempotency_key` (the key makes a redelivered event enqueue one job)"
+                    ),
+                ));
                 return None;
             };
             let mut entries = Vec::new();
@@ -482,13 +613,27 @@ fn compile_action(
                 problems.push(cx.err(&a.sink, format!("{label} needs `keys` or `patterns`")));
                 return None;
             }
-            let keys = a.keys.iter().flatten().map(|k| t(k, problems)).collect::<Option<Vec<_>>>()?;
-            let patterns = a.patterns.iter().flatten().map(|k| t(k, problems)).collect::<Option<Vec<_>>>()?;
+            let keys = a
+                .keys
+                .iter()
+                .flatten()
+                .map(|k| t(k, problems))
+                .collect::<Option<Vec<_>>>()?;
+            let patterns = a
+                .patterns
+                .iter()
+                .flatten()
+                .map(|k| t(k, problems))
+                .collect::<Option<Vec<_>>>()?;
             let publish = match &a.publish {
                 Some(p) => Some((t(&p.channel, problems)?, t(&p.message, problems)?)),
                 None => None,
             };
-            ActionParams::CacheInvalidate { keys, patterns, publish }
+            ActionParams::CacheInvalidate {
+                keys,
+                patterns,
+                publish,
+            }
         }
         SinkKind::Log => {
             let Some(message) = &a.message else {
@@ -499,35 +644,61 @@ fn compile_action(
             for (k, v) in a.fields.iter().flatten() {
                 fields.push((k.clone(), parse_value_template(cx, v, is_var, route_label, problems)?));
             }
-            ActionParams::Log { message: t(message, problems)?, level: a.level.unwrap_or_default(), fields }
+            ActionParams::Log {
+                message: t(message, problems)?,
+                level: a.level.unwrap_or_default(),
+                fields,
+            }
         }
         SinkKind::DeadLetter => {
             let Some(reason) = &a.reason else {
                 problems.push(cx.err(&a.sink, format!("{label} needs `reason`")));
                 return None;
             };
-            ActionParams::DeadLetter { reason: t(reason, problems)? }
+            ActionParams::DeadLetter {
+                reason: t(reason, problems)?,
+            }
         }
     };
-    if !has_enrich && templates_of(&params).iter().any(|t| t.paths().any(|p| p.root == Root::Record && !p.segments.is_empty())) {
+    if !has_enrich
+        && templates_of(&params)
+            .iter()
+            .any(|t| t.paths().any(|p| p.root == Root::Record && !p.segments.is_empty()))
+    {
         let (line, column) = cx.at(&a.sink);
-        problems.push(Problem::warning(cx.path, line, column, format!("{label} reads `record`, but the route has no `enrich`: those values are always missing")));
+        problems.push(Problem::warning(
+            cx.path,
+            line,
+            column,
+            format!("{label} reads `record`, but the route has no `enrich`: those values are always missing"),
+        ));
     }
     if problems[before..].iter().any(|p| p.severity == Severity::Error) {
         return None;
     }
     let (line, column) = cx.at(spec);
-    Some(ActionTemplate { sink: sink.to_string(), kind, at: format!("{}:{line}:{column}", cx.path.display()), params })
+    Some(ActionTemplate {
+        sink: sink.to_string(),
+        kind,
+        at: format!("{}:{line}:{column}", cx.path.display()),
+        params,
+    })
 }
 
 fn templates_of(params: &ActionParams) -> Vec<&Template> {
     match params {
-        ActionParams::Queue { job, idempotency_key, .. } => {
+        ActionParams::Queue {
+            job, idempotency_key, ..
+        } => {
             let mut all = job.templates();
             all.push(idempotency_key);
             all
         }
-        ActionParams::CacheInvalidate { keys, patterns, publish } => {
+        ActionParams::CacheInvalidate {
+            keys,
+            patterns,
+            publish,
+        } => {
             let mut all: Vec<&Template> = keys.iter().chain(patterns).collect();
             if let Some((c, m)) = publish {
                 all.extend([c, m]);

@@ -37,10 +37,24 @@ pub struct ActionTemplate {
 
 #[derive(Debug, Clone)]
 pub enum ActionParams {
-    Queue { job: ValueTemplate, idempotency_key: Template, job_options: JobOptions },
-    CacheInvalidate { keys: Vec<Template>, patterns: Vec<Template>, publish: Option<(Template, Template)> },
-    Log { message: Template, level: LogLevel, fields: Vec<(String, ValueTemplate)> },
-    DeadLetter { reason: Template },
+    Queue {
+        job: ValueTemplate,
+        idempotency_key: Template,
+        job_options: JobOptions,
+    },
+    CacheInvalidate {
+        keys: Vec<Template>,
+        patterns: Vec<Template>,
+        publish: Option<(Template, Template)>,
+    },
+    Log {
+        message: Template,
+        level: LogLevel,
+        fields: Vec<(String, ValueTemplate)>,
+    },
+    DeadLetter {
+        reason: Template,
+    },
 }
 
 /// A compiled route.
@@ -77,7 +91,10 @@ pub struct RuleSet {
 
 impl std::fmt::Debug for RuleSet {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RuleSet").field("version", &self.version).field("routes", &self.routes.len()).finish()
+        f.debug_struct("RuleSet")
+            .field("version", &self.version)
+            .field("routes", &self.routes.len())
+            .finish()
     }
 }
 
@@ -96,7 +113,15 @@ impl RuleSet {
                 live.entry(route.channel.clone()).or_default().push(i);
             }
         }
-        RuleSet { version, routes, vars, mode, files, engine, live }
+        RuleSet {
+            version,
+            routes,
+            vars,
+            mode,
+            files,
+            engine,
+            live,
+        }
     }
 
     /// Indexes of the live routes on `channel`, in file order.
@@ -141,7 +166,10 @@ mod tests {
     #[test]
     fn suggests_close_names_only() {
         assert_eq!(super::suggest("recordid", ["record_id", "record"]), Some("record_id"));
-        assert_eq!(super::suggest("Activaton_Status__c", ["Activation_Status__c", "Status"]), Some("Activation_Status__c"));
+        assert_eq!(
+            super::suggest("Activaton_Status__c", ["Activation_Status__c", "Status"]),
+            Some("Activation_Status__c")
+        );
         assert_eq!(super::suggest("zzz", ["event"]), None);
     }
 }

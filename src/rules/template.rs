@@ -25,8 +25,16 @@ pub enum Root {
 }
 
 /// The roots every template may use, besides the rules' `vars`.
-pub const ROOTS: &[&str] =
-    &["event", "header", "record_id", "record", "event_id", "replay_id", "idempotency_key", "route"];
+pub const ROOTS: &[&str] = &[
+    "event",
+    "header",
+    "record_id",
+    "record",
+    "event_id",
+    "replay_id",
+    "idempotency_key",
+    "route",
+];
 
 impl Root {
     fn parse(name: &str, vars: &dyn Fn(&str) -> bool) -> Option<Root> {
@@ -144,7 +152,11 @@ impl RenderCtx<'_> {
 }
 
 fn scalar(value: Option<&str>, segments: &[String]) -> Option<Value> {
-    if segments.is_empty() { value.map(Value::from) } else { None }
+    if segments.is_empty() {
+        value.map(Value::from)
+    } else {
+        None
+    }
 }
 
 fn walk<'a, 'b>(mut value: &'a Value, segments: impl Iterator<Item = &'b str>) -> Option<&'a Value> {
@@ -170,7 +182,10 @@ impl Template {
             }
             let body_start = start + 2;
             let Some(len) = rest[body_start..].find("}}") else {
-                return Err(TemplateError { offset: offset + start, message: "`{{` without a closing `}}`".into() });
+                return Err(TemplateError {
+                    offset: offset + start,
+                    message: "`{{` without a closing `}}`".into(),
+                });
             };
             let body = &rest[body_start..body_start + len];
             parts.push(Part::Expr(parse_expr(body, offset + body_start, is_var)?));
@@ -181,7 +196,10 @@ impl Template {
         if !rest.is_empty() {
             parts.push(Part::Text(rest.to_string()));
         }
-        Ok(Template { source: source.to_string(), parts })
+        Ok(Template {
+            source: source.to_string(),
+            parts,
+        })
     }
 
     pub fn source(&self) -> &str {
@@ -264,36 +282,59 @@ fn parse_expr(body: &str, body_offset: usize, is_var: &dyn Fn(&str) -> bool) -> 
         let at = body_offset + local + lead;
         local += raw.len() + 2;
         if text.is_empty() {
-            return Err(TemplateError { offset: at, message: "empty expression in `{{ }}`".into() });
+            return Err(TemplateError {
+                offset: at,
+                message: "empty expression in `{{ }}`".into(),
+            });
         }
         if let Some(literal) = quoted(text) {
             alternatives.push(Alternative::Literal(literal.to_string()));
             continue;
         }
         if matches!(alternatives.last(), Some(Alternative::Literal(_))) {
-            return Err(TemplateError { offset: at, message: "a quoted literal can only end a `??` chain".into() });
+            return Err(TemplateError {
+                offset: at,
+                message: "a quoted literal can only end a `??` chain".into(),
+            });
         }
         let mut segments = text.split('.').map(|s| s.strip_suffix('?').unwrap_or(s));
         let root_name = segments.next().unwrap_or_default();
         let Some(root) = Root::parse(root_name, is_var) else {
-            let mut message = format!("unknown template root `{root_name}`; use one of {}, or a name from `vars`", ROOTS.join(", "));
+            let mut message = format!(
+                "unknown template root `{root_name}`; use one of {}, or a name from `vars`",
+                ROOTS.join(", ")
+            );
             if let Some(best) = crate::rules::suggest(root_name, ROOTS.iter().copied()) {
-                message = format!("unknown template root `{root_name}` (did you mean `{best}`?); use one of {}, or a name from `vars`", ROOTS.join(", "));
+                message = format!(
+                    "unknown template root `{root_name}` (did you mean `{best}`?); use one of {}, or a name from `vars`",
+                    ROOTS.join(", ")
+                );
             }
             return Err(TemplateError { offset: at, message });
         };
         let segments: Vec<String> = segments.map(str::to_string).collect();
-        if let Some(bad) = segments.iter().find(|s| s.is_empty() || !s.chars().all(|c| c.is_alphanumeric() || c == '_')) {
-            return Err(TemplateError { offset: at, message: format!("`{text}` is not a path (bad segment `{bad}`)") });
+        if let Some(bad) = segments
+            .iter()
+            .find(|s| s.is_empty() || !s.chars().all(|c| c.is_alphanumeric() || c == '_'))
+        {
+            return Err(TemplateError {
+                offset: at,
+                message: format!("`{text}` is not a path (bad segment `{bad}`)"),
+            });
         }
         alternatives.push(Alternative::Path(Path { root, segments }));
     }
-    Ok(Expr { source: body.to_string(), alternatives })
+    Ok(Expr {
+        source: body.to_string(),
+        alternatives,
+    })
 }
 
 fn quoted(text: &str) -> Option<&str> {
     let inner = text.strip_prefix('"').and_then(|t| t.strip_suffix('"'));
-    inner.or_else(|| text.strip_prefix('\'').and_then(|t| t.strip_suffix('\''))).filter(|_| text.len() >= 2)
+    inner
+        .or_else(|| text.strip_prefix('\'').and_then(|t| t.strip_suffix('\'')))
+        .filter(|_| text.len() >= 2)
 }
 
 /// A JSON value whose strings are templates (job data, log fields).
@@ -310,11 +351,18 @@ impl ValueTemplate {
         Ok(match value {
             Value::String(s) => {
                 let template = Template::parse(s, is_var)?;
-                if template.is_constant() { ValueTemplate::Literal(value.clone()) } else { ValueTemplate::Template(template) }
+                if template.is_constant() {
+                    ValueTemplate::Literal(value.clone())
+                } else {
+                    ValueTemplate::Template(template)
+                }
             }
-            Value::Array(items) => {
-                ValueTemplate::Array(items.iter().map(|v| ValueTemplate::parse(v, is_var)).collect::<Result<_, _>>()?)
-            }
+            Value::Array(items) => ValueTemplate::Array(
+                items
+                    .iter()
+                    .map(|v| ValueTemplate::parse(v, is_var))
+                    .collect::<Result<_, _>>()?,
+            ),
             Value::Object(map) => ValueTemplate::Object(
                 map.iter()
                     .map(|(k, v)| Ok((k.clone(), ValueTemplate::parse(v, is_var)?)))
@@ -329,9 +377,12 @@ impl ValueTemplate {
             ValueTemplate::Template(t) => t.render_value(ctx),
             ValueTemplate::Literal(v) => v.clone(),
             ValueTemplate::Array(items) => Value::Array(items.iter().map(|i| i.render(ctx)).collect()),
-            ValueTemplate::Object(entries) => {
-                Value::Object(entries.iter().map(|(k, v)| (k.clone(), v.render(ctx))).collect::<Map<_, _>>())
-            }
+            ValueTemplate::Object(entries) => Value::Object(
+                entries
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.render(ctx)))
+                    .collect::<Map<_, _>>(),
+            ),
         }
     }
 
@@ -378,8 +429,12 @@ mod tests {
 
     #[test]
     fn whole_value_keeps_its_json_type() {
-        render("{{event.Amount__c}}", |t, ctx| assert_eq!(t.render_value(ctx), json!(12.5)));
-        render("{{ event.Addr }}", |t, ctx| assert_eq!(t.render_value(ctx), json!({"City": "Osaka"})));
+        render("{{event.Amount__c}}", |t, ctx| {
+            assert_eq!(t.render_value(ctx), json!(12.5))
+        });
+        render("{{ event.Addr }}", |t, ctx| {
+            assert_eq!(t.render_value(ctx), json!({"City": "Osaka"}))
+        });
     }
 
     #[test]
@@ -394,8 +449,12 @@ mod tests {
 
     #[test]
     fn fallback_chain_skips_missing_and_null() {
-        render("{{event.Idempotency_Key__c ?? event_id}}", |t, ctx| assert_eq!(t.render_value(ctx), json!("ev-1")));
-        render("{{event.Nope ?? 'none'}}", |t, ctx| assert_eq!(t.render_value(ctx), json!("none")));
+        render("{{event.Idempotency_Key__c ?? event_id}}", |t, ctx| {
+            assert_eq!(t.render_value(ctx), json!("ev-1"))
+        });
+        render("{{event.Nope ?? 'none'}}", |t, ctx| {
+            assert_eq!(t.render_value(ctx), json!("none"))
+        });
     }
 
     #[test]

@@ -35,7 +35,11 @@ impl CacheSink {
                 let mut conn = conn.clone();
                 let redis_err = |e: redis::RedisError| SinkError::from_redis(&e);
                 if !keys.is_empty() {
-                    redis::cmd("UNLINK").arg(keys).query_async::<i64>(&mut conn).await.map_err(redis_err)?;
+                    redis::cmd("UNLINK")
+                        .arg(keys)
+                        .query_async::<i64>(&mut conn)
+                        .await
+                        .map_err(redis_err)?;
                 }
                 for pattern in patterns {
                     let mut cursor: u64 = 0;
@@ -50,7 +54,11 @@ impl CacheSink {
                             .await
                             .map_err(redis_err)?;
                         if !found.is_empty() {
-                            redis::cmd("UNLINK").arg(&found).query_async::<i64>(&mut conn).await.map_err(redis_err)?;
+                            redis::cmd("UNLINK")
+                                .arg(&found)
+                                .query_async::<i64>(&mut conn)
+                                .await
+                                .map_err(redis_err)?;
                         }
                         if next == 0 {
                             break;
@@ -59,14 +67,23 @@ impl CacheSink {
                     }
                 }
                 if let Some((channel, message)) = publish {
-                    redis::cmd("PUBLISH").arg(channel).arg(message).query_async::<i64>(&mut conn).await.map_err(redis_err)?;
+                    redis::cmd("PUBLISH")
+                        .arg(channel)
+                        .arg(message)
+                        .query_async::<i64>(&mut conn)
+                        .await
+                        .map_err(redis_err)?;
                 }
                 Ok(SinkOutcome::Done)
             }
             CacheSink::Memory(memory) => {
                 let lock = "memory backend lock is never poisoned";
                 memory.invalidated_keys.lock().expect(lock).extend(keys.iter().cloned());
-                memory.invalidated_patterns.lock().expect(lock).extend(patterns.iter().cloned());
+                memory
+                    .invalidated_patterns
+                    .lock()
+                    .expect(lock)
+                    .extend(patterns.iter().cloned());
                 if let Some(p) = publish {
                     memory.published.lock().expect(lock).push(p.clone());
                 }

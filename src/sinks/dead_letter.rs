@@ -39,7 +39,10 @@ pub enum DeadLetters {
 
 impl DeadLetters {
     pub fn redis(conn: ConnectionManager, key_prefix: &str) -> Self {
-        DeadLetters::Redis { conn, key: format!("{key_prefix}dead-letters") }
+        DeadLetters::Redis {
+            conn,
+            key: format!("{key_prefix}dead-letters"),
+        }
     }
 
     pub fn memory(memory: Arc<MemoryBackend>) -> Self {
@@ -65,7 +68,11 @@ impl DeadLetters {
                 Ok(())
             }
             DeadLetters::Memory(memory) => {
-                memory.dead_letters.lock().expect("memory backend lock is never poisoned").push(entry);
+                memory
+                    .dead_letters
+                    .lock()
+                    .expect("memory backend lock is never poisoned")
+                    .push(entry);
                 Ok(())
             }
         }

@@ -18,7 +18,11 @@ impl LogSink {
         cx: &ActionCx<'_>,
     ) -> Result<SinkOutcome, SinkError> {
         let record_id = action.record_id.as_deref().unwrap_or("");
-        let fields = if fields.is_empty() { String::new() } else { Value::Object(fields.clone()).to_string() };
+        let fields = if fields.is_empty() {
+            String::new()
+        } else {
+            Value::Object(fields.clone()).to_string()
+        };
         macro_rules! emit {
             ($level:ident) => {
                 tracing::$level!(

@@ -26,14 +26,25 @@ pub struct MemoryBackend {
 
 impl MemoryBackend {
     pub fn jobs(&self) -> Vec<MemoryJob> {
-        self.jobs.lock().expect("memory backend lock is never poisoned").values().cloned().collect()
+        self.jobs
+            .lock()
+            .expect("memory backend lock is never poisoned")
+            .values()
+            .cloned()
+            .collect()
     }
 
     pub fn dead_letters(&self) -> Vec<Value> {
-        self.dead_letters.lock().expect("memory backend lock is never poisoned").clone()
+        self.dead_letters
+            .lock()
+            .expect("memory backend lock is never poisoned")
+            .clone()
     }
 
     pub fn invalidated_keys(&self) -> Vec<String> {
-        self.invalidated_keys.lock().expect("memory backend lock is never poisoned").clone()
+        self.invalidated_keys
+            .lock()
+            .expect("memory backend lock is never poisoned")
+            .clone()
     }
 }

@@ -37,9 +37,16 @@ impl SinkError {
             || err.is_connection_refusal()
             || err.is_connection_dropped()
             || err.is_timeout()
-            || matches!(err.code(), Some("LOADING" | "BUSY" | "TRYAGAIN" | "MASTERDOWN" | "CLUSTERDOWN"))
+            || matches!(
+                err.code(),
+                Some("LOADING" | "BUSY" | "TRYAGAIN" | "MASTERDOWN" | "CLUSTERDOWN")
+            )
             || err.is_unrecoverable_error();
-        if transient { SinkError::Transient(err.to_string()) } else { SinkError::Permanent(err.to_string()) }
+        if transient {
+            SinkError::Transient(err.to_string())
+        } else {
+            SinkError::Permanent(err.to_string())
+        }
     }
 }
 
@@ -65,12 +72,26 @@ pub enum Sink {
 impl Sink {
     pub async fn run(&self, action: &Action, cx: &ActionCx<'_>) -> Result<SinkOutcome, SinkError> {
         match (self, &action.op) {
-            (Sink::Queue(s), Op::Enqueue { job_id, data, options, .. }) => s.enqueue(job_id, data, options).await,
-            (Sink::CacheInvalidate(s), Op::Invalidate { keys, patterns, publish }) => {
-                s.invalidate(keys, patterns, publish.as_ref()).await
-            }
+            (
+                Sink::Queue(s),
+                Op::Enqueue {
+                    job_id, data, options, ..
+                },
+            ) => s.enqueue(job_id, data, options).await,
+            (
+                Sink::CacheInvalidate(s),
+                Op::Invalidate {
+                    keys,
+                    patterns,
+                    publish,
+                },
+            ) => s.invalidate(keys, patterns, publish.as_ref()).await,
             (Sink::Log(s), Op::Log { level, message, fields }) => s.write(action, *level, message, fields, cx),
-            _ => Err(SinkError::Permanent(format!("sink `{}` cannot run a `{}` action", action.sink, op_name(&action.op)))),
+            _ => Err(SinkError::Permanent(format!(
+                "sink `{}` cannot run a `{}` action",
+                action.sink,
+                op_name(&action.op)
+            ))),
         }
     }
 }
@@ -98,7 +119,11 @@ pub enum BuildError {
     #[error("cannot connect to Redis at {url}: {source}")]
     Redis { url: String, source: redis::RedisError },
     #[error("cannot open BullMQ queue `{queue}` for sink `{sink}`: {message}")]
-    Queue { sink: String, queue: String, message: String },
+    Queue {
+        sink: String,
+        queue: String,
+        message: String,
+    },
 }
 
 impl Sinks {
@@ -106,11 +131,17 @@ impl Sinks {
     pub async fn build(config: &Config) -> Result<Sinks, BuildError> {
         let redis = match &config.redis {
             Some(r) => {
-                let client = redis::Client::open(r.url.as_str()).map_err(|source| BuildError::Redis { url: redact_url(&r.url), source })?;
+                let client = redis::Client::open(r.url.as_str()).map_err(|source| BuildError::Redis {
+                    url: redact_url(&r.url),
+                    source,
+                })?;
                 let manager = client
                     .get_connection_manager()
                     .await
-                    .map_err(|source| BuildError::Redis { url: redact_url(&r.url), source })?;
+                    .map_err(|source| BuildError::Redis {
+                        url: redact_url(&r.url),
+                        source,
+                    })?;
                 Some((r, manager))
             }
             None => None,
@@ -138,7 +169,11 @@ impl Sinks {
             (None, Some(m)) => DeadLetters::memory(m.clone()),
             (None, None) => unreachable!("memory is set whenever redis is not"),
         };
-        Ok(Sinks { by_name, dead_letters, memory })
+        Ok(Sinks {
+            by_name,
+            dead_letters,
+            memory,
+        })
     }
 }
 
@@ -148,7 +183,13 @@ pub fn redact_url(url: &str) -> String {
         (Some(scheme), Some(at)) if at > scheme => {
             let userinfo = &url[scheme + 3..at];
             let user = userinfo.split(':').next().unwrap_or_default();
-            format!("{}://{}{}{}", &url[..scheme], user, if userinfo.contains(':') { ":***" } else { "" }, &url[at..])
+            format!(
+                "{}://{}{}{}",
+                &url[..scheme],
+                user,
+                if userinfo.contains(':') { ":***" } else { "" },
+                &url[at..]
+            )
         }
         _ => url.to_string(),
     }
@@ -158,7 +199,10 @@ pub fn redact_url(url: &str) -> String {
 mod tests {
     #[test]
     fn redis_passwords_never_reach_messages() {
-        assert_eq!(super::redact_url("redis://user:s3cret@host:6379/0"), "redis://user:***@host:6379/0");
+        assert_eq!(
+            super::redact_url("redis://user:s3cret@host:6379/0"),
+            "redis://user:***@host:6379/0"
+        );
         assert_eq!(super::redact_url("redis://:s3cret@host"), "redis://:***@host");
         assert_eq!(super::redact_url("redis://host:6379"), "redis://host:6379");
     }

@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use super::{BuildError, MemoryBackend, SinkError, SinkOutcome};
 use super::memory::MemoryJob;
+use super::{BuildError, MemoryBackend, SinkError, SinkOutcome};
 use crate::config::{BackoffKind, JobOptions, QueueSinkConfig};
 
 pub struct QueueSink {
@@ -26,11 +26,13 @@ impl QueueSink {
         let options = bullmq::QueueOptions::new()
             .connection(bullmq::options::RedisConnectionOptions::new().url(url))
             .prefix(config.prefix.clone());
-        let queue = bullmq::Queue::with_options(&config.queue, options).await.map_err(|e| BuildError::Queue {
-            sink: sink.to_string(),
-            queue: config.queue.clone(),
-            message: super::redact_url(&e.to_string()),
-        })?;
+        let queue = bullmq::Queue::with_options(&config.queue, options)
+            .await
+            .map_err(|e| BuildError::Queue {
+                sink: sink.to_string(),
+                queue: config.queue.clone(),
+                message: super::redact_url(&e.to_string()),
+            })?;
         Ok(QueueSink {
             queue_name: config.queue.clone(),
             job_name: config.job_name.clone(),
@@ -83,12 +85,13 @@ impl QueueSink {
             }
             Backend::Memory(memory) => {
                 let mut jobs = memory.jobs.lock().expect("memory backend lock is never poisoned");
-                jobs.entry((self.queue_name.clone(), job_id.to_string())).or_insert_with(|| MemoryJob {
-                    queue: self.queue_name.clone(),
-                    name: self.job_name.clone(),
-                    id: job_id.to_string(),
-                    data: data.clone(),
-                });
+                jobs.entry((self.queue_name.clone(), job_id.to_string()))
+                    .or_insert_with(|| MemoryJob {
+                        queue: self.queue_name.clone(),
+                        name: self.job_name.clone(),
+                        id: job_id.to_string(),
+                        data: data.clone(),
+                    });
                 Ok(SinkOutcome::Done)
             }
         }

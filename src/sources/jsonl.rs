@@ -24,7 +24,11 @@ pub struct JsonlSource {
 impl JsonlSource {
     pub async fn file(path: &Path, follow: bool) -> std::io::Result<JsonlSource> {
         let file = tokio::fs::File::open(path).await?;
-        Ok(Self::new(path.display().to_string(), Box::new(BufReader::new(file)), follow))
+        Ok(Self::new(
+            path.display().to_string(),
+            Box::new(BufReader::new(file)),
+            follow,
+        ))
     }
 
     pub fn stdin() -> JsonlSource {
@@ -36,7 +40,13 @@ impl JsonlSource {
     }
 
     fn new(name: String, reader: Box<dyn AsyncBufRead + Unpin + Send>, follow: bool) -> Self {
-        JsonlSource { name, reader, follow, line: 0, pending: String::new() }
+        JsonlSource {
+            name,
+            reader,
+            follow,
+            line: 0,
+            pending: String::new(),
+        }
     }
 
     /// The next delivery; `None` at the end of the input (never, when following).
@@ -50,7 +60,11 @@ impl JsonlSource {
                 Err(e) => {
                     self.line += 1;
                     let position = format!("{}:{}", self.name, self.line);
-                    return Some(Delivery::Malformed { position, raw: String::new(), error: format!("unreadable line: {e}") });
+                    return Some(Delivery::Malformed {
+                        position,
+                        raw: String::new(),
+                        error: format!("unreadable line: {e}"),
+                    });
                 }
             };
             self.pending.push_str(&chunk);
@@ -83,11 +97,22 @@ impl JsonlSource {
         let text = raw.trim_end_matches(['\n', '\r']);
         if text.len() > MAX_LINE_BYTES {
             let error = format!("line of {} bytes is over the {MAX_LINE_BYTES}-byte limit", text.len());
-            return Delivery::Malformed { position, raw: text.chars().take(1024).collect(), error };
+            return Delivery::Malformed {
+                position,
+                raw: text.chars().take(1024).collect(),
+                error,
+            };
         }
         match Event::from_json(text) {
-            Ok(event) => Delivery::Event { event, position },
-            Err(e) => Delivery::Malformed { position, raw: text.to_string(), error: e.to_string() },
+            Ok(event) => Delivery::Event {
+                event: Box::new(event),
+                position,
+            },
+            Err(e) => Delivery::Malformed {
+                position,
+                raw: text.to_string(),
+                error: e.to_string(),
+            },
         }
     }
 }
@@ -107,7 +132,9 @@ mod tests {
             Some(Delivery::Malformed { position, .. }) => assert_eq!(position, "events.jsonl:3"),
             other => panic!("expected a malformed line, got {other:?}"),
         }
-        assert!(matches!(source.next().await, Some(Delivery::Event { event, position }) if event.id == "b" && position == "events.jsonl:4"));
+        assert!(
+            matches!(source.next().await, Some(Delivery::Event { event, position }) if event.id == "b" && position == "events.jsonl:4")
+        );
         assert!(source.next().await.is_none());
     }
 }

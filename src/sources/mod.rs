@@ -8,7 +8,11 @@ use crate::event::Event;
 #[derive(Debug)]
 pub enum Delivery {
     /// A decoded event; `position` says where it came from (e.g. `events.jsonl:12`).
-    Event { event: Event, position: String },
+    Event { event: Box<Event>, position: String },
     /// Input that is not an event: it is counted, logged and dead-lettered, and the stream goes on.
-    Malformed { position: String, raw: String, error: String },
+    Malformed {
+        position: String,
+        raw: String,
+        error: String,
+    },
 }

@@ -1,0 +1,238 @@
+//! Test harness: runs the real pipeline against the real Redis at `REDIS_URL` (default
+//! `redis://127.0.0.1:6379`), each test on its own BullMQ prefix, key prefix and order ids.
+#![allow(dead_code)]
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde_json::{Value, json};
+use switchyard::config::LoadedConfig;
+use switchyard::pipeline::Stats;
+use switchyard::service::Service;
+use tokio::sync::watch;
+
+pub fn redis_url() -> String {
+    std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A tracing writer that keeps everything for assertions.
+#[derive(Clone, Default)]
+pub struct Logs(Arc<Mutex<Vec<u8>>>);
+
+impl Logs {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+impl Write for Logs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+pub struct Harness {
+    pub name: String,
+    /// Unique per test and per run: order ids, BullMQ prefix and key prefix derive from it.
+    pub tag: String,
+    pub dir: tempfile::TempDir,
+    pub logs: Logs,
+    _guard: tracing::subscriber::DefaultGuard,
+}
+
+impl Harness {
+    pub fn new(name: &str) -> Harness {
+        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos();
+        let tag = format!("{:x}", (nanos as u64) ^ (std::process::id() as u64) << 40 ^ hash(name));
+        let logs = Logs::default();
+        let writer = logs.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .with_max_level(tracing::Level::DEBUG)
+            .finish();
+        let guard = tracing::subscriber::set_default(subscriber);
+        Harness {
+            name: name.into(),
+            tag,
+            dir: tempfile::tempdir().unwrap(),
+            logs,
+            _guard: guard,
+        }
+    }
+
+    /// An 18-character Salesforce-style Order id unique to this test run.
+    pub fn order(&self, n: u32) -> String {
+        let t: String = self.tag.chars().rev().take(10).collect();
+        format!("801{t:0>10}{n:02}AAA")
+    }
+
+    pub fn account(&self, n: u32) -> String {
+        let t: String = self.tag.chars().rev().take(10).collect();
+        format!("001{t:0>10}{n:02}AAA")
+    }
+
+    pub fn bull_prefix(&self) -> String {
+        format!("sytest-{}", self.tag)
+    }
+
+    pub fn key_prefix(&self) -> String {
+        format!("sytest:{}:", self.tag)
+    }
+
+    /// A config using Redis and the shipped rules; `extra` is appended (e.g. `mode: platform-event`).
+    pub fn config(&self, events: &Path, extra: &str) -> String {
+        format!(
+            "source:\n  kind: jsonl\n  jsonl: {{ path: {events} }}\nrules: [{rules}]\nredis: {{ url: \"{url}\", key_prefix: \"{kp}\" }}\n\
+             sinks:\n  enqueue-provisioning: {{ kind: queue, queue: provisioning, job_name: provision-order, prefix: {bp} }}\n  \
+             invalidate-cache: {{ kind: cache-invalidate }}\n  log: {{ kind: log }}\n{extra}",
+            events = events.display(),
+            rules = repo().join("rules").display(),
+            url = redis_url(),
+            kp = self.key_prefix(),
+            bp = self.bull_prefix(),
+        )
+    }
+
+    pub fn write_events(&self, name: &str, events: &[Value]) -> PathBuf {
+        let path = self.dir.path().join(name);
+        let text: String = events.iter().map(|e| format!("{e}\n")).collect();
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    /// Runs the whole pipeline (config, rules, Redis sinks) over `events` to the end of the file.
+    pub async fn run(&self, events: &[Value]) -> Stats {
+        self.run_with(events, "").await
+    }
+
+    pub async fn run_with(&self, events: &[Value], extra: &str) -> Stats {
+        let path = self.write_events("events.jsonl", events);
+        self.run_file(&path, extra).await
+    }
+
+    pub async fn run_file(&self, path: &Path, extra: &str) -> Stats {
+        let config_path = self.dir.path().join("config.yaml");
+        let text = self.config(path, extra);
+        let loaded = LoadedConfig::parse(&config_path, &text, &|_| None).unwrap_or_else(|e| panic!("config: {e}"));
+        let service = Service::start(loaded, false)
+            .await
+            .unwrap_or_else(|e| panic!("start: {e}"));
+        let (_stop, shutdown) = watch::channel(false);
+        service.run(shutdown).await.unwrap()
+    }
+
+    pub async fn redis(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(redis_url())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap()
+    }
+
+    /// Every job in the provisioning queue: (job id, name, data), in the order they were added.
+    pub async fn jobs(&self) -> Vec<(String, String, Value)> {
+        let options = bullmq::QueueOptions::new()
+            .connection(bullmq::options::RedisConnectionOptions::new().url(redis_url()))
+            .prefix(self.bull_prefix());
+        let queue = bullmq::Queue::with_options("provisioning", options).await.unwrap();
+        let jobs = queue.get_waiting(0, -1).await.unwrap();
+        jobs.iter()
+            .map(|j| (j.id().to_string(), j.name().to_string(), j.data().clone()))
+            .collect()
+    }
+
+    pub async fn set_key(&self, key: &str) {
+        let mut conn = self.redis().await;
+        let _: () = redis::cmd("SET")
+            .arg(key)
+            .arg("cached")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+
+    pub async fn key_exists(&self, key: &str) -> bool {
+        let mut conn = self.redis().await;
+        redis::cmd("EXISTS")
+            .arg(key)
+            .query_async::<i64>(&mut conn)
+            .await
+            .unwrap()
+            == 1
+    }
+
+    pub async fn dead_letters(&self) -> Vec<Value> {
+        let mut conn = self.redis().await;
+        let entries: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
+            .arg(format!("{}dead-letters", self.key_prefix()))
+            .arg("-")
+            .arg("+")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        entries
+            .into_iter()
+            .map(|(_, f)| serde_json::from_str(&f[0].1).unwrap())
+            .collect()
+    }
+
+    /// A CDC UPDATE on Orders, as the Pub/Sub source would deliver it.
+    pub fn change(&self, tx: &str, ids: &[String], changed: &[&str], fields: Value, record: Value) -> Value {
+        json!({
+            "id": format!("{tx}-{}:1", self.tag), "channel": "/data/OrderChangeEvent", "kind": "change",
+            "replay_id": "00000000000003e8",
+            "header": {"entity": "Order", "change_type": "UPDATE", "record_ids": ids, "changed_fields": changed,
+                       "nulled_fields": [], "diff_fields": [], "change_origin": "com/salesforce/api/rest/62.0",
+                       "transaction_key": format!("{tx}-{}", self.tag), "sequence_number": 1,
+                       "commit_timestamp": 1764230400000u64 + hash(tx) % 100_000, "commit_number": 42,
+                       "commit_user": "005xx0000000001AAA"},
+            "fields": fields, "record": record
+        })
+    }
+
+    /// The approval Flow's change: Status (when given) and Activation_Status__c = Activating.
+    pub fn approval(&self, tx: &str, ids: &[String], status: Option<&str>, record: Value) -> Value {
+        let mut changed = vec![
+            "Activation_Status__c",
+            "Activation_Error_Code__c",
+            "Activation_Error_Message__c",
+            "LastModifiedDate",
+        ];
+        let mut fields = json!({"Activation_Status__c": "Activating", "Activation_Error_Code__c": null,
+                                "Activation_Error_Message__c": null, "LastModifiedDate": 1764230400000u64});
+        if let Some(status) = status {
+            changed.insert(0, "Status");
+            fields["Status"] = json!(status);
+        }
+        self.change(tx, ids, &changed, fields, record)
+    }
+
+    /// The enrichment record map: order id -> fields (`null` = not found).
+    pub fn record(&self, n: u32, whmcs: Option<&str>) -> (String, Value) {
+        (
+            self.order(n),
+            json!({"WHMCS_Order_ID__c": whmcs, "AccountId": self.account(n)}),
+        )
+    }
+}
+
+pub fn hash(s: &str) -> u64 {
+    s.bytes()
+        .fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3))
+}
+
+/// Builds a `record` map from pairs.
+pub fn records(pairs: &[(String, Value)]) -> Value {
+    Value::Object(pairs.iter().cloned().collect())
+}
