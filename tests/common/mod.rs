@@ -92,12 +92,17 @@ impl Harness {
 
     /// A config using Redis and the shipped rules; `extra` is appended (e.g. `mode: platform-event`).
     pub fn config(&self, events: &Path, extra: &str) -> String {
+        self.config_with_rules(events, &repo().join("rules"), extra)
+    }
+
+    /// Like `config`, with the given rules file or folder.
+    pub fn config_with_rules(&self, events: &Path, rules: &Path, extra: &str) -> String {
         format!(
             "source:\n  kind: jsonl\n  jsonl: {{ path: {events} }}\nrules: [{rules}]\nredis: {{ url: \"{url}\", key_prefix: \"{kp}\" }}\n\
              sinks:\n  enqueue-provisioning: {{ kind: queue, queue: provisioning, job_name: provision-order, prefix: {bp} }}\n  \
              invalidate-cache: {{ kind: cache-invalidate }}\n  log: {{ kind: log }}\n{extra}",
             events = events.display(),
-            rules = repo().join("rules").display(),
+            rules = rules.display(),
             url = redis_url(),
             kp = self.key_prefix(),
             bp = self.bull_prefix(),
@@ -122,9 +127,20 @@ impl Harness {
     }
 
     pub async fn run_file(&self, path: &Path, extra: &str) -> Stats {
+        self.run_config(&self.config(path, extra)).await
+    }
+
+    /// Writes `rules` as this test's rules file and runs `events` through them.
+    pub async fn run_rules(&self, rules: &str, events: &[Value], extra: &str) -> Stats {
+        let rules_path = self.dir.path().join("rules.yaml");
+        std::fs::write(&rules_path, rules).unwrap();
+        let events = self.write_events("events.jsonl", events);
+        self.run_config(&self.config_with_rules(&events, &rules_path, extra)).await
+    }
+
+    pub async fn run_config(&self, text: &str) -> Stats {
         let config_path = self.dir.path().join("config.yaml");
-        let text = self.config(path, extra);
-        let loaded = LoadedConfig::parse(&config_path, &text, &|_| None).unwrap_or_else(|e| panic!("config: {e}"));
+        let loaded = LoadedConfig::parse(&config_path, text, &|_| None).unwrap_or_else(|e| panic!("config: {e}"));
         let service = Service::start(loaded, false)
             .await
             .unwrap_or_else(|e| panic!("start: {e}"));

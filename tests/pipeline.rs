@@ -1,0 +1,187 @@
+//! Pipeline behaviour beyond the order checklist: shadow routes, failing predicates, cache patterns and
+//! publish, unmatched policy, the HTTP listener. Real Redis, each test on its own prefixes.
+
+mod common;
+
+use common::{Harness, records};
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+#[tokio::test]
+async fn shadow_route_records_its_actions_and_calls_no_sink() {
+    let h = Harness::new("shadow");
+    let rules = r#"
+version: 1
+routes:
+  - name: provision-shadow
+    channel: orders
+    shadow: true
+    when: became("Activation_Status__c", "Activating")
+    then:
+      - sink: enqueue-provisioning
+        job: { sfOrderId: "{{record_id}}" }
+        idempotency_key: "shadow-{{record_id}}"
+"#;
+    let id = h.order(1);
+    let stats = h.run_rules(rules, &[h.approval("a", std::slice::from_ref(&id), None, json!({}))], "").await;
+    assert_eq!(stats.shadow, 1);
+    assert!(h.jobs().await.is_empty(), "a shadow route never enqueues");
+    assert!(h.logs.text().contains("Shadow route action recorded"), "{}", h.logs.text());
+}
+
+#[tokio::test]
+async fn a_predicate_that_fails_at_run_time_dead_letters_that_route_only() {
+    let h = Harness::new("runtime_error");
+    let rules = r#"
+version: 1
+routes:
+  - name: broken
+    channel: orders
+    when: event.Status.len() > 3 && no_such_function()
+    then:
+      - sink: log
+        message: never
+  - name: provision
+    channel: orders
+    when: became("Activation_Status__c", "Activating")
+    then:
+      - sink: enqueue-provisioning
+        job: { sfOrderId: "{{record_id}}" }
+        idempotency_key: "k-{{record_id}}"
+"#;
+    let id = h.order(1);
+    let stats = h.run_rules(rules, &[h.approval("a", std::slice::from_ref(&id), Some("Approved"), json!({}))], "").await;
+    assert_eq!(h.jobs().await.len(), 1, "the other route still fires");
+    assert_eq!(stats.dead_letters, 1);
+    let letters = h.dead_letters().await;
+    let reason = letters[0]["reason"].as_str().unwrap();
+    assert!(reason.contains("route `broken` failed") && reason.contains("no_such_function"), "{reason}");
+    assert_eq!(letters[0]["route"], "broken");
+    assert_eq!(letters[0]["record_id"], json!(id));
+    assert!(letters[0]["rules_version"].as_str().is_some_and(|v| v.len() == 12));
+    assert_eq!(letters[0]["event"]["id"], h.approval("a", &[id], None, json!({}))["id"]);
+}
+
+#[tokio::test]
+async fn a_predicate_that_is_not_boolean_fails_the_route_with_a_clear_reason() {
+    let h = Harness::new("non_boolean");
+    let rules = "version: 1\nroutes:\n  - name: status-only\n    channel: orders\n    when: event.Status\n    then:\n      - sink: log\n        message: x\n";
+    h.run_rules(rules, &[h.approval("a", &[h.order(1)], Some("Approved"), json!({}))], "").await;
+    let letters = h.dead_letters().await;
+    assert!(letters[0]["reason"].as_str().unwrap().contains("the predicate returned a string, not true or false"), "{letters:?}");
+}
+
+#[tokio::test]
+async fn enrichment_missing_from_the_recording_dead_letters_the_route() {
+    let h = Harness::new("missing_enrichment");
+    let id = h.order(1);
+    // The recorded event carries no `record` entry for the order: the route cannot decide, so it fails
+    // loudly instead of guessing "not found".
+    h.run(&[h.approval("a", std::slice::from_ref(&id), Some("Approved"), json!({}))]).await;
+    assert!(h.jobs().await.is_empty());
+    let letters = h.dead_letters().await;
+    assert!(!letters.is_empty());
+    assert!(letters.iter().all(|l| l["reason"].as_str().unwrap().contains("no recorded `record` entry")), "{letters:?}");
+}
+
+#[tokio::test]
+async fn cache_patterns_are_scanned_and_a_message_is_published() {
+    let h = Harness::new("patterns");
+    let id = h.order(1);
+    let rules = r#"
+version: 1
+routes:
+  - name: invalidate
+    channel: orders
+    when: changed("Status")
+    then:
+      - sink: invalidate-cache
+        keys: ["orders:detail:{{record_id}}", "orders:missing:{{event.Nope}}"]
+        patterns: ["orders:list:{{record_id}}:*"]
+        publish: { channel: "orders:invalidated:{{record_id}}", message: "{{record_id}}" }
+"#;
+    for key in ["detail", "list"] {
+        for page in 0..3 {
+            h.set_key(&format!("orders:{key}:{id}:{page}")).await;
+        }
+    }
+    h.set_key(&format!("orders:detail:{id}")).await;
+    let keep = format!("orders:list:{id}x:0");
+    h.set_key(&keep).await;
+
+    let client = redis::Client::open(common::redis_url()).unwrap();
+    let mut pubsub = client.get_async_pubsub().await.unwrap();
+    pubsub.subscribe(format!("orders:invalidated:{id}")).await.unwrap();
+
+    h.run_rules(rules, &[h.change("s", std::slice::from_ref(&id), &["Status"], json!({"Status": "Completed"}), json!({}))], "").await;
+    assert!(!h.key_exists(&format!("orders:detail:{id}")).await);
+    for page in 0..3 {
+        assert!(!h.key_exists(&format!("orders:list:{id}:{page}")).await);
+        assert!(h.key_exists(&format!("orders:detail:{id}:{page}")).await, "only the pattern's keys go");
+    }
+    assert!(h.key_exists(&keep).await);
+    let message = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+        use futures_util::StreamExt;
+        pubsub.on_message().next().await.unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(message.get_payload::<String>().unwrap(), id);
+    assert!(h.logs.text().contains("Cache key skipped"), "a key with a missing part is skipped and logged at debug");
+}
+
+#[tokio::test]
+async fn unmatched_events_can_be_dead_lettered() {
+    let h = Harness::new("unmatched");
+    let event = h.change("x", &[h.order(1)], &["LastModifiedDate"], json!({}), json!({}));
+    let stats = h.run_with(&[event], "on_unmatched: dead-letter\n").await;
+    assert_eq!(stats.unmatched, 1);
+    assert_eq!(h.dead_letters().await[0]["reason"], "no route matched the event (on_unmatched: dead-letter)");
+}
+
+async fn http_get(addr: &str, path: &str) -> String {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes()).await.unwrap();
+    let mut body = String::new();
+    stream.read_to_string(&mut body).await.unwrap();
+    body
+}
+
+#[tokio::test]
+async fn healthz_and_metrics_are_served_while_running() {
+    let h = Harness::new("http");
+    // A followed file never ends, so the service keeps running while we scrape it.
+    let id = h.order(1);
+    let events = h.write_events("events.jsonl", &[h.approval("a", std::slice::from_ref(&id), None, records(&[h.record(1, None)]))]);
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let text = h.config(&events, &format!("http: {{ listen: \"127.0.0.1:{port}\" }}\n")).replace("jsonl: {", "jsonl: { follow: true,");
+    let loaded = switchyard::config::LoadedConfig::parse(&h.dir.path().join("c.yaml"), &text, &|_| None).unwrap();
+    switchyard::metrics::install();
+    let service = switchyard::service::Service::start(loaded, false).await.unwrap();
+    let (stop, shutdown) = tokio::sync::watch::channel(false);
+    let running = tokio::spawn(async move { service.run(shutdown).await.map(|s| s.events) });
+    let addr = format!("127.0.0.1:{port}");
+    let mut metrics = String::new();
+    for _ in 0..100 {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        if tokio::net::TcpStream::connect(&addr).await.is_err() {
+            continue;
+        }
+        metrics = http_get(&addr, "/metrics").await;
+        if metrics.contains("switchyard_sink_calls_total") {
+            break;
+        }
+    }
+    let health = http_get(&addr, "/healthz").await;
+    assert!(health.contains("\"status\":\"ok\"") && health.contains("\"rules_version\""), "{health}");
+    assert!(metrics.contains("switchyard_events_total{channel=\"/data/OrderChangeEvent\"}"), "{metrics}");
+    assert!(metrics.contains("switchyard_sink_calls_total{sink=\"enqueue-provisioning\",result=\"ok\"}"), "{metrics}");
+    assert!(metrics.contains("switchyard_route_matched_total{route=\"provision-on-activating\"}"), "{metrics}");
+    stop.send(true).unwrap();
+    let events = tokio::time::timeout(std::time::Duration::from_secs(5), running).await.unwrap().unwrap().unwrap();
+    assert_eq!(events, 1);
+    assert_eq!(h.jobs().await.len(), 1);
+}
