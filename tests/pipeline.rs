@@ -23,10 +23,20 @@ routes:
         idempotency_key: "shadow-{{record_id}}"
 "#;
     let id = h.order(1);
-    let stats = h.run_rules(rules, &[h.approval("a", std::slice::from_ref(&id), None, json!({}))], "").await;
+    let stats = h
+        .run_rules(
+            rules,
+            &[h.approval("a", std::slice::from_ref(&id), None, json!({}))],
+            "",
+        )
+        .await;
     assert_eq!(stats.shadow, 1);
     assert!(h.jobs().await.is_empty(), "a shadow route never enqueues");
-    assert!(h.logs.text().contains("Shadow route action recorded"), "{}", h.logs.text());
+    assert!(
+        h.logs.text().contains("Shadow route action recorded"),
+        "{}",
+        h.logs.text()
+    );
 }
 
 #[tokio::test]
@@ -50,12 +60,21 @@ routes:
         idempotency_key: "k-{{record_id}}"
 "#;
     let id = h.order(1);
-    let stats = h.run_rules(rules, &[h.approval("a", std::slice::from_ref(&id), Some("Approved"), json!({}))], "").await;
+    let stats = h
+        .run_rules(
+            rules,
+            &[h.approval("a", std::slice::from_ref(&id), Some("Approved"), json!({}))],
+            "",
+        )
+        .await;
     assert_eq!(h.jobs().await.len(), 1, "the other route still fires");
     assert_eq!(stats.dead_letters, 1);
     let letters = h.dead_letters().await;
     let reason = letters[0]["reason"].as_str().unwrap();
-    assert!(reason.contains("route `broken` failed") && reason.contains("no_such_function"), "{reason}");
+    assert!(
+        reason.contains("route `broken` failed") && reason.contains("no_such_function"),
+        "{reason}"
+    );
     assert_eq!(letters[0]["route"], "broken");
     assert_eq!(letters[0]["record_id"], json!(id));
     assert!(letters[0]["rules_version"].as_str().is_some_and(|v| v.len() == 12));
@@ -66,9 +85,20 @@ routes:
 async fn a_predicate_that_is_not_boolean_fails_the_route_with_a_clear_reason() {
     let h = Harness::new("non_boolean");
     let rules = "version: 1\nroutes:\n  - name: status-only\n    channel: orders\n    when: event.Status\n    then:\n      - sink: log\n        message: x\n";
-    h.run_rules(rules, &[h.approval("a", &[h.order(1)], Some("Approved"), json!({}))], "").await;
+    h.run_rules(
+        rules,
+        &[h.approval("a", &[h.order(1)], Some("Approved"), json!({}))],
+        "",
+    )
+    .await;
     let letters = h.dead_letters().await;
-    assert!(letters[0]["reason"].as_str().unwrap().contains("the predicate returned a string, not true or false"), "{letters:?}");
+    assert!(
+        letters[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("the predicate returned a string, not true or false"),
+        "{letters:?}"
+    );
 }
 
 #[tokio::test]
@@ -77,11 +107,17 @@ async fn enrichment_missing_from_the_recording_dead_letters_the_route() {
     let id = h.order(1);
     // The recorded event carries no `record` entry for the order: the route cannot decide, so it fails
     // loudly instead of guessing "not found".
-    h.run(&[h.approval("a", std::slice::from_ref(&id), Some("Approved"), json!({}))]).await;
+    h.run(&[h.approval("a", std::slice::from_ref(&id), Some("Approved"), json!({}))])
+        .await;
     assert!(h.jobs().await.is_empty());
     let letters = h.dead_letters().await;
     assert!(!letters.is_empty());
-    assert!(letters.iter().all(|l| l["reason"].as_str().unwrap().contains("no recorded `record` entry")), "{letters:?}");
+    assert!(
+        letters
+            .iter()
+            .all(|l| l["reason"].as_str().unwrap().contains("no recorded `record` entry")),
+        "{letters:?}"
+    );
 }
 
 #[tokio::test]
@@ -113,11 +149,25 @@ routes:
     let mut pubsub = client.get_async_pubsub().await.unwrap();
     pubsub.subscribe(format!("orders:invalidated:{id}")).await.unwrap();
 
-    h.run_rules(rules, &[h.change("s", std::slice::from_ref(&id), &["Status"], json!({"Status": "Completed"}), json!({}))], "").await;
+    h.run_rules(
+        rules,
+        &[h.change(
+            "s",
+            std::slice::from_ref(&id),
+            &["Status"],
+            json!({"Status": "Completed"}),
+            json!({}),
+        )],
+        "",
+    )
+    .await;
     assert!(!h.key_exists(&format!("orders:detail:{id}")).await);
     for page in 0..3 {
         assert!(!h.key_exists(&format!("orders:list:{id}:{page}")).await);
-        assert!(h.key_exists(&format!("orders:detail:{id}:{page}")).await, "only the pattern's keys go");
+        assert!(
+            h.key_exists(&format!("orders:detail:{id}:{page}")).await,
+            "only the pattern's keys go"
+        );
     }
     assert!(h.key_exists(&keep).await);
     let message = tokio::time::timeout(std::time::Duration::from_secs(5), async {
@@ -127,7 +177,10 @@ routes:
     .await
     .unwrap();
     assert_eq!(message.get_payload::<String>().unwrap(), id);
-    assert!(h.logs.text().contains("Cache key skipped"), "a key with a missing part is skipped and logged at debug");
+    assert!(
+        h.logs.text().contains("Cache key skipped"),
+        "a key with a missing part is skipped and logged at debug"
+    );
 }
 
 #[tokio::test]
@@ -136,12 +189,18 @@ async fn unmatched_events_can_be_dead_lettered() {
     let event = h.change("x", &[h.order(1)], &["LastModifiedDate"], json!({}), json!({}));
     let stats = h.run_with(&[event], "on_unmatched: dead-letter\n").await;
     assert_eq!(stats.unmatched, 1);
-    assert_eq!(h.dead_letters().await[0]["reason"], "no route matched the event (on_unmatched: dead-letter)");
+    assert_eq!(
+        h.dead_letters().await[0]["reason"],
+        "no route matched the event (on_unmatched: dead-letter)"
+    );
 }
 
 async fn http_get(addr: &str, path: &str) -> String {
     let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    stream.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes()).await.unwrap();
+    stream
+        .write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
     let mut body = String::new();
     stream.read_to_string(&mut body).await.unwrap();
     body
@@ -152,12 +211,17 @@ async fn healthz_and_metrics_are_served_while_running() {
     let h = Harness::new("http");
     // A followed file never ends, so the service keeps running while we scrape it.
     let id = h.order(1);
-    let events = h.write_events("events.jsonl", &[h.approval("a", std::slice::from_ref(&id), None, records(&[h.record(1, None)]))]);
+    let events = h.write_events(
+        "events.jsonl",
+        &[h.approval("a", std::slice::from_ref(&id), None, records(&[h.record(1, None)]))],
+    );
     let port = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap().port()
     };
-    let text = h.config(&events, &format!("http: {{ listen: \"127.0.0.1:{port}\" }}\n")).replace("jsonl: {", "jsonl: { follow: true,");
+    let text = h
+        .config(&events, &format!("http: {{ listen: \"127.0.0.1:{port}\" }}\n"))
+        .replace("jsonl: {", "jsonl: { follow: true,");
     let loaded = switchyard::config::LoadedConfig::parse(&h.dir.path().join("c.yaml"), &text, &|_| None).unwrap();
     switchyard::metrics::install();
     let service = switchyard::service::Service::start(loaded, false).await.unwrap();
@@ -176,12 +240,28 @@ async fn healthz_and_metrics_are_served_while_running() {
         }
     }
     let health = http_get(&addr, "/healthz").await;
-    assert!(health.contains("\"status\":\"ok\"") && health.contains("\"rules_version\""), "{health}");
-    assert!(metrics.contains("switchyard_events_total{channel=\"/data/OrderChangeEvent\"}"), "{metrics}");
-    assert!(metrics.contains("switchyard_sink_calls_total{sink=\"enqueue-provisioning\",result=\"ok\"}"), "{metrics}");
-    assert!(metrics.contains("switchyard_route_matched_total{route=\"provision-on-activating\"}"), "{metrics}");
+    assert!(
+        health.contains("\"status\":\"ok\"") && health.contains("\"rules_version\""),
+        "{health}"
+    );
+    assert!(
+        metrics.contains("switchyard_events_total{channel=\"/data/OrderChangeEvent\"}"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("switchyard_sink_calls_total{sink=\"enqueue-provisioning\",result=\"ok\"}"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("switchyard_route_matched_total{route=\"provision-on-activating\"}"),
+        "{metrics}"
+    );
     stop.send(true).unwrap();
-    let events = tokio::time::timeout(std::time::Duration::from_secs(5), running).await.unwrap().unwrap().unwrap();
+    let events = tokio::time::timeout(std::time::Duration::from_secs(5), running)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
     assert_eq!(events, 1);
     assert_eq!(h.jobs().await.len(), 1);
 }

@@ -135,7 +135,8 @@ impl Harness {
         let rules_path = self.dir.path().join("rules.yaml");
         std::fs::write(&rules_path, rules).unwrap();
         let events = self.write_events("events.jsonl", events);
-        self.run_config(&self.config_with_rules(&events, &rules_path, extra)).await
+        self.run_config(&self.config_with_rules(&events, &rules_path, extra))
+            .await
     }
 
     pub async fn run_config(&self, text: &str) -> Stats {
