@@ -8,6 +8,7 @@ pub mod cli;
 pub mod config;
 pub mod diag;
 pub mod dispatch;
+pub mod emulator;
 pub mod enrich;
 pub mod event;
 pub mod http;

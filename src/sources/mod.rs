@@ -1,6 +1,7 @@
 //! Sources yield deliveries in order. Every source produces the same Event (DESIGN.md §2).
 
 pub mod jsonl;
+pub mod pubsub;
 
 use crate::event::Event;
 

@@ -1,0 +1,332 @@
+//! An in-process Salesforce Pub/Sub API server for tests and demos.
+//!
+//! It speaks the real proto over real gRPC: events given as JSONL (DESIGN.md §2) are Avro-encoded with real
+//! bitmaps under the schemas in `schemas/avro/`, served with Salesforce's flow control (at most 100 outstanding),
+//! keepalives, idle close, LATEST/EARLIEST/CUSTOM replay, auth metadata checks and Salesforce's error trailers.
+//! Faults (a dropped stream, a corrupted replay id, a failed auth, a silent stream, a schema change) are injected
+//! through the [`EmulatorHandle`].
+//!
+//! Replay ids are 8-byte big-endian counters over all topics. The `replay_id` of a published event is ignored:
+//! the emulator assigns the next one, as the bus would.
+
+mod service;
+mod state;
+mod subscribe;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tonic::transport::Server;
+use tonic::transport::server::TcpIncoming;
+
+use crate::event::{Event, EventError};
+use crate::sources::pubsub::MAX_MESSAGE_BYTES;
+use crate::sources::pubsub::avro::{CompiledSchema, DecodeError, EncodeError};
+use crate::sources::pubsub::proto::pub_sub_server::PubSubServer;
+
+use service::Service;
+use state::{Settings, Shared, State, Topic};
+
+/// The CDC channel the built-in OrderChangeEvent schema serves.
+pub const ORDER_CHANNEL: &str = "/data/OrderChangeEvent";
+/// The platform-event channel the built-in Order_Fulfilment_Requested__e schema serves.
+pub const FULFILMENT_CHANNEL: &str = "/event/Order_Fulfilment_Requested__e";
+
+const ORDER_SCHEMA: &str = include_str!("../../schemas/avro/OrderChangeEvent.avsc");
+/// The same object with its fields in another order (and one field more), for the schema-change fault.
+const ORDER_SCHEMA_V2: &str = include_str!("../../tests/fixtures/avro/OrderChangeEvent.v2.avsc");
+const FULFILMENT_SCHEMA: &str = include_str!("../../schemas/avro/Order_Fulfilment_Requested__e.avsc");
+
+/// Default expected `accesstoken`; tests and the demo use it unless they set their own.
+pub const DEFAULT_ACCESS_TOKEN: &str = "emulator-access-token";
+/// Salesforce sends a keepalive "within 270 seconds" and in practice about every 60 s.
+pub const DEFAULT_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(60);
+/// Salesforce closes a stream when no FetchRequest arrives within 60 s while nothing is requested.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Why the emulator could not start, load events or publish.
+#[derive(Debug, thiserror::Error)]
+pub enum EmulatorError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the emulator's gRPC server failed: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    #[error("the emulator has no topic `{0}` (it serves {ORDER_CHANNEL} and {FULFILMENT_CHANNEL})")]
+    UnknownChannel(String),
+    #[error("cannot write the event as Avro: {0}")]
+    Encode(#[from] EncodeError),
+    #[error("a built-in schema does not parse: {0}")]
+    Schema(#[from] DecodeError),
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}:{line}: {source}")]
+    BadEvent {
+        path: PathBuf,
+        line: usize,
+        #[source]
+        source: EventError,
+    },
+    #[error("the emulator's server task ended abnormally: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+/// How to run the emulator. `Default` listens on a random loopback port with Salesforce's timings.
+#[derive(Debug, Clone)]
+pub struct EmulatorOptions {
+    /// Where to listen; port 0 picks a free port (read it from [`EmulatorHandle::addr`]).
+    pub addr: SocketAddr,
+    /// Events on the bus from the start, in order.
+    pub events: Vec<Event>,
+    /// The `accesstoken` every RPC must carry.
+    pub access_token: String,
+    /// Silence after which a stream with outstanding demand gets an empty keepalive batch.
+    pub keepalive_interval: Duration,
+    /// Time with no demand after the last response before a stream is closed.
+    pub idle_timeout: Duration,
+}
+
+impl Default for EmulatorOptions {
+    fn default() -> Self {
+        Self {
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            events: Vec::new(),
+            access_token: DEFAULT_ACCESS_TOKEN.to_owned(),
+            keepalive_interval: DEFAULT_KEEPALIVE_INTERVAL,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+        }
+    }
+}
+
+/// A fault to inject, see [`EmulatorHandle::inject`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// After `n` more events (over all streams) the stream delivering them fails with INTERNAL and
+    /// `service.unavailable`, as Salesforce streams do during incidents. One-shot.
+    DropStreamAfter(usize),
+    /// The next Subscribe with a CUSTOM replay id fails with `replayid.corrupted`. One-shot.
+    CorruptNextReplayId,
+    /// The next RPC fails with UNAUTHENTICATED and `service.auth.error`. One-shot.
+    FailAuthOnce,
+    /// Every stream stops sending (no events, no keepalives, no idle close) until [`Fault::Resume`]: the
+    /// half-open stream a client watchdog must detect.
+    GoSilent,
+    /// Ends [`Fault::GoSilent`].
+    Resume,
+    /// From now on OrderChangeEvent events are written with the v2 schema (other field order, one field more),
+    /// and GetTopic reports its id. Events already on the bus keep their schema, as on the real bus.
+    SwitchOrderSchemaToV2,
+}
+
+/// A running emulator. Dropping it shuts the server down; [`EmulatorHandle::shutdown`] also waits for that.
+#[derive(Debug)]
+pub struct EmulatorHandle {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    server: Option<JoinHandle<Result<(), tonic::transport::Error>>>,
+}
+
+/// Starts the emulator and returns once it accepts connections.
+pub async fn start(options: EmulatorOptions) -> Result<EmulatorHandle, EmulatorError> {
+    let order = CompiledSchema::parse(ORDER_SCHEMA)?;
+    let order_v2 = CompiledSchema::parse(ORDER_SCHEMA_V2)?;
+    let fulfilment = CompiledSchema::parse(FULFILMENT_SCHEMA)?;
+    let mut state = State::default();
+    for schema in [&order, &order_v2, &fulfilment] {
+        state.schemas.insert(schema.fingerprint().to_owned(), schema.clone());
+    }
+    for (channel, schema) in [(ORDER_CHANNEL, order), (FULFILMENT_CHANNEL, fulfilment)] {
+        state.topics.insert(
+            channel.to_owned(),
+            Topic {
+                schema,
+                log: Vec::new(),
+            },
+        );
+    }
+    let settings = Settings {
+        access_token: options.access_token,
+        keepalive_interval: options.keepalive_interval,
+        idle_timeout: options.idle_timeout,
+    };
+    let shared = Arc::new(Shared::new(settings, state));
+    for event in &options.events {
+        shared.publish(event)?;
+    }
+
+    let listener = TcpListener::bind(options.addr)
+        .await
+        .map_err(|source| EmulatorError::Bind {
+            addr: options.addr,
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(|source| EmulatorError::Bind {
+        addr: options.addr,
+        source,
+    })?;
+    let service = PubSubServer::new(Service { shared: shared.clone() })
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let mut stop = shared.shutdown.subscribe();
+    // The server task ends when the shutdown flag is set (explicit shutdown or the handle dropped): streams see the
+    // same flag and end, and then graceful shutdown completes.
+    let server = tokio::spawn(Server::builder().add_service(service).serve_with_incoming_shutdown(
+        TcpIncoming::from(listener),
+        async move {
+            let _ = stop.wait_for(|stop| *stop).await;
+        },
+    ));
+    tracing::info!(%addr, "The Pub/Sub emulator is listening.");
+    Ok(EmulatorHandle {
+        addr,
+        shared,
+        server: Some(server),
+    })
+}
+
+impl EmulatorHandle {
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The URL a tonic client connects to, e.g. `http://127.0.0.1:41234`.
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The `accesstoken` the emulator expects.
+    pub fn access_token(&self) -> &str {
+        &self.shared.settings.access_token
+    }
+
+    /// Appends an event to its channel's log; returns its replay id (8 bytes, big-endian).
+    pub fn publish(&self, event: &Event) -> Result<Vec<u8>, EmulatorError> {
+        Ok(self.shared.publish(event)?.to_be_bytes().to_vec())
+    }
+
+    /// The schema id new events of `channel` are written with.
+    pub fn schema_id(&self, channel: &str) -> Option<String> {
+        let state = self.shared.state();
+        state.topics.get(channel).map(|t| t.schema.fingerprint().to_owned())
+    }
+
+    /// Every schema the emulator knows, by id (what GetSchema answers).
+    pub fn schemas(&self) -> HashMap<String, Arc<CompiledSchema>> {
+        self.shared.state().schemas.clone()
+    }
+
+    /// The replay id of the newest event on the bus (8 bytes, big-endian; zero when empty).
+    pub fn latest_replay_id(&self) -> Vec<u8> {
+        self.shared.state().last_replay.to_be_bytes().to_vec()
+    }
+
+    pub fn inject(&self, fault: Fault) {
+        tracing::debug!(?fault, "A fault was injected into the emulator.");
+        match fault {
+            Fault::DropStreamAfter(n) => self.shared.update_faults(|f| f.drop_after = Some(n)),
+            Fault::CorruptNextReplayId => self.shared.update_faults(|f| f.corrupt_next_replay_id = true),
+            Fault::FailAuthOnce => self.shared.update_faults(|f| f.fail_auth_once = true),
+            Fault::GoSilent => self.shared.update_faults(|f| f.silent = true),
+            Fault::Resume => self.shared.update_faults(|f| f.silent = false),
+            Fault::SwitchOrderSchemaToV2 => {
+                let mut state = self.shared.state();
+                let v2 = state.schemas.values().find(|s| s.json() == ORDER_SCHEMA_V2).cloned();
+                if let (Some(v2), Some(topic)) = (v2, state.topics.get_mut(ORDER_CHANNEL)) {
+                    topic.schema = v2;
+                }
+            }
+        }
+    }
+
+    /// The most events the emulator ever owed one stream: never above 100, whatever clients ask for.
+    pub fn max_outstanding(&self) -> i32 {
+        self.shared.stats.max_outstanding.load(Ordering::Relaxed)
+    }
+
+    /// The most events a client ever asked to have outstanding on one stream, before the 100 cap: a well-behaved
+    /// client keeps this at or below 100.
+    pub fn max_requested(&self) -> i64 {
+        self.shared.stats.max_requested.load(Ordering::Relaxed)
+    }
+
+    /// Events delivered over all streams.
+    pub fn delivered(&self) -> u64 {
+        self.shared.stats.delivered.load(Ordering::Relaxed)
+    }
+
+    /// Empty keepalive batches sent over all streams.
+    pub fn keepalives(&self) -> u64 {
+        self.shared.stats.keepalives.load(Ordering::Relaxed)
+    }
+
+    /// Subscribe calls that got past their first FetchRequest (a client's reconnects show here).
+    pub fn subscriptions(&self) -> u64 {
+        self.shared.stats.subscriptions.load(Ordering::Relaxed)
+    }
+
+    /// Stops the server and waits until it has stopped.
+    pub async fn shutdown(mut self) -> Result<(), EmulatorError> {
+        self.shared.shutdown.send_replace(true);
+        if let Some(server) = self.server.take() {
+            server.await??;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for EmulatorHandle {
+    fn drop(&mut self) {
+        // The spawned server and stream tasks watch this flag and end by themselves.
+        self.shared.shutdown.send_replace(true);
+    }
+}
+
+/// Reads a JSONL file of events (blank lines and `#` comments skipped), each checked as [`Event::from_json`] does.
+pub fn load_events(path: &Path) -> Result<Vec<Event>, EmulatorError> {
+    let text = std::fs::read_to_string(path).map_err(|source| EmulatorError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    text.lines()
+        .enumerate()
+        .filter(|(_, line)| !line.trim().is_empty() && !line.trim_start().starts_with('#'))
+        .map(|(index, line)| {
+            Event::from_json(line).map_err(|source| EmulatorError::BadEvent {
+                path: path.to_owned(),
+                line: index + 1,
+                source,
+            })
+        })
+        .collect()
+}
+
+/// Entry point for `switchyard emulator`: serves `options` until Ctrl-C, then shuts down.
+pub async fn run_cli(options: EmulatorOptions) -> Result<(), EmulatorError> {
+    let events = options.events.len();
+    let handle = start(options).await?;
+    tracing::info!(
+        endpoint = %handle.endpoint(),
+        events,
+        order_schema_id = handle.schema_id(ORDER_CHANNEL).unwrap_or_default(),
+        fulfilment_schema_id = handle.schema_id(FULFILMENT_CHANNEL).unwrap_or_default(),
+        access_token = handle.access_token(),
+        "The Pub/Sub emulator is serving; press Ctrl-C to stop it."
+    );
+    if let Err(error) = tokio::signal::ctrl_c().await {
+        tracing::warn!(%error, "Cannot wait for Ctrl-C; stopping the emulator now.");
+    }
+    handle.shutdown().await
+}

@@ -1,0 +1,157 @@
+//! What the emulator holds: one event log per topic, the schemas by id, the injected faults and counters for tests.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicI32, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use crate::event::Event;
+use crate::sources::pubsub::avro::CompiledSchema;
+
+use super::EmulatorError;
+
+/// An event as stored on the bus: already Avro, with the writer schema of the moment it was published.
+#[derive(Debug, Clone)]
+pub(crate) struct Stored {
+    pub replay: u64,
+    pub event_id: String,
+    pub schema_id: String,
+    pub payload: Vec<u8>,
+}
+
+#[derive(Debug)]
+pub(crate) struct Topic {
+    /// The schema new events are written with; GetTopic reports its id.
+    pub schema: Arc<CompiledSchema>,
+    /// Ordered by replay id.
+    pub log: Vec<Stored>,
+}
+
+/// Faults a test asks for; each one-shot fault clears itself when it fires.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct Faults {
+    /// Events still to deliver (over all streams) before the delivering stream is failed.
+    pub drop_after: Option<usize>,
+    pub corrupt_next_replay_id: bool,
+    pub fail_auth_once: bool,
+    pub silent: bool,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct State {
+    /// Replay ids are one counter over all topics, as on the real bus where many streams share one log.
+    pub last_replay: u64,
+    pub topics: HashMap<String, Topic>,
+    pub schemas: HashMap<String, Arc<CompiledSchema>>,
+    pub faults: Faults,
+}
+
+/// Counters that tests assert on.
+#[derive(Debug, Default)]
+pub(crate) struct Stats {
+    pub max_outstanding: AtomicI32,
+    pub max_requested: AtomicI64,
+    pub delivered: AtomicU64,
+    pub keepalives: AtomicU64,
+    pub subscriptions: AtomicU64,
+    pub rpcs: AtomicU64,
+}
+
+/// Timings and the expected credentials, fixed at start.
+#[derive(Debug, Clone)]
+pub(crate) struct Settings {
+    pub access_token: String,
+    pub keepalive_interval: Duration,
+    pub idle_timeout: Duration,
+}
+
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub settings: Settings,
+    state: Mutex<State>,
+    pub stats: Stats,
+    /// The last replay id; subscriptions wait on it for new events.
+    pub appended: watch::Sender<u64>,
+    /// Bumped whenever faults change, so a silent stream notices that it may speak again.
+    pub faults_changed: watch::Sender<u64>,
+    /// Set once on shutdown; every task of the emulator watches it.
+    pub shutdown: watch::Sender<bool>,
+}
+
+impl Shared {
+    pub fn new(settings: Settings, state: State) -> Self {
+        Self {
+            settings,
+            state: Mutex::new(state),
+            stats: Stats::default(),
+            appended: watch::Sender::new(0),
+            faults_changed: watch::Sender::new(0),
+            shutdown: watch::Sender::new(false),
+        }
+    }
+
+    /// The state lock is held only for short, non-async sections, so a panic elsewhere cannot leave it half-updated
+    /// in a way that matters to a test double: recover from poisoning instead of cascading the panic.
+    pub fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A new `rpc-id`, shaped like Salesforce's UUIDs so logs look familiar.
+    pub fn rpc_id(&self) -> String {
+        let n = self.stats.rpcs.fetch_add(1, Ordering::Relaxed) + 1;
+        format!("00000000-0000-4000-8000-{n:012x}")
+    }
+
+    /// Encodes `event` with its topic's current schema and appends it; returns the replay id.
+    pub fn publish(&self, event: &Event) -> Result<u64, EmulatorError> {
+        let replay = {
+            let mut state = self.state();
+            let topic_schema = state
+                .topics
+                .get(&event.channel)
+                .map(|t| t.schema.clone())
+                .ok_or_else(|| EmulatorError::UnknownChannel(event.channel.clone()))?;
+            let payload = topic_schema.encode(event)?;
+            let stored = Stored {
+                replay: 0,
+                event_id: event.id.clone(),
+                schema_id: topic_schema.fingerprint().to_owned(),
+                payload,
+            };
+            append(&mut state, &event.channel, stored)?
+        };
+        self.appended.send_replace(replay);
+        Ok(replay)
+    }
+
+    /// Appends an already encoded event (the Publish RPC); the payload was validated by the caller.
+    pub fn publish_raw(&self, channel: &str, stored: Stored) -> Result<u64, EmulatorError> {
+        let replay = append(&mut self.state(), channel, stored)?;
+        self.appended.send_replace(replay);
+        Ok(replay)
+    }
+
+    pub fn update_faults(&self, change: impl FnOnce(&mut Faults)) {
+        change(&mut self.state().faults);
+        self.faults_changed.send_modify(|generation| *generation += 1);
+    }
+
+    pub fn record_outstanding(&self, requested: i64, outstanding: i32) {
+        self.stats.max_requested.fetch_max(requested, Ordering::Relaxed);
+        self.stats.max_outstanding.fetch_max(outstanding, Ordering::Relaxed);
+    }
+}
+
+fn append(state: &mut State, channel: &str, mut stored: Stored) -> Result<u64, EmulatorError> {
+    let replay = state.last_replay + 1;
+    let topic = state
+        .topics
+        .get_mut(channel)
+        .ok_or_else(|| EmulatorError::UnknownChannel(channel.to_owned()))?;
+    stored.replay = replay;
+    topic.log.push(stored);
+    state.last_replay = replay;
+    Ok(replay)
+}

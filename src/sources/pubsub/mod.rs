@@ -1,0 +1,77 @@
+//! Salesforce Pub/Sub API, part 1: the wire. The generated gRPC types ([`proto`]), Avro decoding and encoding of
+//! event payloads against a schema registry keyed by schema id ([`avro`]), and the CDC field bitmaps ([`bitmap`]).
+//! The facts behind the choices are in shared/reference/salesforce-pubsub.md.
+
+pub mod avro;
+pub mod bitmap;
+pub mod proto;
+
+/// Largest gRPC message we accept or send. tonic's default is 4 MiB, but one event may be up to 1 MB and a
+/// FetchResponse carries a whole batch of them, so a full batch of large CDC events would fail with
+/// RESOURCE_EXHAUSTED at the default. Applied to the client and to the emulator's server alike.
+pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+
+/// Most events a subscription may have requested and not yet received: Salesforce treats anything above as 100
+/// ("across all requests", flow-control guide), so a client should never ask for more and the emulator caps there.
+pub const MAX_OUTSTANDING: i32 = 100;
+
+/// gRPC metadata keys Salesforce reads on every RPC; tonic needs them lower case.
+pub mod headers {
+    pub const ACCESS_TOKEN: &str = "accesstoken";
+    pub const INSTANCE_URL: &str = "instanceurl";
+    pub const TENANT_ID: &str = "tenantid";
+    /// Trailer with the Salesforce error code; recovery is decided from it, not from the gRPC code.
+    pub const ERROR_CODE: &str = "error-code";
+    /// Trailer with the id that correlates a failure with Salesforce's logs.
+    pub const RPC_ID: &str = "rpc-id";
+}
+
+/// The Salesforce `error-code` trailer values this crate produces or reacts to.
+pub mod error_codes {
+    pub const AUTH: &str = "sfdc.platform.eventbus.grpc.service.auth.error";
+    pub const AUTH_HEADERS_INVALID: &str = "sfdc.platform.eventbus.grpc.service.auth.headers.invalid";
+    pub const SERVICE_UNAVAILABLE: &str = "sfdc.platform.eventbus.grpc.service.unavailable";
+    pub const REPLAY_ID_CORRUPTED: &str = "sfdc.platform.eventbus.grpc.subscription.fetch.replayid.corrupted";
+    pub const REPLAY_ID_VALIDATION_FAILED: &str =
+        "sfdc.platform.eventbus.grpc.subscription.fetch.replayid.validation.failed";
+    pub const REQUESTED_EVENTS_INVALID: &str =
+        "sfdc.platform.eventbus.grpc.subscription.fetch.requested.events.invalid";
+    pub const TOPIC_MISMATCH: &str = "sfdc.platform.eventbus.grpc.subscription.fetch.topic.mismatch";
+    pub const TOPIC_NOT_FOUND: &str = "sfdc.platform.eventbus.grpc.topic.not.found";
+    pub const SCHEMA_VALIDATION_FAILED: &str = "sfdc.platform.eventbus.grpc.schema.validation.failed";
+    pub const UNIMPLEMENTED: &str = "sfdc.platform.eventbus.grpc.service.unimplemented";
+}
+
+/// Replay ids are opaque bytes; the JSONL form and the logs show them as lowercase hex.
+pub fn replay_id_to_hex(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut out, b| {
+        let _ = write!(out, "{b:02x}");
+        out
+    })
+}
+
+/// The inverse of [`replay_id_to_hex`]; `None` for anything that is not an even number of hex digits.
+pub fn replay_id_from_hex(hex: &str) -> Option<Vec<u8>> {
+    if hex.len() % 2 != 0 {
+        return None;
+    }
+    (0..hex.len())
+        .step_by(2)
+        .map(|i| hex.get(i..i + 2).and_then(|pair| u8::from_str_radix(pair, 16).ok()))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replay_ids_round_trip_through_hex() {
+        let bytes = 1000u64.to_be_bytes();
+        assert_eq!(replay_id_to_hex(&bytes), "00000000000003e8");
+        assert_eq!(replay_id_from_hex("00000000000003E8").as_deref(), Some(&bytes[..]));
+        assert_eq!(replay_id_from_hex("abc"), None);
+        assert_eq!(replay_id_from_hex("zz"), None);
+    }
+}
