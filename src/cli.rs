@@ -36,8 +36,12 @@ pub enum ProblemFormat {
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum SchemaKind {
+    /// Rule files (`rules/*.yaml`)
     Rules,
+    /// The service config
     Config,
+    /// Rule test files (`*.test.yaml`)
+    Tests,
 }
 
 #[derive(Debug, Subcommand)]
@@ -48,17 +52,26 @@ pub enum Command {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
-    /// Check rule files (and a config): YAML, schema, predicates, sinks, templates. Exit 1 on any error.
+    /// Check rule files (and a config): YAML, schema, predicates (compiled, and dry-run on the `*.test.yaml`
+    /// fixtures), sinks, templates, fields. Exit 1 on any error.
     Validate {
         /// Rule files or folders; default: the config's rules, or `rules/`.
         paths: Vec<PathBuf>,
         /// Check against this config's sinks, channels and mode (default: the built-in names).
         #[arg(long, short)]
         config: Option<PathBuf>,
+        /// A folder of Avro schemas (`OrderChangeEvent.avsc`, ...): event field names are checked against them.
+        #[arg(long)]
+        avro: Option<PathBuf>,
         #[arg(long, value_enum, default_value = "text")]
         format: ProblemFormat,
     },
-    /// Print the JSON Schema of rule files or of the config.
+    /// Run the rule tests (`*.test.yaml`): events in, the exact actions out. No Redis, no network.
+    Test {
+        /// Test files or folders; default: `rules/`.
+        paths: Vec<PathBuf>,
+    },
+    /// Print the JSON Schema of rule files, rule tests or the config.
     Schema {
         #[arg(value_enum)]
         kind: SchemaKind,

@@ -14,7 +14,7 @@ pub const DEMO_CONFIG: &str = include_str!("../examples/demo.yaml");
 pub const DEMO_CONFIG_PATH: &str = "examples/demo.yaml";
 
 /// Which routes and channels are live.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum Mode {
     /// Change Data Capture: channels under `/data/`.
@@ -57,6 +57,7 @@ pub struct Config {
     #[schemars(example = &"cdc")]
     pub mode: Mode,
     /// Where events come from.
+    #[schemars(example = serde_json::json!({"kind": "jsonl", "jsonl": {"path": "events/order-lifecycle.jsonl"}}))]
     pub source: SourceConfig,
     /// Channel aliases used by routes, mapped to channel names (`/data/...` = CDC, `/event/...` = platform events).
     #[serde(default = "default_channels")]
@@ -67,22 +68,28 @@ pub struct Config {
     pub rules: Vec<PathBuf>,
     /// Redis for the queue, cache, and dead letters. Absent: all of them in memory (demo only).
     #[serde(default)]
+    #[schemars(example = serde_json::json!({"url": "${REDIS_URL}", "key_prefix": "switchyard:"}))]
     pub redis: Option<RedisConfig>,
     /// Named sinks the routes' actions call. `dead-letter` is built in and always available.
     #[serde(default)]
+    #[schemars(example = serde_json::json!({"enqueue-provisioning": {"kind": "queue", "queue": "provisioning", "job_name": "provision-order"}, "invalidate-cache": {"kind": "cache-invalidate"}, "log": {"kind": "log"}}))]
     pub sinks: IndexMap<String, SinkConfig>,
     /// Where `enrich` reads records: `recorded` (the events' own `record` map) or `none`.
     #[serde(default)]
+    #[schemars(example = &"recorded")]
     pub enricher: EnricherKind,
     /// What happens to an event no route matched: `ignore`, `log` or `dead-letter`.
     #[serde(default)]
+    #[schemars(example = &"log")]
     pub on_unmatched: OnUnmatched,
     /// The HTTP listener for `/healthz` and `/metrics`. Absent: no listener.
     #[serde(default)]
+    #[schemars(example = serde_json::json!({"listen": "127.0.0.1:9464"}))]
     pub http: Option<HttpConfig>,
     /// Print every decision (event, record, route, actions) to standard output, and a summary when the
     /// source ends. Meant for demos and local runs.
     #[serde(default)]
+    #[schemars(example = false)]
     pub print_decisions: bool,
 }
 
@@ -91,9 +98,11 @@ pub struct Config {
 #[serde(deny_unknown_fields)]
 pub struct SourceConfig {
     /// `jsonl` (a file of events, DESIGN.md §2) or `stdin` (the same format on standard input).
+    #[schemars(example = &"jsonl")]
     pub kind: SourceKind,
     /// Settings of the `jsonl` source.
     #[serde(default)]
+    #[schemars(example = serde_json::json!({"path": "events/order-lifecycle.jsonl", "follow": false}))]
     pub jsonl: Option<JsonlConfig>,
 }
 
@@ -114,6 +123,7 @@ pub struct JsonlConfig {
     pub path: PathBuf,
     /// Keep reading as the file grows (like `tail -f`) instead of stopping at its end.
     #[serde(default)]
+    #[schemars(example = true)]
     pub follow: bool,
 }
 
@@ -180,6 +190,7 @@ impl SinkKind {
 pub struct QueueSinkConfig {
     /// The job format; `bullmq` is the one format so far.
     #[serde(default)]
+    #[schemars(example = &"bullmq")]
     pub format: QueueFormat,
     /// The BullMQ queue name.
     #[schemars(example = &"provisioning")]
@@ -193,6 +204,7 @@ pub struct QueueSinkConfig {
     pub prefix: String,
     /// Default job options; an action's `job_options` override them key by key.
     #[serde(default)]
+    #[schemars(example = serde_json::json!({"attempts": 5, "remove_on_complete": 1000}))]
     pub job_options: JobOptions,
 }
 
@@ -218,6 +230,7 @@ pub struct JobOptions {
     pub attempts: Option<u32>,
     /// Backoff between the worker's attempts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(example = serde_json::json!({"type": "exponential", "delay": 1000}))]
     pub backoff: Option<Backoff>,
     /// Delay in milliseconds before the job can run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -256,6 +269,7 @@ impl JobOptions {
 pub struct Backoff {
     /// `fixed` or `exponential`.
     #[serde(rename = "type")]
+    #[schemars(example = &"exponential")]
     pub kind: BackoffKind,
     /// Base delay in milliseconds.
     #[schemars(example = 1000)]
