@@ -71,9 +71,58 @@ pub enum Command {
         /// Test files or folders; default: `rules/`.
         paths: Vec<PathBuf>,
     },
+    /// Inspect or move stored source positions.
+    Checkpoint {
+        /// The service config (its Redis or checkpoint file).
+        #[arg(long, short)]
+        config: PathBuf,
+        #[command(subcommand)]
+        op: CheckpointOp,
+    },
+    /// Inspect, retry or purge dead letters.
+    DeadLetter {
+        /// The service config (its Redis).
+        #[arg(long, short)]
+        config: PathBuf,
+        #[command(subcommand)]
+        op: DeadLetterOp,
+    },
     /// Print the JSON Schema of rule files, rule tests or the config.
     Schema {
         #[arg(value_enum)]
         kind: SchemaKind,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CheckpointOp {
+    /// Every stored position.
+    Show,
+    /// Store a position: `offset:N` for a JSONL file, or hex bytes (a replay id).
+    Set { key: String, value: String },
+    /// Forget a position: the source starts from its beginning (JSONL) or its configured start.
+    Reset { key: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DeadLetterOp {
+    /// One line per dead letter: id, time, route, event, reason.
+    List,
+    /// One dead letter as JSON.
+    Show { id: String },
+    /// Run a dead letter again through the normal path (same idempotency key): its action, or the whole
+    /// event under the current rules when a route failed. Removed when it succeeds or fails anew.
+    Retry {
+        ids: Vec<String>,
+        /// Every dead letter.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Delete dead letters.
+    Purge {
+        ids: Vec<String>,
+        /// Every dead letter.
+        #[arg(long)]
+        all: bool,
     },
 }

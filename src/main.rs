@@ -36,6 +36,18 @@ async fn main() -> ExitCode {
             format,
         } => validate(paths, config, avro, format),
         Command::Test { paths } => test(paths),
+        Command::Checkpoint { config, op } => {
+            admin(config, |service, out| {
+                Box::pin(async move { switchyard::admin::checkpoint(service, op, out).await.map(|()| true) })
+            })
+            .await
+        }
+        Command::DeadLetter { config, op } => {
+            admin(config, |service, out| {
+                Box::pin(async move { switchyard::admin::dead_letter(service, op, out).await })
+            })
+            .await
+        }
         Command::Schema { kind } => {
             let schema = match kind {
                 SchemaKind::Rules => switchyard::schema::rules_schema(),
@@ -89,6 +101,39 @@ async fn run(config: Option<PathBuf>) -> ExitCode {
     });
     match service.run(shutdown).await {
         Ok(_) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("switchyard: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+type AdminFuture<'a> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<bool, switchyard::admin::AdminError>> + 'a>>;
+
+/// Loads the config and connects its stores, then runs one operator command.
+async fn admin<F>(config: PathBuf, command: F) -> ExitCode
+where
+    F: for<'a> FnOnce(&'a Service, &'a mut std::io::Stdout) -> AdminFuture<'a>,
+{
+    let loaded = match LoadedConfig::load(&config) {
+        Ok(loaded) => loaded,
+        Err(problems) => {
+            eprintln!("{problems}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let service = match Service::start(loaded, false).await {
+        Ok(service) => service,
+        Err(e) => {
+            eprintln!("switchyard: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut out = std::io::stdout();
+    match command(&service, &mut out).await {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
         Err(e) => {
             eprintln!("switchyard: {e}");
             ExitCode::FAILURE

@@ -75,6 +75,17 @@ impl Needs {
     pub fn matched(&self) -> bool {
         self.units.iter().any(|u| !u.is_empty())
     }
+
+    /// The record ids the event's actions can touch (for per-record ordering), without duplicates.
+    pub fn record_ids(&self) -> Vec<String> {
+        let mut ids: Vec<String> = Vec::new();
+        for id in self.units.iter().flatten().filter_map(|w| w.record_id.as_ref()) {
+            if !ids.contains(id) {
+                ids.push(id.clone());
+            }
+        }
+        ids
+    }
 }
 
 /// Builds the script context of an event once; every route is evaluated against it.
