@@ -36,8 +36,12 @@ pub enum ProblemFormat {
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum SchemaKind {
+    /// Rule files (`rules/*.yaml`)
     Rules,
+    /// The service config
     Config,
+    /// Rule test files (`*.test.yaml`)
+    Tests,
 }
 
 #[derive(Debug, Subcommand)]
@@ -48,19 +52,77 @@ pub enum Command {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
-    /// Check rule files (and a config): YAML, schema, predicates, sinks, templates. Exit 1 on any error.
+    /// Check rule files (and a config): YAML, schema, predicates (compiled, and dry-run on the `*.test.yaml`
+    /// fixtures), sinks, templates, fields. Exit 1 on any error.
     Validate {
         /// Rule files or folders; default: the config's rules, or `rules/`.
         paths: Vec<PathBuf>,
         /// Check against this config's sinks, channels and mode (default: the built-in names).
         #[arg(long, short)]
         config: Option<PathBuf>,
+        /// A folder of Avro schemas (`OrderChangeEvent.avsc`, ...): event field names are checked against them.
+        #[arg(long)]
+        avro: Option<PathBuf>,
         #[arg(long, value_enum, default_value = "text")]
         format: ProblemFormat,
     },
-    /// Print the JSON Schema of rule files or of the config.
+    /// Run the rule tests (`*.test.yaml`): events in, the exact actions out. No Redis, no network.
+    Test {
+        /// Test files or folders; default: `rules/`.
+        paths: Vec<PathBuf>,
+    },
+    /// Inspect or move stored source positions.
+    Checkpoint {
+        /// The service config (its Redis or checkpoint file).
+        #[arg(long, short)]
+        config: PathBuf,
+        #[command(subcommand)]
+        op: CheckpointOp,
+    },
+    /// Inspect, retry or purge dead letters.
+    DeadLetter {
+        /// The service config (its Redis).
+        #[arg(long, short)]
+        config: PathBuf,
+        #[command(subcommand)]
+        op: DeadLetterOp,
+    },
+    /// Print the JSON Schema of rule files, rule tests or the config.
     Schema {
         #[arg(value_enum)]
         kind: SchemaKind,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CheckpointOp {
+    /// Every stored position.
+    Show,
+    /// Store a position: `offset:N` for a JSONL file, or hex bytes (a replay id).
+    Set { key: String, value: String },
+    /// Forget a position: the source starts from its beginning (JSONL) or its configured start.
+    Reset { key: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DeadLetterOp {
+    /// One line per dead letter: id, time, route, event, reason.
+    List,
+    /// One dead letter as JSON.
+    Show { id: String },
+    /// Run a dead letter again through the normal path (same idempotency key): its action, or the whole
+    /// event under the current rules when a route failed. Removed when it succeeds or fails anew.
+    Retry {
+        ids: Vec<String>,
+        /// Every dead letter.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Delete dead letters.
+    Purge {
+        ids: Vec<String>,
+        /// Every dead letter.
+        #[arg(long)]
+        all: bool,
     },
 }

@@ -14,7 +14,7 @@ pub const DEMO_CONFIG: &str = include_str!("../examples/demo.yaml");
 pub const DEMO_CONFIG_PATH: &str = "examples/demo.yaml";
 
 /// Which routes and channels are live.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum Mode {
     /// Change Data Capture: channels under `/data/`.
@@ -57,6 +57,7 @@ pub struct Config {
     #[schemars(example = &"cdc")]
     pub mode: Mode,
     /// Where events come from.
+    #[schemars(example = serde_json::json!({"kind": "jsonl", "jsonl": {"path": "events/order-lifecycle.jsonl"}}))]
     pub source: SourceConfig,
     /// Channel aliases used by routes, mapped to channel names (`/data/...` = CDC, `/event/...` = platform events).
     #[serde(default = "default_channels")]
@@ -67,23 +68,183 @@ pub struct Config {
     pub rules: Vec<PathBuf>,
     /// Redis for the queue, cache, and dead letters. Absent: all of them in memory (demo only).
     #[serde(default)]
+    #[schemars(example = serde_json::json!({"url": "${REDIS_URL}", "key_prefix": "switchyard:"}))]
     pub redis: Option<RedisConfig>,
     /// Named sinks the routes' actions call. `dead-letter` is built in and always available.
     #[serde(default)]
+    #[schemars(example = serde_json::json!({"enqueue-provisioning": {"kind": "queue", "queue": "provisioning", "job_name": "provision-order"}, "invalidate-cache": {"kind": "cache-invalidate"}, "log": {"kind": "log"}}))]
     pub sinks: IndexMap<String, SinkConfig>,
     /// Where `enrich` reads records: `recorded` (the events' own `record` map) or `none`.
     #[serde(default)]
+    #[schemars(example = &"recorded")]
     pub enricher: EnricherKind,
     /// What happens to an event no route matched: `ignore`, `log` or `dead-letter`.
     #[serde(default)]
+    #[schemars(example = &"log")]
     pub on_unmatched: OnUnmatched,
     /// The HTTP listener for `/healthz` and `/metrics`. Absent: no listener.
     #[serde(default)]
+    #[schemars(example = serde_json::json!({"listen": "127.0.0.1:9464"}))]
     pub http: Option<HttpConfig>,
     /// Print every decision (event, record, route, actions) to standard output, and a summary when the
     /// source ends. Meant for demos and local runs.
     #[serde(default)]
+    #[schemars(example = false)]
     pub print_decisions: bool,
+    /// Concurrency, retries, idempotency and shutdown.
+    #[serde(default)]
+    #[schemars(example = serde_json::json!({"concurrency": 64, "retry": {"budget_ms": 300000}}))]
+    pub delivery: DeliveryConfig,
+    /// Where source positions are stored. Default: `redis` when `redis` is set, else `memory`.
+    #[serde(default)]
+    #[schemars(example = serde_json::json!({"store": "file", "path": "/var/lib/switchyard/positions.json"}))]
+    pub checkpoint: Option<CheckpointConfig>,
+    /// Dead-letter retention.
+    #[serde(default)]
+    #[schemars(example = serde_json::json!({"max_len": 100000}))]
+    pub dead_letters: DeadLetterConfig,
+    /// Payload and record fields (personal data) replaced by `***` in dead letters and `log` sink fields.
+    #[serde(default)]
+    #[schemars(example = vec!["BillingAddress".to_string(), "Description".to_string()])]
+    pub redact: Vec<String>,
+}
+
+/// How actions are delivered.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DeliveryConfig {
+    /// Events in flight at once. Events touching the same record id always run in delivery order; when
+    /// this many are in flight (e.g. while Redis is down), the source is not read: backpressure.
+    #[serde(default = "default_concurrency")]
+    #[schemars(example = 64)]
+    pub concurrency: usize,
+    /// Retries of transient sink errors (connection refused, timeouts, Redis LOADING/BUSY).
+    #[serde(default)]
+    #[schemars(example = serde_json::json!({"initial_backoff_ms": 100, "max_backoff_ms": 5000, "budget_ms": 300000}))]
+    pub retry: RetryConfig,
+    /// How long an idempotency lease lives without renewal (a crashed holder's lease expires after it).
+    #[serde(default = "default_lease_ms")]
+    #[schemars(example = 30000)]
+    pub lease_ms: u64,
+    /// How long a done marker keeps a redelivered action from running again. The default, 96 hours, outlives
+    /// Salesforce's 72-hour event retention.
+    #[serde(default = "default_done_ttl_hours")]
+    #[schemars(example = 96)]
+    pub done_ttl_hours: u64,
+    /// On SIGTERM/SIGINT: how long in-flight events may take to settle before the process exits anyway
+    /// (their positions are then not committed, so they are redelivered).
+    #[serde(default = "default_shutdown_ms")]
+    #[schemars(example = 30000)]
+    pub shutdown_timeout_ms: u64,
+}
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        DeliveryConfig {
+            concurrency: default_concurrency(),
+            retry: RetryConfig::default(),
+            lease_ms: default_lease_ms(),
+            done_ttl_hours: default_done_ttl_hours(),
+            shutdown_timeout_ms: default_shutdown_ms(),
+        }
+    }
+}
+
+fn default_concurrency() -> usize {
+    64
+}
+fn default_lease_ms() -> u64 {
+    30_000
+}
+fn default_done_ttl_hours() -> u64 {
+    96
+}
+fn default_shutdown_ms() -> u64 {
+    30_000
+}
+
+/// Exponential backoff with jitter, within a time budget; past it the action is dead-lettered.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RetryConfig {
+    /// The first delay.
+    #[serde(default = "default_initial_backoff")]
+    #[schemars(example = 100)]
+    pub initial_backoff_ms: u64,
+    /// The longest delay between two attempts.
+    #[serde(default = "default_max_backoff")]
+    #[schemars(example = 5000)]
+    pub max_backoff_ms: u64,
+    /// How long one action may keep failing transiently before it is dead-lettered.
+    #[serde(default = "default_budget")]
+    #[schemars(example = 300000)]
+    pub budget_ms: u64,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        RetryConfig {
+            initial_backoff_ms: default_initial_backoff(),
+            max_backoff_ms: default_max_backoff(),
+            budget_ms: default_budget(),
+        }
+    }
+}
+
+fn default_initial_backoff() -> u64 {
+    100
+}
+fn default_max_backoff() -> u64 {
+    5_000
+}
+fn default_budget() -> u64 {
+    300_000
+}
+
+/// Where source positions are stored.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointConfig {
+    /// `redis`, `file` (with `path`) or `memory`.
+    #[schemars(example = &"redis")]
+    pub store: CheckpointStoreKind,
+    /// The file for `store: file` (relative to the config file).
+    #[serde(default)]
+    #[schemars(example = &"positions.json")]
+    pub path: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum CheckpointStoreKind {
+    /// `<key_prefix>checkpoint:<source>` keys in the configured Redis.
+    Redis,
+    /// A JSON file, replaced atomically on every commit.
+    File,
+    /// Process memory: every start begins at the beginning (demos).
+    Memory,
+}
+
+/// Dead-letter retention.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DeadLetterConfig {
+    /// Dead letters kept in the Redis stream; older ones are trimmed (approximately, `MAXLEN ~`).
+    #[serde(default = "default_dead_letter_max_len")]
+    #[schemars(example = 100000)]
+    pub max_len: usize,
+}
+
+impl Default for DeadLetterConfig {
+    fn default() -> Self {
+        DeadLetterConfig {
+            max_len: default_dead_letter_max_len(),
+        }
+    }
+}
+
+fn default_dead_letter_max_len() -> usize {
+    100_000
 }
 
 /// Where events come from.
@@ -91,9 +252,11 @@ pub struct Config {
 #[serde(deny_unknown_fields)]
 pub struct SourceConfig {
     /// `jsonl` (a file of events, DESIGN.md §2) or `stdin` (the same format on standard input).
+    #[schemars(example = &"jsonl")]
     pub kind: SourceKind,
     /// Settings of the `jsonl` source.
     #[serde(default)]
+    #[schemars(example = serde_json::json!({"path": "events/order-lifecycle.jsonl", "follow": false}))]
     pub jsonl: Option<JsonlConfig>,
 }
 
@@ -114,6 +277,7 @@ pub struct JsonlConfig {
     pub path: PathBuf,
     /// Keep reading as the file grows (like `tail -f`) instead of stopping at its end.
     #[serde(default)]
+    #[schemars(example = true)]
     pub follow: bool,
 }
 
@@ -180,6 +344,7 @@ impl SinkKind {
 pub struct QueueSinkConfig {
     /// The job format; `bullmq` is the one format so far.
     #[serde(default)]
+    #[schemars(example = &"bullmq")]
     pub format: QueueFormat,
     /// The BullMQ queue name.
     #[schemars(example = &"provisioning")]
@@ -193,6 +358,7 @@ pub struct QueueSinkConfig {
     pub prefix: String,
     /// Default job options; an action's `job_options` override them key by key.
     #[serde(default)]
+    #[schemars(example = serde_json::json!({"attempts": 5, "remove_on_complete": 1000}))]
     pub job_options: JobOptions,
 }
 
@@ -218,6 +384,7 @@ pub struct JobOptions {
     pub attempts: Option<u32>,
     /// Backoff between the worker's attempts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(example = serde_json::json!({"type": "exponential", "delay": 1000}))]
     pub backoff: Option<Backoff>,
     /// Delay in milliseconds before the job can run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -256,6 +423,7 @@ impl JobOptions {
 pub struct Backoff {
     /// `fixed` or `exponential`.
     #[serde(rename = "type")]
+    #[schemars(example = &"exponential")]
     pub kind: BackoffKind,
     /// Base delay in milliseconds.
     #[schemars(example = 1000)]
@@ -427,6 +595,20 @@ impl LoadedConfig {
         }
         if c.rules.is_empty() {
             problems.push(err("`rules` names no file or folder".into()));
+        }
+        if c.delivery.concurrency == 0 {
+            problems.push(err("`delivery.concurrency` must be at least 1".into()));
+        }
+        match &c.checkpoint {
+            Some(CheckpointConfig {
+                store: CheckpointStoreKind::File,
+                path: None,
+            }) => problems.push(err("`checkpoint.store: file` needs `checkpoint.path`".into())),
+            Some(CheckpointConfig {
+                store: CheckpointStoreKind::Redis,
+                ..
+            }) if c.redis.is_none() => problems.push(err("`checkpoint.store: redis` needs the `redis` section".into())),
+            _ => {}
         }
         problems
     }

@@ -1,21 +1,22 @@
-//! The dispatcher runs a Plan: actions in order, transient errors retried with backoff, everything
-//! else (and exhausted retries) dead-lettered. Nothing is dropped.
+//! The dispatcher runs a Plan: a record's actions in order; transient errors retried with exponential
+//! backoff and jitter within a time budget; actions with an idempotency key run under a lease and are
+//! marked done after success; permanent errors and exhausted budgets are dead-lettered. Nothing is dropped.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use serde_json::Value;
+
+use crate::config::RetryConfig;
 use crate::event::Event;
+use crate::idempotency::Claim;
 use crate::metrics as m;
 use crate::plan::{Action, Op, Plan};
 use crate::sinks::{ActionCx, DeadLetter, SinkError, Sinks};
 
-/// Attempts per action before a transient failure is dead-lettered.
-const MAX_ATTEMPTS: u32 = 6;
-/// First retry delay; doubles per attempt up to `MAX_BACKOFF` (total wait before giving up: ~6 s).
-const FIRST_BACKOFF: Duration = Duration::from_millis(200);
-const MAX_BACKOFF: Duration = Duration::from_secs(2);
-/// A dead letter that cannot be written (the store is down) is retried at this pace, forever: the
-/// pipeline stops pulling meanwhile, which is the backpressure that keeps the event from being lost.
+/// A dead letter that cannot be written (its store is down) is retried at this pace, forever: the
+/// event stays unsettled meanwhile, so its position is not committed and the source stops being read
+/// once `delivery.concurrency` events wait: backpressure instead of loss.
 const DEAD_LETTER_RETRY: Duration = Duration::from_secs(1);
 
 /// How one action ended.
@@ -24,6 +25,8 @@ pub enum ActionResult {
     Done {
         attempts: u32,
     },
+    /// Its idempotency key was marked done by an earlier delivery: not run again.
+    Skipped,
     /// A shadow route's action: not sent.
     Shadow,
     /// Parked in the dead letters (a `dead-letter` action, a failed route, or a failed sink call).
@@ -34,6 +37,8 @@ pub enum ActionResult {
 
 pub struct Dispatcher {
     sinks: Arc<Sinks>,
+    retry: RetryConfig,
+    redact: Vec<String>,
 }
 
 pub fn now_ms() -> u64 {
@@ -43,21 +48,59 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// Replaces the named payload and record fields (and log-sink fields) by `***`.
+pub fn redact_event(event: &mut Event, fields: &[String]) {
+    for f in fields {
+        if let Some(v) = event.fields.get_mut(f) {
+            *v = Value::from("***");
+        }
+        for record in event.record.values_mut().flatten() {
+            if let Some(v) = record.get_mut(f) {
+                *v = Value::from("***");
+            }
+        }
+    }
+}
+
+fn redact_action(action: &mut Action, fields: &[String]) {
+    match &mut action.op {
+        Op::Log { fields: log_fields, .. } => {
+            for f in fields {
+                if let Some(v) = log_fields.get_mut(f) {
+                    *v = Value::from("***");
+                }
+            }
+        }
+        Op::Enqueue {
+            data: Value::Object(data),
+            ..
+        } => {
+            for f in fields {
+                if let Some(v) = data.get_mut(f) {
+                    *v = Value::from("***");
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
 impl Dispatcher {
-    pub fn new(sinks: Arc<Sinks>) -> Self {
-        Dispatcher { sinks }
+    pub fn new(sinks: Arc<Sinks>, retry: RetryConfig, redact: Vec<String>) -> Self {
+        Dispatcher { sinks, retry, redact }
     }
 
     /// Runs every action of the plan in order; returns how each ended.
     pub async fn run(&self, plan: &Plan, event: &Event) -> Vec<ActionResult> {
         let mut results = Vec::with_capacity(plan.actions.len());
         for action in &plan.actions {
-            results.push(self.run_action(plan, event, action).await);
+            results.push(self.run_action(&plan.rules_version, event, action).await);
         }
         results
     }
 
-    async fn run_action(&self, plan: &Plan, event: &Event, action: &Action) -> ActionResult {
+    /// Runs one action to its end (also used by `dead-letter retry`).
+    pub async fn run_action(&self, rules_version: &str, event: &Event, action: &Action) -> ActionResult {
         if action.shadow {
             metrics::counter!(m::SHADOW_ACTIONS, "route" => action.route.clone(), "sink" => action.sink.clone())
                 .increment(1);
@@ -65,58 +108,127 @@ impl Dispatcher {
             return ActionResult::Shadow;
         }
         if let Op::DeadLetter { reason } = &action.op {
-            let letter = self.letter(plan, event, action, reason.clone(), 0);
-            self.park(letter).await;
+            self.park(self.letter(rules_version, event, action, reason.clone(), 0))
+                .await;
             return ActionResult::DeadLettered { reason: reason.clone() };
         }
-        let Some(sink) = self.sinks.by_name.get(&action.sink) else {
+        if !self.sinks.by_name.contains_key(&action.sink) {
             let reason = format!("sink `{}` is not configured", action.sink);
-            self.park(self.letter(plan, event, action, reason.clone(), 0)).await;
+            self.park(self.letter(rules_version, event, action, reason.clone(), 0))
+                .await;
             return ActionResult::DeadLettered { reason };
+        }
+        match self.attempt(rules_version, event, action).await {
+            Ok(result) => result,
+            Err((err, attempts)) => {
+                let reason = format!("sink `{}` failed after {attempts} attempt(s): {err}", action.sink);
+                tracing::error!(sink = %action.sink, route = %action.route, event_id = %event.id, rules_version, error = %err, "Action dead-lettered.");
+                self.park(self.letter(rules_version, event, action, reason.clone(), attempts))
+                    .await;
+                ActionResult::DeadLettered { reason }
+            }
+        }
+    }
+
+    /// Claims the idempotency lease (when the action has a key), calls the sink, marks it done. Retries
+    /// transient errors of any of these steps within the budget.
+    async fn attempt(
+        &self,
+        rules_version: &str,
+        event: &Event,
+        action: &Action,
+    ) -> Result<ActionResult, (SinkError, u32)> {
+        let sink = self.sinks.by_name.get(&action.sink).expect("checked by the caller");
+        let key = match &action.op {
+            Op::Enqueue { idempotency_key, .. } => Some(idempotency_key.as_str()),
+            _ => None,
         };
-        let cx = ActionCx {
-            event,
-            rules_version: &plan.rules_version,
-        };
-        let mut backoff = FIRST_BACKOFF;
-        let mut attempt = 0;
+        let idem = &self.sinks.idempotency;
+        let cx = ActionCx { event, rules_version };
+        let started = Instant::now();
+        let budget = Duration::from_millis(self.retry.budget_ms);
+        let mut backoff = Duration::from_millis(self.retry.initial_backoff_ms.max(1));
+        let max_backoff = Duration::from_millis(self.retry.max_backoff_ms.max(1));
+        let mut token: Option<String> = None;
+        let mut attempts = 0;
         loop {
-            attempt += 1;
-            match sink.run(action, &cx).await {
-                Ok(_) => {
+            attempts += 1;
+            let step: Result<Option<ActionResult>, SinkError> = async {
+                if let Some(key) = key {
+                    match idem.claim(&action.sink, key, token.as_deref()).await? {
+                        Claim::Done => return Ok(Some(ActionResult::Skipped)),
+                        // Another holder (a crashed process whose lease has not expired, or a concurrent
+                        // delivery of the same key): wait for it like for a transient error.
+                        Claim::Busy => return Err(SinkError::Transient(format!("idempotency key `{key}` is leased by another holder"))),
+                        Claim::Acquired(t) => token = Some(t),
+                    }
+                }
+                let call = sink.run(action, &cx);
+                let outcome = match (key, &token) {
+                    // Renew the lease while the call runs, at a third of its lifetime.
+                    (Some(key), Some(t)) => {
+                        let renew_every = idem.ttls().lease / 3;
+                        tokio::pin!(call);
+                        loop {
+                            tokio::select! {
+                                r = &mut call => break r,
+                                _ = tokio::time::sleep(renew_every) => { let _ = idem.renew(&action.sink, key, t).await; }
+                            }
+                        }
+                    }
+                    _ => call.await,
+                };
+                outcome?;
+                if let Some(key) = key {
+                    idem.complete(&action.sink, key).await?;
+                }
+                Ok(None)
+            }
+            .await;
+            match step {
+                Ok(Some(result)) => {
+                    metrics::counter!(m::IDEMPOTENT_SKIPS, "sink" => action.sink.clone()).increment(1);
+                    tracing::debug!(sink = %action.sink, event_id = %event.id, "Action already done for its idempotency key; skipped.");
+                    return Ok(result);
+                }
+                Ok(None) => {
                     metrics::counter!(m::SINK_CALLS, "sink" => action.sink.clone(), "result" => "ok").increment(1);
-                    return ActionResult::Done { attempts: attempt };
+                    return Ok(ActionResult::Done { attempts });
                 }
                 Err(err) => {
                     metrics::counter!(m::SINK_CALLS, "sink" => action.sink.clone(), "result" => "error").increment(1);
-                    if err.is_transient() && attempt < MAX_ATTEMPTS {
+                    if err.is_transient() && started.elapsed() + backoff < budget {
                         metrics::counter!(m::SINK_RETRIES, "sink" => action.sink.clone()).increment(1);
-                        tracing::warn!(sink = %action.sink, route = %action.route, event_id = %event.id, attempt, error = %err, "Sink call failed; retrying.");
+                        tracing::warn!(sink = %action.sink, route = %action.route, event_id = %event.id, attempt = attempts, error = %err, "Sink call failed; retrying.");
                         tokio::time::sleep(jitter(backoff)).await;
-                        backoff = (backoff * 2).min(MAX_BACKOFF);
+                        backoff = (backoff * 2).min(max_backoff);
                         continue;
                     }
-                    let reason = format!("sink `{}` failed after {attempt} attempt(s): {err}", action.sink);
-                    tracing::error!(sink = %action.sink, route = %action.route, event_id = %event.id, rules_version = %plan.rules_version, error = %err, "Action dead-lettered.");
-                    self.park(self.letter(plan, event, action, reason.clone(), attempt))
-                        .await;
-                    return ActionResult::DeadLettered { reason };
+                    if let (Some(key), Some(t)) = (key, &token) {
+                        // Best effort: if Redis is down the lease simply expires.
+                        let _ = idem.release(&action.sink, key, t).await;
+                    }
+                    return Err((err, attempts));
                 }
             }
         }
     }
 
-    fn letter(&self, plan: &Plan, event: &Event, action: &Action, reason: String, attempts: u32) -> DeadLetter {
+    fn letter(&self, rules_version: &str, event: &Event, action: &Action, reason: String, attempts: u32) -> DeadLetter {
+        let mut event = event.clone();
+        let mut action = action.clone();
+        redact_event(&mut event, &self.redact);
+        redact_action(&mut action, &self.redact);
         DeadLetter {
             at_ms: now_ms(),
             reason,
-            rules_version: Some(plan.rules_version.clone()),
+            rules_version: Some(rules_version.to_string()),
             event_id: Some(event.id.clone()),
             route: Some(action.route.clone()),
             record_id: action.record_id.clone(),
-            action: Some(action.clone()),
+            action: Some(action),
             attempts,
-            event: Some(event.clone()),
+            event: Some(event),
             raw: None,
         }
     }

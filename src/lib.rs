@@ -4,6 +4,8 @@
 //! Sinks. See DESIGN.md for the architecture and README.md for the rule language.
 #![forbid(unsafe_code)]
 
+pub mod admin;
+pub mod checkpoint;
 pub mod cli;
 pub mod config;
 pub mod diag;
@@ -12,6 +14,7 @@ pub mod emulator;
 pub mod enrich;
 pub mod event;
 pub mod http;
+pub mod idempotency;
 pub mod metrics;
 pub mod pipeline;
 pub mod plan;

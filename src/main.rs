@@ -7,7 +7,7 @@ use clap::Parser;
 use switchyard::cli::{Cli, Command, LogFormat, ProblemFormat, SchemaKind};
 use switchyard::config::LoadedConfig;
 use switchyard::diag::{Problem, Severity};
-use switchyard::rules::load::{self, RuleEnv};
+use switchyard::rules::load::RuleEnv;
 use switchyard::service::{Service, StartError};
 use tokio::sync::watch;
 
@@ -29,11 +29,30 @@ async fn main() -> ExitCode {
     init_tracing(cli.log_format);
     match cli.command {
         Command::Run { config } => run(config).await,
-        Command::Validate { paths, config, format } => validate(paths, config, format),
+        Command::Validate {
+            paths,
+            config,
+            avro,
+            format,
+        } => validate(paths, config, avro, format),
+        Command::Test { paths } => test(paths),
+        Command::Checkpoint { config, op } => {
+            admin(config, |service, out| {
+                Box::pin(async move { switchyard::admin::checkpoint(service, op, out).await.map(|()| true) })
+            })
+            .await
+        }
+        Command::DeadLetter { config, op } => {
+            admin(config, |service, out| {
+                Box::pin(async move { switchyard::admin::dead_letter(service, op, out).await })
+            })
+            .await
+        }
         Command::Schema { kind } => {
             let schema = match kind {
                 SchemaKind::Rules => switchyard::schema::rules_schema(),
                 SchemaKind::Config => switchyard::schema::config_schema(),
+                SchemaKind::Tests => switchyard::schema::tests_schema(),
             };
             print!("{}", switchyard::schema::pretty(&schema));
             ExitCode::SUCCESS
@@ -89,6 +108,39 @@ async fn run(config: Option<PathBuf>) -> ExitCode {
     }
 }
 
+type AdminFuture<'a> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<bool, switchyard::admin::AdminError>> + 'a>>;
+
+/// Loads the config and connects its stores, then runs one operator command.
+async fn admin<F>(config: PathBuf, command: F) -> ExitCode
+where
+    F: for<'a> FnOnce(&'a Service, &'a mut std::io::Stdout) -> AdminFuture<'a>,
+{
+    let loaded = match LoadedConfig::load(&config) {
+        Ok(loaded) => loaded,
+        Err(problems) => {
+            eprintln!("{problems}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let service = match Service::start(loaded, false).await {
+        Ok(service) => service,
+        Err(e) => {
+            eprintln!("switchyard: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut out = std::io::stdout();
+    match command(&service, &mut out).await {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("switchyard: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 async fn wait_for_signal() {
     #[cfg(unix)]
     {
@@ -103,7 +155,7 @@ async fn wait_for_signal() {
     let _ = tokio::signal::ctrl_c().await;
 }
 
-fn validate(paths: Vec<PathBuf>, config: Option<PathBuf>, format: ProblemFormat) -> ExitCode {
+fn validate(paths: Vec<PathBuf>, config: Option<PathBuf>, avro: Option<PathBuf>, format: ProblemFormat) -> ExitCode {
     let mut problems = Vec::new();
     let (env, config_paths) = match &config {
         Some(path) => match LoadedConfig::load(path) {
@@ -120,7 +172,7 @@ fn validate(paths: Vec<PathBuf>, config: Option<PathBuf>, format: ProblemFormat)
         (true, false) => config_paths,
         (true, true) => vec![PathBuf::from("rules")],
     };
-    let loaded = load::load_paths(&paths, &env);
+    let loaded = switchyard::rules::validate::validate(&paths, &env, avro.as_deref());
     problems.extend(loaded.problems);
     report(&problems, format);
     let errors = problems.iter().filter(|p| p.severity == Severity::Error).count();
@@ -140,6 +192,42 @@ fn validate(paths: Vec<PathBuf>, config: Option<PathBuf>, format: ProblemFormat)
             eprintln!("{}: {errors} error(s), {warnings} warning(s)", display_paths(&paths));
             ExitCode::FAILURE
         }
+    }
+}
+
+fn test(paths: Vec<PathBuf>) -> ExitCode {
+    let paths = if paths.is_empty() {
+        vec![PathBuf::from("rules")]
+    } else {
+        paths
+    };
+    let files = switchyard::rules::testing::find_test_files(&paths);
+    if files.is_empty() {
+        eprintln!("{}: no *.test.yaml files found", display_paths(&paths));
+        return ExitCode::FAILURE;
+    }
+    let report = switchyard::rules::testing::run(&files);
+    for p in &report.problems {
+        println!("{p}");
+    }
+    for f in &report.failures {
+        println!("{}: case \"{}\" FAILED", f.at, f.case);
+        print!("{}", f.message);
+    }
+    println!(
+        "{} passed, {} failed{}",
+        report.passed,
+        report.failures.len(),
+        if report.problems.is_empty() {
+            String::new()
+        } else {
+            format!(", {} file problem(s)", report.problems.len())
+        }
+    );
+    if report.failures.is_empty() && report.problems.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     }
 }
 

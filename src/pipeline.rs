@@ -1,23 +1,38 @@
-//! The pipeline wires the boxes: source -> router (`when`) -> enricher -> router (`guard`) -> dispatcher.
-//! Events are handled one at a time in delivery order, which keeps every record's order.
+//! The pipeline wires the boxes: source -> router (`when`) -> enricher -> router (`guard`) -> dispatcher,
+//! and owns ordering and settlement (DESIGN.md §5).
+//!
+//! - Up to `delivery.concurrency` events are in flight; events that touch the same record id run one after
+//!   the other in delivery order, others concurrently.
+//! - An event is settled when every action succeeded, was skipped as done, or was dead-lettered. The
+//!   source position is committed in delivery order, only past settled events: a crash redelivers
+//!   whatever was in flight (at-least-once), and idempotency keys keep that from doing anything twice.
+//! - When `concurrency` events wait (Redis down), the source is not read: backpressure, not buffering.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::fmt::Write as _;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use tokio::sync::watch;
+use futures_util::FutureExt;
+use tokio::sync::{mpsc, watch};
 
+use crate::checkpoint::CheckpointStore;
 use crate::config::{Config, OnUnmatched};
-use crate::dispatch::{ActionResult, Dispatcher, now_ms};
+use crate::dispatch::{ActionResult, Dispatcher, now_ms, redact_event};
 use crate::enrich::Enricher;
 use crate::event::Event;
 use crate::metrics as m;
 use crate::plan::{Op, Outcome, Plan};
-use crate::router;
+use crate::router::{self, Needs};
 use crate::rules::RuleSet;
 use crate::sinks::{DeadLetter, Sinks};
 use crate::sources::Delivery;
 use crate::sources::jsonl::JsonlSource;
+
+/// How often a moved position is written to the checkpoint store (and at the end of every run).
+const COMMIT_EVERY: Duration = Duration::from_millis(200);
 
 /// Counts for the summary printed when a finite source ends.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -26,9 +41,30 @@ pub struct Stats {
     pub malformed: u64,
     pub unmatched: u64,
     pub actions_done: BTreeMap<String, u64>,
+    pub skipped: u64,
     pub shadow: u64,
     pub dead_letters: u64,
     pub routes_fired: BTreeMap<String, u64>,
+    /// Events settled (their positions may be committed).
+    pub settled: u64,
+}
+
+impl Stats {
+    fn merge(&mut self, other: Stats) {
+        self.events += other.events;
+        self.malformed += other.malformed;
+        self.unmatched += other.unmatched;
+        self.skipped += other.skipped;
+        self.shadow += other.shadow;
+        self.dead_letters += other.dead_letters;
+        self.settled += other.settled;
+        for (k, v) in other.actions_done {
+            *self.actions_done.entry(k).or_default() += v;
+        }
+        for (k, v) in other.routes_fired {
+            *self.routes_fired.entry(k).or_default() += v;
+        }
+    }
 }
 
 pub struct Pipeline {
@@ -38,6 +74,17 @@ pub struct Pipeline {
     pub sinks: Arc<Sinks>,
     pub on_unmatched: OnUnmatched,
     pub print_decisions: bool,
+    pub concurrency: usize,
+    pub shutdown_timeout: Duration,
+    pub redact: Vec<String>,
+}
+
+/// One settled delivery, reported by its task.
+struct Settled {
+    seq: u64,
+    end: Vec<u8>,
+    output: String,
+    stats: Stats,
 }
 
 impl Pipeline {
@@ -45,44 +92,226 @@ impl Pipeline {
         Pipeline {
             rules,
             enricher: Enricher::from_kind(config.enricher),
-            dispatcher: Dispatcher::new(sinks.clone()),
+            dispatcher: Dispatcher::new(sinks.clone(), config.delivery.retry.clone(), config.redact.clone()),
             sinks,
             on_unmatched: config.on_unmatched,
             print_decisions: config.print_decisions,
+            concurrency: config.delivery.concurrency.max(1),
+            shutdown_timeout: Duration::from_millis(config.delivery.shutdown_timeout_ms),
+            redact: config.redact.clone(),
         }
     }
 
-    /// Runs until the source ends or `shutdown` turns true (the event in hand is finished first).
-    pub async fn run(&self, source: &mut JsonlSource, mut shutdown: watch::Receiver<bool>) -> Stats {
+    /// Runs until the source ends or `shutdown` turns true; then lets in-flight events settle (within the
+    /// shutdown timeout) and commits the last settled position.
+    pub async fn run(self: &Arc<Self>, mut source: JsonlSource, mut shutdown: watch::Receiver<bool>) -> Stats {
+        let key = source.key.clone();
+        let (delivery_tx, mut deliveries) = mpsc::channel::<Delivery>(self.concurrency);
+        // Ends when the source ends, or when the pipeline drops `deliveries` (shutdown); aborted at the end.
+        let reader = tokio::spawn(async move {
+            while let Some(delivery) = source.next().await {
+                if delivery_tx.send(delivery).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let (settled_tx, mut settled_rx) = mpsc::unbounded_channel::<Settled>();
+        let mut tails: HashMap<String, watch::Receiver<bool>> = HashMap::new();
+        let mut waiting: BTreeMap<u64, Settled> = BTreeMap::new();
         let mut stats = Stats::default();
+        let (mut seq, mut next_settle, mut in_flight) = (0u64, 1u64, 0usize);
+        let (mut source_done, mut stopping, mut shutdown_gone) = (false, *shutdown.borrow(), false);
+        let mut last_end: Option<Vec<u8>> = None;
+        let mut committed: Option<Vec<u8>> = None;
+        let mut deadline = tokio::time::Instant::now() + Duration::from_secs(86_400 * 365);
+        if stopping {
+            deadline = tokio::time::Instant::now() + self.shutdown_timeout;
+        }
+        let mut tick = tokio::time::interval(COMMIT_EVERY);
         loop {
-            if *shutdown.borrow() {
+            if (source_done || stopping) && in_flight == 0 {
                 break;
             }
-            let delivery = tokio::select! {
-                d = source.next() => d,
-                _ = shutdown.changed() => continue,
-            };
-            let Some(delivery) = delivery else { break };
-            self.handle(delivery, &mut stats).await;
+            tokio::select! {
+                biased;
+                Some(done) = settled_rx.recv() => {
+                    in_flight -= 1;
+                    metrics::gauge!(m::EVENTS_IN_FLIGHT).set(in_flight as f64);
+                    waiting.insert(done.seq, done);
+                    // Settle in delivery order: print, count, and move the position past each.
+                    while let Some(done) = waiting.remove(&next_settle) {
+                        if !done.output.is_empty() {
+                            print!("{}", done.output);
+                        }
+                        stats.merge(done.stats);
+                        last_end = Some(done.end);
+                        next_settle += 1;
+                        metrics::counter!(m::EVENTS_SETTLED).increment(1);
+                    }
+                }
+                changed = shutdown.changed(), if !stopping && !shutdown_gone => match changed {
+                    Ok(()) if *shutdown.borrow() => {
+                        stopping = true;
+                        deadline = tokio::time::Instant::now() + self.shutdown_timeout;
+                        tracing::info!(in_flight, "Stopped reading the source; settling the events in flight.");
+                    }
+                    Ok(()) => {}
+                    Err(_) => shutdown_gone = true,
+                },
+                _ = tokio::time::sleep_until(deadline), if stopping => {
+                    tracing::warn!(in_flight, "Shutdown timeout: exiting with events in flight; they are redelivered on restart.");
+                    break;
+                }
+                delivery = deliveries.recv(), if !stopping && !source_done && in_flight < self.concurrency => {
+                    let Some(delivery) = delivery else {
+                        source_done = true;
+                        continue;
+                    };
+                    seq += 1;
+                    in_flight += 1;
+                    metrics::gauge!(m::EVENTS_IN_FLIGHT).set(in_flight as f64);
+                    self.spawn(seq, delivery, &mut tails, settled_tx.clone());
+                }
+                _ = tick.tick() => {
+                    self.commit(key.as_deref(), &last_end, &mut committed).await;
+                }
+            }
         }
+        drop(deliveries);
+        reader.abort();
+        self.commit(key.as_deref(), &last_end, &mut committed).await;
         stats
     }
 
-    /// Handles one delivery to the end: every action done, shadowed or dead-lettered.
-    pub async fn handle(&self, delivery: Delivery, stats: &mut Stats) {
-        match delivery {
-            Delivery::Malformed { position, raw, error } => {
+    async fn commit(&self, key: Option<&str>, last_end: &Option<Vec<u8>>, committed: &mut Option<Vec<u8>>) {
+        let (Some(key), Some(end)) = (key, last_end) else {
+            return;
+        };
+        if committed.as_ref() == Some(end) {
+            return;
+        }
+        match self.checkpoints().set(key, end).await {
+            Ok(()) => {
+                metrics::counter!(m::CHECKPOINT_COMMITS).increment(1);
+                *committed = Some(end.clone());
+            }
+            Err(e) => {
+                // Retried on the next tick; the position only ever lags, never leads.
+                metrics::counter!(m::CHECKPOINT_ERRORS).increment(1);
+                tracing::warn!(error = %e, "Position not committed; retrying.");
+            }
+        }
+    }
+
+    pub fn checkpoints(&self) -> &CheckpointStore {
+        &self.sinks.checkpoints
+    }
+
+    /// Starts one delivery's task after the earlier deliveries touching the same records.
+    fn spawn(
+        self: &Arc<Self>,
+        seq: u64,
+        delivery: Delivery,
+        tails: &mut HashMap<String, watch::Receiver<bool>>,
+        settled: mpsc::UnboundedSender<Settled>,
+    ) {
+        let end = delivery.end().to_vec();
+        // One rules version from the first route to the last; phase one is pure, so it runs here and
+        // tells which records the event touches.
+        let rules = self.rules.load_full();
+        let needs = match &delivery {
+            Delivery::Event { event, .. } => Some(router::needs(&rules, event)),
+            Delivery::Malformed { .. } => None,
+        };
+        let keys = needs.as_ref().map(Needs::record_ids).unwrap_or_default();
+        let deps: Vec<watch::Receiver<bool>> = keys
+            .iter()
+            .filter_map(|k| tails.get(k))
+            .filter(|rx| !*rx.borrow())
+            .cloned()
+            .collect();
+        let (done_tx, done_rx) = watch::channel(false);
+        for k in keys {
+            tails.insert(k, done_rx.clone());
+        }
+        if tails.len() > 4 * self.concurrency {
+            tails.retain(|_, rx| !*rx.borrow());
+        }
+        let this = self.clone();
+        tokio::spawn(async move {
+            for mut dep in deps {
+                // An error means the earlier task is gone, which it only is once it has finished.
+                let _ = dep.wait_for(|done| *done).await;
+            }
+            // Kept for the dead letter should handling panic (a bug, never bad input).
+            let copy = match &delivery {
+                Delivery::Event { event, .. } => Some((**event).clone()),
+                Delivery::Malformed { .. } => None,
+            };
+            let work = AssertUnwindSafe(this.handle(delivery, needs, &rules))
+                .catch_unwind()
+                .await;
+            let (output, stats) = match work {
+                Ok(done) => done,
+                Err(_) => {
+                    tracing::error!(seq, "Internal error while handling an event; it is dead-lettered.");
+                    let letter = DeadLetter {
+                        at_ms: now_ms(),
+                        reason: "internal error while handling the event (a switchyard bug; please report it)".into(),
+                        rules_version: Some(rules.version.clone()),
+                        event_id: copy.as_ref().map(|e| e.id.clone()),
+                        route: None,
+                        record_id: None,
+                        action: None,
+                        attempts: 0,
+                        event: copy,
+                        raw: None,
+                    };
+                    this.dispatcher.park(letter).await;
+                    (
+                        String::new(),
+                        Stats {
+                            settled: 1,
+                            dead_letters: 1,
+                            ..Stats::default()
+                        },
+                    )
+                }
+            };
+            let _ = done_tx.send(true);
+            let _ = settled.send(Settled {
+                seq,
+                end,
+                output,
+                stats,
+            });
+        });
+    }
+
+    /// Handles one delivery to the end; returns what to print (in order) and its counts.
+    async fn handle(&self, delivery: Delivery, needs: Option<Needs>, rules: &RuleSet) -> (String, Stats) {
+        let mut stats = Stats {
+            settled: 1,
+            ..Stats::default()
+        };
+        let mut out = String::new();
+        match (delivery, needs) {
+            (
+                Delivery::Malformed {
+                    position, raw, error, ..
+                },
+                _,
+            ) => {
                 stats.malformed += 1;
                 metrics::counter!(m::EVENTS_MALFORMED).increment(1);
                 tracing::error!(position = %position, error = %error, "Malformed input line dead-lettered.");
                 if self.print_decisions {
-                    println!("{position}: malformed event: {error} (dead-lettered)");
+                    let _ = writeln!(out, "{position}: malformed event: {error} (dead-lettered)");
                 }
                 let letter = DeadLetter {
                     at_ms: now_ms(),
                     reason: format!("{position}: {error}"),
-                    rules_version: Some(self.rules.load().version.clone()),
+                    rules_version: Some(rules.version.clone()),
                     event_id: None,
                     route: None,
                     record_id: None,
@@ -94,16 +323,19 @@ impl Pipeline {
                 self.dispatcher.park(letter).await;
                 stats.dead_letters += 1;
             }
-            Delivery::Event { mut event, position } => {
+            (
+                Delivery::Event {
+                    mut event, position, ..
+                },
+                Some(needs),
+            ) => {
                 stats.events += 1;
                 metrics::counter!(m::EVENTS, "channel" => event.channel.clone()).increment(1);
-                // One rules version from the first route to the last.
-                let rules = self.rules.load_full();
-                let plan = self.decide(&rules, &mut event).await;
-                if !plan.matched() {
-                    self.unmatched(&rules, &event, &position, stats).await;
-                    return;
+                if !needs.matched() {
+                    self.unmatched(rules, &event, &position, &mut stats, &mut out).await;
+                    return (out, stats);
                 }
+                let plan = self.finish(rules, &mut event, needs).await;
                 for d in &plan.decisions {
                     metrics::counter!(m::ROUTE_MATCHED, "route" => d.route.clone()).increment(1);
                     if matches!(d.outcome, Outcome::Failed(_)) {
@@ -115,6 +347,7 @@ impl Pipeline {
                 for (action, result) in plan.actions.iter().zip(&results) {
                     match result {
                         ActionResult::Done { .. } => *stats.actions_done.entry(action.sink.clone()).or_default() += 1,
+                        ActionResult::Skipped => stats.skipped += 1,
                         ActionResult::Shadow => stats.shadow += 1,
                         ActionResult::DeadLettered { .. } => stats.dead_letters += 1,
                     }
@@ -123,15 +356,16 @@ impl Pipeline {
                     *stats.routes_fired.entry(d.route.clone()).or_default() += 1;
                 }
                 if self.print_decisions {
-                    print_plan(&event, &position, &plan, &results);
+                    out.push_str(&render_plan(&event, &position, &plan, &results));
                 }
             }
+            (Delivery::Event { .. }, None) => unreachable!("phase one runs for every event"),
         }
+        (out, stats)
     }
 
-    /// Both router phases with the enrichment between them; the records read are kept with the event.
-    pub async fn decide(&self, rules: &RuleSet, event: &mut Event) -> Plan {
-        let needs = router::needs(rules, event);
+    /// Reads the records routes asked for, keeps them with the event, and runs phase two.
+    async fn finish(&self, rules: &RuleSet, event: &mut Event, needs: Needs) -> Plan {
         let requests = needs.requests(rules);
         let records = self.enricher.read(event, &requests).await;
         for (id, result) in &records {
@@ -142,11 +376,17 @@ impl Pipeline {
         router::plan(rules, event, needs, &records)
     }
 
-    async fn unmatched(&self, rules: &RuleSet, event: &Event, position: &str, stats: &mut Stats) {
+    /// Both router phases with the enrichment between them (for callers outside the stream).
+    pub async fn decide(&self, rules: &RuleSet, event: &mut Event) -> Plan {
+        let needs = router::needs(rules, event);
+        self.finish(rules, event, needs).await
+    }
+
+    async fn unmatched(&self, rules: &RuleSet, event: &Event, position: &str, stats: &mut Stats, out: &mut String) {
         stats.unmatched += 1;
         metrics::counter!(m::EVENTS_UNMATCHED, "channel" => event.channel.clone()).increment(1);
         if self.print_decisions {
-            println!("{} ({position}): no route matched", event.id);
+            let _ = writeln!(out, "{} ({position}): no route matched", event.id);
         }
         match self.on_unmatched {
             OnUnmatched::Ignore => {}
@@ -154,6 +394,8 @@ impl Pipeline {
                 tracing::info!(event_id = %event.id, channel = %event.channel, rules_version = %rules.version, "No route matched the event.")
             }
             OnUnmatched::DeadLetter => {
+                let mut event = event.clone();
+                redact_event(&mut event, &self.redact);
                 let letter = DeadLetter {
                     at_ms: now_ms(),
                     reason: "no route matched the event (on_unmatched: dead-letter)".into(),
@@ -163,7 +405,7 @@ impl Pipeline {
                     record_id: None,
                     action: None,
                     attempts: 0,
-                    event: Some(event.clone()),
+                    event: Some(event),
                     raw: None,
                 };
                 self.dispatcher.park(letter).await;
@@ -173,12 +415,13 @@ impl Pipeline {
     }
 }
 
-fn print_plan(event: &Event, position: &str, plan: &Plan, results: &[ActionResult]) {
+fn render_plan(event: &Event, position: &str, plan: &Plan, results: &[ActionResult]) -> String {
+    let mut out = String::new();
     let change = event
         .change_type()
         .map(|c| format!(" {}", c.as_str()))
         .unwrap_or_default();
-    println!("{} ({position}) {}{change}", event.id, event.channel);
+    let _ = writeln!(out, "{} ({position}) {}{change}", event.id, event.channel);
     for d in &plan.decisions {
         let outcome = match &d.outcome {
             Outcome::Then => "then".to_string(),
@@ -187,22 +430,24 @@ fn print_plan(event: &Event, position: &str, plan: &Plan, results: &[ActionResul
         };
         let record = d.record_id.as_deref().map(|r| format!(" [{r}]")).unwrap_or_default();
         let shadow = if d.shadow { " (shadow)" } else { "" };
-        println!("  {}{record}{shadow}: {outcome}", d.route);
+        let _ = writeln!(out, "  {}{record}{shadow}: {outcome}", d.route);
         for (action, result) in plan.actions.iter().zip(results) {
             if action.route != d.route || action.record_id != d.record_id {
                 continue;
             }
             let status = match result {
                 ActionResult::Done { .. } => "ok".to_string(),
+                ActionResult::Skipped => "skipped: already done".to_string(),
                 ActionResult::Shadow => "not sent".to_string(),
                 ActionResult::DeadLettered { .. } if matches!(action.op, Op::DeadLetter { .. }) => {
                     "dead-lettered".to_string()
                 }
                 ActionResult::DeadLettered { reason } => format!("dead-lettered: {reason}"),
             };
-            println!("    -> {}  [{status}]", action.summary());
+            let _ = writeln!(out, "    -> {}  [{status}]", action.summary());
         }
     }
+    out
 }
 
 impl Stats {
@@ -210,11 +455,12 @@ impl Stats {
     pub fn print_summary(&self, sinks: &Sinks) {
         println!();
         println!(
-            "Summary: {} events ({} malformed), {} matched no route, {} dead letters, {} shadow actions",
+            "Summary: {} events ({} malformed), {} matched no route, {} dead letters, {} skipped as already done, {} shadow actions",
             self.events + self.malformed,
             self.malformed,
             self.unmatched,
             self.dead_letters,
+            self.skipped,
             self.shadow
         );
         for (route, n) in &self.routes_fired {

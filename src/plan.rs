@@ -1,6 +1,6 @@
 //! A Plan: the actions the router decided for one event, rendered and ready for the dispatcher.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
@@ -8,21 +8,21 @@ use crate::config::JobOptions;
 use crate::rules::LogLevel;
 
 /// One rendered action.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Action {
     pub route: String,
     pub sink: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub record_id: Option<String>,
     /// A shadow route's action: recorded, never sent to its sink.
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub shadow: bool,
     #[serde(flatten)]
     pub op: Op,
 }
 
 /// What an action does, per sink kind.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "kebab-case")]
 pub enum Op {
     Enqueue {
@@ -78,7 +78,7 @@ impl Action {
 }
 
 /// How a route ended for one record.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "outcome", content = "error", rename_all = "kebab-case")]
 pub enum Outcome {
     /// `when` and `guard` held: the `then` actions.
@@ -90,19 +90,19 @@ pub enum Outcome {
 }
 
 /// A route whose `when` held (or failed) for one record.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Decision {
     pub route: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub record_id: Option<String>,
     #[serde(flatten)]
     pub outcome: Outcome,
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub shadow: bool,
 }
 
 /// Everything the router decided for one event, under one rules version.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Plan {
     pub event_id: String,
     pub rules_version: String,

@@ -75,6 +75,17 @@ impl Needs {
     pub fn matched(&self) -> bool {
         self.units.iter().any(|u| !u.is_empty())
     }
+
+    /// The record ids the event's actions can touch (for per-record ordering), without duplicates.
+    pub fn record_ids(&self) -> Vec<String> {
+        let mut ids: Vec<String> = Vec::new();
+        for id in self.units.iter().flatten().filter_map(|w| w.record_id.as_ref()) {
+            if !ids.contains(id) {
+                ids.push(id.clone());
+            }
+        }
+        ids
+    }
 }
 
 /// Builds the script context of an event once; every route is evaluated against it.
@@ -96,13 +107,103 @@ fn event_scope(rules: &RuleSet, event: &Event) -> Scope<'static> {
 }
 
 fn eval(rules: &RuleSet, scope: &mut Scope<'static>, predicate: &Predicate) -> Result<bool, String> {
+    eval_at(rules, scope, predicate).map_err(|(message, _)| message)
+}
+
+/// Evaluates a predicate; an error carries the position inside the predicate when Rhai knows it.
+fn eval_at(
+    rules: &RuleSet,
+    scope: &mut Scope<'static>,
+    predicate: &Predicate,
+) -> Result<bool, (String, Option<(usize, usize)>)> {
     let value = rules
         .engine
         .eval_ast_with_scope::<Dynamic>(scope, &predicate.ast)
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| {
+            let position = e.position();
+            (
+                e.to_string(),
+                position.line().map(|l| (l, position.position().unwrap_or(1))),
+            )
+        })?;
     value
         .as_bool()
-        .map_err(|t| format!("the predicate returned a {t}, not true or false"))
+        .map_err(|t| (format!("the predicate returned a {t}, not true or false"), None))
+}
+
+/// A predicate that failed on a fixture event during a dry run.
+#[derive(Debug, Clone)]
+pub struct DryRunError {
+    pub route: usize,
+    /// `when` or `guard`.
+    pub clause: &'static str,
+    pub message: String,
+    /// The file position of the failing spot (or of the predicate's start).
+    pub line: u64,
+    pub column: u64,
+}
+
+/// Evaluates every candidate route's `when` on the event, and `guard` (with the recorded record, or as
+/// "not found") wherever `when` held: finds the errors only run time shows (an unknown function, a
+/// non-boolean result) on the paths the fixtures exercise. `stop` is ignored so every route is tried.
+pub fn dry_run(rules: &RuleSet, event: &Event) -> Vec<DryRunError> {
+    let ctx = HelperCtx::new(event);
+    let mut scope = event_scope(rules, event);
+    let mut errors = Vec::new();
+    let unit_ids: Vec<Option<String>> = if event.header.is_some() {
+        event.record_ids().iter().cloned().map(Some).collect()
+    } else {
+        vec![None]
+    };
+    let fail = |route: usize, clause: &'static str, p: &Predicate, (message, at): (String, Option<(usize, usize)>)| {
+        let (line, column) = at.map(|(l, c)| p.place(l, c)).unwrap_or((p.line, p.column));
+        // The file position replaces Rhai's own "(line 1, position 22)" inside the predicate.
+        let message = match message.rfind(" (line ") {
+            Some(i) if message.ends_with(')') => message[..i].to_string(),
+            _ => message,
+        };
+        DryRunError {
+            route,
+            clause,
+            message,
+            line,
+            column,
+        }
+    };
+    helpers::with_ctx(&ctx, || {
+        for unit_id in unit_ids {
+            for &i in rules.candidates(&event.channel) {
+                let route = &rules.routes[i];
+                scope.set_value("record_id", dyn_opt(unit_id.as_deref()));
+                scope.set_value("record", Dynamic::from_map(rhai::Map::new()));
+                ctx.set_has_record(false);
+                match eval_at(rules, &mut scope, &route.when) {
+                    Ok(true) => {}
+                    Ok(false) => continue,
+                    Err(e) => {
+                        errors.push(fail(i, "when", &route.when, e));
+                        continue;
+                    }
+                }
+                let Some(guard) = &route.guard else { continue };
+                let recorded = unit_id.as_ref().and_then(|id| event.record.get(id)).cloned().flatten();
+                let record: Map<String, Value> = match (&route.enrich, &recorded) {
+                    (Some(enrich), Some(fields)) => enrich
+                        .fields
+                        .iter()
+                        .map(|f| (f.clone(), fields.get(f).cloned().unwrap_or(Value::Null)))
+                        .collect(),
+                    _ => Map::new(),
+                };
+                ctx.set_has_record(recorded.is_some());
+                scope.set_value("record", rhai::serde::to_dynamic(&record).unwrap_or(Dynamic::UNIT));
+                if let Err(e) = eval_at(rules, &mut scope, guard) {
+                    errors.push(fail(i, "guard", guard, e));
+                }
+            }
+        }
+    });
+    errors
 }
 
 fn dyn_opt(value: Option<&str>) -> Dynamic {

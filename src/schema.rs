@@ -13,6 +13,10 @@ pub fn config_schema() -> Value {
     serde_json::to_value(schemars::schema_for!(Config)).expect("a schema is always JSON")
 }
 
+pub fn tests_schema() -> Value {
+    serde_json::to_value(schemars::schema_for!(crate::rules::testing::TestFile)).expect("a schema is always JSON")
+}
+
 /// The schema as checked in under `schemas/` (pretty, with a final newline).
 pub fn pretty(schema: &Value) -> String {
     let mut text = serde_json::to_string_pretty(schema).expect("a schema is always JSON");

@@ -27,6 +27,8 @@ pub enum StartError {
     Sinks(#[from] BuildError),
     #[error("cannot open the event source {path}: {source}")]
     Source { path: PathBuf, source: std::io::Error },
+    #[error("cannot read the stored position: {0}")]
+    Checkpoint(crate::checkpoint::CheckpointError),
     #[error("cannot listen on {listen}: {source}")]
     Http { listen: String, source: std::io::Error },
 }
@@ -37,7 +39,7 @@ pub struct Service {
     pub embedded: bool,
     pub rules: Arc<ArcSwap<RuleSet>>,
     pub sinks: Arc<Sinks>,
-    pub pipeline: Pipeline,
+    pub pipeline: Arc<Pipeline>,
     /// Warnings found while loading the rules.
     pub warnings: Vec<Problem>,
 }
@@ -71,8 +73,8 @@ impl Service {
         tracing::info!(rules_version = %ruleset.version, routes = ruleset.routes.len(), mode = config.config.mode.as_str(), "Rules loaded.");
         metrics::gauge!(m::RULES_VERSION, "version" => ruleset.version.clone()).set(1.0);
         let rules = Arc::new(ArcSwap::from_pointee(ruleset));
-        let sinks = Arc::new(Sinks::build(&config.config).await?);
-        let pipeline = Pipeline::new(&config.config, rules.clone(), sinks.clone());
+        let sinks = Arc::new(Sinks::build(&config).await?);
+        let pipeline = Arc::new(Pipeline::new(&config.config, rules.clone(), sinks.clone()));
         Ok(Service {
             config,
             embedded,
@@ -94,7 +96,13 @@ impl Service {
             SourceKind::Jsonl => {
                 let jsonl = c.source.jsonl.as_ref().expect("validated: a jsonl source has settings");
                 let path = self.config.resolve(&jsonl.path);
-                JsonlSource::file(&path, jsonl.follow)
+                let key = JsonlSource::key_for(&path);
+                let stored = self.sinks.checkpoints.get(&key).await.map_err(StartError::Checkpoint)?;
+                let start = stored.as_deref().and_then(crate::checkpoint::offset_of).unwrap_or(0);
+                if start > 0 {
+                    tracing::info!(%key, offset = start, "Resuming the source from its stored position.");
+                }
+                JsonlSource::file(&path, jsonl.follow, start)
                     .await
                     .map_err(|source| StartError::Source { path, source })?
             }
@@ -103,7 +111,7 @@ impl Service {
 
     /// Serves HTTP (when configured) and runs the pipeline until the source ends or `shutdown` flips.
     pub async fn run(&self, shutdown: watch::Receiver<bool>) -> Result<Stats, StartError> {
-        let mut source = self.source().await?;
+        let source = self.source().await?;
         let http = match &self.config.config.http {
             Some(http) => {
                 let (addr, task) = crate::http::serve(&http.listen, self.rules.clone(), m::install(), shutdown.clone())
@@ -117,7 +125,7 @@ impl Service {
             }
             None => None,
         };
-        let stats = self.pipeline.run(&mut source, shutdown).await;
+        let stats = self.pipeline.run(source, shutdown).await;
         if let Some(task) = http {
             task.abort();
         }

@@ -167,6 +167,7 @@ fn schema_output_equals_the_checked_in_schemas() {
     for (kind, file) in [
         ("rules", "schemas/rules.schema.json"),
         ("config", "schemas/config.schema.json"),
+        ("tests", "schemas/rules-test.schema.json"),
     ] {
         let out = run(&["schema", kind]);
         assert!(out.status.success());

@@ -12,7 +12,7 @@ use sha2::{Digest, Sha256};
 
 use super::model::{ActionSpec, RouteSpec, RulesFile};
 use super::template::{Root, Template, ValueTemplate};
-use super::{ActionParams, ActionTemplate, CONTEXT_VARIABLES, Predicate, Route, RuleSet, helpers, suggest};
+use super::{ActionParams, ActionTemplate, CONTEXT_VARIABLES, Placer, Predicate, Route, RuleSet, helpers, suggest};
 use crate::config::{DEAD_LETTER_SINK, EnricherKind, LoadedConfig, Mode, SinkKind, default_channels, default_sinks};
 use crate::diag::{Problem, Severity};
 
@@ -128,7 +128,14 @@ pub fn load_paths(paths: &[PathBuf], env: &RuleEnv) -> Loaded {
 pub fn version_of(sources: &[RuleSource]) -> String {
     let mut hasher = Sha256::new();
     for s in sources {
-        hasher.update(s.path.to_string_lossy().as_bytes());
+        // The file name, not the path as spelled: `rules/` and `examples/../rules/` are the same rules.
+        hasher.update(
+            s.path
+                .file_name()
+                .map(|n| n.to_string_lossy())
+                .unwrap_or_default()
+                .as_bytes(),
+        );
         hasher.update([0]);
         hasher.update(s.text.as_bytes());
         hasher.update([0]);
@@ -165,9 +172,31 @@ impl FileCx<'_> {
     /// Exact for plain single-line values, `|` and `|-` blocks and simple quoted strings; for folded (`>`)
     /// blocks and strings with escapes it is the best estimate (lines may be joined or shifted).
     fn inner(&self, s: &Spanned<String>, line: usize, column: usize) -> (u64, u64) {
+        self.placer(s).place(line, column)
+    }
+
+    fn placer(&self, s: &Spanned<String>) -> Placer {
         let (l, c) = self.at(s);
-        let quote = u64::from(self.quoted(s) && line == 1);
-        (l + line as u64 - 1, c + column as u64 - 1 + quote)
+        Placer::new(l, c, self.quoted(s), self.folded_pieces(l, c))
+    }
+
+    /// For a `>` folded block starting at line `l`, column `c`: each source line of its content.
+    fn folded_pieces(&self, l: u64, c: u64) -> Option<Vec<(u64, u64, usize)>> {
+        let lines: Vec<&str> = self.text.lines().collect();
+        let header = lines.get((l as usize).checked_sub(2)?)?.trim_end();
+        let indicator = header.rsplit(':').next()?.trim();
+        if !(indicator.starts_with('>') && indicator.len() <= 3) {
+            return None;
+        }
+        let mut pieces = Vec::new();
+        for (n, text) in lines.iter().enumerate().skip(l as usize - 1) {
+            let indent = text.chars().take_while(|ch| *ch == ' ').count();
+            if text.trim().is_empty() || (indent as u64) < c - 1 {
+                break;
+            }
+            pieces.push((n as u64 + 1, indent as u64 + 1, text.trim().chars().count()));
+        }
+        Some(pieces)
     }
 
     /// The file position of a byte offset inside a single-line template string.
@@ -405,6 +434,7 @@ fn compile_route(
         name: name.to_string(),
         file: cx.path.to_path_buf(),
         line: spec.name.referenced.line(),
+        column: spec.name.referenced.column(),
         channel: channel?,
         mode: mode?,
         when: when?,
@@ -438,6 +468,9 @@ fn compile_predicate(
         Ok(ast) => Some(Predicate {
             source: source.value.clone(),
             ast,
+            line: source.referenced.line(),
+            column: source.referenced.column(),
+            placer: cx.placer(source),
         }),
         Err(err) => {
             // An error at the end of input (an unclosed parenthesis) points just past the last character.

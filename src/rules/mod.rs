@@ -4,6 +4,8 @@ pub mod helpers;
 pub mod load;
 pub mod model;
 pub mod template;
+pub mod testing;
+pub mod validate;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -12,6 +14,7 @@ use rhai::{AST, Engine};
 use serde_json::{Map, Value};
 
 use crate::config::{JobOptions, Mode, SinkKind};
+
 pub use model::{EnrichSpec, LogLevel};
 use template::{Template, ValueTemplate};
 
@@ -23,6 +26,56 @@ pub const CONTEXT_VARIABLES: &[&str] = &["event", "header", "record_id", "record
 pub struct Predicate {
     pub source: String,
     pub ast: AST,
+    /// Where the predicate's text starts in its file (1-based).
+    pub line: u64,
+    pub column: u64,
+    pub placer: Placer,
+}
+
+impl Predicate {
+    /// The file position of a (1-based) line and column inside the predicate text.
+    pub fn place(&self, line: usize, column: usize) -> (u64, u64) {
+        self.placer.place(line, column)
+    }
+}
+
+/// Maps a position inside a YAML scalar's value to its position in the file.
+///
+/// Exact for plain values, `|`/`|-` blocks, single-quoted strings and double-quoted strings without
+/// escapes, and for `>` folded blocks whose lines are joined by single spaces (no blank or more-indented
+/// lines); otherwise the best estimate (escapes shift columns).
+#[derive(Debug, Clone)]
+pub struct Placer {
+    line: u64,
+    column: u64,
+    quoted: bool,
+    /// Folded blocks: the source line, column and length of each piece of the joined value.
+    folded: Option<Vec<(u64, u64, usize)>>,
+}
+
+impl Placer {
+    pub fn new(line: u64, column: u64, quoted: bool, folded: Option<Vec<(u64, u64, usize)>>) -> Self {
+        Placer {
+            line,
+            column,
+            quoted,
+            folded,
+        }
+    }
+
+    pub fn place(&self, line: usize, column: usize) -> (u64, u64) {
+        if let (Some(pieces), 1) = (&self.folded, line) {
+            let mut rest = column;
+            for &(l, c, len) in pieces {
+                if rest <= len + 1 {
+                    return (l, c + rest as u64 - 1);
+                }
+                rest -= len + 1;
+            }
+        }
+        let quote = u64::from(self.quoted && line == 1);
+        (self.line + line as u64 - 1, self.column + column as u64 - 1 + quote)
+    }
 }
 
 /// A compiled action: which sink, and that sink kind's templates.
@@ -62,7 +115,9 @@ pub enum ActionParams {
 pub struct Route {
     pub name: String,
     pub file: PathBuf,
+    /// Where the route's `name` is.
     pub line: u64,
+    pub column: u64,
     /// The channel name (aliases resolved).
     pub channel: String,
     pub mode: Mode,

@@ -22,7 +22,21 @@ pub struct RulesFile {
     pub vars: IndexMap<String, Spanned<Value>>,
     /// The routes, evaluated in file order; every route whose `when` (and `guard`) hold fires.
     #[serde(default)]
+    #[schemars(example = example_routes())]
     pub routes: Vec<RouteSpec>,
+}
+
+fn example_routes() -> Value {
+    serde_json::json!([{
+        "name": "invalidate-order-cache",
+        "channel": "orders",
+        "when": "changed_any([\"Status\", \"BillingAddress\"])",
+        "then": [{"sink": "invalidate-cache", "keys": ["orders:detail:{{record_id}}"]}]
+    }])
+}
+
+fn example_actions() -> Value {
+    serde_json::json!([{"sink": "log", "message": "Order already has WHMCS Order ID, skipping provisioning"}])
 }
 
 fn example_vars() -> Value {
@@ -49,6 +63,7 @@ pub struct RouteSpec {
     pub when: Spanned<String>,
     /// The record to read once `when` passed; its fields become `record` in `guard` and templates.
     #[serde(default)]
+    #[schemars(example = serde_json::json!({"object": "Order", "fields": ["WHMCS_Order_ID__c", "AccountId"]}))]
     pub enrich: Option<EnrichSpec>,
     /// A Rhai predicate that may also use `record`; when it fails, the `else` actions run.
     #[serde(default)]
@@ -60,11 +75,11 @@ pub struct RouteSpec {
     pub record_id: Option<Spanned<String>>,
     /// Actions run, in order, when `when` and `guard` hold.
     #[serde(default)]
-    #[schemars(with = "Vec<ActionSpec>")]
+    #[schemars(with = "Vec<ActionSpec>", example = example_actions())]
     pub then: Vec<Spanned<ActionSpec>>,
     /// Actions run, in order, when `when` held but `guard` did not.
     #[serde(default, rename = "else")]
-    #[schemars(with = "Vec<ActionSpec>")]
+    #[schemars(with = "Vec<ActionSpec>", example = example_actions())]
     pub otherwise: Vec<Spanned<ActionSpec>>,
     /// When `when` held, evaluate no later route for this record.
     #[serde(default)]
@@ -109,6 +124,7 @@ pub struct ActionSpec {
     pub idempotency_key: Option<Spanned<String>>,
     /// queue: BullMQ job options for this action, over the sink's defaults.
     #[serde(default)]
+    #[schemars(example = serde_json::json!({"attempts": 5, "backoff": {"type": "exponential", "delay": 1000}}))]
     pub job_options: Option<JobOptions>,
     /// cache-invalidate: keys to UNLINK; a key with a missing part is skipped.
     #[serde(default)]
@@ -120,6 +136,7 @@ pub struct ActionSpec {
     pub patterns: Option<Vec<Spanned<String>>>,
     /// cache-invalidate: a message to PUBLISH after the keys are gone.
     #[serde(default)]
+    #[schemars(example = serde_json::json!({"channel": "orders:invalidated", "message": "{{record_id}}"}))]
     pub publish: Option<PublishSpec>,
     /// log: the message.
     #[serde(default)]
@@ -127,6 +144,7 @@ pub struct ActionSpec {
     pub message: Option<Spanned<String>>,
     /// log: the level.
     #[serde(default)]
+    #[schemars(example = &"warn")]
     pub level: Option<LogLevel>,
     /// log: extra structured fields (templates).
     #[serde(default)]
@@ -157,9 +175,13 @@ pub struct PublishSpec {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum LogLevel {
+    /// Something failed and needs a person.
     Error,
+    /// Something unusual an operator should see.
     Warn,
+    /// The normal level for decisions worth keeping.
     #[default]
     Info,
+    /// Detail for troubleshooting; hidden unless `RUST_LOG` asks for it.
     Debug,
 }

@@ -10,11 +10,8 @@ use super::{MemoryBackend, SinkError};
 use crate::event::Event;
 use crate::plan::Action;
 
-/// Dead letters kept in the Redis stream: the oldest are trimmed past this many (approximately).
-const STREAM_MAXLEN: usize = 100_000;
-
 /// One dead letter.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct DeadLetter {
     /// Milliseconds since the epoch when it was written.
     pub at_ms: u64,
@@ -33,15 +30,20 @@ pub struct DeadLetter {
 }
 
 pub enum DeadLetters {
-    Redis { conn: ConnectionManager, key: String },
+    Redis {
+        conn: ConnectionManager,
+        key: String,
+        max_len: usize,
+    },
     Memory(Arc<MemoryBackend>),
 }
 
 impl DeadLetters {
-    pub fn redis(conn: ConnectionManager, key_prefix: &str) -> Self {
+    pub fn redis(conn: ConnectionManager, key_prefix: &str, max_len: usize) -> Self {
         DeadLetters::Redis {
             conn,
             key: format!("{key_prefix}dead-letters"),
+            max_len,
         }
     }
 
@@ -52,13 +54,13 @@ impl DeadLetters {
     pub async fn write(&self, letter: &DeadLetter) -> Result<(), SinkError> {
         let entry = serde_json::to_value(letter).map_err(|e| SinkError::Permanent(e.to_string()))?;
         match self {
-            DeadLetters::Redis { conn, key } => {
+            DeadLetters::Redis { conn, key, max_len } => {
                 let mut conn = conn.clone();
                 redis::cmd("XADD")
                     .arg(key)
                     .arg("MAXLEN")
                     .arg("~")
-                    .arg(STREAM_MAXLEN)
+                    .arg(*max_len)
                     .arg("*")
                     .arg("entry")
                     .arg(entry.to_string())
@@ -78,10 +80,10 @@ impl DeadLetters {
         }
     }
 
-    /// Every stored dead letter (for tests and the CLI).
-    pub async fn list(&self) -> Result<Vec<Value>, SinkError> {
+    /// Every stored dead letter with its id, oldest first.
+    pub async fn list(&self) -> Result<Vec<(String, Value)>, SinkError> {
         match self {
-            DeadLetters::Redis { conn, key } => {
+            DeadLetters::Redis { conn, key, .. } => {
                 let mut conn = conn.clone();
                 let entries: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
                     .arg(key)
@@ -92,11 +94,52 @@ impl DeadLetters {
                     .map_err(|e| SinkError::from_redis(&e))?;
                 Ok(entries
                     .into_iter()
-                    .filter_map(|(_, fields)| fields.into_iter().find(|(k, _)| k == "entry"))
-                    .filter_map(|(_, v)| serde_json::from_str(&v).ok())
+                    .filter_map(|(id, fields)| {
+                        let entry = fields.into_iter().find(|(k, _)| k == "entry")?.1;
+                        Some((id, serde_json::from_str(&entry).ok()?))
+                    })
                     .collect())
             }
-            DeadLetters::Memory(memory) => Ok(memory.dead_letters()),
+            DeadLetters::Memory(memory) => Ok(memory
+                .dead_letters()
+                .into_iter()
+                .enumerate()
+                .map(|(i, v)| (format!("{i}-0"), v))
+                .collect()),
+        }
+    }
+
+    /// Removes dead letters by id; returns how many were removed.
+    pub async fn delete(&self, ids: &[String]) -> Result<usize, SinkError> {
+        match self {
+            DeadLetters::Redis { conn, key, .. } => {
+                if ids.is_empty() {
+                    return Ok(0);
+                }
+                let mut conn = conn.clone();
+                let n: usize = redis::cmd("XDEL")
+                    .arg(key)
+                    .arg(ids)
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(|e| SinkError::from_redis(&e))?;
+                Ok(n)
+            }
+            DeadLetters::Memory(memory) => {
+                let mut letters = memory
+                    .dead_letters
+                    .lock()
+                    .expect("memory backend lock is never poisoned");
+                let before = letters.len();
+                let keep: Vec<Value> = std::mem::take(&mut *letters)
+                    .into_iter()
+                    .enumerate()
+                    .filter(|(i, _)| !ids.contains(&format!("{i}-0")))
+                    .map(|(_, v)| v)
+                    .collect();
+                *letters = keep;
+                Ok(before - letters.len())
+            }
         }
     }
 }

@@ -9,8 +9,10 @@ pub mod queue;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use crate::config::{Config, SinkConfig};
+use crate::checkpoint::CheckpointStore;
+use crate::config::{CheckpointStoreKind, LoadedConfig, SinkConfig};
 use crate::event::Event;
+use crate::idempotency::{Idempotency, Ttls};
 use crate::plan::{Action, Op};
 pub use dead_letter::{DeadLetter, DeadLetters};
 pub use memory::MemoryBackend;
@@ -105,10 +107,13 @@ fn op_name(op: &Op) -> &'static str {
     }
 }
 
-/// Every sink of the config by name, plus the dead-letter store.
+/// Every sink of the config by name, plus the stores the dispatcher and pipeline need: dead letters,
+/// idempotency markers and source positions (all in the same Redis, or all in memory).
 pub struct Sinks {
     pub by_name: HashMap<String, Sink>,
     pub dead_letters: DeadLetters,
+    pub idempotency: Idempotency,
+    pub checkpoints: CheckpointStore,
     /// The in-memory backend when the config has no `redis`.
     pub memory: Option<Arc<MemoryBackend>>,
 }
@@ -128,7 +133,8 @@ pub enum BuildError {
 
 impl Sinks {
     /// Connects what the config names: Redis when `redis` is set, memory otherwise.
-    pub async fn build(config: &Config) -> Result<Sinks, BuildError> {
+    pub async fn build(loaded: &LoadedConfig) -> Result<Sinks, BuildError> {
+        let config = &loaded.config;
         let redis = match &config.redis {
             Some(r) => {
                 let client = redis::Client::open(r.url.as_str()).map_err(|source| BuildError::Redis {
@@ -165,13 +171,39 @@ impl Sinks {
             by_name.insert(name.clone(), built);
         }
         let dead_letters = match (&redis, &memory) {
-            (Some((r, conn)), _) => DeadLetters::redis(conn.clone(), &r.key_prefix),
+            (Some((r, conn)), _) => DeadLetters::redis(conn.clone(), &r.key_prefix, config.dead_letters.max_len),
             (None, Some(m)) => DeadLetters::memory(m.clone()),
             (None, None) => unreachable!("memory is set whenever redis is not"),
+        };
+        let ttls = Ttls {
+            lease: std::time::Duration::from_millis(config.delivery.lease_ms),
+            done: std::time::Duration::from_secs(config.delivery.done_ttl_hours * 3600),
+        };
+        let idempotency = match &redis {
+            Some((r, conn)) => Idempotency::redis(conn.clone(), &r.key_prefix, ttls),
+            None => Idempotency::memory(ttls),
+        };
+        let store = config.checkpoint.as_ref().map(|c| c.store);
+        let checkpoints = match (store, &redis) {
+            (Some(CheckpointStoreKind::File), _) => {
+                let path = config
+                    .checkpoint
+                    .as_ref()
+                    .and_then(|c| c.path.as_ref())
+                    .expect("validated: a file store has a path");
+                CheckpointStore::file(&loaded.resolve(path))
+            }
+            (Some(CheckpointStoreKind::Memory), _) | (None, None) => CheckpointStore::memory(),
+            (Some(CheckpointStoreKind::Redis) | None, Some((r, conn))) => {
+                CheckpointStore::redis(conn.clone(), &r.key_prefix)
+            }
+            (Some(CheckpointStoreKind::Redis), None) => unreachable!("validated: a redis store needs redis"),
         };
         Ok(Sinks {
             by_name,
             dead_letters,
+            idempotency,
+            checkpoints,
             memory,
         })
     }

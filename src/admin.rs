@@ -1,0 +1,170 @@
+//! `switchyard checkpoint` and `switchyard dead-letter`: operator commands against a config's stores.
+
+use std::io::Write;
+
+use serde_json::Value;
+
+use crate::checkpoint::{describe, offset_bytes, unhex};
+use crate::cli::{CheckpointOp, DeadLetterOp};
+use crate::dispatch::ActionResult;
+use crate::plan::{Action, Op};
+use crate::service::Service;
+use crate::sinks::DeadLetter;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("{0}")]
+    Usage(String),
+    #[error(transparent)]
+    Checkpoint(#[from] crate::checkpoint::CheckpointError),
+    #[error(transparent)]
+    Store(#[from] crate::sinks::SinkError),
+}
+
+pub async fn checkpoint(service: &Service, op: CheckpointOp, out: &mut impl Write) -> Result<(), AdminError> {
+    let store = &service.sinks.checkpoints;
+    match op {
+        CheckpointOp::Show => {
+            let all = store.list().await?;
+            if all.is_empty() {
+                let _ = writeln!(out, "no stored positions");
+            }
+            for (key, bytes) in all {
+                let _ = writeln!(out, "{key}\t{}", describe(&key, &bytes));
+            }
+        }
+        CheckpointOp::Set { key, value } => {
+            let bytes = match value.strip_prefix("offset:") {
+                Some(n) => offset_bytes(
+                    n.parse()
+                        .map_err(|_| AdminError::Usage(format!("`{n}` is not a byte offset")))?,
+                ),
+                None => {
+                    unhex(&value).ok_or_else(|| AdminError::Usage(format!("`{value}` is not hex bytes or offset:N")))?
+                }
+            };
+            store.set(&key, &bytes).await?;
+            let _ = writeln!(out, "{key}\t{}", describe(&key, &bytes));
+        }
+        CheckpointOp::Reset { key } => {
+            store.reset(&key).await?;
+            let _ = writeln!(out, "{key}\treset");
+        }
+    }
+    Ok(())
+}
+
+fn summary(id: &str, letter: &Value) -> String {
+    let s = |k: &str| letter.get(k).and_then(Value::as_str).unwrap_or("-").to_string();
+    format!(
+        "{id}\t{}\t{}\t{}\t{}",
+        letter.get("at_ms").and_then(Value::as_u64).unwrap_or(0),
+        s("route"),
+        s("event_id"),
+        s("reason")
+    )
+}
+
+pub async fn dead_letter(service: &Service, op: DeadLetterOp, out: &mut impl Write) -> Result<bool, AdminError> {
+    let store = &service.sinks.dead_letters;
+    let all = store.list().await?;
+    let pick = |ids: &[String], every: bool| -> Result<Vec<(String, Value)>, AdminError> {
+        if every {
+            return Ok(all.clone());
+        }
+        if ids.is_empty() {
+            return Err(AdminError::Usage("name dead-letter ids, or --all".into()));
+        }
+        ids.iter()
+            .map(|id| {
+                all.iter()
+                    .find(|(i, _)| i == id)
+                    .cloned()
+                    .ok_or_else(|| AdminError::Usage(format!("no dead letter `{id}`")))
+            })
+            .collect()
+    };
+    match op {
+        DeadLetterOp::List => {
+            let _ = writeln!(out, "id\tat_ms\troute\tevent_id\treason");
+            for (id, letter) in &all {
+                let _ = writeln!(out, "{}", summary(id, letter));
+            }
+            Ok(true)
+        }
+        DeadLetterOp::Show { id } => {
+            let (_, letter) = pick(&[id], false)?.remove(0);
+            let _ = writeln!(out, "{}", serde_json::to_string_pretty(&letter).unwrap_or_default());
+            Ok(true)
+        }
+        DeadLetterOp::Purge { ids, all: every } => {
+            let chosen: Vec<String> = pick(&ids, every)?.into_iter().map(|(id, _)| id).collect();
+            let n = store.delete(&chosen).await?;
+            let _ = writeln!(out, "purged {n} dead letter(s)");
+            Ok(true)
+        }
+        DeadLetterOp::Retry { ids, all: every } => {
+            let mut all_ok = true;
+            for (id, value) in pick(&ids, every)? {
+                let ok = retry_one(service, &id, value, out).await?;
+                all_ok &= ok;
+            }
+            Ok(all_ok)
+        }
+    }
+}
+
+/// Runs one dead letter again; true when it went through.
+async fn retry_one(service: &Service, id: &str, value: Value, out: &mut impl Write) -> Result<bool, AdminError> {
+    let letter: DeadLetter = serde_json::from_value(value)
+        .map_err(|e| AdminError::Usage(format!("dead letter `{id}` cannot be read: {e}")))?;
+    let Some(mut event) = letter.event.clone() else {
+        let _ = writeln!(
+            out,
+            "{id}\tnot retried: it holds an undecodable line, not an event; fix the source and replay it"
+        );
+        return Ok(false);
+    };
+    let rules = service.rules.load_full();
+    let dispatcher = &service.pipeline.dispatcher;
+    let ok = match letter
+        .action
+        .as_ref()
+        .filter(|a| !matches!(a.op, Op::DeadLetter { .. }))
+    {
+        // One failed action: run exactly it again, with its idempotency key.
+        Some(action) => {
+            let result = dispatcher.run_action(&rules.version, &event, action).await;
+            report(out, id, &[(action.clone(), result)])
+        }
+        // A failed route (or an unmatched event): the whole event again, under the current rules.
+        None => {
+            let plan = service.pipeline.decide(&rules, &mut event).await;
+            let results = dispatcher.run(&plan, &event).await;
+            report(out, id, &plan.actions.into_iter().zip(results).collect::<Vec<_>>())
+        }
+    };
+    // The old entry goes either way: a new failure was written as a new dead letter.
+    service.sinks.dead_letters.delete(&[id.to_string()]).await?;
+    Ok(ok)
+}
+
+fn report(out: &mut impl Write, id: &str, results: &[(Action, ActionResult)]) -> bool {
+    let mut ok = true;
+    for (action, result) in results {
+        let status = match result {
+            ActionResult::Done { .. } => "done".to_string(),
+            ActionResult::Skipped => "skipped: already done".to_string(),
+            ActionResult::Shadow => "shadow: not sent".to_string(),
+            ActionResult::DeadLettered { reason } => {
+                ok = false;
+                format!("failed again, dead-lettered anew: {reason}")
+            }
+        };
+        let _ = writeln!(out, "{id}\t{}\t{status}", action.summary());
+    }
+    if results.is_empty() {
+        let _ = writeln!(out, "{id}\tno action under the current rules");
+    }
+    ok
+}

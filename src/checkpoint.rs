@@ -1,0 +1,257 @@
+//! Checkpoints: the stored position of each source (and channel), as opaque bytes. The JSONL source
+//! stores its byte offset; the Pub/Sub source will store raw replay ids. A position is written only past
+//! settled events, in delivery order: a restart resumes at or before the first unsettled event
+//! (at-least-once, never at-most-once).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use redis::aio::ConnectionManager;
+
+use crate::sinks::SinkError;
+
+/// Where positions are kept.
+#[derive(Clone)]
+pub enum CheckpointStore {
+    /// `<key_prefix>checkpoint:<key>` strings in Redis.
+    Redis { conn: ConnectionManager, prefix: String },
+    /// A JSON file `{key: hex}`, replaced atomically (write, fsync, rename) on every commit.
+    File { path: PathBuf, lock: Arc<Mutex<()>> },
+    /// Process memory: lost on exit (the demo).
+    Memory(Arc<Mutex<BTreeMap<String, Vec<u8>>>>),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    #[error("checkpoint store: {0}")]
+    Store(#[from] SinkError),
+    #[error("checkpoint file {path}: {message}")]
+    File { path: PathBuf, message: String },
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Parses lowercase or uppercase hex into bytes.
+pub fn unhex(text: &str) -> Option<Vec<u8>> {
+    let text = text.trim();
+    if text.len() % 2 != 0 {
+        return None;
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+impl CheckpointStore {
+    pub fn memory() -> Self {
+        CheckpointStore::Memory(Arc::default())
+    }
+
+    pub fn file(path: &Path) -> Self {
+        CheckpointStore::File {
+            path: path.to_path_buf(),
+            lock: Arc::default(),
+        }
+    }
+
+    pub fn redis(conn: ConnectionManager, key_prefix: &str) -> Self {
+        CheckpointStore::Redis {
+            conn,
+            prefix: format!("{key_prefix}checkpoint:"),
+        }
+    }
+
+    fn read_file(path: &Path) -> Result<BTreeMap<String, String>, CheckpointError> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => serde_json::from_str(&text).map_err(|e| CheckpointError::File {
+                path: path.to_path_buf(),
+                message: e.to_string(),
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(BTreeMap::new()),
+            Err(e) => Err(CheckpointError::File {
+                path: path.to_path_buf(),
+                message: e.to_string(),
+            }),
+        }
+    }
+
+    fn write_file(path: &Path, map: &BTreeMap<String, String>) -> Result<(), CheckpointError> {
+        let err = |e: std::io::Error| CheckpointError::File {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        };
+        let tmp = path.with_extension("tmp");
+        let text = serde_json::to_string_pretty(map).expect("a map of strings is always JSON");
+        {
+            use std::io::Write;
+            let mut f = std::fs::File::create(&tmp).map_err(err)?;
+            f.write_all(text.as_bytes()).map_err(err)?;
+            // The rename below must never expose a half-written file after a crash.
+            f.sync_all().map_err(err)?;
+        }
+        std::fs::rename(&tmp, path).map_err(err)
+    }
+
+    pub async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, CheckpointError> {
+        match self {
+            CheckpointStore::Redis { conn, prefix } => {
+                let mut conn = conn.clone();
+                let value: Option<Vec<u8>> = redis::cmd("GET")
+                    .arg(format!("{prefix}{key}"))
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(|e| SinkError::from_redis(&e))?;
+                Ok(value)
+            }
+            CheckpointStore::File { path, lock } => {
+                let _guard = lock.lock().expect("checkpoint file lock is never poisoned");
+                Ok(Self::read_file(path)?.get(key).and_then(|h| unhex(h)))
+            }
+            CheckpointStore::Memory(map) => Ok(map.lock().expect("lock is never poisoned").get(key).cloned()),
+        }
+    }
+
+    pub async fn set(&self, key: &str, position: &[u8]) -> Result<(), CheckpointError> {
+        match self {
+            CheckpointStore::Redis { conn, prefix } => {
+                let mut conn = conn.clone();
+                redis::cmd("SET")
+                    .arg(format!("{prefix}{key}"))
+                    .arg(position)
+                    .query_async::<()>(&mut conn)
+                    .await
+                    .map_err(|e| SinkError::from_redis(&e))?;
+                Ok(())
+            }
+            CheckpointStore::File { path, lock } => {
+                let _guard = lock.lock().expect("checkpoint file lock is never poisoned");
+                let mut map = Self::read_file(path)?;
+                map.insert(key.to_string(), hex(position));
+                Self::write_file(path, &map)
+            }
+            CheckpointStore::Memory(map) => {
+                map.lock()
+                    .expect("lock is never poisoned")
+                    .insert(key.to_string(), position.to_vec());
+                Ok(())
+            }
+        }
+    }
+
+    pub async fn reset(&self, key: &str) -> Result<(), CheckpointError> {
+        match self {
+            CheckpointStore::Redis { conn, prefix } => {
+                let mut conn = conn.clone();
+                redis::cmd("DEL")
+                    .arg(format!("{prefix}{key}"))
+                    .query_async::<()>(&mut conn)
+                    .await
+                    .map_err(|e| SinkError::from_redis(&e))?;
+                Ok(())
+            }
+            CheckpointStore::File { path, lock } => {
+                let _guard = lock.lock().expect("checkpoint file lock is never poisoned");
+                let mut map = Self::read_file(path)?;
+                map.remove(key);
+                Self::write_file(path, &map)
+            }
+            CheckpointStore::Memory(map) => {
+                map.lock().expect("lock is never poisoned").remove(key);
+                Ok(())
+            }
+        }
+    }
+
+    /// Every stored key and position.
+    pub async fn list(&self) -> Result<Vec<(String, Vec<u8>)>, CheckpointError> {
+        match self {
+            CheckpointStore::Redis { conn, prefix } => {
+                let mut conn = conn.clone();
+                let mut keys: Vec<String> = Vec::new();
+                let mut cursor: u64 = 0;
+                loop {
+                    let (next, found): (u64, Vec<String>) = redis::cmd("SCAN")
+                        .arg(cursor)
+                        .arg("MATCH")
+                        .arg(format!("{prefix}*"))
+                        .arg("COUNT")
+                        .arg(500)
+                        .query_async(&mut conn)
+                        .await
+                        .map_err(|e| SinkError::from_redis(&e))?;
+                    keys.extend(found);
+                    if next == 0 {
+                        break;
+                    }
+                    cursor = next;
+                }
+                keys.sort();
+                let mut out = Vec::new();
+                for key in keys {
+                    let short = key.trim_start_matches(prefix.as_str()).to_string();
+                    if let Some(v) = self.get(&short).await? {
+                        out.push((short, v));
+                    }
+                }
+                Ok(out)
+            }
+            CheckpointStore::File { path, lock } => {
+                let _guard = lock.lock().expect("checkpoint file lock is never poisoned");
+                Ok(Self::read_file(path)?
+                    .into_iter()
+                    .filter_map(|(k, h)| Some((k, unhex(&h)?)))
+                    .collect())
+            }
+            CheckpointStore::Memory(map) => Ok(map
+                .lock()
+                .expect("lock is never poisoned")
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect()),
+        }
+    }
+}
+
+/// A JSONL position: the byte offset after the last settled line, as 8 big-endian bytes.
+pub fn offset_bytes(offset: u64) -> Vec<u8> {
+    offset.to_be_bytes().to_vec()
+}
+
+pub fn offset_of(bytes: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(bytes.try_into().ok()?))
+}
+
+/// Renders a position for people: JSONL offsets as numbers, anything else as hex.
+pub fn describe(key: &str, bytes: &[u8]) -> String {
+    match (key.starts_with("jsonl:"), offset_of(bytes)) {
+        (true, Some(offset)) => format!("byte offset {offset} (hex {})", hex(bytes)),
+        _ => hex(bytes),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn file_store_round_trips_and_resets() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = CheckpointStore::file(&dir.path().join("positions.json"));
+        assert_eq!(store.get("jsonl:a").await.unwrap(), None);
+        store.set("jsonl:a", &offset_bytes(42)).await.unwrap();
+        store
+            .set("pubsub:cdc:/data/OrderChangeEvent", &[0, 0, 0, 0, 0, 0, 3, 0xe8])
+            .await
+            .unwrap();
+        assert_eq!(offset_of(&store.get("jsonl:a").await.unwrap().unwrap()), Some(42));
+        assert_eq!(store.list().await.unwrap().len(), 2);
+        store.reset("jsonl:a").await.unwrap();
+        assert_eq!(store.get("jsonl:a").await.unwrap(), None);
+        assert_eq!(unhex("00000000000003E8"), Some(vec![0, 0, 0, 0, 0, 0, 3, 0xe8]));
+        assert_eq!(unhex("abc"), None);
+    }
+}

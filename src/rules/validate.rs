@@ -1,0 +1,627 @@
+//! `switchyard validate`: everything `load` checks, plus what needs more than the rule files: routes
+//! that can never fire in the given config, a dry run of every predicate on the `*.test.yaml` fixture
+//! events, header fields, and (with `--avro DIR`) event field names against the channel's Avro schema.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+
+use super::load::{self, RuleEnv};
+use super::template::Root;
+use super::testing::{LoadedTests, find_test_files};
+use super::{ActionParams, ActionTemplate, Predicate, RuleSet, suggest};
+use crate::config::Mode;
+use crate::diag::{Problem, Severity};
+use crate::router;
+
+/// The CDC header keys predicates and templates can read.
+pub const HEADER_FIELDS: &[&str] = &[
+    "entity",
+    "change_type",
+    "record_ids",
+    "changed_fields",
+    "nulled_fields",
+    "diff_fields",
+    "change_origin",
+    "transaction_key",
+    "sequence_number",
+    "commit_timestamp",
+    "commit_number",
+    "commit_user",
+];
+
+/// Helpers whose first argument is a field name.
+const FIELD_HELPERS: &[&str] = &["changed", "became", "nulled"];
+/// Helpers whose argument is a list of field names.
+const FIELD_LIST_HELPERS: &[&str] = &["changed_any", "changed_only"];
+
+/// What validation found: the RuleSet when there was no error, and every problem.
+pub struct Validation {
+    pub ruleset: Option<RuleSet>,
+    pub problems: Vec<Problem>,
+}
+
+/// Validates rule files and folders. `avro` is a folder of `.avsc` schemas named after the channels'
+/// objects (`OrderChangeEvent.avsc` for `/data/OrderChangeEvent`).
+pub fn validate(paths: &[PathBuf], env: &RuleEnv, avro: Option<&Path>) -> Validation {
+    let loaded = load::load_paths(paths, env);
+    let mut problems = loaded.problems;
+    let Some(ruleset) = loaded.ruleset else {
+        return Validation {
+            ruleset: None,
+            problems,
+        };
+    };
+
+    if let Some(mode) = env.mode {
+        never_fire(&ruleset, env, mode, &mut problems);
+    }
+    header_fields(&ruleset, &mut problems);
+
+    // The dry run covers every route, live in this mode or not: a mode switch must not reveal errors.
+    let all_modes = RuleEnv {
+        mode: None,
+        ..env.clone()
+    };
+    if let Some(every_route) = load::load_paths(paths, &all_modes).ruleset {
+        dry_run(&every_route, paths, &mut problems);
+    }
+
+    if let Some(dir) = avro {
+        match AvroFields::load(dir) {
+            Ok(schemas) => avro_fields(&ruleset, &schemas, &mut problems),
+            Err(errors) => problems.extend(errors),
+        }
+    }
+
+    problems.sort_by(|a, b| (&a.file, a.line, a.column).cmp(&(&b.file, b.line, b.column)));
+    problems.dedup();
+    let ruleset = (!problems.iter().any(|p| p.severity == Severity::Error)).then_some(ruleset);
+    Validation { ruleset, problems }
+}
+
+fn never_fire(rules: &RuleSet, env: &RuleEnv, mode: Mode, problems: &mut Vec<Problem>) {
+    let configured: HashSet<&str> = env.channels.values().map(String::as_str).collect();
+    for route in &rules.routes {
+        if route.mode != mode {
+            problems.push(Problem::warning(
+                &route.file,
+                route.line,
+                route.column,
+                format!(
+                    "route `{}` is a {} route, but the config's mode is {}: it never fires until the mode is switched",
+                    route.name,
+                    route.mode.as_str(),
+                    mode.as_str()
+                ),
+            ));
+        } else if !configured.contains(route.channel.as_str()) {
+            problems.push(Problem::warning(
+                &route.file,
+                route.line,
+                route.column,
+                format!(
+                    "route `{}` listens on `{}`, which is not one of the config's channels: it never fires",
+                    route.name, route.channel
+                ),
+            ));
+        }
+    }
+}
+
+/// Test files next to the rules: in each folder named, or beside each file named.
+fn fixture_files(paths: &[PathBuf]) -> Vec<PathBuf> {
+    let dirs: BTreeSet<PathBuf> = paths
+        .iter()
+        .map(|p| {
+            if p.is_dir() {
+                p.clone()
+            } else {
+                p.parent()
+                    .filter(|d| !d.as_os_str().is_empty())
+                    .map(Path::to_path_buf)
+                    .unwrap_or_else(|| ".".into())
+            }
+        })
+        .collect();
+    find_test_files(&dirs.into_iter().collect::<Vec<_>>())
+}
+
+fn dry_run(rules: &RuleSet, paths: &[PathBuf], problems: &mut Vec<Problem>) {
+    let mut seen = HashSet::new();
+    for file in fixture_files(paths) {
+        let tests = match LoadedTests::load(&file) {
+            Ok(tests) => tests,
+            Err(errors) => {
+                problems.extend(errors);
+                continue;
+            }
+        };
+        for (event, from) in tests.events.iter().flatten() {
+            for e in router::dry_run(rules, event) {
+                let route = &rules.routes[e.route];
+                if !seen.insert((e.route, e.clause, e.message.clone())) {
+                    continue;
+                }
+                problems.push(Problem::error(
+                    &route.file,
+                    e.line,
+                    e.column,
+                    format!(
+                        "route `{}`: `{}` fails on the fixture event `{}` ({from}): {}",
+                        route.name, e.clause, event.id, e.message
+                    ),
+                ));
+            }
+        }
+    }
+}
+
+/// A token of a predicate, with its 1-based line and column inside the predicate text.
+#[derive(Debug, Clone, PartialEq)]
+enum Token {
+    Ident(String),
+    Str(String),
+    Punct(&'static str),
+}
+
+fn tokenize(src: &str) -> Vec<(Token, usize, usize)> {
+    struct Cursor {
+        chars: Vec<char>,
+        i: usize,
+        line: usize,
+        col: usize,
+    }
+    impl Cursor {
+        fn peek(&self, ahead: usize) -> Option<char> {
+            self.chars.get(self.i + ahead).copied()
+        }
+        fn bump(&mut self) -> Option<char> {
+            let c = self.peek(0)?;
+            self.i += 1;
+            if c == '\n' {
+                self.line += 1;
+                self.col = 1;
+            } else {
+                self.col += 1;
+            }
+            Some(c)
+        }
+    }
+    let mut cur = Cursor {
+        chars: src.chars().collect(),
+        i: 0,
+        line: 1,
+        col: 1,
+    };
+    let mut out = Vec::new();
+    while let Some(c) = cur.peek(0) {
+        let (l, cl) = (cur.line, cur.col);
+        if c.is_alphabetic() || c == '_' {
+            let mut s = String::new();
+            while let Some(c) = cur.peek(0).filter(|c| c.is_alphanumeric() || *c == '_') {
+                s.push(c);
+                cur.bump();
+            }
+            out.push((Token::Ident(s), l, cl));
+        } else if c == '"' || c == '`' {
+            cur.bump();
+            let mut s = String::new();
+            while let Some(ch) = cur.peek(0).filter(|ch| *ch != c) {
+                if ch == '\\' {
+                    cur.bump();
+                }
+                if let Some(ch) = cur.bump() {
+                    s.push(ch);
+                }
+            }
+            cur.bump();
+            out.push((Token::Str(s), l, cl));
+        } else if c == '/' && cur.peek(1) == Some('/') {
+            while cur.peek(0).is_some_and(|c| c != '\n') {
+                cur.bump();
+            }
+        } else if c == '?' && cur.peek(1) == Some('.') {
+            cur.bump();
+            cur.bump();
+            out.push((Token::Punct("."), l, cl));
+        } else {
+            let p = match c {
+                '.' => Some("."),
+                '(' => Some("("),
+                ')' => Some(")"),
+                '[' => Some("["),
+                ']' => Some("]"),
+                ',' => Some(","),
+                _ => None,
+            };
+            if let Some(p) = p {
+                out.push((Token::Punct(p), l, cl));
+            }
+            cur.bump();
+        }
+    }
+    out
+}
+
+/// A field name a predicate reads, where, and through which variable (`vars` lists are expanded).
+#[derive(Debug, Clone, PartialEq)]
+struct FieldRef {
+    root: &'static str,
+    name: String,
+    /// The `vars` list the name came from, if any.
+    via: Option<String>,
+    line: usize,
+    column: usize,
+}
+
+/// Field names read as `event.X` / `event?.X.Y` / `event["X"]`, `header.X`, or passed to the helpers.
+fn field_refs(src: &str, vars: &serde_json::Map<String, serde_json::Value>) -> Vec<FieldRef> {
+    let tokens = tokenize(src);
+    let mut refs = Vec::new();
+    let at = |i: usize| tokens.get(i).map(|t| &t.0);
+    for (i, (token, _, _)) in tokens.iter().enumerate() {
+        let Token::Ident(ident) = token else { continue };
+        if (ident == "event" || ident == "header") && at(i.wrapping_sub(1)) != Some(&Token::Punct(".")) {
+            let root = if ident == "event" { "event" } else { "header" };
+            match (at(i + 1), at(i + 2)) {
+                (Some(Token::Punct(".")), Some(Token::Ident(name))) => {
+                    let mut name = name.clone();
+                    if let (Some(Token::Punct(".")), Some(Token::Ident(child))) = (at(i + 3), at(i + 4)) {
+                        if root == "event" {
+                            name = format!("{name}.{child}");
+                        }
+                    }
+                    let (l, c) = (tokens[i + 2].1, tokens[i + 2].2);
+                    refs.push(FieldRef {
+                        root,
+                        name,
+                        via: None,
+                        line: l,
+                        column: c,
+                    });
+                }
+                (Some(Token::Punct("[")), Some(Token::Str(name))) => {
+                    refs.push(FieldRef {
+                        root,
+                        name: name.clone(),
+                        via: None,
+                        line: tokens[i + 2].1,
+                        column: tokens[i + 2].2,
+                    });
+                }
+                _ => {}
+            }
+        } else if FIELD_HELPERS.contains(&ident.as_str()) {
+            if let (Some(Token::Punct("(")), Some(Token::Str(name))) = (at(i + 1), at(i + 2)) {
+                refs.push(FieldRef {
+                    root: "event",
+                    name: name.clone(),
+                    via: None,
+                    line: tokens[i + 2].1,
+                    column: tokens[i + 2].2,
+                });
+            }
+        } else if FIELD_LIST_HELPERS.contains(&ident.as_str()) && at(i + 1) == Some(&Token::Punct("(")) {
+            match at(i + 2) {
+                Some(Token::Punct("[")) => {
+                    let mut j = i + 3;
+                    while let Some((t, l, c)) = tokens.get(j) {
+                        match t {
+                            Token::Str(name) => refs.push(FieldRef {
+                                root: "event",
+                                name: name.clone(),
+                                via: None,
+                                line: *l,
+                                column: *c,
+                            }),
+                            Token::Punct("]") => break,
+                            _ => {}
+                        }
+                        j += 1;
+                    }
+                }
+                Some(Token::Ident(var)) => {
+                    let (l, c) = (tokens[i + 2].1, tokens[i + 2].2);
+                    for name in vars.get(var).and_then(|v| v.as_array()).into_iter().flatten() {
+                        if let Some(name) = name.as_str() {
+                            refs.push(FieldRef {
+                                root: "event",
+                                name: name.to_string(),
+                                via: Some(var.clone()),
+                                line: l,
+                                column: c,
+                            });
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    refs
+}
+
+fn predicates(route: &super::Route) -> impl Iterator<Item = (&'static str, &Predicate)> {
+    std::iter::once(("when", &route.when)).chain(route.guard.iter().map(|g| ("guard", g)))
+}
+
+fn header_fields(rules: &RuleSet, problems: &mut Vec<Problem>) {
+    for route in &rules.routes {
+        for (clause, p) in predicates(route) {
+            for r in field_refs(&p.source, &rules.vars)
+                .into_iter()
+                .filter(|r| r.root == "header")
+            {
+                if !HEADER_FIELDS.contains(&r.name.as_str()) {
+                    let (line, column) = p.place(r.line, r.column);
+                    problems.push(Problem::error(
+                        &route.file,
+                        line,
+                        column,
+                        unknown("header field", &r.name, route, clause, HEADER_FIELDS.iter().copied()),
+                    ));
+                }
+            }
+        }
+        for (action, path) in template_paths(route) {
+            if path.root == Root::Header {
+                if let Some(name) = path.segments.first().filter(|n| !HEADER_FIELDS.contains(&n.as_str())) {
+                    problems.push(action_problem(
+                        action,
+                        unknown("header field", name, route, "template", HEADER_FIELDS.iter().copied()),
+                    ));
+                }
+            }
+        }
+    }
+}
+
+fn unknown<'a>(
+    what: &str,
+    name: &str,
+    route: &super::Route,
+    clause: &str,
+    known: impl IntoIterator<Item = &'a str>,
+) -> String {
+    let hint = suggest(name, known)
+        .map(|s| format!(" (did you mean `{s}`?)"))
+        .unwrap_or_default();
+    format!("route `{}`: `{clause}` reads unknown {what} `{name}`{hint}", route.name)
+}
+
+fn template_paths(route: &super::Route) -> Vec<(&ActionTemplate, &super::template::Path)> {
+    let mut out = Vec::new();
+    for action in route.then.iter().chain(&route.otherwise) {
+        let templates: Vec<&super::template::Template> = match &action.params {
+            ActionParams::Queue {
+                job, idempotency_key, ..
+            } => {
+                let mut all = job.templates();
+                all.push(idempotency_key);
+                all
+            }
+            ActionParams::CacheInvalidate {
+                keys,
+                patterns,
+                publish,
+            } => {
+                let mut all: Vec<_> = keys.iter().chain(patterns).collect();
+                if let Some((c, m)) = publish {
+                    all.extend([c, m]);
+                }
+                all
+            }
+            ActionParams::Log { message, fields, .. } => {
+                let mut all = vec![message];
+                all.extend(fields.iter().flat_map(|(_, v)| v.templates()));
+                all
+            }
+            ActionParams::DeadLetter { reason } => vec![reason],
+        };
+        for t in templates {
+            out.extend(t.paths().map(|p| (action, p)));
+        }
+    }
+    if let Some(record_id) = &route.record_id {
+        // `record_id` belongs to no action; it is checked with the route's first action's place.
+        if let Some(first) = route.then.first().or(route.otherwise.first()) {
+            out.extend(record_id.paths().map(|p| (first, p)));
+        }
+    }
+    out
+}
+
+fn action_problem(action: &ActionTemplate, message: String) -> Problem {
+    let mut parts = action.at.rsplitn(3, ':');
+    let column = parts.next().and_then(|c| c.parse().ok()).unwrap_or(0);
+    let line = parts.next().and_then(|l| l.parse().ok()).unwrap_or(0);
+    let file = parts.next().unwrap_or_default();
+    Problem::error(Path::new(file), line, column, message)
+}
+
+/// Field names of each object's Avro schema: top-level fields, and the fields of compound ones.
+#[derive(Debug, Default)]
+pub struct AvroFields {
+    /// Record name (`OrderChangeEvent`) -> top-level field -> nested field names (empty if not compound).
+    pub objects: HashMap<String, BTreeMap<String, Vec<String>>>,
+}
+
+impl AvroFields {
+    /// Parses every `*.avsc` in `dir` with apache-avro.
+    pub fn load(dir: &Path) -> Result<AvroFields, Vec<Problem>> {
+        let entries = std::fs::read_dir(dir)
+            .map_err(|e| vec![Problem::error(dir, 0, 0, format!("cannot read the Avro folder: {e}"))])?;
+        let mut files: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "avsc"))
+            .collect();
+        files.sort();
+        let mut fields = AvroFields::default();
+        let mut problems = Vec::new();
+        for file in files {
+            let parsed = std::fs::read_to_string(&file)
+                .map_err(|e| e.to_string())
+                .and_then(|text| apache_avro::Schema::parse_str(&text).map_err(|e| e.to_string()));
+            match parsed {
+                Ok(apache_avro::Schema::Record(record)) => {
+                    let mut named = HashMap::new();
+                    collect_named(&apache_avro::Schema::Record(record.clone()), &mut named);
+                    let top = record
+                        .fields
+                        .iter()
+                        .filter(|f| f.name != "ChangeEventHeader")
+                        .map(|f| (f.name.clone(), nested_fields(&f.schema, &named)))
+                        .collect();
+                    fields.objects.insert(record.name.name().to_string(), top);
+                }
+                Ok(_) => problems.push(Problem::error(&file, 0, 0, "the schema is not a record")),
+                Err(e) => problems.push(Problem::error(&file, 0, 0, format!("not a valid Avro schema: {e}"))),
+            }
+        }
+        if problems.is_empty() { Ok(fields) } else { Err(problems) }
+    }
+
+    /// The fields for a channel: `/data/OrderChangeEvent` -> `OrderChangeEvent`.
+    pub fn for_channel(&self, channel: &str) -> Option<&BTreeMap<String, Vec<String>>> {
+        self.objects.get(channel.rsplit('/').next().unwrap_or(channel))
+    }
+}
+
+fn collect_named(schema: &apache_avro::Schema, named: &mut HashMap<String, apache_avro::Schema>) {
+    match schema {
+        apache_avro::Schema::Record(r) => {
+            named.entry(r.name.name().to_string()).or_insert_with(|| schema.clone());
+            for f in &r.fields {
+                collect_named(&f.schema, named);
+            }
+        }
+        apache_avro::Schema::Union(u) => u.variants().iter().for_each(|v| collect_named(v, named)),
+        _ => {}
+    }
+}
+
+/// The field names of the record inside a (nullable) compound field, resolving named references.
+fn nested_fields(schema: &apache_avro::Schema, named: &HashMap<String, apache_avro::Schema>) -> Vec<String> {
+    match schema {
+        apache_avro::Schema::Record(r) => r.fields.iter().map(|f| f.name.clone()).collect(),
+        apache_avro::Schema::Ref { name } => named
+            .get(name.name())
+            .map(|s| nested_fields(s, named))
+            .unwrap_or_default(),
+        apache_avro::Schema::Union(u) => u
+            .variants()
+            .iter()
+            .map(|v| nested_fields(v, named))
+            .find(|f| !f.is_empty())
+            .unwrap_or_default(),
+        _ => Vec::new(),
+    }
+}
+
+fn check_field(fields: &BTreeMap<String, Vec<String>>, name: &str) -> Option<String> {
+    let (top, child) = match name.split_once('.') {
+        Some((t, c)) => (t, Some(c)),
+        None => (name, None),
+    };
+    let Some(children) = fields.get(top) else {
+        let hint = suggest(top, fields.keys().map(String::as_str))
+            .map(|s| format!(" (did you mean `{s}`?)"))
+            .unwrap_or_default();
+        return Some(format!("`{top}` is not a field of the channel's Avro schema{hint}"));
+    };
+    let child = child?;
+    if children.is_empty() {
+        return Some(format!("`{top}` is not a compound field, so `{name}` does not exist"));
+    }
+    if children.iter().any(|c| c == child) {
+        return None;
+    }
+    let hint = suggest(child, children.iter().map(String::as_str))
+        .map(|s| format!(" (did you mean `{top}.{s}`?)"))
+        .unwrap_or_default();
+    Some(format!("`{name}` is not a field of the channel's Avro schema{hint}"))
+}
+
+fn avro_fields(rules: &RuleSet, schemas: &AvroFields, problems: &mut Vec<Problem>) {
+    let mut missing_schema = HashSet::new();
+    for route in &rules.routes {
+        let Some(fields) = schemas.for_channel(&route.channel) else {
+            if missing_schema.insert(route.channel.clone()) {
+                problems.push(Problem::warning(
+                    &route.file,
+                    route.line,
+                    route.column,
+                    format!(
+                        "no Avro schema for channel `{}` in the --avro folder: its field names are not checked",
+                        route.channel
+                    ),
+                ));
+            }
+            continue;
+        };
+        for (clause, p) in predicates(route) {
+            for r in field_refs(&p.source, &rules.vars)
+                .into_iter()
+                .filter(|r| r.root == "event")
+            {
+                if let Some(message) = check_field(fields, &r.name) {
+                    let (line, column) = p.place(r.line, r.column);
+                    let via = r
+                        .via
+                        .as_ref()
+                        .map(|v| format!(" (listed in var `{v}`)"))
+                        .unwrap_or_default();
+                    problems.push(Problem::error(
+                        &route.file,
+                        line,
+                        column,
+                        format!("route `{}`: `{clause}`{via}: {message}", route.name),
+                    ));
+                }
+            }
+        }
+        for (action, path) in template_paths(route) {
+            if path.root != Root::Event || path.segments.is_empty() {
+                continue;
+            }
+            let name = path.segments.iter().take(2).cloned().collect::<Vec<_>>().join(".");
+            if let Some(message) = check_field(fields, &name) {
+                problems.push(action_problem(
+                    action,
+                    format!("route `{}`: template: {message}", route.name),
+                ));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn field_refs_are_found_with_their_positions() {
+        let vars = serde_json::json!({"fs": ["Status", "BillingAddress"]})
+            .as_object()
+            .unwrap()
+            .clone();
+        let src = "became(\"Activation_Status__c\", \"x\")\n  && event.BillingAddress?.City == \"a\" && changed_any(fs) && header.change_type == \"UPDATE\" && changed_only([\"A\", \"B\"])";
+        let refs = field_refs(src, &vars);
+        let names: Vec<(&str, &str, usize, usize)> = refs
+            .iter()
+            .map(|r| (r.root, r.name.as_str(), r.line, r.column))
+            .collect();
+        assert_eq!(
+            names,
+            vec![
+                ("event", "Activation_Status__c", 1, 8),
+                ("event", "BillingAddress.City", 2, 12),
+                ("event", "Status", 2, 55),
+                ("event", "BillingAddress", 2, 55),
+                ("header", "change_type", 2, 69),
+                ("event", "A", 2, 110),
+                ("event", "B", 2, 115),
+            ]
+        );
+    }
+}

@@ -1,0 +1,173 @@
+//! `switchyard validate` beyond syntax, and `switchyard test`: every class of bad edit an admin can make,
+//! reported at its exact file, line and column.
+
+use std::process::{Command, Output};
+
+fn run(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env_remove("RUST_LOG")
+        .env_remove("SWITCHYARD_MODE")
+        .args(args)
+        .output()
+        .expect("the switchyard binary runs")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn assert_reports(args: &[&str], code: i32, expected: &[&str]) -> String {
+    let out = run(args);
+    let text = stdout(&out);
+    assert_eq!(
+        out.status.code(),
+        Some(code),
+        "{args:?}:\n{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for line in expected {
+        assert!(
+            text.lines().any(|l| l.starts_with(line)),
+            "{args:?}: expected a line starting with\n  {line}\ngot\n{text}"
+        );
+    }
+    text
+}
+
+#[test]
+fn predicate_errors_point_into_block_folded_quoted_and_plain_scalars() {
+    for (file, at) in [
+        ("block.yaml", "7:12"),
+        ("block-strip.yaml", "7:37"),
+        ("single-line.yaml", "5:32"),
+        ("quoted.yaml", "5:33"),
+        ("folded.yaml", "7:7"),
+    ] {
+        let path = format!("tests/fixtures/positions/{file}");
+        assert_reports(&["validate", &path], 1, &[&format!("{path}:{at}: error: route `")]);
+    }
+}
+
+#[test]
+fn the_dry_run_on_fixtures_finds_unknown_functions_and_non_boolean_predicates() {
+    assert_reports(
+        &["validate", "tests/fixtures/dry-run"],
+        1,
+        &[
+            "tests/fixtures/dry-run/rules.yaml:5:32: error: route `unknown-function`: `when` fails on the fixture event `t:1` (tests/fixtures/dry-run/rules.test.yaml:4): Function not found: is_blankk",
+            "tests/fixtures/dry-run/rules.yaml:13:12: error: route `not-boolean`: `guard` fails on the fixture event `t:1` (tests/fixtures/dry-run/rules.test.yaml:4): the predicate returned a string, not true or false",
+            "tests/fixtures/dry-run/rules.yaml:19:18: error: route `header-typo`: `when` reads unknown header field `chnage_type` (did you mean `change_type`?)",
+        ],
+    );
+}
+
+#[test]
+fn duplicates_across_files_and_unknown_channels_are_errors() {
+    assert_reports(
+        &["validate", "tests/fixtures/broken-dup"],
+        1,
+        &[
+            "tests/fixtures/broken-dup/b.yaml:3:13: error: var `statuses` is already defined at tests/fixtures/broken-dup/a.yaml:3:13",
+            "tests/fixtures/broken-dup/b.yaml:5:11: error: route `provision` is already defined at tests/fixtures/broken-dup/a.yaml:5:11",
+            "tests/fixtures/broken-dup/b.yaml:6:14: error: route `provision`: unknown channel `ordres` (did you mean `orders`?)",
+        ],
+    );
+}
+
+fn config(dir: &std::path::Path, extra: &str) -> String {
+    let path = dir.join("config.yaml");
+    let rules = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("rules");
+    std::fs::write(
+        &path,
+        format!(
+            "source: {{ kind: stdin }}\nrules: [{}]\nsinks:\n  enqueue-provisioning: {{ kind: queue, queue: provisioning, job_name: provision-order }}\n  invalidate-cache: {{ kind: cache-invalidate }}\n  log: {{ kind: log }}\n{extra}",
+            rules.display()
+        ),
+    )
+    .unwrap();
+    path.display().to_string()
+}
+
+#[test]
+fn routes_that_can_never_fire_in_the_config_are_warned_about() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(dir.path(), "mode: platform-event\n");
+    let text = assert_reports(&["validate", "--config", &config], 0, &[]);
+    assert!(text.contains("warning: route `provision-on-activating` is a cdc route, but the config's mode is platform-event: it never fires until the mode is switched"), "{text}");
+    assert!(!text.contains("route `provision-on-fulfilment-request` is a"), "{text}");
+}
+
+#[test]
+fn enrich_under_the_none_enricher_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(dir.path(), "enricher: none\n");
+    let text = assert_reports(&["validate", "--config", &config], 1, &[]);
+    assert!(
+        text.contains("error: route `provision-on-activating` declares `enrich`, but the config's enricher is `none`"),
+        "{text}"
+    );
+}
+
+#[test]
+fn field_name_typos_are_caught_against_the_avro_schema_with_a_suggestion() {
+    assert_reports(
+        &["validate", "--avro", "schemas/avro", "tests/fixtures/avro-typo"],
+        1,
+        &[
+            "tests/fixtures/avro-typo/orders.yaml:5:18: error: route `provision`: `when`: `Activaton_Status__c` is not a field of the channel's Avro schema (did you mean `Activation_Status__c`?)",
+            "tests/fixtures/avro-typo/orders.yaml:5:64: error: route `provision`: `when`: `BillingAddress.Citty` is not a field of the channel's Avro schema (did you mean `BillingAddress.City`?)",
+            "tests/fixtures/avro-typo/orders.yaml:7:9: error: route `provision`: template: `WHMCS_Order_Id__c` is not a field of the channel's Avro schema (did you mean `WHMCS_Order_ID__c`?)",
+        ],
+    );
+}
+
+#[test]
+fn the_shipped_rules_pass_the_avro_field_check() {
+    let text = assert_reports(&["validate", "--avro", "schemas/avro", "rules/"], 0, &[]);
+    assert!(!text.contains("error"), "{text}");
+}
+
+#[test]
+fn switchyard_test_passes_on_the_shipped_rule_tests() {
+    let out = run(&["test", "rules/"]);
+    assert!(out.status.success(), "{}", stdout(&out));
+    assert!(
+        stdout(&out).trim_end().ends_with(" passed, 0 failed"),
+        "{}",
+        stdout(&out)
+    );
+}
+
+#[test]
+fn switchyard_test_fails_with_a_readable_diff_on_a_wrong_expectation() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    std::fs::copy(root.join("rules/orders.yaml"), dir.path().join("orders.yaml")).unwrap();
+    let shipped = std::fs::read_to_string(root.join("rules/orders.test.yaml")).unwrap();
+    let wrong = shipped.replacen(
+        "job_id: activation-801xx0000000001AAA-1764230401000",
+        "job_id: activation-801xx0000000001AAA-0",
+        1,
+    );
+    assert_ne!(wrong, shipped);
+    let wrong = wrong.replace("../examples/", &format!("{}/examples/", root.display()));
+    std::fs::write(dir.path().join("orders.test.yaml"), wrong).unwrap();
+    let out = run(&["test", dir.path().to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let text = stdout(&out);
+    assert!(
+        text.contains("case \"normal approval enqueues one provisioning job and logs it\" FAILED"),
+        "{text}"
+    );
+    assert!(text.contains("actions differ (- expected, + actual):"), "{text}");
+    assert!(
+        text.contains("-   \"job_id\": \"activation-801xx0000000001AAA-0\","),
+        "{text}"
+    );
+    assert!(
+        text.contains("+   \"job_id\": \"activation-801xx0000000001AAA-1764230401000\","),
+        "{text}"
+    );
+    assert!(text.trim_end().ends_with("passed, 1 failed"), "{text}");
+}
