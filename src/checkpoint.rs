@@ -37,7 +37,7 @@ fn hex(bytes: &[u8]) -> String {
 /// Parses lowercase or uppercase hex into bytes.
 pub fn unhex(text: &str) -> Option<Vec<u8>> {
     let text = text.trim();
-    if text.len() % 2 != 0 {
+    if !text.len().is_multiple_of(2) {
         return None;
     }
     (0..text.len())

@@ -161,10 +161,10 @@ impl Idempotency {
             }
             Idempotency::Memory { entries, ttls } => {
                 let mut map = entries.lock().expect("idempotency lock is never poisoned");
-                if let Some((v, exp)) = map.get_mut(&Self::key("", sink, key)) {
-                    if v == token {
-                        *exp = Instant::now() + ttls.lease;
-                    }
+                if let Some((v, exp)) = map.get_mut(&Self::key("", sink, key))
+                    && v == token
+                {
+                    *exp = Instant::now() + ttls.lease;
                 }
                 Ok(())
             }

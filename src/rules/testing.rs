@@ -386,10 +386,10 @@ fn check_case(rules: &RuleSet, case: &TestCase, events: &[(Event, String)]) -> R
             let _ = writeln!(out, "  + {}", Value::Object(a.clone()));
         }
     }
-    if let Some(expected) = &expect.actions {
-        if let Some(diff) = diff_actions(expected, &actions) {
-            out.push_str(&diff);
-        }
+    if let Some(expected) = &expect.actions
+        && let Some(diff) = diff_actions(expected, &actions)
+    {
+        out.push_str(&diff);
     }
     if let Some(routes) = &expect.routes {
         for (route, want) in routes {

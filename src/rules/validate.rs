@@ -266,10 +266,10 @@ fn field_refs(src: &str, vars: &serde_json::Map<String, serde_json::Value>) -> V
             match (at(i + 1), at(i + 2)) {
                 (Some(Token::Punct(".")), Some(Token::Ident(name))) => {
                     let mut name = name.clone();
-                    if let (Some(Token::Punct(".")), Some(Token::Ident(child))) = (at(i + 3), at(i + 4)) {
-                        if root == "event" {
-                            name = format!("{name}.{child}");
-                        }
+                    if let (Some(Token::Punct(".")), Some(Token::Ident(child))) = (at(i + 3), at(i + 4))
+                        && root == "event"
+                    {
+                        name = format!("{name}.{child}");
                     }
                     let (l, c) = (tokens[i + 2].1, tokens[i + 2].2);
                     refs.push(FieldRef {
@@ -364,13 +364,13 @@ fn header_fields(rules: &RuleSet, problems: &mut Vec<Problem>) {
             }
         }
         for (action, path) in template_paths(route) {
-            if path.root == Root::Header {
-                if let Some(name) = path.segments.first().filter(|n| !HEADER_FIELDS.contains(&n.as_str())) {
-                    problems.push(action_problem(
-                        action,
-                        unknown("header field", name, route, "template", HEADER_FIELDS.iter().copied()),
-                    ));
-                }
+            if path.root == Root::Header
+                && let Some(name) = path.segments.first().filter(|n| !HEADER_FIELDS.contains(&n.as_str()))
+            {
+                problems.push(action_problem(
+                    action,
+                    unknown("header field", name, route, "template", HEADER_FIELDS.iter().copied()),
+                ));
             }
         }
     }

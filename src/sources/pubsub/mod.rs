@@ -53,7 +53,7 @@ pub fn replay_id_to_hex(bytes: &[u8]) -> String {
 
 /// The inverse of [`replay_id_to_hex`]; `None` for anything that is not an even number of hex digits.
 pub fn replay_id_from_hex(hex: &str) -> Option<Vec<u8>> {
-    if hex.len() % 2 != 0 {
+    if !hex.len().is_multiple_of(2) {
         return None;
     }
     (0..hex.len())
