@@ -74,16 +74,16 @@ pub enum Command {
     /// Inspect or move stored source positions.
     Checkpoint {
         /// The service config (its Redis or checkpoint file).
-        #[arg(long, short)]
-        config: PathBuf,
+        #[arg(long, short, global = true)]
+        config: Option<PathBuf>,
         #[command(subcommand)]
         op: CheckpointOp,
     },
     /// Inspect, retry or purge dead letters.
     DeadLetter {
         /// The service config (its Redis).
-        #[arg(long, short)]
-        config: PathBuf,
+        #[arg(long, short, global = true)]
+        config: Option<PathBuf>,
         #[command(subcommand)]
         op: DeadLetterOp,
     },

@@ -112,10 +112,14 @@ type AdminFuture<'a> =
     std::pin::Pin<Box<dyn std::future::Future<Output = Result<bool, switchyard::admin::AdminError>> + 'a>>;
 
 /// Loads the config and connects its stores, then runs one operator command.
-async fn admin<F>(config: PathBuf, command: F) -> ExitCode
+async fn admin<F>(config: Option<PathBuf>, command: F) -> ExitCode
 where
     F: for<'a> FnOnce(&'a Service, &'a mut std::io::Stdout) -> AdminFuture<'a>,
 {
+    let Some(config) = config else {
+        eprintln!("switchyard: this command needs --config (the service config whose stores it works on)");
+        return ExitCode::from(2);
+    };
     let loaded = match LoadedConfig::load(&config) {
         Ok(loaded) => loaded,
         Err(problems) => {

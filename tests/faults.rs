@@ -1,0 +1,371 @@
+//! Delivery under faults, with real processes and real Redis: a Redis outage mid-stream, SIGKILL and
+//! restart, SIGTERM, a permanently failing sink and `dead-letter retry`, and a soak with random
+//! connection kills. Each test owns its key prefixes; the outage and soak tests own a redis-server.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+/// A redis-server this test starts, stops and restarts (AOF on, so a restart keeps the data).
+struct OwnRedis {
+    port: u16,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl OwnRedis {
+    fn start() -> OwnRedis {
+        let mut r = OwnRedis {
+            port: free_port(),
+            dir: tempfile::tempdir().unwrap(),
+            child: None,
+        };
+        r.up();
+        r
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    fn up(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", ""])
+            .args(["--appendonly", "yes", "--appendfsync", "always", "--dir"])
+            .arg(self.dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server is installed (scripts/test installs it)");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(client) = redis::Client::open(self.url()) {
+                if let Ok(mut c) = client.get_connection() {
+                    if redis::cmd("PING").query::<String>(&mut c).is_ok() {
+                        return;
+                    }
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("redis-server did not come up on port {}", self.port);
+    }
+
+    fn down(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        self.down();
+    }
+}
+
+/// `n` approvals of distinct orders, one per line, each with its recorded order (no WHMCS id yet).
+fn approvals(tag: &str, n: usize) -> Vec<Value> {
+    (0..n)
+        .map(|i| {
+            let id = format!("801{tag:0>7}{i:05}AAA");
+            json!({"id": format!("{tag}-{i}:1"), "channel": "/data/OrderChangeEvent",
+                   "header": {"entity": "Order", "change_type": "UPDATE", "record_ids": [id],
+                              "changed_fields": ["Activation_Status__c"], "commit_timestamp": 1764230400000u64 + i as u64},
+                   "fields": {"Activation_Status__c": "Activating"},
+                   "record": {id.clone(): {"WHMCS_Order_ID__c": null, "AccountId": "001xx0000000001AAA"}}})
+        })
+        .collect()
+}
+
+struct Setup {
+    dir: tempfile::TempDir,
+    tag: String,
+    url: String,
+    events: PathBuf,
+    config: PathBuf,
+}
+
+impl Setup {
+    fn new(name: &str, url: &str, events: &[Value], extra: &str) -> Setup {
+        let dir = tempfile::tempdir().unwrap();
+        let tag = format!("{:x}", common::hash(&format!("{name}{:?}", Instant::now())) & 0xfffffff);
+        let path = dir.path().join("events.jsonl");
+        let text: String = events.iter().map(|e| format!("{e}\n")).collect();
+        std::fs::write(&path, text).unwrap();
+        let config = dir.path().join("config.yaml");
+        std::fs::write(
+            &config,
+            format!(
+                "source: {{ kind: jsonl, jsonl: {{ path: events.jsonl }} }}\nrules: [{rules}]\n\
+                 redis: {{ url: \"{url}\", key_prefix: \"sy-{tag}:\" }}\n\
+                 sinks:\n  enqueue-provisioning: {{ kind: queue, queue: provisioning, job_name: provision-order, prefix: bull-{tag} }}\n  \
+                 invalidate-cache: {{ kind: cache-invalidate }}\n  log: {{ kind: log }}\n\
+                 delivery: {{ concurrency: 32, lease_ms: 2000, retry: {{ initial_backoff_ms: 50, max_backoff_ms: 500, budget_ms: 60000 }} }}\n{extra}",
+                rules = common::repo().join("rules").display(),
+            ),
+        )
+        .unwrap();
+        Setup {
+            dir,
+            tag,
+            url: url.to_string(),
+            events: path,
+            config,
+        }
+    }
+
+    fn spawn(&self) -> Child {
+        Command::new(env!("CARGO_BIN_EXE_switchyard"))
+            .args(["run", "--config"])
+            .arg(&self.config)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    }
+
+    fn conn(&self) -> redis::Connection {
+        redis::Client::open(self.url.as_str())
+            .unwrap()
+            .get_connection()
+            .unwrap()
+    }
+
+    /// Job ids in the provisioning queue (any state).
+    fn job_ids(&self) -> Vec<String> {
+        let mut c = self.conn();
+        let mut ids: Vec<String> = redis::cmd("LRANGE")
+            .arg(format!("bull-{}:provisioning:wait", self.tag))
+            .arg(0)
+            .arg(-1)
+            .query(&mut c)
+            .unwrap();
+        ids.sort();
+        ids
+    }
+
+    fn stored_offset(&self) -> Option<u64> {
+        let key = format!(
+            "sy-{}:checkpoint:jsonl:{}",
+            self.tag,
+            std::fs::canonicalize(&self.events).unwrap().display()
+        );
+        let bytes: Option<Vec<u8>> = redis::cmd("GET").arg(key).query(&mut self.conn()).unwrap();
+        bytes.map(|b| u64::from_be_bytes(b.try_into().unwrap()))
+    }
+
+    fn wait_for_jobs(&self, at_least: usize, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while self.job_ids().len() < at_least {
+            assert!(
+                Instant::now() < deadline,
+                "fewer than {at_least} jobs after {timeout:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn file_len(&self) -> u64 {
+        std::fs::metadata(&self.events).unwrap().len()
+    }
+}
+
+fn expected_ids(events: &[Value]) -> Vec<String> {
+    let mut ids: Vec<String> = events
+        .iter()
+        .map(|e| {
+            format!(
+                "activation-{}-{}",
+                e["header"]["record_ids"][0].as_str().unwrap(),
+                e["header"]["commit_timestamp"]
+            )
+        })
+        .collect();
+    ids.sort();
+    ids
+}
+
+fn wait_exit(child: &mut Child, timeout: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(Instant::now() < deadline, "switchyard did not exit within {timeout:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn stderr_of(child: &mut Child) -> String {
+    use std::io::Read;
+    let mut text = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        let _ = e.read_to_string(&mut text);
+    }
+    text
+}
+
+#[test]
+fn redis_outage_mid_stream_loses_and_duplicates_nothing() {
+    let mut redis = OwnRedis::start();
+    let events = approvals("outage", 1500);
+    let setup = Setup::new("outage", &redis.url(), &events, "");
+    let mut child = setup.spawn();
+    setup.wait_for_jobs(200, Duration::from_secs(60));
+    redis.down();
+    std::thread::sleep(Duration::from_secs(3));
+    redis.up();
+    let status = wait_exit(&mut child, Duration::from_secs(120));
+    let logs = stderr_of(&mut child);
+    assert!(status.success(), "{logs}");
+    assert!(logs.contains("retrying"), "the outage was seen and retried: {logs}");
+    assert_eq!(
+        setup.job_ids(),
+        expected_ids(&events),
+        "every activation enqueued exactly once"
+    );
+    assert_eq!(
+        setup.stored_offset(),
+        Some(setup.file_len()),
+        "the position is past the last event"
+    );
+    let letters: i64 = redis::cmd("XLEN")
+        .arg(format!("sy-{}:dead-letters", setup.tag))
+        .query(&mut setup.conn())
+        .unwrap();
+    assert_eq!(letters, 0);
+}
+
+#[test]
+fn sigkill_mid_stream_then_restart_loses_no_activation_and_duplicates_none() {
+    let events = approvals("kill", 3000);
+    let setup = Setup::new("kill", &common::redis_url(), &events, "");
+    let mut child = setup.spawn();
+    setup.wait_for_jobs(300, Duration::from_secs(60));
+    child.kill().unwrap();
+    let _ = child.wait();
+    let before = setup.job_ids().len();
+    assert!(before < events.len(), "killed mid-stream ({before} jobs)");
+    let offset = setup.stored_offset().unwrap_or(0);
+    assert!(offset < setup.file_len());
+
+    let mut again = setup.spawn();
+    let status = wait_exit(&mut again, Duration::from_secs(120));
+    assert!(status.success(), "{}", stderr_of(&mut again));
+    assert_eq!(setup.job_ids(), expected_ids(&events));
+    assert_eq!(setup.stored_offset(), Some(setup.file_len()));
+}
+
+#[test]
+fn sigterm_mid_stream_exits_0_with_the_position_of_the_last_settled_event() {
+    let events = approvals("term", 5000);
+    let setup = Setup::new("term", &common::redis_url(), &events, "");
+    let mut child = setup.spawn();
+    setup.wait_for_jobs(300, Duration::from_secs(60));
+    let pid = child.id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let status = wait_exit(&mut child, Duration::from_secs(30));
+    assert_eq!(status.code(), Some(0), "{}", stderr_of(&mut child));
+    let offset = setup.stored_offset().expect("a position was stored") as usize;
+    let text = std::fs::read_to_string(&setup.events).unwrap();
+    assert!(offset < text.len(), "stopped mid-stream");
+    assert!(text[..offset].ends_with('\n'), "the position is a line boundary");
+    let settled = text[..offset].lines().count();
+    // Every event before the position has its job, and none after it: nothing in flight was abandoned.
+    assert_eq!(setup.job_ids(), expected_ids(&events[..settled]));
+}
+
+#[test]
+fn a_permanently_failing_sink_is_dead_lettered_alone_and_retry_succeeds_once_it_works() {
+    let h = common::Harness::new("permanent");
+    let events: Vec<Value> = (1..=3)
+        .map(|n| {
+            h.change(
+                &format!("status-{n}"),
+                &[h.order(n)],
+                &["Status", "Activation_Status__c"],
+                json!({"Status": "Approved", "Activation_Status__c": "Activating"}),
+                common::records(&[h.record(n, None)]),
+            )
+        })
+        .collect();
+    let setup = Setup::new("permanent", &common::redis_url(), &events, "");
+    // BullMQ counts jobs with INCR on this key before it writes anything: a non-number there makes
+    // every add fail with an error no retry can fix, and leaves no half-written job behind.
+    let meta = format!("bull-{}:provisioning:id", setup.tag);
+    let _: () = redis::cmd("SET")
+        .arg(&meta)
+        .arg("not a hash")
+        .query(&mut setup.conn())
+        .unwrap();
+    let detail = format!("orders:detail:{}", h.order(1));
+    let _: () = redis::cmd("SET")
+        .arg(&detail)
+        .arg("cached")
+        .query(&mut setup.conn())
+        .unwrap();
+
+    let mut child = setup.spawn();
+    let status = wait_exit(&mut child, Duration::from_secs(60));
+    assert!(status.success(), "{}", stderr_of(&mut child));
+    let exists: i64 = redis::cmd("EXISTS").arg(&detail).query(&mut setup.conn()).unwrap();
+    assert_eq!(exists, 0, "the cache route of the same event still ran");
+
+    let list = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["dead-letter", "list", "--config"])
+        .arg(&setup.config)
+        .output()
+        .unwrap();
+    let listed = String::from_utf8_lossy(&list.stdout).to_string();
+    assert!(
+        list.status.success(),
+        "{listed}{}",
+        String::from_utf8_lossy(&list.stderr)
+    );
+    assert_eq!(listed.lines().count(), 1 + 3, "{listed}");
+    assert!(
+        listed.contains("provision-on-activating") && listed.contains("not an integer"),
+        "{listed}"
+    );
+
+    // Fixed: the retry runs each action again through the normal path, with its idempotency key.
+    let _: () = redis::cmd("DEL").arg(&meta).query(&mut setup.conn()).unwrap();
+    let retry = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["dead-letter", "retry", "--all", "--config"])
+        .arg(&setup.config)
+        .output()
+        .unwrap();
+    assert!(
+        retry.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&retry.stdout),
+        String::from_utf8_lossy(&retry.stderr)
+    );
+    assert_eq!(setup.job_ids(), expected_ids(&events));
+    let list = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["dead-letter", "list", "--config"])
+        .arg(&setup.config)
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&list.stdout).lines().count(),
+        1,
+        "retried letters are removed"
+    );
+}
