@@ -71,6 +71,18 @@ pub enum Command {
         /// Test files or folders; default: `rules/`.
         paths: Vec<PathBuf>,
     },
+    /// Serve a local Salesforce Pub/Sub API emulator (gRPC) with events from a JSONL file.
+    Emulator {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:7011")]
+        listen: std::net::SocketAddr,
+        /// Events to serve (JSONL, the same format as the JSONL source).
+        #[arg(long)]
+        events: Option<PathBuf>,
+        /// The access token clients must send in the `accesstoken` header.
+        #[arg(long, default_value = "emulator-access-token")]
+        access_token: String,
+    },
     /// Inspect or move stored source positions.
     Checkpoint {
         /// The service config (its Redis or checkpoint file).

@@ -284,13 +284,41 @@ pub struct JsonlConfig {
 #[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RedisConfig {
-    /// Redis URL (`redis://[user:password@]host:port/db`).
-    #[schemars(example = &"redis://127.0.0.1:6379")]
-    pub url: String,
+    /// Redis URL (`redis://[user:password@]host:port/db`). Its password never appears in logs or errors.
+    #[schemars(with = "String", example = &"redis://127.0.0.1:6379")]
+    pub url: Secret,
     /// Prefix of the keys switchyard itself writes (dead letters). Sink keys are rendered by the rules.
     #[serde(default = "default_key_prefix")]
     #[schemars(example = &"switchyard:")]
     pub key_prefix: String,
+}
+
+/// A string that holds a secret (a URL with a password): Debug and Display print a placeholder, so it
+/// cannot reach a log line, an error or a dead letter by accident. `expose()` is the one way to read it.
+#[derive(Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+impl std::fmt::Display for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("***")
+    }
 }
 
 fn default_key_prefix() -> String {
@@ -734,6 +762,15 @@ mod tests {
             err.0[0].to_string(),
             "c.yaml:2:16: error: environment variable `REDIS_URL_X` is not set and has no default (write `${REDIS_URL_X:-default}` for one)"
         );
+    }
+
+    #[test]
+    fn secrets_never_print() {
+        let text = "source: { kind: stdin }\nrules: [r.yaml]\nredis: { url: \"redis://u:hunter2@h:6379\" }\n";
+        let loaded = LoadedConfig::parse(Path::new("c.yaml"), text, &|_| None).unwrap();
+        let shown = format!("{:?} {}", loaded.config, loaded.config.redis.as_ref().unwrap().url);
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert_eq!(loaded.config.redis.unwrap().url.expose(), "redis://u:hunter2@h:6379");
     }
 
     #[test]

@@ -149,13 +149,15 @@ impl Dispatcher {
         let budget = Duration::from_millis(self.retry.budget_ms);
         let mut backoff = Duration::from_millis(self.retry.initial_backoff_ms.max(1));
         let max_backoff = Duration::from_millis(self.retry.max_backoff_ms.max(1));
+        // One token per action: a claim whose reply was lost is recognised as ours on the next attempt.
+        let own_token = crate::idempotency::new_token();
         let mut token: Option<String> = None;
         let mut attempts = 0;
         loop {
             attempts += 1;
             let step: Result<Option<ActionResult>, SinkError> = async {
                 if let Some(key) = key {
-                    match idem.claim(&action.sink, key, token.as_deref()).await? {
+                    match idem.claim(&action.sink, key, Some(&own_token)).await? {
                         Claim::Done => return Ok(Some(ActionResult::Skipped)),
                         // Another holder (a crashed process whose lease has not expired, or a concurrent
                         // delivery of the same key): wait for it like for a transient error.

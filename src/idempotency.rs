@@ -56,7 +56,9 @@ pub enum Idempotency {
 
 static COUNTER: AtomicU64 = AtomicU64::new(0);
 
-fn new_token() -> String {
+/// A lease token unique to this process and call. A caller makes one per action and passes it to every
+/// claim, so a retry after a lost reply recognises its own lease instead of waiting for it to expire.
+pub fn new_token() -> String {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos())

@@ -36,6 +36,11 @@ async fn main() -> ExitCode {
             format,
         } => validate(paths, config, avro, format),
         Command::Test { paths } => test(paths),
+        Command::Emulator {
+            listen,
+            events,
+            access_token,
+        } => emulator(listen, events, access_token).await,
         Command::Checkpoint { config, op } => {
             admin(config, |service, out| {
                 Box::pin(async move { switchyard::admin::checkpoint(service, op, out).await.map(|()| true) })
@@ -232,6 +237,32 @@ fn test(paths: Vec<PathBuf>) -> ExitCode {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
+    }
+}
+
+async fn emulator(listen: std::net::SocketAddr, events: Option<PathBuf>, access_token: String) -> ExitCode {
+    use switchyard::emulator::{EmulatorOptions, load_events, run_cli};
+    let events = match events.as_deref().map(load_events).transpose() {
+        Ok(events) => events.unwrap_or_default(),
+        Err(e) => {
+            eprintln!("switchyard: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    tracing::info!(%listen, events = events.len(), "Pub/Sub emulator listening (plain HTTP/2, loopback).");
+    match run_cli(EmulatorOptions {
+        addr: listen,
+        events,
+        access_token,
+        ..Default::default()
+    })
+    .await
+    {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("switchyard: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 

@@ -179,26 +179,40 @@ impl Pipeline {
         }
         drop(deliveries);
         reader.abort();
-        self.commit(key.as_deref(), &last_end, &mut committed).await;
+        // The last position must be stored before we exit: retry a failing store (a dropped connection)
+        // for up to the shutdown timeout.
+        let give_up = tokio::time::Instant::now() + self.shutdown_timeout;
+        let mut pause = Duration::from_millis(50);
+        while !self.commit(key.as_deref(), &last_end, &mut committed).await {
+            if tokio::time::Instant::now() + pause > give_up {
+                tracing::error!("The last settled position could not be stored; those events will be redelivered.");
+                break;
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_secs(2));
+        }
         stats
     }
 
-    async fn commit(&self, key: Option<&str>, last_end: &Option<Vec<u8>>, committed: &mut Option<Vec<u8>>) {
+    /// Stores the last settled position if it moved; false when the store failed.
+    async fn commit(&self, key: Option<&str>, last_end: &Option<Vec<u8>>, committed: &mut Option<Vec<u8>>) -> bool {
         let (Some(key), Some(end)) = (key, last_end) else {
-            return;
+            return true;
         };
         if committed.as_ref() == Some(end) {
-            return;
+            return true;
         }
         match self.checkpoints().set(key, end).await {
             Ok(()) => {
                 metrics::counter!(m::CHECKPOINT_COMMITS).increment(1);
                 *committed = Some(end.clone());
+                true
             }
             Err(e) => {
                 // Retried on the next tick; the position only ever lags, never leads.
                 metrics::counter!(m::CHECKPOINT_ERRORS).increment(1);
                 tracing::warn!(error = %e, "Position not committed; retrying.");
+                false
             }
         }
     }

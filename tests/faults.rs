@@ -129,15 +129,29 @@ impl Setup {
         }
     }
 
+    /// Starts `switchyard run`; its log goes to a file (a pipe nobody reads would fill and block it).
     fn spawn(&self) -> Child {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log())
+            .unwrap();
         Command::new(env!("CARGO_BIN_EXE_switchyard"))
             .args(["run", "--config"])
             .arg(&self.config)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
+            .stderr(log)
             .spawn()
             .unwrap()
+    }
+
+    fn log(&self) -> PathBuf {
+        self.dir.path().join("switchyard.log")
+    }
+
+    fn logs(&self) -> String {
+        std::fs::read_to_string(self.log()).unwrap_or_default()
     }
 
     fn conn(&self) -> redis::Connection {
@@ -212,15 +226,6 @@ fn wait_exit(child: &mut Child, timeout: Duration) -> std::process::ExitStatus {
     }
 }
 
-fn stderr_of(child: &mut Child) -> String {
-    use std::io::Read;
-    let mut text = String::new();
-    if let Some(mut e) = child.stderr.take() {
-        let _ = e.read_to_string(&mut text);
-    }
-    text
-}
-
 #[test]
 fn redis_outage_mid_stream_loses_and_duplicates_nothing() {
     let mut redis = OwnRedis::start();
@@ -232,7 +237,7 @@ fn redis_outage_mid_stream_loses_and_duplicates_nothing() {
     std::thread::sleep(Duration::from_secs(3));
     redis.up();
     let status = wait_exit(&mut child, Duration::from_secs(120));
-    let logs = stderr_of(&mut child);
+    let logs = setup.logs();
     assert!(status.success(), "{logs}");
     assert!(logs.contains("retrying"), "the outage was seen and retried: {logs}");
     assert_eq!(
@@ -267,7 +272,7 @@ fn sigkill_mid_stream_then_restart_loses_no_activation_and_duplicates_none() {
 
     let mut again = setup.spawn();
     let status = wait_exit(&mut again, Duration::from_secs(120));
-    assert!(status.success(), "{}", stderr_of(&mut again));
+    assert!(status.success(), "{}", setup.logs());
     assert_eq!(setup.job_ids(), expected_ids(&events));
     assert_eq!(setup.stored_offset(), Some(setup.file_len()));
 }
@@ -281,7 +286,7 @@ fn sigterm_mid_stream_exits_0_with_the_position_of_the_last_settled_event() {
     let pid = child.id().to_string();
     assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
     let status = wait_exit(&mut child, Duration::from_secs(30));
-    assert_eq!(status.code(), Some(0), "{}", stderr_of(&mut child));
+    assert_eq!(status.code(), Some(0), "{}", setup.logs());
     let offset = setup.stored_offset().expect("a position was stored") as usize;
     let text = std::fs::read_to_string(&setup.events).unwrap();
     assert!(offset < text.len(), "stopped mid-stream");
@@ -323,7 +328,7 @@ fn a_permanently_failing_sink_is_dead_lettered_alone_and_retry_succeeds_once_it_
 
     let mut child = setup.spawn();
     let status = wait_exit(&mut child, Duration::from_secs(60));
-    assert!(status.success(), "{}", stderr_of(&mut child));
+    assert!(status.success(), "{}", setup.logs());
     let exists: i64 = redis::cmd("EXISTS").arg(&detail).query(&mut setup.conn()).unwrap();
     assert_eq!(exists, 0, "the cache route of the same event still ran");
 
@@ -369,3 +374,78 @@ fn a_permanently_failing_sink_is_dead_lettered_alone_and_retry_succeeds_once_it_
         "retried letters are removed"
     );
 }
+
+#[test]
+fn soak_of_100000_events_with_random_connection_kills_settles_everything_once() {
+    let redis = OwnRedis::start();
+    // 50,000 activations, each delivered twice (the second time later in the stream, as a redelivery).
+    let n: usize = std::env::var("SOAK_ACTIVATIONS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(SOAK_ACTIVATIONS);
+    let distinct = approvals("soak", n);
+    let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let mut keyed: Vec<(u64, &Value)> = Vec::with_capacity(2 * n);
+    for (i, e) in distinct.iter().enumerate() {
+        let first = 4 * i as u64;
+        keyed.push((first, e));
+        keyed.push((first + 1 + next() % 4000, e));
+    }
+    keyed.sort_by_key(|(k, _)| *k);
+    let events: Vec<Value> = keyed.into_iter().map(|(_, e)| e.clone()).collect();
+    assert_eq!(events.len(), 2 * n);
+    let setup = Setup::new("soak", &redis.url(), &events, "");
+    let mut child = setup.spawn();
+
+    // Chaos: every 100-300 ms, drop every client connection but our own. Calls in flight fail with
+    // connection errors (transient) and are retried; replies lost after a command ran are absorbed by
+    // the idempotency keys and BullMQ's job ids.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let chaos = {
+        let stop = stop.clone();
+        let url = redis.url();
+        std::thread::spawn(move || {
+            let mut kills = 0;
+            let mut conn = redis::Client::open(url).unwrap().get_connection().unwrap();
+            let mut n: u64 = 7;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                n = n.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                std::thread::sleep(Duration::from_millis(100 + (n >> 33) % 200));
+                if redis::cmd("CLIENT")
+                    .arg("KILL")
+                    .arg("TYPE")
+                    .arg("normal")
+                    .arg("SKIPME")
+                    .arg("yes")
+                    .query::<i64>(&mut conn)
+                    .is_ok()
+                {
+                    kills += 1;
+                }
+            }
+            kills
+        })
+    };
+    let status = wait_exit(&mut child, Duration::from_secs(600));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let kills = chaos.join().unwrap();
+    let logs = setup.logs();
+    assert!(status.success(), "{}", &logs[logs.len().saturating_sub(4000)..]);
+    assert!(kills > 3, "the chaos ran ({kills} rounds)");
+    assert_eq!(setup.job_ids(), expected_ids(&distinct), "jobs = distinct activations");
+    assert_eq!(setup.stored_offset(), Some(setup.file_len()), "zero unsettled events");
+    let letters: i64 = redis::cmd("XLEN")
+        .arg(format!("sy-{}:dead-letters", setup.tag))
+        .query(&mut setup.conn())
+        .unwrap();
+    assert_eq!(letters, 0, "transient failures never reach the dead letters");
+}
+
+/// Activations in the soak (each delivered twice); `SOAK_ACTIVATIONS` overrides it for quick runs.
+const SOAK_ACTIVATIONS: usize = 50_000;

@@ -265,3 +265,35 @@ async fn healthz_and_metrics_are_served_while_running() {
     assert_eq!(events, 1);
     assert_eq!(h.jobs().await.len(), 1);
 }
+
+#[tokio::test]
+async fn redacted_fields_never_reach_dead_letters_or_log_lines() {
+    let h = Harness::new("redaction");
+    let rules = r#"
+version: 1
+routes:
+  - name: log-it
+    channel: orders
+    when: changed("BillingAddress")
+    then:
+      - sink: log
+        message: address changed
+        fields: { street: "{{event.BillingAddress.Street}}", BillingAddress: "{{event.BillingAddress.Street}}" }
+      - sink: dead-letter
+        reason: parked for review
+"#;
+    let event = h.change(
+        "addr",
+        &[h.order(1)],
+        &["BillingAddress.Street"],
+        json!({"BillingAddress": {"Street": "1 Secret Lane"}}),
+        json!({}),
+    );
+    h.run_rules(rules, &[event], "redact: [BillingAddress, street]\n").await;
+    let letters = h.dead_letters().await;
+    assert_eq!(letters[0]["event"]["fields"]["BillingAddress"], "***");
+    assert!(!letters[0].to_string().contains("Secret Lane"), "{}", letters[0]);
+    let logs = h.logs.text();
+    assert!(logs.contains("address changed"), "{logs}");
+    assert!(!logs.contains("Secret Lane"), "{logs}");
+}

@@ -6,7 +6,10 @@ use super::{ActionCx, SinkError, SinkOutcome};
 use crate::plan::Action;
 use crate::rules::LogLevel;
 
-pub struct LogSink;
+/// Writes one tracing event per action; `redact` names fields shown as `***`.
+pub struct LogSink {
+    pub redact: Vec<String>,
+}
 
 impl LogSink {
     pub fn write(
@@ -18,10 +21,16 @@ impl LogSink {
         cx: &ActionCx<'_>,
     ) -> Result<SinkOutcome, SinkError> {
         let record_id = action.record_id.as_deref().unwrap_or("");
+        let mut fields = fields.clone();
+        for f in &self.redact {
+            if let Some(v) = fields.get_mut(f) {
+                *v = Value::from("***");
+            }
+        }
         let fields = if fields.is_empty() {
             String::new()
         } else {
-            Value::Object(fields.clone()).to_string()
+            Value::Object(fields).to_string()
         };
         macro_rules! emit {
             ($level:ident) => {

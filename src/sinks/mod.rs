@@ -137,15 +137,15 @@ impl Sinks {
         let config = &loaded.config;
         let redis = match &config.redis {
             Some(r) => {
-                let client = redis::Client::open(r.url.as_str()).map_err(|source| BuildError::Redis {
-                    url: redact_url(&r.url),
+                let client = redis::Client::open(r.url.expose()).map_err(|source| BuildError::Redis {
+                    url: redact_url(r.url.expose()),
                     source,
                 })?;
                 let manager = client
                     .get_connection_manager()
                     .await
                     .map_err(|source| BuildError::Redis {
-                        url: redact_url(&r.url),
+                        url: redact_url(r.url.expose()),
                         source,
                     })?;
                 Some((r, manager))
@@ -157,7 +157,7 @@ impl Sinks {
         for (name, sink) in &config.sinks {
             let built = match sink {
                 SinkConfig::Queue(q) => Sink::Queue(match (&redis, &memory) {
-                    (Some((r, _)), _) => queue::QueueSink::bullmq(name, q, &r.url).await?,
+                    (Some((r, _)), _) => queue::QueueSink::bullmq(name, q, r.url.expose()).await?,
                     (None, Some(m)) => queue::QueueSink::memory(q, m.clone()),
                     (None, None) => unreachable!("memory is set whenever redis is not"),
                 }),
@@ -166,7 +166,9 @@ impl Sinks {
                     (None, Some(m)) => cache::CacheSink::memory(m.clone()),
                     (None, None) => unreachable!("memory is set whenever redis is not"),
                 }),
-                SinkConfig::Log(_) => Sink::Log(log::LogSink),
+                SinkConfig::Log(_) => Sink::Log(log::LogSink {
+                    redact: config.redact.clone(),
+                }),
             };
             by_name.insert(name.clone(), built);
         }
