@@ -694,7 +694,8 @@ fn compile_action(
         }
     };
     if !has_enrich
-        && templates_of(&params)
+        && params
+            .templates()
             .iter()
             .any(|t| t.paths().any(|p| p.root == Root::Record && !p.segments.is_empty()))
     {
@@ -716,33 +717,4 @@ fn compile_action(
         at: format!("{}:{line}:{column}", cx.path.display()),
         params,
     })
-}
-
-fn templates_of(params: &ActionParams) -> Vec<&Template> {
-    match params {
-        ActionParams::Queue {
-            job, idempotency_key, ..
-        } => {
-            let mut all = job.templates();
-            all.push(idempotency_key);
-            all
-        }
-        ActionParams::CacheInvalidate {
-            keys,
-            patterns,
-            publish,
-        } => {
-            let mut all: Vec<&Template> = keys.iter().chain(patterns).collect();
-            if let Some((c, m)) = publish {
-                all.extend([c, m]);
-            }
-            all
-        }
-        ActionParams::Log { message, fields, .. } => {
-            let mut all = vec![message];
-            all.extend(fields.iter().flat_map(|(_, v)| v.templates()));
-            all
-        }
-        ActionParams::DeadLetter { reason } => vec![reason],
-    }
 }

@@ -110,6 +110,38 @@ pub enum ActionParams {
     },
 }
 
+impl ActionParams {
+    /// Every template the action renders.
+    pub fn templates(&self) -> Vec<&Template> {
+        match self {
+            ActionParams::Queue {
+                job, idempotency_key, ..
+            } => {
+                let mut all = job.templates();
+                all.push(idempotency_key);
+                all
+            }
+            ActionParams::CacheInvalidate {
+                keys,
+                patterns,
+                publish,
+            } => {
+                let mut all: Vec<&Template> = keys.iter().chain(patterns).collect();
+                if let Some((c, m)) = publish {
+                    all.extend([c, m]);
+                }
+                all
+            }
+            ActionParams::Log { message, fields, .. } => {
+                let mut all = vec![message];
+                all.extend(fields.iter().flat_map(|(_, v)| v.templates()));
+                all
+            }
+            ActionParams::DeadLetter { reason } => vec![reason],
+        }
+    }
+}
+
 /// A compiled route.
 #[derive(Debug, Clone)]
 pub struct Route {

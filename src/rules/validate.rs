@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use super::load::{self, RuleEnv};
 use super::template::Root;
 use super::testing::{LoadedTests, find_test_files};
-use super::{ActionParams, ActionTemplate, Predicate, RuleSet, suggest};
+use super::{ActionTemplate, Predicate, RuleSet, suggest};
 use crate::config::Mode;
 use crate::diag::{Problem, Severity};
 use crate::router;
@@ -392,32 +392,7 @@ fn unknown<'a>(
 fn template_paths(route: &super::Route) -> Vec<(&ActionTemplate, &super::template::Path)> {
     let mut out = Vec::new();
     for action in route.then.iter().chain(&route.otherwise) {
-        let templates: Vec<&super::template::Template> = match &action.params {
-            ActionParams::Queue {
-                job, idempotency_key, ..
-            } => {
-                let mut all = job.templates();
-                all.push(idempotency_key);
-                all
-            }
-            ActionParams::CacheInvalidate {
-                keys,
-                patterns,
-                publish,
-            } => {
-                let mut all: Vec<_> = keys.iter().chain(patterns).collect();
-                if let Some((c, m)) = publish {
-                    all.extend([c, m]);
-                }
-                all
-            }
-            ActionParams::Log { message, fields, .. } => {
-                let mut all = vec![message];
-                all.extend(fields.iter().flat_map(|(_, v)| v.templates()));
-                all
-            }
-            ActionParams::DeadLetter { reason } => vec![reason],
-        };
+        let templates = action.params.templates();
         for t in templates {
             out.extend(t.paths().map(|p| (action, p)));
         }
