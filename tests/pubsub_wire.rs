@@ -70,9 +70,7 @@ impl Interceptor for Auth {
 type Client = PubSubClient<InterceptedService<Channel, Auth>>;
 
 async fn connect(handle: &EmulatorHandle, token: &str) -> Client {
-    let channel = Channel::from_shared(handle.endpoint())
-        .expect("valid endpoint")
-        .connect()
+    let channel = switchyard::sources::pubsub::connect(&handle.endpoint())
         .await
         .expect("the emulator accepts connections");
     let auth = Auth {
@@ -672,4 +670,31 @@ async fn dropping_the_handle_stops_the_server() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(refused, "the server still listens after its handle was dropped");
+}
+
+#[tokio::test]
+async fn connect_speaks_plain_http2_to_http_endpoints_and_tls_to_https_ones() {
+    let handle = emulator::start(EmulatorOptions::default()).await.unwrap();
+    let channel = switchyard::sources::pubsub::connect(&handle.endpoint())
+        .await
+        .expect("plain HTTP/2 on loopback");
+    let mut client = switchyard::sources::pubsub::client(channel);
+    let mut request = tonic::Request::new(switchyard::sources::pubsub::proto::TopicRequest {
+        topic_name: emulator::ORDER_CHANNEL.to_string(),
+    });
+    let md = request.metadata_mut();
+    md.insert("accesstoken", handle.access_token().parse().unwrap());
+    md.insert("instanceurl", "http://127.0.0.1".parse().unwrap());
+    md.insert("tenantid", "00Dxx0000000001AAA".parse().unwrap());
+    let topic = client
+        .get_topic(request)
+        .await
+        .expect("GetTopic over the channel")
+        .into_inner();
+    assert_eq!(topic.topic_name, emulator::ORDER_CHANNEL);
+    // The same server over https:// fails the TLS handshake (it speaks plaintext): TLS is really used,
+    // and the failure is an error, not a hang.
+    let tls = handle.endpoint().replace("http://", "https://");
+    assert!(switchyard::sources::pubsub::connect(&tls).await.is_err());
+    assert!(switchyard::sources::pubsub::connect("127.0.0.1:7443").await.is_err());
 }

@@ -75,3 +75,54 @@ mod tests {
         assert_eq!(replay_id_from_hex("zz"), None);
     }
 }
+
+/// HTTP/2 PING interval and timeout: a half-open connection (NAT, a dead peer) is noticed within a minute
+/// instead of after the OS's TCP timeout, which can be hours (reference §3.2).
+const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
+const KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
+/// Connecting (TCP + TLS) must not hang forever, e.g. a TLS endpoint that is really plaintext.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// Why a channel to a Pub/Sub endpoint could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("`{0}` is not an endpoint; use https://host:port (Salesforce) or http://host:port (a local emulator)")]
+    Endpoint(String),
+    #[error("cannot connect to {endpoint}: {source}")]
+    Transport {
+        endpoint: String,
+        source: tonic::transport::Error,
+    },
+}
+
+/// Opens a gRPC channel to a Pub/Sub endpoint: TLS with the public WebPKI roots (rustls, verification always
+/// on) for `https://`, plain HTTP/2 for `http://` (loopback emulators), HTTP/2 keepalive pings either way.
+pub async fn connect(endpoint: &str) -> Result<tonic::transport::Channel, ConnectError> {
+    use tonic::transport::{Channel, ClientTlsConfig};
+    let transport = |source| ConnectError::Transport {
+        endpoint: endpoint.to_string(),
+        source,
+    };
+    if !(endpoint.starts_with("https://") || endpoint.starts_with("http://")) {
+        return Err(ConnectError::Endpoint(endpoint.to_string()));
+    }
+    let mut builder = Channel::from_shared(endpoint.to_string())
+        .map_err(|_| ConnectError::Endpoint(endpoint.to_string()))?
+        .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+        .keep_alive_while_idle(true)
+        .connect_timeout(CONNECT_TIMEOUT);
+    if endpoint.starts_with("https://") {
+        builder = builder
+            .tls_config(ClientTlsConfig::new().with_webpki_roots())
+            .map_err(transport)?;
+    }
+    builder.connect().await.map_err(transport)
+}
+
+/// A Pub/Sub client over `channel` with the raised message limits.
+pub fn client(channel: tonic::transport::Channel) -> proto::pub_sub_client::PubSubClient<tonic::transport::Channel> {
+    proto::pub_sub_client::PubSubClient::new(channel)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES)
+}
