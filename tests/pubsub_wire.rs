@@ -70,7 +70,11 @@ impl Interceptor for Auth {
 type Client = PubSubClient<InterceptedService<Channel, Auth>>;
 
 async fn connect(handle: &EmulatorHandle, token: &str) -> Client {
-    let channel = switchyard::sources::pubsub::connect(&handle.endpoint())
+    connect_endpoint(&handle.endpoint(), token).await
+}
+
+async fn connect_endpoint(endpoint: &str, token: &str) -> Client {
+    let channel = switchyard::sources::pubsub::connect(endpoint)
         .await
         .expect("the emulator accepts connections");
     let auth = Auth {
@@ -697,4 +701,56 @@ async fn connect_speaks_plain_http2_to_http_endpoints_and_tls_to_https_ones() {
     let tls = handle.endpoint().replace("http://", "https://");
     assert!(switchyard::sources::pubsub::connect(&tls).await.is_err());
     assert!(switchyard::sources::pubsub::connect("127.0.0.1:7443").await.is_err());
+}
+
+#[tokio::test]
+async fn events_of_both_kinds_cross_grpc_from_the_switchyard_emulator_command_to_our_decoder() {
+    let dir = tempfile::tempdir().unwrap();
+    let events = dir.path().join("events.jsonl");
+    std::fs::write(
+        &events,
+        format!(
+            "{}\n{}\n",
+            CDC_EVENT.replace('\n', ""),
+            PLATFORM_EVENT.replace('\n', "")
+        ),
+    )
+    .unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["emulator", "--listen", &format!("127.0.0.1:{port}"), "--events"])
+        .arg(&events)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let deadline = std::time::Instant::now() + PATIENCE;
+    while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+        assert!(std::time::Instant::now() < deadline, "the emulator did not start");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut client = connect_endpoint(&endpoint, emulator::DEFAULT_ACCESS_TOKEN).await;
+    let mut registry = SchemaRegistry::new();
+    for (channel, original) in [(ORDER_CHANNEL, CDC_EVENT), (FULFILMENT_CHANNEL, PLATFORM_EVENT)] {
+        let mut subscription =
+            Subscription::open(&mut client, first_request(channel, ReplayPreset::Earliest, vec![], 10))
+                .await
+                .expect("subscribes");
+        let response = subscription.next().await.expect("no error").expect("a response");
+        let decoded = decode_all(&mut client, &mut registry, channel, &response)
+            .await
+            .remove(0);
+        assert_eq!(
+            normalised(decoded),
+            normalised(Event::from_json(original).unwrap()),
+            "{channel}"
+        );
+    }
+    let _ = child.kill();
+    let _ = child.wait();
 }
