@@ -51,6 +51,9 @@ pub enum Command {
         /// The service config (YAML).
         #[arg(long, short)]
         config: Option<PathBuf>,
+        /// Do not watch the rule files (SIGHUP and `POST /reload` still reload).
+        #[arg(long)]
+        no_watch: bool,
     },
     /// Check rule files (and a config): YAML, schema, predicates (compiled, and dry-run on the `*.test.yaml`
     /// fixtures), sinks, templates, fields. Exit 1 on any error.

@@ -103,10 +103,45 @@ pub struct Config {
     #[serde(default)]
     #[schemars(example = serde_json::json!({"max_len": 100000}))]
     pub dead_letters: DeadLetterConfig,
+    /// Hot reload of the rules when their files change.
+    #[serde(default)]
+    #[schemars(example = serde_json::json!({"watch": true, "debounce_ms": 300}))]
+    pub reload: ReloadConfig,
     /// Payload and record fields (personal data) replaced by `***` in dead letters and `log` sink fields.
     #[serde(default)]
     #[schemars(example = vec!["BillingAddress".to_string(), "Description".to_string()])]
     pub redact: Vec<String>,
+}
+
+/// Hot reload of the rules.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ReloadConfig {
+    /// Watch the rules' folders and reload on change (`run --no-watch` turns it off). SIGHUP and
+    /// `POST /reload` reload either way.
+    #[serde(default = "default_true")]
+    #[schemars(example = true)]
+    pub watch: bool,
+    /// Quiet time after the last file change before reloading (editors write files in several steps).
+    #[serde(default = "default_debounce_ms")]
+    #[schemars(example = 300)]
+    pub debounce_ms: u64,
+}
+
+impl Default for ReloadConfig {
+    fn default() -> Self {
+        ReloadConfig {
+            watch: true,
+            debounce_ms: default_debounce_ms(),
+        }
+    }
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_debounce_ms() -> u64 {
+    300
 }
 
 /// How actions are delivered.

@@ -18,6 +18,7 @@ pub mod idempotency;
 pub mod metrics;
 pub mod pipeline;
 pub mod plan;
+pub mod reload;
 pub mod router;
 pub mod rules;
 pub mod schema;

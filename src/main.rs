@@ -28,7 +28,7 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(cli.log_format);
     match cli.command {
-        Command::Run { config } => run(config).await,
+        Command::Run { config, no_watch } => run(config, no_watch).await,
         Command::Validate {
             paths,
             config,
@@ -65,7 +65,7 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn run(config: Option<PathBuf>) -> ExitCode {
+async fn run(config: Option<PathBuf>, no_watch: bool) -> ExitCode {
     switchyard::metrics::install();
     let (embedded, loaded) = match &config {
         Some(path) => (false, LoadedConfig::load(path)),
@@ -82,7 +82,7 @@ async fn run(config: Option<PathBuf>) -> ExitCode {
     if embedded {
         tracing::info!("No --config given: running the embedded demo (recorded events, in-memory queue and cache).");
     }
-    let service = match Service::start(loaded, embedded).await {
+    let mut service = match Service::start(loaded, embedded).await {
         Ok(service) => service,
         Err(StartError::Invalid(problems)) => {
             eprintln!("{problems}");
@@ -94,6 +94,22 @@ async fn run(config: Option<PathBuf>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    service.watch = !no_watch;
+    #[cfg(unix)]
+    {
+        // SIGHUP reloads the rules; the task lives as long as the process.
+        let reloader = service.reloader.clone();
+        tokio::spawn(async move {
+            use tokio::signal::unix::{SignalKind, signal};
+            let Ok(mut hup) = signal(SignalKind::hangup()) else {
+                return;
+            };
+            while hup.recv().await.is_some() {
+                let reloader = reloader.clone();
+                let _ = tokio::task::spawn_blocking(move || reloader.reload()).await;
+            }
+        });
+    }
     let (stop, shutdown) = watch::channel(false);
     // Ends when a signal arrives or the process exits; a second signal exits at once.
     tokio::spawn(async move {

@@ -14,6 +14,7 @@ pub const SINK_RETRIES: &str = "switchyard_sink_retries_total";
 pub const SHADOW_ACTIONS: &str = "switchyard_shadow_actions_total";
 pub const DEAD_LETTERS: &str = "switchyard_dead_letters_total";
 pub const RULES_VERSION: &str = "switchyard_rules_version_info";
+pub const RULES_RELOADS: &str = "switchyard_rules_reload_total";
 pub const IDEMPOTENT_SKIPS: &str = "switchyard_idempotent_skips_total";
 pub const EVENTS_SETTLED: &str = "switchyard_events_settled_total";
 pub const EVENTS_IN_FLIGHT: &str = "switchyard_events_in_flight";

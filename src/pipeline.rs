@@ -77,6 +77,8 @@ pub struct Pipeline {
     pub concurrency: usize,
     pub shutdown_timeout: Duration,
     pub redact: Vec<String>,
+    /// Per-route counters for `/rules`.
+    pub counters: Arc<crate::reload::RouteCounters>,
 }
 
 /// One settled delivery, reported by its task.
@@ -99,6 +101,7 @@ impl Pipeline {
             concurrency: config.delivery.concurrency.max(1),
             shutdown_timeout: Duration::from_millis(config.delivery.shutdown_timeout_ms),
             redact: config.redact.clone(),
+            counters: Arc::default(),
         }
     }
 
@@ -351,6 +354,7 @@ impl Pipeline {
                 }
                 let plan = self.finish(rules, &mut event, needs).await;
                 for d in &plan.decisions {
+                    self.counters.record(&d.route, d.outcome == Outcome::Then);
                     metrics::counter!(m::ROUTE_MATCHED, "route" => d.route.clone()).increment(1);
                     if matches!(d.outcome, Outcome::Failed(_)) {
                         metrics::counter!(m::ROUTE_FAILED, "route" => d.route.clone()).increment(1);

@@ -10,6 +10,7 @@ use crate::config::{LoadedConfig, SourceKind};
 use crate::diag::{Problem, Problems, Severity};
 use crate::metrics as m;
 use crate::pipeline::{Pipeline, Stats};
+use crate::reload::{Reloader, RouteCounters};
 use crate::rules::RuleSet;
 use crate::rules::load::{self, RuleEnv, RuleSource};
 use crate::sinks::{BuildError, Sinks};
@@ -40,6 +41,10 @@ pub struct Service {
     pub rules: Arc<ArcSwap<RuleSet>>,
     pub sinks: Arc<Sinks>,
     pub pipeline: Arc<Pipeline>,
+    /// Reloads the rules (file watch, SIGHUP, `POST /reload`).
+    pub reloader: Arc<Reloader>,
+    /// Whether `run` watches the rule files (the config's `reload.watch`, unless `--no-watch`).
+    pub watch: bool,
     /// Warnings found while loading the rules.
     pub warnings: Vec<Problem>,
 }
@@ -57,7 +62,12 @@ impl Service {
                 &env,
             )
         } else {
-            load::load_paths(&config.rule_paths(), &env)
+            // The same path as every reload: compile, check, dry-run on the fixtures.
+            let checked = crate::rules::validate::validate(&config.rule_paths(), &env, None);
+            load::Loaded {
+                ruleset: checked.ruleset,
+                problems: checked.problems,
+            }
         };
         let Some(ruleset) = loaded.ruleset else {
             return Err(StartError::Invalid(Problems(loaded.problems)));
@@ -74,14 +84,19 @@ impl Service {
         metrics::gauge!(m::RULES_VERSION, "version" => ruleset.version.clone()).set(1.0);
         let rules = Arc::new(ArcSwap::from_pointee(ruleset));
         let sinks = Arc::new(Sinks::build(&config).await?);
-        let pipeline = Arc::new(Pipeline::new(&config.config, rules.clone(), sinks.clone()));
+        let counters = Arc::new(RouteCounters::default());
+        let mut pipeline = Pipeline::new(&config.config, rules.clone(), sinks.clone());
+        pipeline.counters = counters.clone();
+        let reloader = Arc::new(Reloader::new(rules.clone(), counters, config.rule_paths(), env));
         Ok(Service {
             config,
             embedded,
             rules,
             sinks,
-            pipeline,
+            pipeline: Arc::new(pipeline),
+            reloader,
             warnings,
+            watch: true,
         })
     }
 
@@ -112,15 +127,32 @@ impl Service {
     /// Serves HTTP (when configured) and runs the pipeline until the source ends or `shutdown` flips.
     pub async fn run(&self, shutdown: watch::Receiver<bool>) -> Result<Stats, StartError> {
         let source = self.source().await?;
+        let reload = &self.config.config.reload;
+        // Kept alive for the whole run; dropping it stops the watch.
+        let _watcher = if self.watch && reload.watch && !self.embedded {
+            match self
+                .reloader
+                .watch(std::time::Duration::from_millis(reload.debounce_ms))
+            {
+                Ok(w) => Some(w),
+                Err(e) => {
+                    tracing::warn!(error = %e, "Cannot watch the rule files; reload with SIGHUP or POST /reload.");
+                    None
+                }
+            }
+        } else {
+            None
+        };
         let http = match &self.config.config.http {
             Some(http) => {
-                let (addr, task) = crate::http::serve(&http.listen, self.rules.clone(), m::install(), shutdown.clone())
-                    .await
-                    .map_err(|source| StartError::Http {
-                        listen: http.listen.clone(),
-                        source,
-                    })?;
-                tracing::info!(%addr, "HTTP listener up: /healthz, /metrics.");
+                let (addr, task) =
+                    crate::http::serve(&http.listen, self.reloader.clone(), m::install(), shutdown.clone())
+                        .await
+                        .map_err(|source| StartError::Http {
+                            listen: http.listen.clone(),
+                            source,
+                        })?;
+                tracing::info!(%addr, "HTTP listener up: /healthz, /metrics, /rules, POST /reload.");
                 Some(task)
             }
             None => None,

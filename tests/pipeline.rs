@@ -196,9 +196,15 @@ async fn unmatched_events_can_be_dead_lettered() {
 }
 
 async fn http_get(addr: &str, path: &str) -> String {
+    http_request(addr, "GET", path).await
+}
+
+async fn http_request(addr: &str, method: &str, path: &str) -> String {
     let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
     stream
-        .write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .write_all(
+            format!("{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
         .await
         .unwrap();
     let mut body = String::new();
@@ -255,6 +261,16 @@ async fn healthz_and_metrics_are_served_while_running() {
     assert!(
         metrics.contains("switchyard_route_matched_total{route=\"provision-on-activating\"}"),
         "{metrics}"
+    );
+    let rules = http_get(&addr, "/rules").await;
+    assert!(
+        rules.contains("\"name\":\"provision-on-activating\"") && rules.contains("\"fired\":1"),
+        "{rules}"
+    );
+    let reload = http_request(&addr, "POST", "/reload").await;
+    assert!(
+        reload.starts_with("HTTP/1.1 200") && reload.contains("\"ok\":true"),
+        "{reload}"
     );
     stop.send(true).unwrap();
     let events = tokio::time::timeout(std::time::Duration::from_secs(5), running)

@@ -1,0 +1,263 @@
+//! Hot reload: the start-up path on every change, an atomic swap, the old rules kept on a bad edit, and
+//! one rules version per event while a stream flows. Real Redis, real file-system events.
+
+mod common;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{Harness, records};
+use serde_json::json;
+use switchyard::config::LoadedConfig;
+use switchyard::service::Service;
+
+fn rules(prefix: &str) -> String {
+    format!(
+        "version: 1\nroutes:\n  - name: provision\n    channel: orders\n    when: became(\"Activation_Status__c\", \"Activating\")\n    then:\n      - sink: enqueue-provisioning\n        job: {{ v: \"{prefix}\" }}\n        idempotency_key: \"{prefix}-{{{{record_id}}}}\"\n"
+    )
+}
+
+async fn service(h: &Harness, dir: &Path, events: &Path) -> Arc<Service> {
+    let text = h
+        .config_with_rules(events, dir, "reload: { debounce_ms: 100 }\n")
+        .replace("jsonl: {", "jsonl: { follow: true,");
+    let loaded = LoadedConfig::parse(&h.dir.path().join("c.yaml"), &text, &|_| None).unwrap();
+    Arc::new(Service::start(loaded, false).await.unwrap())
+}
+
+async fn wait_version(service: &Service, pred: impl Fn(&str) -> bool, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !pred(&service.rules.load().version) {
+        assert!(Instant::now() < deadline, "no reload: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn route_names(service: &Service) -> Vec<String> {
+    service.rules.load().routes.iter().map(|r| r.name.clone()).collect()
+}
+
+#[tokio::test]
+async fn a_broken_edit_keeps_the_old_rules_and_says_where_and_the_next_good_edit_is_taken() {
+    let h = Harness::new("reload_broken");
+    let dir = h.dir.path().join("rules");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::write(dir.join("orders.yaml"), rules("v1")).unwrap();
+    let events = h.write_events("events.jsonl", &[]);
+    let service = service(&h, &dir, &events).await;
+    let v1 = service.rules.load().version.clone();
+
+    for (broken, expected) in [
+        (
+            "version: 1\nroutes:\n  - name: x\n    channel: orders\n    when: changed(\"A\") &&\n    then: []\n",
+            "orders.yaml:5:",
+        ),
+        (
+            "version: 1\nroutes:\n  - name: x\n    channel: orders\n    when: 'true'\n    then:\n      - sink: nope\n        message: m\n",
+            "orders.yaml:7:15: error: route `x`: unknown sink `nope`",
+        ),
+        ("version: 1\nroutes: [\n", "orders.yaml:"),
+    ] {
+        std::fs::write(dir.join("orders.yaml"), broken).unwrap();
+        let outcome = service.reloader.reload();
+        assert!(!outcome.ok && !outcome.swapped, "{outcome:?}");
+        assert!(
+            outcome
+                .problems
+                .iter()
+                .any(|p| p.contains(expected) && p.contains(": error: ")),
+            "{expected}: {outcome:?}"
+        );
+        assert_eq!(service.rules.load().version, v1, "the old rules keep running");
+    }
+    // An unknown function only the dry run on the fixtures finds.
+    std::fs::write(dir.join("orders.yaml"), rules("v1").replace("became(", "becamee(")).unwrap();
+    std::fs::write(
+        dir.join("orders.test.yaml"),
+        "cases:\n  - name: approval\n    events:\n      - {id: \"t:1\", channel: /data/OrderChangeEvent, header: {entity: Order, change_type: UPDATE, record_ids: [801xx0000000001AAA], changed_fields: [Activation_Status__c]}, fields: {Activation_Status__c: Activating}}\n    expect: {routes: {provision: 1}}\n",
+    )
+    .unwrap();
+    let outcome = service.reloader.reload();
+    assert!(!outcome.ok, "{outcome:?}");
+    assert!(
+        outcome.problems.iter().any(|p| p
+            .contains("orders.yaml:5:11: error: route `provision`: `when` fails on the fixture event `t:1`")
+            && p.contains("becamee")),
+        "{outcome:?}"
+    );
+    assert_eq!(service.rules.load().version, v1);
+
+    std::fs::write(dir.join("orders.yaml"), rules("v2")).unwrap();
+    let outcome = service.reloader.reload();
+    assert!(outcome.ok && outcome.swapped, "{outcome:?}");
+    assert_eq!(outcome.changed, vec!["provision".to_string()]);
+    assert_ne!(service.rules.load().version, v1);
+    assert_eq!(service.reloader.describe()["last_reload"]["swapped"], true);
+}
+
+#[tokio::test]
+async fn file_changes_are_seen_rename_new_file_delete_and_symlink_swap() {
+    let h = Harness::new("reload_watch");
+    // Kubernetes ConfigMap layout: rules/orders.yaml -> ..data/orders.yaml, ..data -> ..v1
+    let dir = h.dir.path().join("rules");
+    let v1 = dir.join("..v1");
+    std::fs::create_dir_all(&v1).unwrap();
+    std::fs::write(v1.join("orders.yaml"), rules("v1")).unwrap();
+    std::os::unix::fs::symlink("..v1", dir.join("..data")).unwrap();
+    std::os::unix::fs::symlink("..data/orders.yaml", dir.join("orders.yaml")).unwrap();
+    let events = h.write_events("events.jsonl", &[]);
+    let service = service(&h, &dir, &events).await;
+    let (stop, shutdown) = tokio::sync::watch::channel(false);
+    let running = {
+        let service = service.clone();
+        tokio::spawn(async move { service.run(shutdown).await.map(|s| s.events) })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let first = service.rules.load().version.clone();
+
+    // ConfigMap update: a new versioned folder, then an atomic swap of the `..data` symlink.
+    let v2 = dir.join("..v2");
+    std::fs::create_dir_all(&v2).unwrap();
+    std::fs::write(v2.join("orders.yaml"), rules("v2")).unwrap();
+    std::os::unix::fs::symlink("..v2", dir.join("..data_tmp")).unwrap();
+    std::fs::rename(dir.join("..data_tmp"), dir.join("..data")).unwrap();
+    wait_version(&service, |v| v != first, "symlink swap").await;
+    let second = service.rules.load().version.clone();
+
+    // An editor's save-by-rename.
+    std::fs::remove_file(dir.join("orders.yaml")).unwrap();
+    std::fs::write(dir.join(".orders.yaml.swp"), rules("v3")).unwrap();
+    std::fs::rename(dir.join(".orders.yaml.swp"), dir.join("orders.yaml")).unwrap();
+    wait_version(&service, |v| v != second, "save by rename").await;
+
+    // A new file in the folder, then its deletion.
+    let extra = "version: 1\nroutes:\n  - name: extra\n    channel: orders\n    when: changed(\"Status\")\n    then:\n      - sink: log\n        message: x\n";
+    std::fs::write(dir.join("extra.yaml"), extra).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !route_names(&service).contains(&"extra".to_string()) {
+        assert!(Instant::now() < deadline, "new file not picked up");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    std::fs::remove_file(dir.join("extra.yaml")).unwrap();
+    while route_names(&service).contains(&"extra".to_string()) {
+        assert!(
+            Instant::now() < deadline + Duration::from_secs(10),
+            "deleted file not dropped"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.send(true).unwrap();
+    tokio::time::timeout(Duration::from_secs(10), running)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+}
+
+#[tokio::test]
+async fn rules_changed_while_10000_events_flow_give_each_event_one_version() {
+    let h = Harness::new("reload_stream");
+    let dir = h.dir.path().join("rules");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::write(dir.join("orders.yaml"), rules("v1")).unwrap();
+    let events_path = h.write_events("events.jsonl", &[]);
+    let service = service(&h, &dir, &events_path).await;
+    let (stop, shutdown) = tokio::sync::watch::channel(false);
+    let running = {
+        let service = service.clone();
+        tokio::spawn(async move { service.run(shutdown).await.map(|s| s.settled) })
+    };
+    // Let the service start its watch before the stream and the edit begin.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let total = 10_000u32;
+    let ids: Vec<String> = (0..total)
+        .map(|n| format!("801{:0>10}{n:05}", &h.tag[..h.tag.len().min(10)]))
+        .collect();
+    let mut file = std::fs::OpenOptions::new().append(true).open(&events_path).unwrap();
+    for (n, id) in ids.iter().enumerate() {
+        use std::io::Write;
+        let e = h.approval(
+            &format!("a{n}"),
+            std::slice::from_ref(id),
+            None,
+            records(&[(id.clone(), json!({}))]),
+        );
+        writeln!(file, "{e}").unwrap();
+        if n == total as usize / 2 {
+            file.flush().unwrap();
+            std::fs::write(dir.join("orders.yaml"), rules("v2")).unwrap();
+            tokio::time::sleep(Duration::from_millis(400)).await;
+        }
+    }
+    drop(file);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let jobs = h.jobs().await;
+        if jobs.len() >= total as usize {
+            // Each event ran under exactly one version: v1 for a prefix of the stream, v2 for the rest.
+            let version_of = |id: &str| {
+                jobs.iter()
+                    .find(|j| j.0.ends_with(id))
+                    .map(|j| j.2["v"].as_str().unwrap().to_string())
+            };
+            let versions: Vec<String> = ids
+                .iter()
+                .map(|id| version_of(id).expect("one job per event"))
+                .collect();
+            let first_v2 = versions.iter().position(|v| v == "v2").unwrap_or_else(|| {
+                panic!(
+                    "the new rules never took over: {}",
+                    service.reloader.describe()["last_reload"]
+                )
+            });
+            assert!(first_v2 > 0, "the old rules handled the start");
+            assert!(
+                versions[first_v2..].iter().all(|v| v == "v2"),
+                "no event after the swap ran the old rules"
+            );
+            assert_eq!(jobs.len(), total as usize, "every event settled exactly once");
+            break;
+        }
+        assert!(Instant::now() < deadline, "only {} of {total} jobs", jobs.len());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    stop.send(true).unwrap();
+    let settled = tokio::time::timeout(Duration::from_secs(30), running)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(settled, total as u64);
+}
+
+#[tokio::test]
+async fn fifty_reloads_in_quick_succession_end_on_the_last_file() {
+    let h = Harness::new("reload_many");
+    let dir = h.dir.path().join("rules");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::write(dir.join("orders.yaml"), rules("v0")).unwrap();
+    let events = h.write_events("events.jsonl", &[]);
+    let service = service(&h, &dir, &events).await;
+    let (stop, shutdown) = tokio::sync::watch::channel(false);
+    let running = {
+        let service = service.clone();
+        tokio::spawn(async move { service.run(shutdown).await.map(|s| s.events) })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for n in 1..=50 {
+        std::fs::write(dir.join("orders.yaml"), rules(&format!("v{n}"))).unwrap();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let last = switchyard::rules::load::version_of(&[switchyard::rules::load::RuleSource {
+        path: dir.join("orders.yaml"),
+        text: rules("v50"),
+    }]);
+    wait_version(&service, |v| v == last, "the last file").await;
+    stop.send(true).unwrap();
+    tokio::time::timeout(Duration::from_secs(10), running)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+}
