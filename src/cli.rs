@@ -34,6 +34,12 @@ pub enum ProblemFormat {
     Json,
 }
 
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum ExplainFormat {
+    Text,
+    Json,
+}
+
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum SchemaKind {
     /// Rule files (`rules/*.yaml`)
@@ -73,6 +79,36 @@ pub enum Command {
     Test {
         /// Test files or folders; default: `rules/`.
         paths: Vec<PathBuf>,
+    },
+    /// Why each route did (not) fire for recorded events: every clause's value, the enrichment, the actions.
+    Explain {
+        /// A JSONL file of events, or `-` for standard input.
+        #[arg(long)]
+        event: PathBuf,
+        /// Rule files or folders (default: the config's rules, or `rules/`).
+        #[arg(long)]
+        rules: Vec<PathBuf>,
+        /// The service config (channel aliases, sinks, mode).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        #[arg(long, value_enum, default_value = "text")]
+        format: ExplainFormat,
+    },
+    /// Run recorded events through rules with no side effects; with --against, print the decision diff
+    /// (exit 2 when decisions differ).
+    Replay {
+        /// A JSONL file of recorded events.
+        #[arg(long)]
+        events: PathBuf,
+        /// The rules to try (files or folders).
+        #[arg(long, required = true)]
+        rules: Vec<PathBuf>,
+        /// The rules they replace.
+        #[arg(long)]
+        against: Vec<PathBuf>,
+        /// The service config (channel aliases, sinks, mode).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
     },
     /// Serve a local Salesforce Pub/Sub API emulator (gRPC) with events from a JSONL file.
     Emulator {

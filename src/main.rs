@@ -4,9 +4,10 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::Parser;
-use switchyard::cli::{Cli, Command, LogFormat, ProblemFormat, SchemaKind};
+use switchyard::cli::{Cli, Command, ExplainFormat, LogFormat, ProblemFormat, SchemaKind};
 use switchyard::config::LoadedConfig;
 use switchyard::diag::{Problem, Severity};
+use switchyard::event::Event;
 use switchyard::rules::load::RuleEnv;
 use switchyard::service::{Service, StartError};
 use tokio::sync::watch;
@@ -36,6 +37,18 @@ async fn main() -> ExitCode {
             format,
         } => validate(paths, config, avro, format),
         Command::Test { paths } => test(paths),
+        Command::Explain {
+            event,
+            rules,
+            config,
+            format,
+        } => explain(event, rules, config, format),
+        Command::Replay {
+            events,
+            rules,
+            against,
+            config,
+        } => replay(events, rules, against, config),
         Command::Emulator {
             listen,
             events,
@@ -279,6 +292,131 @@ async fn emulator(listen: std::net::SocketAddr, events: Option<PathBuf>, access_
             eprintln!("switchyard: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Loads rules for explain/replay: the config's environment (or the defaults, in CDC mode).
+fn load_rules(paths: Vec<PathBuf>, config: Option<&PathBuf>) -> Result<switchyard::rules::RuleSet, ExitCode> {
+    let (mut env, config_paths) = match config {
+        Some(path) => match LoadedConfig::load(path) {
+            Ok(loaded) => (RuleEnv::from_config(&loaded), loaded.rule_paths()),
+            Err(p) => {
+                eprintln!("{p}");
+                return Err(ExitCode::FAILURE);
+            }
+        },
+        None => (RuleEnv::defaults(), vec![PathBuf::from("rules")]),
+    };
+    env.mode = Some(env.mode.unwrap_or_default());
+    let paths = if paths.is_empty() { config_paths } else { paths };
+    let loaded = switchyard::rules::load::load_paths(&paths, &env);
+    match loaded.ruleset {
+        Some(rules) => Ok(rules),
+        None => {
+            for p in &loaded.problems {
+                eprintln!("{p}");
+            }
+            Err(ExitCode::FAILURE)
+        }
+    }
+}
+
+fn explain(event: PathBuf, rules: Vec<PathBuf>, config: Option<PathBuf>, format: ExplainFormat) -> ExitCode {
+    let rules = match load_rules(rules, config.as_ref()) {
+        Ok(rules) => rules,
+        Err(code) => return code,
+    };
+    let text = if event.as_os_str() == "-" {
+        std::io::read_to_string(std::io::stdin())
+    } else {
+        std::fs::read_to_string(&event)
+    };
+    let text = match text {
+        Ok(text) => text,
+        Err(e) => {
+            eprintln!("switchyard: cannot read {}: {e}", event.display());
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut all = Vec::new();
+    for (n, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        match Event::from_json(line) {
+            Ok(e) => all.push(switchyard::explain::explain(&rules, &e)),
+            Err(err) => {
+                eprintln!("{}:{}: not an event: {err}", event.display(), n + 1);
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    match format {
+        ExplainFormat::Text => all.iter().for_each(|x| print!("{}", switchyard::explain::to_text(x))),
+        ExplainFormat::Json => println!("{}", serde_json::to_string_pretty(&all).unwrap_or_default()),
+    }
+    ExitCode::SUCCESS
+}
+
+fn replay(events: PathBuf, rules: Vec<PathBuf>, against: Vec<PathBuf>, config: Option<PathBuf>) -> ExitCode {
+    use std::io::IsTerminal;
+    let new = match load_rules(rules, config.as_ref()) {
+        Ok(rules) => rules,
+        Err(code) => return code,
+    };
+    let old = if against.is_empty() {
+        None
+    } else {
+        match load_rules(against, config.as_ref()) {
+            Ok(rules) => Some(rules),
+            Err(code) => return code,
+        }
+    };
+    let file = match std::fs::File::open(&events) {
+        Ok(f) => std::io::BufReader::new(f),
+        Err(e) => {
+            eprintln!("switchyard: cannot read {}: {e}", events.display());
+            return ExitCode::FAILURE;
+        }
+    };
+    let terminal = std::io::stderr().is_terminal();
+    let mut progress = |n: u64| {
+        if terminal {
+            eprint!("\rreplayed {n} events");
+        }
+    };
+    let mut out = std::io::stdout().lock();
+    let name = events.display().to_string();
+    let report = match switchyard::replay::replay(file, &name, &new, old.as_ref(), &mut out, &mut progress) {
+        Ok(report) => report,
+        Err(e) => {
+            eprintln!("switchyard: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if terminal {
+        eprintln!();
+    }
+    println!(
+        "{} events replayed ({} malformed) under rules {}",
+        report.events, report.malformed, new.version
+    );
+    for (route, n) in &report.fired {
+        println!("  route {route}: fired {n} time(s)");
+    }
+    for (sink, n) in &report.actions {
+        println!("  sink {sink}: {n} action(s)");
+    }
+    match &old {
+        Some(old) if report.differing > 0 => {
+            println!(
+                "{} event(s) decide differently than under rules {}",
+                report.differing, old.version
+            );
+            ExitCode::from(2)
+        }
+        Some(old) => {
+            println!("no decision differs from rules {}", old.version);
+            ExitCode::SUCCESS
+        }
+        None => ExitCode::SUCCESS,
     }
 }
 
