@@ -437,7 +437,20 @@ fn soak_of_100000_events_with_random_connection_kills_settles_everything_once() 
     let logs = setup.logs();
     assert!(status.success(), "{}", &logs[logs.len().saturating_sub(4000)..]);
     assert!(kills > 3, "the chaos ran ({kills} rounds)");
-    assert_eq!(setup.job_ids(), expected_ids(&distinct), "jobs = distinct activations");
+    let (got, want) = (setup.job_ids(), expected_ids(&distinct));
+    if got != want {
+        let missing: Vec<&String> = want.iter().filter(|id| got.binary_search(id).is_err()).collect();
+        let mut dupes = got.clone();
+        dupes.dedup();
+        panic!(
+            "jobs != distinct activations: {} jobs for {} activations; missing {:?}; {} duplicate entries; log tail:\n{}",
+            got.len(),
+            want.len(),
+            &missing[..missing.len().min(10)],
+            got.len() - dupes.len(),
+            &logs[logs.len().saturating_sub(3000)..]
+        );
+    }
     assert_eq!(setup.stored_offset(), Some(setup.file_len()), "zero unsettled events");
     let letters: i64 = redis::cmd("XLEN")
         .arg(format!("sy-{}:dead-letters", setup.tag))

@@ -9,6 +9,16 @@ use super::memory::MemoryJob;
 use super::{BuildError, MemoryBackend, SinkError, SinkOutcome};
 use crate::config::{BackoffKind, JobOptions, QueueSinkConfig};
 
+/// BullMQ's errors: its connection closing (a dropped or killed connection) and rate limiting pass; a
+/// script or serialization error does not.
+fn classify(err: &bullmq::Error) -> SinkError {
+    match err {
+        bullmq::Error::Redis(r) => SinkError::from_redis(r),
+        bullmq::Error::ConnectionClosed | bullmq::Error::RateLimited { .. } => SinkError::Transient(err.to_string()),
+        other => SinkError::Permanent(other.to_string()),
+    }
+}
+
 pub struct QueueSink {
     queue_name: String,
     job_name: String,
@@ -77,10 +87,7 @@ impl QueueSink {
                 if let Some(n) = options.remove_on_fail {
                     add = add.remove_on_fail(bullmq::types::RemoveOnFinish::Count(n));
                 }
-                add.await.map_err(|e| match &e {
-                    bullmq::Error::Redis(r) => SinkError::from_redis(r),
-                    other => SinkError::Permanent(other.to_string()),
-                })?;
+                add.await.map_err(|e| classify(&e))?;
                 Ok(SinkOutcome::Done)
             }
             Backend::Memory(memory) => {
