@@ -112,23 +112,7 @@ impl Reloader {
 
     /// The folders to watch: each rules folder, and the folder of each rules file.
     pub fn watched_dirs(&self) -> Vec<PathBuf> {
-        let mut dirs: Vec<PathBuf> = self
-            .paths
-            .iter()
-            .map(|p| {
-                if p.is_dir() {
-                    p.clone()
-                } else {
-                    p.parent()
-                        .filter(|d| !d.as_os_str().is_empty())
-                        .map(PathBuf::from)
-                        .unwrap_or_else(|| ".".into())
-                }
-            })
-            .collect();
-        dirs.sort();
-        dirs.dedup();
-        dirs
+        crate::rules::load::folders_of(&self.paths)
     }
 
     /// Runs the start-up path on the files as they are now; swaps only a complete, error-free RuleSet.

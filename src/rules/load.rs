@@ -107,6 +107,26 @@ pub fn read_sources(paths: &[PathBuf]) -> Result<Vec<RuleSource>, Vec<Problem>> 
     }
 }
 
+/// The folders rule paths live in: each folder named, and the folder of each file named; sorted, no duplicates.
+pub fn folders_of(paths: &[PathBuf]) -> Vec<PathBuf> {
+    let mut dirs: Vec<PathBuf> = paths
+        .iter()
+        .map(|p| {
+            if p.is_dir() {
+                p.clone()
+            } else {
+                p.parent()
+                    .filter(|d| !d.as_os_str().is_empty())
+                    .map(Path::to_path_buf)
+                    .unwrap_or_else(|| ".".into())
+            }
+        })
+        .collect();
+    dirs.sort();
+    dirs.dedup();
+    dirs
+}
+
 /// `*.yaml` / `*.yml`, not `*.test.yaml` / `*.test.yml`.
 pub fn is_rules_file(path: &Path) -> bool {
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();

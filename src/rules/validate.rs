@@ -2,7 +2,7 @@
 //! that can never fire in the given config, a dry run of every predicate on the `*.test.yaml` fixture
 //! events, header fields, and (with `--avro DIR`) event field names against the channel's Avro schema.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use super::load::{self, RuleEnv};
@@ -110,20 +110,7 @@ fn never_fire(rules: &RuleSet, env: &RuleEnv, mode: Mode, problems: &mut Vec<Pro
 
 /// Test files next to the rules: in each folder named, or beside each file named.
 fn fixture_files(paths: &[PathBuf]) -> Vec<PathBuf> {
-    let dirs: BTreeSet<PathBuf> = paths
-        .iter()
-        .map(|p| {
-            if p.is_dir() {
-                p.clone()
-            } else {
-                p.parent()
-                    .filter(|d| !d.as_os_str().is_empty())
-                    .map(Path::to_path_buf)
-                    .unwrap_or_else(|| ".".into())
-            }
-        })
-        .collect();
-    find_test_files(&dirs.into_iter().collect::<Vec<_>>())
+    find_test_files(&super::load::folders_of(paths))
 }
 
 fn dry_run(rules: &RuleSet, paths: &[PathBuf], problems: &mut Vec<Problem>) {
