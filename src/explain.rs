@@ -76,13 +76,7 @@ fn explain_predicate(
 fn record_for(route: &Route, event: &Event, record_id: Option<&str>) -> Option<Option<Map<String, Value>>> {
     let enrich = route.enrich.as_ref()?;
     let found = event.record.get(record_id?)?.as_ref();
-    Some(found.map(|fields| {
-        enrich
-            .fields
-            .iter()
-            .map(|f| (f.clone(), fields.get(f).cloned().unwrap_or(Value::Null)))
-            .collect()
-    }))
+    Some(found.map(|fields| router::requested_record(enrich, fields)))
 }
 
 /// Explains one event under `rules` (whose mode decides which routes are live).

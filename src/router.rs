@@ -14,6 +14,15 @@ use crate::rules::helpers::{self, HelperCtx};
 use crate::rules::template::RenderCtx;
 use crate::rules::{ActionParams, ActionTemplate, Predicate, Route, RuleSet};
 
+/// The record as a route sees it: exactly the fields its `enrich` asked for, null when absent.
+pub fn requested_record(enrich: &crate::rules::EnrichSpec, fields: &Map<String, Value>) -> Map<String, Value> {
+    enrich
+        .fields
+        .iter()
+        .map(|f| (f.clone(), fields.get(f).cloned().unwrap_or(Value::Null)))
+        .collect()
+}
+
 /// A record to read before `guard` runs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EnrichRequest {
@@ -188,11 +197,7 @@ pub fn dry_run(rules: &RuleSet, event: &Event) -> Vec<DryRunError> {
                 let Some(guard) = &route.guard else { continue };
                 let recorded = unit_id.as_ref().and_then(|id| event.record.get(id)).cloned().flatten();
                 let record: Map<String, Value> = match (&route.enrich, &recorded) {
-                    (Some(enrich), Some(fields)) => enrich
-                        .fields
-                        .iter()
-                        .map(|f| (f.clone(), fields.get(f).cloned().unwrap_or(Value::Null)))
-                        .collect(),
+                    (Some(enrich), Some(fields)) => requested_record(enrich, fields),
                     _ => Map::new(),
                 };
                 ctx.set_has_record(recorded.is_some());
@@ -362,11 +367,7 @@ fn decide(
             Some(Err(e)) => return Err(format!("enrichment failed: {e}")),
             Some(Ok(None)) => (false, Map::new()),
             Some(Ok(Some(fields))) => {
-                let record = enrich
-                    .fields
-                    .iter()
-                    .map(|f| (f.clone(), fields.get(f).cloned().unwrap_or(Value::Null)))
-                    .collect();
+                let record = requested_record(enrich, fields);
                 (true, record)
             }
         },
