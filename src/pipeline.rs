@@ -488,7 +488,9 @@ impl Stats {
             println!("  sink {sink}: {n} action(s) done");
         }
         if let Some(memory) = &sinks.memory {
-            let jobs = memory.jobs();
+            // Sorted by id: events on different records are enqueued concurrently, in no fixed order.
+            let mut jobs = memory.jobs();
+            jobs.sort_by(|a, b| (&a.queue, &a.id).cmp(&(&b.queue, &b.id)));
             println!("In-memory queue: {} job(s)", jobs.len());
             for job in jobs {
                 println!("  {}/{} {} {}", job.queue, job.name, job.id, job.data);
