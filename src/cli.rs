@@ -40,6 +40,13 @@ pub enum ExplainFormat {
     Json,
 }
 
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum RecordFrom {
+    Earliest,
+    Latest,
+    Stored,
+}
+
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum SchemaKind {
     /// Rule files (`rules/*.yaml`)
@@ -109,6 +116,25 @@ pub enum Command {
         /// The service config (channel aliases, sinks, mode).
         #[arg(long, short)]
         config: Option<PathBuf>,
+    },
+    /// Subscribe like `run`, but write the decoded events (with the records the rules read) as JSONL: real
+    /// traffic becomes fixtures and input for the JSONL source. Runs no action and stores no position.
+    Record {
+        /// The service config (a `pubsub` or `emulator` source).
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The JSONL file to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// Where to start: `earliest` (all retained events), `latest`, or `stored` (the position `run` stored).
+        #[arg(long, value_enum)]
+        from: Option<RecordFrom>,
+        /// Stop after this many events (default: until Ctrl-C or SIGTERM).
+        #[arg(long)]
+        max_events: Option<u64>,
+        /// Payload and record fields to write as `***` (repeatable).
+        #[arg(long)]
+        redact: Vec<String>,
     },
     /// Serve a local Salesforce Pub/Sub API emulator (gRPC) with events from a JSONL file.
     Emulator {

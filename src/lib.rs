@@ -20,6 +20,7 @@ pub mod idempotency;
 pub mod metrics;
 pub mod pipeline;
 pub mod plan;
+pub mod record;
 pub mod reload;
 pub mod replay;
 pub mod router;

@@ -49,6 +49,13 @@ async fn main() -> ExitCode {
             against,
             config,
         } => replay(events, rules, against, config),
+        Command::Record {
+            config,
+            out,
+            from,
+            max_events,
+            redact,
+        } => record(config, out, from, max_events, redact).await,
         Command::Emulator {
             listen,
             events,
@@ -479,4 +486,58 @@ fn report(problems: &[Problem], format: ProblemFormat) {
 
 fn github_path(path: &Path) -> String {
     path.strip_prefix("./").unwrap_or(path).display().to_string()
+}
+
+async fn record(
+    config: PathBuf,
+    out: PathBuf,
+    from: Option<switchyard::cli::RecordFrom>,
+    max_events: Option<u64>,
+    redact: Vec<String>,
+) -> ExitCode {
+    use switchyard::cli::RecordFrom;
+    use switchyard::config::ReplayStart;
+    let mut loaded = match LoadedConfig::load(&config) {
+        Ok(loaded) => loaded,
+        Err(problems) => {
+            eprintln!("{problems}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if let Some(from) = from {
+        let mut pubsub = loaded.config.pubsub();
+        pubsub.replay.start = match from {
+            RecordFrom::Earliest => ReplayStart::Earliest,
+            RecordFrom::Latest => ReplayStart::Latest,
+            RecordFrom::Stored => ReplayStart::Stored,
+        };
+        loaded.config.source.pubsub = Some(pubsub);
+    }
+    let service = match Service::start(loaded, false).await {
+        Ok(service) => service,
+        Err(e) => {
+            eprintln!("switchyard: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let (stop, shutdown) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        stop.send_replace(true);
+    });
+    match switchyard::record::record(&service, &out, &redact, max_events, shutdown).await {
+        Ok(done) => {
+            eprintln!(
+                "switchyard: recorded {} event(s) to {} ({} undecodable skipped)",
+                done.events,
+                out.display(),
+                done.malformed
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("switchyard: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }

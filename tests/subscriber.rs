@@ -335,3 +335,337 @@ async fn rejected_static_token_stops_the_channel_clearly() {
     run.finish().await;
     assert!(!h.logs.text().contains(emu.access_token()), "the token is never logged");
 }
+
+/// `switchyard run --config examples/salesforce.yaml`, configured by environment alone, against `emu`.
+fn spawn_run(h: &Harness, emu: &EmulatorHandle, mode: &str, log: &str) -> std::process::Child {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"));
+    for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("SF_") || k.starts_with("SWITCHYARD_")) {
+        cmd.env_remove(k);
+    }
+    let log = std::fs::File::create(h.dir.path().join(log)).unwrap();
+    cmd.args(["run", "--config"])
+        .arg(repo().join("examples/salesforce.yaml"))
+        .env("SF_PUBSUB_ENDPOINT", emu.endpoint())
+        .env("SF_LOGIN_URL", emu.base_url())
+        .env("SF_CLIENT_ID", emulator::DEFAULT_CLIENT_ID)
+        .env("SF_CLIENT_SECRET", emulator::DEFAULT_CLIENT_SECRET)
+        .env("REDIS_URL", redis_url())
+        .env("SWITCHYARD_KEY_PREFIX", h.key_prefix())
+        .env("BULLMQ_PREFIX", h.bull_prefix())
+        .env("SWITCHYARD_HTTP_LISTEN", "127.0.0.1:0")
+        .env("SWITCHYARD_MODE", mode)
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap()
+}
+
+/// Waits until `emu` has seen `n` subscriptions (the process is up and subscribed).
+async fn subscribed(emu: &EmulatorHandle, n: u64) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while emu.subscriptions() < n {
+        assert!(tokio::time::Instant::now() < deadline, "no subscription");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Publishes `event` and waits until the process stored a position at or past it (it settled).
+async fn publish_settled(h: &Harness, emu: &EmulatorHandle, event: &Event, mode: switchyard::config::Mode) {
+    let replay = emu.publish(event).unwrap();
+    let key = checkpoint_key(mode, &event.channel);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        if stored(h, &redis_url(), &key).await.is_some_and(|p| p >= replay) {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{} did not settle", event.id);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn terminate(child: &mut std::process::Child) -> std::process::ExitStatus {
+    let _ = std::process::Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status();
+    child.wait().unwrap()
+}
+
+/// The order checklist through the real path, started as `switchyard run --config examples/salesforce.yaml` with
+/// only environment variables: CDC mode, then Platform Event mode on the same org, each mode with its own position.
+#[tokio::test]
+async fn order_checklist_end_to_end_in_both_modes_configured_by_environment() {
+    use switchyard::config::Mode;
+    let h = Harness::new("sub-e2e");
+    let emu = emulator_with(EmulatorOptions::default()).await;
+    let mut cdc = spawn_run(&h, &emu, "cdc", "cdc.log");
+    subscribed(&emu, 1).await;
+    let with = |n: u32, whmcs: Option<&str>| records(&[h.record(n, whmcs)]);
+    let o = |n: u32| vec![h.order(n)];
+    // 1. Approval -> one job. 2. The same event redelivered -> no second job.
+    let approval1 = event(&h.approval("tx-1", &o(1), Some("Approved"), with(1, None)));
+    publish_settled(&h, &emu, &approval1, Mode::Cdc).await;
+    publish_settled(&h, &emu, &approval1, Mode::Cdc).await;
+    // 3. Already provisioned (WHMCS id set) -> no job. 4. Draft -> no job. 5. Order not found -> no job.
+    publish_settled(
+        &h,
+        &emu,
+        &event(&h.approval("tx-2", &o(2), Some("Approved"), with(2, Some("WH-2")))),
+        Mode::Cdc,
+    )
+    .await;
+    publish_settled(
+        &h,
+        &emu,
+        &event(&h.approval("tx-3", &o(3), Some("Draft"), with(3, None))),
+        Mode::Cdc,
+    )
+    .await;
+    publish_settled(
+        &h,
+        &emu,
+        &event(&h.approval("tx-4", &o(4), None, records(&[(h.order(4), Value::Null)]))),
+        Mode::Cdc,
+    )
+    .await;
+    // 6. Customer-facing edit -> cache invalidated. 7. Internal-only edit -> cache kept.
+    let (k5, k6) = (
+        format!("orders:detail:{}", h.order(5)),
+        format!("orders:detail:{}", h.order(6)),
+    );
+    h.set_key(&k5).await;
+    h.set_key(&k6).await;
+    publish_settled(
+        &h,
+        &emu,
+        &event(&h.change(
+            "tx-5",
+            &o(5),
+            &["Description"],
+            json!({"Description": "x"}),
+            with(5, None),
+        )),
+        Mode::Cdc,
+    )
+    .await;
+    publish_settled(
+        &h,
+        &emu,
+        &event(&h.change(
+            "tx-6",
+            &o(6),
+            &["Activation_Error_Code__c"],
+            json!({"Activation_Error_Code__c": "E"}),
+            with(6, None),
+        )),
+        Mode::Cdc,
+    )
+    .await;
+    // 8. Cancelled, then re-approved after the first job provisioned it (WHMCS id set) -> no second job.
+    publish_settled(
+        &h,
+        &emu,
+        &event(&h.approval("tx-7", &o(7), Some("Approved"), with(7, None))),
+        Mode::Cdc,
+    )
+    .await;
+    publish_settled(
+        &h,
+        &emu,
+        &event(&h.change(
+            "tx-8",
+            &o(7),
+            &["Status"],
+            json!({"Status": "Cancelled"}),
+            with(7, Some("WH-7")),
+        )),
+        Mode::Cdc,
+    )
+    .await;
+    publish_settled(
+        &h,
+        &emu,
+        &event(&h.approval("tx-9", &o(7), Some("Reactivate"), with(7, Some("WH-7")))),
+        Mode::Cdc,
+    )
+    .await;
+    assert!(terminate(&mut cdc).success(), "SIGTERM exits 0");
+    let jobs = h.jobs().await;
+    let ids: Vec<&Value> = jobs.iter().map(|j| &j.2["sfOrderId"]).collect();
+    assert_eq!(ids, vec![&json!(h.order(1)), &json!(h.order(7))], "{jobs:?}");
+    assert_eq!(jobs[0].2["accountId"], json!(h.account(1)), "enriched over REST");
+    assert!(!h.key_exists(&k5).await);
+    assert!(h.key_exists(&k6).await);
+    let cdc_position = stored(&h, &redis_url(), &checkpoint_key(Mode::Cdc, emulator::ORDER_CHANNEL)).await;
+
+    // Platform Event mode on the same org: the fulfilment request's own idempotency key is the job id.
+    let mut pe = spawn_run(&h, &emu, "platform-event", "pe.log");
+    subscribed(&emu, emu.subscriptions() + 1).await;
+    let (o8, r8) = h.record(8, None);
+    let request = json!({"id": format!("pe-8-{}", h.tag), "channel": emulator::FULFILMENT_CHANNEL, "kind": "platform",
+        "fields": {"CreatedDate": 1764230415000u64, "CreatedById": "005xx0000000001AAA", "Order_Id__c": o8,
+                   "Idempotency_Key__c": format!("ofr-{o8}-1"), "Correlation_Id__c": "corr-8"},
+        "record": {o8.clone(): r8}});
+    publish_settled(&h, &emu, &event(&request), Mode::PlatformEvent).await;
+    let orphan = json!({"id": format!("pe-9-{}", h.tag), "channel": emulator::FULFILMENT_CHANNEL, "kind": "platform",
+        "fields": {"CreatedDate": 1764230415000u64, "CreatedById": "005xx0000000001AAA"}});
+    publish_settled(&h, &emu, &event(&orphan), Mode::PlatformEvent).await;
+    assert!(terminate(&mut pe).success());
+    let jobs = h.jobs().await;
+    assert_eq!(jobs.len(), 3, "{jobs:?}");
+    let job = jobs
+        .iter()
+        .find(|j| j.2["sfOrderId"] == json!(o8))
+        .expect("the fulfilment job");
+    assert_eq!(job.0, format!("ofr-{o8}-1"));
+    assert_eq!(job.2["correlationId"], json!("corr-8"));
+    let letters = h.dead_letters().await;
+    assert!(
+        letters
+            .iter()
+            .any(|l| l["reason"].as_str().unwrap_or("").contains("carries no Order_Id__c")),
+        "{letters:?}"
+    );
+    assert_eq!(
+        stored(&h, &redis_url(), &checkpoint_key(Mode::Cdc, emulator::ORDER_CHANNEL)).await,
+        cdc_position,
+        "the CDC position is kept while the other mode runs"
+    );
+}
+
+/// A process killed with SIGKILL mid-stream and restarted resumes from the stored position: every approval
+/// enqueued once, none lost.
+#[tokio::test]
+async fn process_killed_mid_stream_resumes_from_the_stored_position() {
+    let h = Harness::new("sub-kill");
+    let emu = emulator_with(EmulatorOptions::default()).await;
+    let mut first = spawn_run(&h, &emu, "cdc", "first.log");
+    subscribed(&emu, 1).await;
+    for n in 1..=200 {
+        emu.publish(&approval(&h, n)).unwrap();
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while h.jobs().await.len() < 40 {
+        assert!(tokio::time::Instant::now() < deadline, "no progress before the kill");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    first.kill().unwrap();
+    first.wait().unwrap();
+    let at_kill = h.jobs().await.len();
+    let mut second = spawn_run(&h, &emu, "cdc", "second.log");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while h.jobs().await.len() < 200 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "only {} jobs",
+            h.jobs().await.len()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(terminate(&mut second).success());
+    let jobs = h.jobs().await;
+    let mut ids: Vec<String> = jobs
+        .iter()
+        .map(|j| j.2["sfOrderId"].as_str().unwrap().to_string())
+        .collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 200, "every approval once ({at_kill} before the kill)");
+    assert_eq!(jobs.len(), 200, "no duplicate job");
+    let log = std::fs::read_to_string(h.dir.path().join("second.log")).unwrap();
+    assert!(log.contains("Resuming after the stored position"), "{log}");
+    assert!(h.dead_letters().await.is_empty());
+}
+
+/// `switchyard record` turns the stream into JSONL that decides the same as the live path.
+#[tokio::test]
+async fn record_writes_jsonl_that_replays_to_the_same_decisions() {
+    let h = Harness::new("sub-record");
+    let lifecycle = std::fs::read_to_string(repo().join("examples/events/order-lifecycle.jsonl")).unwrap();
+    let events: Vec<Event> = lifecycle
+        .lines()
+        .filter_map(|l| Event::from_json(l).ok())
+        .filter(|e| e.channel == emulator::ORDER_CHANNEL)
+        .collect();
+    let emu = emulator_with(EmulatorOptions {
+        events: events.clone(),
+        ..EmulatorOptions::default()
+    })
+    .await;
+    let config = h.dir.path().join("record.yaml");
+    std::fs::write(&config, self::config(&h, &emu, &redis_url(), "", "")).unwrap();
+    let out = h.dir.path().join("recorded.jsonl");
+    let status = tokio::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args([
+            "record",
+            "--from",
+            "earliest",
+            "--max-events",
+            &events.len().to_string(),
+            "--redact",
+            "Description",
+            "--config",
+        ])
+        .arg(&config)
+        .arg("--out")
+        .arg(&out)
+        .stderr(std::fs::File::create(h.dir.path().join("record.log")).unwrap())
+        .status()
+        .await
+        .unwrap();
+    assert!(status.success());
+    let text = std::fs::read_to_string(&out).unwrap();
+    let recorded: Vec<Event> = text.lines().map(|l| Event::from_json(l).unwrap()).collect();
+    assert_eq!(recorded.len(), events.len());
+    // The decoded events are the published ones (ids, header, changed fields), Description redacted.
+    for (r, e) in recorded.iter().zip(&events) {
+        assert_eq!(r.id, e.id);
+        let fields = |e: &Event| {
+            let mut f = e.header.as_ref().map(|x| x.changed_fields.clone()).unwrap_or_default();
+            f.sort();
+            f
+        };
+        assert_eq!(
+            fields(r),
+            fields(e),
+            "{}: changed fields (in schema order on the wire)",
+            e.id
+        );
+        if e.fields.contains_key("Description") {
+            assert_eq!(r.fields["Description"], json!("***"));
+        }
+    }
+    // Replayed with the recorded enricher, the file decides exactly as the live REST path does.
+    let start = |enricher: &str| {
+        let text = format!(
+            "source: {{ kind: jsonl, jsonl: {{ path: {} }} }}\nrules: [{}]\nenricher: {enricher}\n\
+             salesforce: {{ login_url: \"{}\", client_id: {}, client_secret: {} }}\n\
+             sinks:\n  enqueue-provisioning: {{ kind: queue, queue: provisioning, job_name: provision-order }}\n  \
+             invalidate-cache: {{ kind: cache-invalidate }}\n  log: {{ kind: log }}\n",
+            out.display(),
+            repo().join("rules").display(),
+            emu.base_url(),
+            emulator::DEFAULT_CLIENT_ID,
+            emulator::DEFAULT_CLIENT_SECRET
+        );
+        let loaded = LoadedConfig::parse(&h.dir.path().join("c.yaml"), &text, &|_| None).unwrap();
+        async move { Service::start(loaded, false).await.unwrap() }
+    };
+    let (replayed, live) = (start("recorded").await, start("salesforce").await);
+    let rules = replayed.rules.load_full();
+    for event in &recorded {
+        let mut from_file = event.clone();
+        let mut bare = event.clone();
+        bare.record.clear();
+        let a = replayed.pipeline.decide(&rules, &mut from_file).await;
+        let b = live.pipeline.decide(&rules, &mut bare).await;
+        assert_eq!(
+            format!("{:?}", a.decisions),
+            format!("{:?}", b.decisions),
+            "{}",
+            event.id
+        );
+        assert_eq!(format!("{:?}", a.actions), format!("{:?}", b.actions), "{}", event.id);
+    }
+}
