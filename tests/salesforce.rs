@@ -483,3 +483,54 @@ async fn no_secret_appears_in_logs_errors_or_dead_letters() {
     assert!(!logs.contains("!emulator."), "an issued token is in the logs");
     assert!(!letters.contains("!emulator."), "an issued token is in a dead letter");
 }
+
+/// A REST read whose token expired gets a new token once and succeeds.
+#[tokio::test]
+async fn rest_read_with_an_expired_token_renews_it_and_succeeds() {
+    let h = Harness::new("enrich-401");
+    let emu = emulator_with(oauth()).await;
+    let (o1, o2) = (h.order(1), h.order(2));
+    for (o, n) in [(&o1, 1), (&o2, 2)] {
+        emu.set_record(
+            o,
+            Some(
+                json!({"WHMCS_Order_ID__c": null, "AccountId": h.account(n)})
+                    .as_object()
+                    .unwrap()
+                    .clone(),
+            ),
+        );
+    }
+    let text = format!(
+        "source: {{ kind: stdin }}\nrules: [{}]\n{}\nsinks:\n  enqueue-provisioning: {{ kind: queue, queue: provisioning, job_name: provision-order }}\n  \
+         invalidate-cache: {{ kind: cache-invalidate }}\n  log: {{ kind: log }}\n",
+        repo().join("rules").display(),
+        rest_config(&emu, FAST_REST)
+    );
+    let loaded = LoadedConfig::parse(&h.dir.path().join("c.yaml"), &text, &|_| None).unwrap();
+    let service = Service::start(loaded, false).await.unwrap();
+    let rules = service.rules.load_full();
+    let mut first = Event::from_json(
+        &h.approval("tx-1", std::slice::from_ref(&o1), None, json!({}))
+            .to_string(),
+    )
+    .unwrap();
+    let plan = service.pipeline.decide(&rules, &mut first).await;
+    assert!(
+        plan.actions.iter().any(|a| a.sink == "enqueue-provisioning"),
+        "{plan:?}"
+    );
+    emu.inject(Fault::ExpireTokens);
+    let mut second = Event::from_json(
+        &h.approval("tx-2", std::slice::from_ref(&o2), None, json!({}))
+            .to_string(),
+    )
+    .unwrap();
+    let plan = service.pipeline.decide(&rules, &mut second).await;
+    assert!(
+        plan.actions.iter().any(|a| a.sink == "enqueue-provisioning"),
+        "{plan:?}"
+    );
+    assert_eq!(emu.token_requests(), 2, "one token, then exactly one renewal");
+    assert_eq!(emu.rest_reads_of(&o2), 2, "the 401, then the read with the new token");
+}

@@ -247,6 +247,15 @@ impl ChannelTask {
             }
             match outcome {
                 Ok(End::Stopped) => break,
+                // A stream closed before it delivered anything is treated as a failure: no tight resubscribe loop.
+                Ok(End::Closed) if !got_response => {
+                    metrics::counter!(m::SOURCE_RECONNECTS, "channel" => channel.clone(), "reason" => "closed-early")
+                        .increment(1);
+                    tracing::warn!(%channel, "The stream closed before delivering anything; resubscribing with backoff.");
+                    if !self.back_off(&mut backoff, max_backoff).await {
+                        break;
+                    }
+                }
                 Ok(End::Closed) => {
                     metrics::counter!(m::SOURCE_RECONNECTS, "channel" => channel.clone(), "reason" => "closed")
                         .increment(1);
@@ -309,17 +318,24 @@ impl ChannelTask {
                     }
                     metrics::counter!(m::SOURCE_RECONNECTS, "channel" => channel.clone(), "reason" => "error")
                         .increment(1);
-                    self.status.set(ChannelState::Backoff);
-                    let pause = jitter(backoff);
-                    backoff = (backoff * 2).min(max_backoff);
-                    tokio::select! {
-                        _ = tokio::time::sleep(pause) => {}
-                        _ = self.stop.wait_for(|s| *s) => break,
+                    if !self.back_off(&mut backoff, max_backoff).await {
+                        break;
                     }
                 }
             }
         }
         age.abort();
+    }
+
+    /// Waits out the current backoff (with jitter) and doubles it; false when the service is stopping.
+    async fn back_off(&mut self, backoff: &mut Duration, max: Duration) -> bool {
+        self.status.set(ChannelState::Backoff);
+        let pause = jitter(*backoff);
+        *backoff = (*backoff * 2).min(max);
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => true,
+            _ = self.stop.wait_for(|s| *s) => false,
+        }
     }
 
     fn stop_channel(&self, why: &str) {
