@@ -21,7 +21,10 @@ fn interop_dir() -> PathBuf {
 fn node_ready() -> bool {
     let required = std::env::var_os("SWITCHYARD_INTEROP_REQUIRED").is_some_and(|v| !v.is_empty() && v != "0");
     let modules = interop_dir().join("node_modules/bullmq");
-    let node = Command::new("node").arg("--version").output().is_ok_and(|o| o.status.success());
+    let node = Command::new("node")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
     if modules.is_dir() && node {
         return true;
     }
@@ -46,7 +49,12 @@ async fn a_stock_node_bullmq_worker_receives_and_completes_exactly_the_expected_
     let h = Harness::new("bullmq_interop");
     let (o1, o2, o3, o4, o5) = (h.order(1), h.order(2), h.order(3), h.order(4), h.order(5));
     // Normal approval: one job.
-    let approve1 = h.approval("approve-1", std::slice::from_ref(&o1), Some("Approved"), records(&[h.record(1, None)]));
+    let approve1 = h.approval(
+        "approve-1",
+        std::slice::from_ref(&o1),
+        Some("Approved"),
+        records(&[h.record(1, None)]),
+    );
     // Already provisioned (has a WHMCS id): no job.
     let approve2 = h.approval(
         "approve-2",
@@ -55,9 +63,19 @@ async fn a_stock_node_bullmq_worker_receives_and_completes_exactly_the_expected_
         records(&[h.record(2, Some("WH-2"))]),
     );
     // The same event delivered twice (a redelivery): one job.
-    let approve3 = h.approval("approve-3", std::slice::from_ref(&o3), None, records(&[h.record(3, None)]));
+    let approve3 = h.approval(
+        "approve-3",
+        std::slice::from_ref(&o3),
+        None,
+        records(&[h.record(3, None)]),
+    );
     // Approve, provisioned, cancel, re-approve: only the first approval provisions.
-    let approve4 = h.approval("approve-4", std::slice::from_ref(&o4), Some("Approved"), records(&[h.record(4, None)]));
+    let approve4 = h.approval(
+        "approve-4",
+        std::slice::from_ref(&o4),
+        Some("Approved"),
+        records(&[h.record(4, None)]),
+    );
     let provisioned4 = h.change(
         "provisioned-4",
         std::slice::from_ref(&o4),
@@ -164,7 +182,11 @@ async fn a_stock_node_bullmq_worker_receives_and_completes_exactly_the_expected_
     for j in processed {
         assert_eq!(j["name"], "provision-order");
         assert_eq!(j["opts"]["attempts"], 3, "{j}");
-        assert_eq!(j["opts"]["backoff"], json!({"type": "exponential", "delay": 1000}), "{j}");
+        assert_eq!(
+            j["opts"]["backoff"],
+            json!({"type": "exponential", "delay": 1000}),
+            "{j}"
+        );
         assert_eq!(j["opts"]["removeOnComplete"], json!({"age": 3600, "count": 100}), "{j}");
         assert_eq!(j["opts"]["removeOnFail"], json!({"age": 86400}), "{j}");
         let id = j["id"].as_str().unwrap();

@@ -33,7 +33,12 @@ impl Received {
 
 /// `/ok` answers 200; `/flaky` 503 then 200; `/slow` first stalls past the client timeout, then 200;
 /// `/reject` 400; `/limited` 429 then 200.
-async fn hook(State(received): State<Received>, Path(path): Path<String>, headers: HeaderMap, body: Bytes) -> StatusCode {
+async fn hook(
+    State(received): State<Received>,
+    Path(path): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> StatusCode {
     let n = {
         let mut map = received.0.lock().unwrap();
         let calls = map.entry(path.clone()).or_default();
@@ -54,9 +59,7 @@ async fn hook(State(received): State<Received>, Path(path): Path<String>, header
 
 async fn start_server() -> (String, Received) {
     let received = Received::default();
-    let app = Router::new()
-        .route("/{path}", post(hook))
-        .with_state(received.clone());
+    let app = Router::new().route("/{path}", post(hook)).with_state(received.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     // Lives as long as the test's runtime.
@@ -124,7 +127,10 @@ routes:
         _ => None,
     };
     let loaded = LoadedConfig::parse(&h.dir.path().join("config.yaml"), &config, &env).unwrap();
-    assert!(!format!("{:?}", loaded.config).contains(TOKEN), "config Debug hides the header secret");
+    assert!(
+        !format!("{:?}", loaded.config).contains(TOKEN),
+        "config Debug hides the header secret"
+    );
     let service = Service::start(loaded, false).await.unwrap();
     let (_stop, shutdown) = tokio::sync::watch::channel(false);
     let stats = service.run(shutdown).await.unwrap();
@@ -165,7 +171,11 @@ routes:
         }
     }
     // 400 is permanent: one call, no retry, a dead letter saying why.
-    assert_eq!(received.on("reject").len(), 2, "one call per delivery (no key, so not deduplicated)");
+    assert_eq!(
+        received.on("reject").len(),
+        2,
+        "one call per delivery (no key, so not deduplicated)"
+    );
     let letters = h.dead_letters().await;
     assert_eq!(letters.len(), 2, "{letters:?}");
     for letter in &letters {
