@@ -458,3 +458,83 @@ fn json_log_lines_carry_event_record_route_rules_version_and_correlation_id() {
         "{stderr}"
     );
 }
+
+/// Every `switchyard_*` name in `text`, without the histogram suffixes.
+fn metric_names(text: &str) -> std::collections::BTreeSet<String> {
+    let mut names = std::collections::BTreeSet::new();
+    let mut rest = text;
+    while let Some(i) = rest.find("switchyard_") {
+        let tail = &rest[i..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tail.len());
+        let name = &tail[..end];
+        let base = ["_bucket", "_count", "_sum"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s))
+            .unwrap_or(name);
+        names.insert(base.to_string());
+        rest = &tail[end..];
+    }
+    names
+}
+
+#[test]
+fn alerts_and_dashboard_use_only_metrics_that_exist() {
+    let exported = metric_names(&std::fs::read_to_string(repo().join("src/metrics.rs")).unwrap());
+    // Recorded by the Pub/Sub source and the REST enricher (their own modules).
+    let source_and_enricher = [
+        "switchyard_source_reconnects_total",
+        "switchyard_source_keepalives_total",
+        "switchyard_source_outstanding",
+        "switchyard_position_age_seconds",
+        "switchyard_enrich_calls_total",
+    ];
+    let alerts = std::fs::read_to_string(repo().join("examples/monitoring/alerts.yml")).unwrap();
+    let parsed: Value = serde_saphyr::from_str(&alerts).unwrap();
+    assert!(parsed["groups"][0]["rules"].as_array().unwrap().len() >= 8);
+    let dashboard = std::fs::read_to_string(repo().join("examples/monitoring/grafana-dashboard.json")).unwrap();
+    let parsed: Value = serde_json::from_str(&dashboard).unwrap();
+    assert!(parsed["panels"].as_array().unwrap().len() >= 20);
+    for (file, text) in [("alerts.yml", &alerts), ("grafana-dashboard.json", &dashboard)] {
+        for name in metric_names(text) {
+            assert!(
+                exported.contains(&name) || source_and_enricher.contains(&name.as_str()),
+                "{file} uses `{name}`, which switchyard does not export"
+            );
+        }
+    }
+    let used: std::collections::BTreeSet<String> = metric_names(&alerts)
+        .into_iter()
+        .chain(metric_names(&dashboard))
+        .collect();
+    for name in source_and_enricher {
+        assert!(used.contains(name), "{name} is neither alerted on nor charted");
+    }
+}
+
+#[test]
+fn deploy_examples_are_valid_configs() {
+    let env = |name: &str| match name {
+        "REDIS_URL" => Some("redis://switchyard:pw@redis-queue:6379/0".to_string()),
+        "CACHE_REDIS_URL" => Some("rediss://cache:pw@redis-cache:6380/0".to_string()),
+        _ => None,
+    };
+    let deploy = repo().join("examples/deploy");
+    let text = std::fs::read_to_string(deploy.join("config.yaml")).unwrap();
+    let loaded = LoadedConfig::parse(&deploy.join("config.yaml"), &text, &env).unwrap_or_else(|e| panic!("{e}"));
+    assert!(loaded.config.http.is_some());
+    // The config embedded in the Kubernetes ConfigMap.
+    let manifest = std::fs::read_to_string(deploy.join("kubernetes.yaml")).unwrap();
+    let start = manifest
+        .find("  config.yaml: |\n")
+        .expect("the ConfigMap holds config.yaml")
+        + "  config.yaml: |\n".len();
+    let embedded: String = manifest[start..]
+        .lines()
+        .take_while(|l| l.starts_with("    ") || l.is_empty())
+        .map(|l| format!("{}\n", l.get(4..).unwrap_or("")))
+        .collect();
+    LoadedConfig::parse(&deploy.join("kubernetes.yaml"), &embedded, &env).unwrap_or_else(|e| panic!("{e}\n{embedded}"));
+    assert!(manifest.contains("path: /readyz") && manifest.contains("path: /healthz"));
+}
