@@ -538,3 +538,168 @@ fn deploy_examples_are_valid_configs() {
     LoadedConfig::parse(&deploy.join("kubernetes.yaml"), &embedded, &env).unwrap_or_else(|e| panic!("{e}\n{embedded}"));
     assert!(manifest.contains("path: /readyz") && manifest.contains("path: /healthz"));
 }
+
+/// A throwaway TLS-only redis-server with a certificate from a private CA made for this test.
+struct TlsRedis {
+    child: std::process::Child,
+    port: u16,
+    ca: std::path::PathBuf,
+}
+
+impl TlsRedis {
+    fn start(dir: &std::path::Path) -> TlsRedis {
+        let openssl = |args: &[&str]| {
+            let out = std::process::Command::new("openssl")
+                .args(args)
+                .current_dir(dir)
+                .output()
+                .expect("openssl is installed");
+            assert!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        openssl(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=switchyard-test-ca",
+        ]);
+        openssl(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=localhost",
+        ]);
+        std::fs::write(dir.join("ext.cnf"), "subjectAltName=DNS:localhost,IP:127.0.0.1\n").unwrap();
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "ext.cnf",
+        ]);
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", "0", "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(["--tls-port", &port.to_string(), "--tls-auth-clients", "no"])
+            .args([
+                "--tls-cert-file",
+                "server.pem",
+                "--tls-key-file",
+                "server.key",
+                "--tls-ca-cert-file",
+                "ca.pem",
+            ])
+            .current_dir(dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server is installed");
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        TlsRedis {
+            child,
+            port,
+            ca: dir.join("ca.pem"),
+        }
+    }
+}
+
+impl Drop for TlsRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test]
+async fn rediss_with_a_private_ca_carries_jobs_and_refuses_an_unknown_ca() {
+    let h = Harness::new("tls");
+    let tls = TlsRedis::start(h.dir.path());
+    let id = h.order(1);
+    let events = h.write_events(
+        "events.jsonl",
+        &[h.approval(
+            "a",
+            std::slice::from_ref(&id),
+            Some("Approved"),
+            records(&[h.record(1, None)]),
+        )],
+    );
+    let url = format!("rediss://localhost:{}", tls.port);
+    let plain = h
+        .config(&events, "")
+        .replace(&format!("url: \"{}\"", redis_url()), &format!("url: \"{url}\""));
+    assert!(plain.contains(&url));
+    let with_ca = plain.replace(
+        &format!("url: \"{url}\""),
+        &format!("url: \"{url}\", tls: {{ ca_file: \"{}\" }}", tls.ca.display()),
+    );
+    let service = start(&h, &with_ca).await.unwrap_or_else(|e| panic!("{e}"));
+    let (_stop, shutdown) = tokio::sync::watch::channel(false);
+    let stats = service.run(shutdown).await.unwrap();
+    assert_eq!(stats.actions_done.get("enqueue-provisioning"), Some(&1), "{stats:?}");
+    assert_eq!(stats.dead_letters, 0);
+    // Read it back over TLS with an independent client.
+    let client = redis::Client::build_with_tls(
+        url.as_str(),
+        redis::TlsCertificates {
+            client_tls: None,
+            root_cert: Some(std::fs::read(&tls.ca).unwrap()),
+        },
+    )
+    .unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let waiting: Vec<String> = redis::cmd("LRANGE")
+        .arg(format!("{}:provisioning:wait", h.bull_prefix()))
+        .arg(0)
+        .arg(-1)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(waiting.len(), 1, "{waiting:?}");
+    assert!(waiting[0].starts_with(&format!("activation-{id}-")), "{waiting:?}");
+
+    // Without the CA the certificate is not trusted: start-up fails, it does not connect unverified.
+    let err = start(&h, &plain)
+        .await
+        .err()
+        .expect("an unknown CA is refused")
+        .to_string();
+    assert!(err.contains("cannot connect to Redis"), "{err}");
+}
