@@ -1062,6 +1062,58 @@ mod tests {
     }
 
     #[test]
+    fn job_options_take_bullmq_keep_forms_and_merge_key_by_key() {
+        let text = "source: { kind: stdin }\nrules: [r.yaml]\nredis: { url: \"redis://h\" }\nsinks:\n  q:\n    kind: queue\n    queue: p\n    job_name: j\n    job_options: { attempts: 3, remove_on_complete: { age: 3600, count: 10 }, remove_on_fail: true }\n";
+        let loaded = LoadedConfig::parse(Path::new("c.yaml"), text, &|_| None).unwrap();
+        let SinkConfig::Queue(q) = &loaded.config.sinks["q"] else {
+            panic!("a queue sink")
+        };
+        assert_eq!(
+            q.job_options.remove_on_complete,
+            Some(KeepJobs::Limits(KeepLimits {
+                age: Some(3600),
+                count: Some(10)
+            }))
+        );
+        assert_eq!(q.job_options.remove_on_fail, Some(KeepJobs::Remove(true)));
+        let over: JobOptions =
+            serde_json::from_value(serde_json::json!({"attempts": 7, "remove_on_fail": 50})).unwrap();
+        let merged = q.job_options.merged(&over);
+        assert_eq!(merged.attempts, Some(7));
+        assert_eq!(merged.remove_on_fail, Some(KeepJobs::Count(50)));
+        assert_eq!(merged.remove_on_complete, q.job_options.remove_on_complete);
+    }
+
+    #[test]
+    fn sink_settings_are_checked_before_anything_connects() {
+        let text = "source: { kind: stdin }\nrules: [r.yaml]\nsinks:\n  \
+                    s: { kind: queue, format: stream, queue: s, job_name: j, job_options: { attempts: 2 }, redis: { url: \"redis://h\" } }\n  \
+                    w: { kind: webhook, url: \"ftp://x\" }\n  \
+                    c: { kind: cache-invalidate, redis: { url: \"http://cache\", command_timeout_ms: 0 } }\n";
+        let err = LoadedConfig::parse(Path::new("c.yaml"), text, &|_| None)
+            .unwrap_err()
+            .to_string();
+        for expected in [
+            "sink `s` has its own `redis`, but the main `redis` section is missing",
+            "sink `s`: `job_options` are BullMQ options",
+            "sink `w`: the webhook `url` must start with http:// or https://",
+            "sink `c`: redis: the URL must start with redis://",
+            "sink `c`: redis: `connect_timeout_ms` and `command_timeout_ms` must be at least 1",
+        ] {
+            assert!(err.contains(expected), "missing `{expected}` in:\n{err}");
+        }
+    }
+
+    #[test]
+    fn webhook_header_secrets_never_print() {
+        let text = "source: { kind: stdin }\nrules: [r.yaml]\nsinks:\n  w: { kind: webhook, url: \"https://h/x?token=${T}\", headers: { Authorization: \"Bearer ${T}\" }, signature: { secret: \"${T}\" } }\n";
+        let loaded =
+            LoadedConfig::parse(Path::new("c.yaml"), text, &|n| (n == "T").then(|| "s3cr3t-tok".into())).unwrap();
+        let shown = format!("{:?}", loaded.config);
+        assert!(!shown.contains("s3cr3t-tok"), "{shown}");
+    }
+
+    #[test]
     fn unknown_sink_kind_is_rejected_with_position() {
         let text = "source: { kind: stdin }\nrules: [r.yaml]\nsinks:\n  x: { kind: kafka }\n";
         let err = LoadedConfig::parse(Path::new("c.yaml"), text, &|_| None).unwrap_err();

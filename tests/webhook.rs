@@ -189,3 +189,35 @@ routes:
     assert!(!logs.contains(TOKEN) && !logs.contains(SIGNING_SECRET), "{logs}");
     assert!(!letters.iter().any(|l| l.to_string().contains(TOKEN)));
 }
+
+#[test]
+fn webhook_actions_are_checked_against_their_sink_kind_when_rules_load() {
+    use switchyard::rules::load::{RuleEnv, RuleSource, compile};
+    let config =
+        "source: { kind: stdin }\nrules: [r.yaml]\nsinks:\n  hook: { kind: webhook, url: \"http://127.0.0.1:9/x\" }\n";
+    let loaded = LoadedConfig::parse(std::path::Path::new("c.yaml"), config, &|_| None).unwrap();
+    let env = RuleEnv::from_config(&loaded);
+    let load = |actions: &str| {
+        let text =
+            format!("version: 1\nroutes:\n  - name: r\n    channel: orders\n    when: 'true'\n    then:\n{actions}");
+        let out = compile(
+            &[RuleSource {
+                path: "r.yaml".into(),
+                text,
+            }],
+            &env,
+        );
+        let problems: Vec<String> = out.problems.iter().map(ToString::to_string).collect();
+        (out.ruleset.is_some(), problems.join("\n"))
+    };
+    let (ok, problems) = load(
+        "      - sink: hook\n        body: { id: \"{{record_id}}\", n: \"{{event.Amount}}\" }\n        headers: { X-Id: \"{{record_id}}\" }\n        idempotency_key: \"k-{{record_id}}\"\n",
+    );
+    assert!(ok, "{problems}");
+    let (ok, problems) = load("      - sink: hook\n        message: hi\n");
+    assert!(!ok);
+    assert!(problems.contains("does not take `message`"), "{problems}");
+    assert!(problems.contains("needs `body`"), "{problems}");
+    let (ok, problems) = load("      - sink: hook\n        body: { id: \"{{recordid}}\" }\n");
+    assert!(!ok, "an unknown template root is a load error: {problems}");
+}
