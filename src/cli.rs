@@ -128,9 +128,19 @@ pub enum Command {
         /// Events to serve (JSONL, the same format as the JSONL source).
         #[arg(long)]
         events: Option<PathBuf>,
-        /// The access token clients must send in the `accesstoken` header.
+        /// The static access token accepted besides the ones the token endpoint issues.
         #[arg(long, default_value = "emulator-access-token")]
         access_token: String,
+        /// Address of the HTTP side: the OAuth token endpoint (the login URL), userinfo and sobject reads (the
+        /// instance URL).
+        #[arg(long, default_value = "127.0.0.1:7012")]
+        http_listen: std::net::SocketAddr,
+        /// RSA public key (PEM) that verifies JWT bearer assertions; without it that flow is refused.
+        #[arg(long)]
+        jwt_public_key: Option<PathBuf>,
+        /// The connected app's consumer secret the token endpoint expects.
+        #[arg(long, default_value = "emulator-client-secret")]
+        client_secret: String,
     },
     /// Inspect or move stored source positions.
     Checkpoint {

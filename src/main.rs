@@ -41,7 +41,25 @@ async fn main() -> ExitCode {
             listen,
             events,
             access_token,
-        } => emulator(listen, events, access_token).await,
+            http_listen,
+            jwt_public_key,
+            client_secret,
+        } => {
+            let mut oauth = switchyard::emulator::OAuthSettings {
+                client_secret,
+                ..Default::default()
+            };
+            if let Some(path) = jwt_public_key {
+                match std::fs::read_to_string(&path) {
+                    Ok(pem) => oauth.jwt_public_key_pem = Some(pem),
+                    Err(e) => {
+                        eprintln!("switchyard: cannot read {}: {e}", path.display());
+                        return ExitCode::FAILURE;
+                    }
+                }
+            }
+            emulator(listen, http_listen, events, access_token, oauth).await
+        }
         Command::Checkpoint { config, op } => {
             admin(config, |service, out| {
                 Box::pin(async move { switchyard::admin::checkpoint(service, op, out).await.map(|()| true) })
@@ -257,7 +275,13 @@ fn test(paths: Vec<PathBuf>) -> ExitCode {
     }
 }
 
-async fn emulator(listen: std::net::SocketAddr, events: Option<PathBuf>, access_token: String) -> ExitCode {
+async fn emulator(
+    listen: std::net::SocketAddr,
+    http_listen: std::net::SocketAddr,
+    events: Option<PathBuf>,
+    access_token: String,
+    oauth: switchyard::emulator::OAuthSettings,
+) -> ExitCode {
     use switchyard::emulator::{EmulatorOptions, load_events, run_cli};
     let events = match events.as_deref().map(load_events).transpose() {
         Ok(events) => events.unwrap_or_default(),
@@ -269,8 +293,10 @@ async fn emulator(listen: std::net::SocketAddr, events: Option<PathBuf>, access_
     tracing::info!(%listen, events = events.len(), "Pub/Sub emulator listening (plain HTTP/2, loopback).");
     match run_cli(EmulatorOptions {
         addr: listen,
+        http_addr: http_listen,
         events,
         access_token,
+        oauth,
         ..Default::default()
     })
     .await

@@ -1,7 +1,7 @@
 //! Metrics through the `metrics` facade, exported for Prometheus; every name starts with `switchyard_`.
 //!
-//! The source's own metrics (`switchyard_source_*`, `switchyard_position_age_seconds`) and the REST
-//! enricher's (`switchyard_enrich_calls_total`) are recorded where those live.
+//! The source's own metrics (`switchyard_source_*`, `switchyard_position_age_seconds`), the REST enricher's
+//! (`switchyard_enrich_*`) and the OAuth client's (`switchyard_auth_*`) are recorded where those live.
 
 use std::sync::OnceLock;
 
@@ -34,11 +34,23 @@ pub const RULES_VERSION: &str = "switchyard_rules_version_info";
 pub const RULES_RELOADS: &str = "switchyard_rules_reload_total";
 pub const CHECKPOINT_COMMITS: &str = "switchyard_checkpoint_commits_total";
 pub const CHECKPOINT_ERRORS: &str = "switchyard_checkpoint_errors_total";
+pub const AUTH_TOKENS: &str = "switchyard_auth_token_requests_total";
+pub const ENRICH_CALLS: &str = "switchyard_enrich_calls_total";
+pub const ENRICH_CALLS_PER_EVENT: &str = "switchyard_enrich_calls_per_event";
+pub const ENRICH_SECONDS: &str = "switchyard_enrich_duration_seconds";
+pub const SOURCE_RECONNECTS: &str = "switchyard_source_reconnects_total";
+pub const SOURCE_KEEPALIVES: &str = "switchyard_source_keepalives_total";
+pub const SOURCE_OUTSTANDING: &str = "switchyard_source_outstanding";
+pub const SOURCE_ERRORS: &str = "switchyard_source_errors_total";
+pub const SOURCE_STOPPED: &str = "switchyard_source_channel_stopped";
+pub const SOURCE_REPLAY_FALLBACKS: &str = "switchyard_source_replay_fallbacks_total";
+pub const POSITION_AGE: &str = "switchyard_position_age_seconds";
 pub const ROLE: &str = "switchyard_role_info";
 pub const READY: &str = "switchyard_ready";
 pub const REDIS_UP: &str = "switchyard_redis_up";
 
-/// Sink latency buckets in seconds: a Redis call takes about a millisecond, a webhook up to its timeout.
+/// Latency buckets in seconds (sink calls, REST reads): a Redis call takes about a millisecond, a webhook or a
+/// Salesforce read up to its timeout.
 const SINK_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
@@ -50,7 +62,7 @@ pub fn install() -> PrometheusHandle {
     HANDLE
         .get_or_init(|| {
             let recorder = PrometheusBuilder::new()
-                .set_buckets_for_metric(Matcher::Full(SINK_DURATION.to_string()), SINK_BUCKETS)
+                .set_buckets_for_metric(Matcher::Suffix("_duration_seconds".to_string()), SINK_BUCKETS)
                 .expect("the bucket list is not empty")
                 .build_recorder();
             let handle = recorder.handle();

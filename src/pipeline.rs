@@ -91,10 +91,10 @@ struct Settled {
 }
 
 impl Pipeline {
-    pub fn new(config: &Config, rules: Arc<ArcSwap<RuleSet>>, sinks: Arc<Sinks>) -> Self {
+    pub fn new(config: &Config, rules: Arc<ArcSwap<RuleSet>>, sinks: Arc<Sinks>, enricher: Enricher) -> Self {
         Pipeline {
             rules,
-            enricher: Enricher::from_kind(config.enricher),
+            enricher,
             dispatcher: Dispatcher::new(sinks.clone(), config.delivery.retry.clone(), config.redact.clone()),
             sinks,
             on_unmatched: config.on_unmatched,
@@ -397,8 +397,9 @@ impl Pipeline {
         let requests = needs.requests(rules);
         let records = self.enricher.read(event, &requests).await;
         for (id, result) in &records {
+            // Kept with the event, so dead letters, `explain` and `record` show what the routes saw.
             if let Ok(fields) = result {
-                event.record.entry(id.clone()).or_insert_with(|| fields.clone());
+                event.record.insert(id.clone(), fields.clone());
             }
         }
         router::plan(rules, event, needs, &records)

@@ -6,8 +6,10 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use tokio::sync::watch;
 
-use crate::config::{LoadedConfig, SourceKind};
+use crate::auth::Auth;
+use crate::config::{EnricherKind, LoadedConfig, SourceKind};
 use crate::diag::{Problem, Problems, Severity};
+use crate::enrich::{Enricher, SalesforceEnricher};
 use crate::metrics as m;
 use crate::pipeline::{Pipeline, Stats};
 use crate::reload::{Reloader, RouteCounters};
@@ -30,6 +32,10 @@ pub enum StartError {
     Source { path: PathBuf, source: std::io::Error },
     #[error("cannot read the stored position: {0}")]
     Checkpoint(crate::checkpoint::CheckpointError),
+    #[error("this source is not available yet")]
+    NotYet,
+    #[error(transparent)]
+    Auth(#[from] crate::auth::AuthError),
     #[error("cannot listen on {listen}: {source}")]
     Http { listen: String, source: std::io::Error },
 }
@@ -86,7 +92,24 @@ impl Service {
         let sinks = Arc::new(Sinks::build(&config).await?);
         m::register(&config.config, &rules.load(), crate::http::ROLE);
         let counters = Arc::new(RouteCounters::default());
-        let mut pipeline = Pipeline::new(&config.config, rules.clone(), sinks.clone());
+        let auth = match &config.config.salesforce {
+            Some(sf) if config.config.enricher() == EnricherKind::Salesforce => {
+                let base = config.path.parent().unwrap_or(std::path::Path::new("."));
+                Some((Arc::new(Auth::new(sf, base)?), sf))
+            }
+            _ => None,
+        };
+        let enricher = match config.config.enricher() {
+            EnricherKind::None => Enricher::None,
+            EnricherKind::Recorded => Enricher::Recorded,
+            EnricherKind::Salesforce => {
+                let (auth, sf) = auth
+                    .as_ref()
+                    .expect("validated: the salesforce enricher has a `salesforce` section");
+                Enricher::Salesforce(Arc::new(SalesforceEnricher::new(auth.clone(), sf)?))
+            }
+        };
+        let mut pipeline = Pipeline::new(&config.config, rules.clone(), sinks.clone(), enricher);
         pipeline.counters = counters.clone();
         let reloader = Arc::new(Reloader::new(rules.clone(), counters, config.rule_paths(), env));
         Ok(Service {
@@ -106,6 +129,7 @@ impl Service {
         let c = &self.config.config;
         Ok(match c.source.kind {
             SourceKind::Stdin => JsonlSource::stdin(),
+            SourceKind::Pubsub | SourceKind::Emulator => return Err(StartError::NotYet),
             SourceKind::Jsonl if self.embedded => {
                 JsonlSource::text("examples/events/order-lifecycle.jsonl", DEMO_EVENTS)
             }
