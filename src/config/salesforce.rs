@@ -188,10 +188,6 @@ pub struct PubsubConfig {
     #[serde(default = "default_reconnect_max")]
     #[schemars(example = 60000)]
     pub max_backoff_ms: u64,
-    /// HTTP/2 PING interval, so a half-open connection is noticed.
-    #[serde(default = "default_keepalive_ping")]
-    #[schemars(example = 30000)]
-    pub http2_keepalive_ms: u64,
     /// Warn (and show in metrics) when the stored position is older than this: Salesforce keeps events 72 hours,
     /// a position older than that cannot be resumed.
     #[serde(default = "default_age_warning")]
@@ -209,7 +205,6 @@ impl Default for PubsubConfig {
             watchdog_ms: default_watchdog(),
             initial_backoff_ms: default_reconnect_initial(),
             max_backoff_ms: default_reconnect_max(),
-            http2_keepalive_ms: default_keepalive_ping(),
             position_age_warning_hours: default_age_warning(),
         }
     }
@@ -277,9 +272,6 @@ fn default_reconnect_initial() -> u64 {
 }
 fn default_reconnect_max() -> u64 {
     60_000
-}
-fn default_keepalive_ping() -> u64 {
-    30_000
 }
 fn default_age_warning() -> u64 {
     48

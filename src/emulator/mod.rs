@@ -331,6 +331,21 @@ impl EmulatorHandle {
         Ok(self.shared.publish(event)?.to_be_bytes().to_vec())
     }
 
+    /// Appends an event whose payload no schema can decode (random-looking bytes under the topic's schema id):
+    /// what a subscriber must dead-letter, not drop.
+    pub fn publish_corrupt(&self, channel: &str) -> Result<Vec<u8>, EmulatorError> {
+        let schema_id = self
+            .schema_id(channel)
+            .ok_or_else(|| EmulatorError::UnknownChannel(channel.to_owned()))?;
+        let stored = state::Stored {
+            replay: 0,
+            event_id: format!("corrupt-{}", self.shared.rpc_id()),
+            schema_id,
+            payload: vec![0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01],
+        };
+        Ok(self.shared.publish_raw(channel, stored)?.to_be_bytes().to_vec())
+    }
+
     /// The schema id new events of `channel` are written with.
     pub fn schema_id(&self, channel: &str) -> Option<String> {
         let state = self.shared.state();
