@@ -22,11 +22,15 @@ use switchyard::service::Service;
 const TOKEN: &str = "tok-3c9f1e-never-printed";
 const SIGNING_SECRET: &str = "whsec-7d1b0a-never-printed";
 
+/// One request as the server saw it.
+type Request = (HeaderMap, Bytes);
+
+/// Every request, by path.
 #[derive(Clone, Default)]
-struct Received(Arc<Mutex<HashMap<String, Vec<(HeaderMap, Bytes)>>>>);
+struct Received(Arc<Mutex<HashMap<String, Vec<Request>>>>);
 
 impl Received {
-    fn on(&self, path: &str) -> Vec<(HeaderMap, Bytes)> {
+    fn on(&self, path: &str) -> Vec<Request> {
         self.0.lock().unwrap().get(path).cloned().unwrap_or_default()
     }
 }
