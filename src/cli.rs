@@ -11,8 +11,14 @@ use clap::{Parser, Subcommand, ValueEnum};
     about = "Route Salesforce change events to side effects by rules in YAML files"
 )]
 pub struct Cli {
-    /// Log format on standard error.
-    #[arg(long, global = true, value_enum, default_value = "text")]
+    /// Log format on standard error: `auto` is text on a terminal and JSON lines elsewhere.
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "auto",
+        env = "SWITCHYARD_LOG_FORMAT"
+    )]
     pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
@@ -20,7 +26,11 @@ pub struct Cli {
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum LogFormat {
+    /// Text on a terminal, JSON elsewhere.
+    Auto,
+    /// Human-readable lines.
     Text,
+    /// One JSON object per line, with every span field (event id, route, ...) at the top level.
     Json,
 }
 

@@ -72,7 +72,8 @@ pub struct Config {
     /// Rule files or folders (every `*.yaml`/`*.yml` in them except `*.test.yaml`).
     #[schemars(example = vec!["../rules/".to_string()])]
     pub rules: Vec<PathBuf>,
-    /// Redis for the queue, cache, and dead letters. Absent: all of them in memory (demo only).
+    /// Redis for idempotency markers, dead letters, positions, and the queue and cache sinks that have no
+    /// `redis` of their own. Absent: all of them in memory (demo only).
     #[serde(default)]
     #[schemars(example = serde_json::json!({"url": "${REDIS_URL}", "key_prefix": "switchyard:"}))]
     pub redis: Option<RedisConfig>,
@@ -94,7 +95,7 @@ pub struct Config {
     #[serde(default)]
     #[schemars(example = &"log")]
     pub on_unmatched: OnUnmatched,
-    /// The HTTP listener for `/healthz` and `/metrics`. Absent: no listener.
+    /// The HTTP listener for `/healthz`, `/readyz`, `/metrics`, `/rules` and `POST /reload`. Absent: no listener.
     #[serde(default)]
     #[schemars(example = serde_json::json!({"listen": "127.0.0.1:9464"}))]
     pub http: Option<HttpConfig>,
@@ -365,16 +366,83 @@ pub struct JsonlConfig {
     pub follow: bool,
 }
 
+/// The main Redis: idempotency markers, dead letters, positions, and every sink without its own `redis`.
 #[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RedisConfig {
-    /// Redis URL (`redis://[user:password@]host:port/db`). Its password never appears in logs or errors.
+    /// Redis URL: `redis://[user:password@]host:port/db`, or `rediss://` for TLS. An ACL user goes before the
+    /// password (`redis://switchyard:${REDIS_PASSWORD}@redis:6379/0`). Its password never appears in logs or
+    /// errors.
     #[schemars(with = "String", example = &"redis://127.0.0.1:6379")]
     pub url: Secret,
-    /// Prefix of the keys switchyard itself writes (dead letters). Sink keys are rendered by the rules.
+    /// Prefix of the keys switchyard itself writes (idempotency markers, dead letters, positions). Sink keys
+    /// are rendered by the rules.
     #[serde(default = "default_key_prefix")]
     #[schemars(example = &"switchyard:")]
     pub key_prefix: String,
+    /// How long one connection attempt may take (TCP, TLS handshake, AUTH) before it counts as failed.
+    #[serde(default = "default_redis_connect_timeout_ms")]
+    #[schemars(example = 5000)]
+    pub connect_timeout_ms: u64,
+    /// How long one command may wait for its reply; past it the call fails as transient and is retried.
+    #[serde(default = "default_redis_command_timeout_ms")]
+    #[schemars(example = 5000)]
+    pub command_timeout_ms: u64,
+    /// TLS settings for a `rediss://` URL whose server certificate is not signed by a public CA.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(example = serde_json::json!({"ca_file": "/etc/switchyard/redis-ca.pem"}))]
+    pub tls: Option<RedisTls>,
+}
+
+impl RedisConfig {
+    /// The server this section names.
+    pub fn endpoint(&self) -> RedisEndpoint {
+        RedisEndpoint {
+            url: self.url.clone(),
+            connect_timeout_ms: self.connect_timeout_ms,
+            command_timeout_ms: self.command_timeout_ms,
+            tls: self.tls.clone(),
+        }
+    }
+}
+
+/// A Redis server of its own for one sink (BullMQ needs `maxmemory-policy noeviction`; a cache usually
+/// runs with an evicting policy, so the two often live on different servers).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RedisEndpoint {
+    /// Redis URL (`redis://`, or `rediss://` for TLS; `user:password@` for an ACL user).
+    #[schemars(with = "String", example = &"rediss://cache:${CACHE_REDIS_PASSWORD}@cache.internal:6380")]
+    pub url: Secret,
+    /// How long one connection attempt may take.
+    #[serde(default = "default_redis_connect_timeout_ms")]
+    #[schemars(example = 5000)]
+    pub connect_timeout_ms: u64,
+    /// How long one command may wait for its reply.
+    #[serde(default = "default_redis_command_timeout_ms")]
+    #[schemars(example = 5000)]
+    pub command_timeout_ms: u64,
+    /// TLS settings for a `rediss://` URL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(example = serde_json::json!({"ca_file": "/etc/switchyard/redis-ca.pem"}))]
+    pub tls: Option<RedisTls>,
+}
+
+/// TLS for Redis (`rediss://`): the server certificate is checked against the system's public CAs, or
+/// against `ca_file` when it is set.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RedisTls {
+    /// A PEM file of the CA that signed the server certificate (relative to the config file).
+    #[schemars(example = &"/etc/switchyard/redis-ca.pem")]
+    pub ca_file: PathBuf,
+}
+
+fn default_redis_connect_timeout_ms() -> u64 {
+    5_000
+}
+fn default_redis_command_timeout_ms() -> u64 {
+    5_000
 }
 
 /// A string that holds a secret (a URL with a password): Debug and Display print a placeholder, so it
@@ -409,16 +477,18 @@ fn default_key_prefix() -> String {
     "switchyard:".into()
 }
 
-/// A named sink. The kinds are closed: `queue`, `cache-invalidate`, `log`.
+/// A named sink. The kinds are closed: `queue`, `cache-invalidate`, `log`, `webhook`.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
 pub enum SinkConfig {
-    /// Enqueue a job: a BullMQ job a stock BullMQ/NestJS worker consumes.
+    /// Enqueue a job: a BullMQ job a stock BullMQ/NestJS worker consumes, or a Redis Stream entry.
     Queue(QueueSinkConfig),
     /// UNLINK cache keys, and keys matching patterns (via SCAN), optionally PUBLISH a message.
     CacheInvalidate(CacheSinkConfig),
     /// Write one structured log line per action.
     Log(LogSinkConfig),
+    /// POST the action's JSON body to a URL.
+    Webhook(WebhookSinkConfig),
 }
 
 impl SinkConfig {
@@ -427,7 +497,22 @@ impl SinkConfig {
             SinkConfig::Queue(_) => SinkKind::Queue,
             SinkConfig::CacheInvalidate(_) => SinkKind::CacheInvalidate,
             SinkConfig::Log(_) => SinkKind::Log,
+            SinkConfig::Webhook(_) => SinkKind::Webhook,
         }
+    }
+
+    /// The sink's own Redis, when it has one.
+    pub fn redis(&self) -> Option<&RedisEndpoint> {
+        match self {
+            SinkConfig::Queue(q) => q.redis.as_ref(),
+            SinkConfig::CacheInvalidate(c) => c.redis.as_ref(),
+            SinkConfig::Log(_) | SinkConfig::Webhook(_) => None,
+        }
+    }
+
+    /// Whether the sink writes to Redis (its own, or the main one).
+    pub fn uses_redis(&self) -> bool {
+        matches!(self, SinkConfig::Queue(_) | SinkConfig::CacheInvalidate(_))
     }
 }
 
@@ -437,6 +522,7 @@ pub enum SinkKind {
     Queue,
     CacheInvalidate,
     Log,
+    Webhook,
     DeadLetter,
 }
 
@@ -446,6 +532,7 @@ impl SinkKind {
             SinkKind::Queue => "queue",
             SinkKind::CacheInvalidate => "cache-invalidate",
             SinkKind::Log => "log",
+            SinkKind::Webhook => "webhook",
             SinkKind::DeadLetter => "dead-letter",
         }
     }
@@ -454,36 +541,55 @@ impl SinkKind {
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct QueueSinkConfig {
-    /// The job format; `bullmq` is the one format so far.
+    /// `bullmq` (a BullMQ job) or `stream` (an XADD to the Redis Stream named by `queue`, for consumers
+    /// that are not BullMQ).
     #[serde(default)]
     #[schemars(example = &"bullmq")]
     pub format: QueueFormat,
-    /// The BullMQ queue name.
+    /// The BullMQ queue name; with `format: stream`, the stream's key as is.
     #[schemars(example = &"provisioning")]
     pub queue: String,
-    /// The BullMQ job name.
+    /// The BullMQ job name (with `format: stream`, the entry's `name` field).
     #[schemars(example = &"provision-order")]
     pub job_name: String,
-    /// The BullMQ key prefix (BullMQ's default is `bull`).
+    /// The BullMQ key prefix (BullMQ's default is `bull`). Not used by `format: stream`.
     #[serde(default = "default_bull_prefix")]
     #[schemars(example = &"bull")]
     pub prefix: String,
-    /// Default job options; an action's `job_options` override them key by key.
+    /// Default BullMQ job options; an action's `job_options` override them key by key. Not used by
+    /// `format: stream`.
     #[serde(default)]
-    #[schemars(example = serde_json::json!({"attempts": 5, "remove_on_complete": 1000}))]
+    #[schemars(example = serde_json::json!({"attempts": 5, "backoff": {"type": "exponential", "delay": 1000}, "remove_on_complete": {"age": 86400, "count": 1000}, "remove_on_fail": {"age": 604800}}))]
     pub job_options: JobOptions,
+    /// `format: stream` only: entries kept in the stream; older ones are trimmed (`MAXLEN ~`, approximately,
+    /// which keeps trimming cheap).
+    #[serde(default = "default_stream_max_len")]
+    #[schemars(example = 100000)]
+    pub max_len: usize,
+    /// This sink's own Redis (default: the main `redis`). A BullMQ Redis needs `maxmemory-policy
+    /// noeviction`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(example = serde_json::json!({"url": "${QUEUE_REDIS_URL}"}))]
+    pub redis: Option<RedisEndpoint>,
 }
 
 fn default_bull_prefix() -> String {
     "bull".into()
 }
 
+fn default_stream_max_len() -> usize {
+    100_000
+}
+
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum QueueFormat {
-    /// A BullMQ job (same Lua scripts as the Node library).
+    /// A BullMQ job (same Lua scripts as the Node library); the job id is the action's idempotency key.
     #[default]
     Bullmq,
+    /// A Redis Stream entry (XADD) with the fields `job_id`, `name`, `data` (JSON), `idempotency_key`,
+    /// `event_id`, `route`, `record_id`, `rules_version`, `correlation_id`, `at_ms`.
+    Stream,
 }
 
 /// BullMQ job options.
@@ -506,14 +612,40 @@ pub struct JobOptions {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(example = 1)]
     pub priority: Option<u32>,
-    /// Keep at most this many completed jobs (unset: keep all).
+    /// Which completed jobs BullMQ keeps: a count (`1000`), `{age: seconds, count: n}`, or `true` (remove at
+    /// once). Unset: keep all. While a job is kept, re-adding its id is a no-op (BullMQ's dedupe).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(example = serde_json::json!({"age": 86400, "count": 1000}))]
+    pub remove_on_complete: Option<KeepJobs>,
+    /// Which failed jobs BullMQ keeps, in the same forms as `remove_on_complete`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(example = serde_json::json!({"age": 604800}))]
+    pub remove_on_fail: Option<KeepJobs>,
+}
+
+/// BullMQ's `removeOnComplete` / `removeOnFail`.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[serde(untagged)]
+pub enum KeepJobs {
+    /// `true`: remove the job as soon as it finishes; `false`: keep it.
+    Remove(bool),
+    /// Keep at most this many jobs.
+    Count(usize),
+    /// Keep jobs younger than `age` seconds and/or at most `count` of them.
+    Limits(KeepLimits),
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct KeepLimits {
+    /// Maximum age in seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(example = 86400)]
+    pub age: Option<u64>,
+    /// Maximum count.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(example = 1000)]
-    pub remove_on_complete: Option<usize>,
-    /// Keep at most this many failed jobs (unset: keep all).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(example = 5000)]
-    pub remove_on_fail: Option<usize>,
+    pub count: Option<usize>,
 }
 
 impl JobOptions {
@@ -524,8 +656,11 @@ impl JobOptions {
             backoff: over.backoff.clone().or_else(|| self.backoff.clone()),
             delay: over.delay.or(self.delay),
             priority: over.priority.or(self.priority),
-            remove_on_complete: over.remove_on_complete.or(self.remove_on_complete),
-            remove_on_fail: over.remove_on_fail.or(self.remove_on_fail),
+            remove_on_complete: over
+                .remove_on_complete
+                .clone()
+                .or_else(|| self.remove_on_complete.clone()),
+            remove_on_fail: over.remove_on_fail.clone().or_else(|| self.remove_on_fail.clone()),
         }
     }
 }
@@ -553,7 +688,53 @@ pub enum BackoffKind {
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
-pub struct CacheSinkConfig {}
+pub struct CacheSinkConfig {
+    /// This sink's own Redis (default: the main `redis`), e.g. the application's cache server.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(example = serde_json::json!({"url": "${CACHE_REDIS_URL}"}))]
+    pub redis: Option<RedisEndpoint>,
+}
+
+/// POSTs each action's `body` as JSON.
+///
+/// Headers sent: `Content-Type: application/json`, `Idempotency-Key` (the action's `idempotency_key`, when
+/// it has one), the configured `headers`, the action's `headers`, and with `signature`:
+/// `X-Switchyard-Timestamp: <unix seconds>` and `X-Switchyard-Signature: sha256=<hex>`, the HMAC-SHA256 of
+/// `<timestamp>.<body>` under the secret. 2xx is success; 408, 429, 5xx, timeouts and connection errors are
+/// retried; any other status is permanent (dead letter).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookSinkConfig {
+    /// The URL to POST to (`http://` or `https://`).
+    #[schemars(with = "String", example = &"https://hooks.example.com/switchyard")]
+    pub url: Secret,
+    /// Headers sent with every request; values usually come from the environment
+    /// (`Authorization: "Bearer ${HOOK_TOKEN}"`) and never appear in logs.
+    #[serde(default)]
+    #[schemars(with = "IndexMap<String, String>", example = serde_json::json!({"Authorization": "Bearer ${HOOK_TOKEN}"}))]
+    pub headers: IndexMap<String, Secret>,
+    /// How long one request may take (connect, send, response) before it fails as transient.
+    #[serde(default = "default_webhook_timeout_ms")]
+    #[schemars(example = 10000)]
+    pub timeout_ms: u64,
+    /// Sign every body with HMAC-SHA256 so the receiver can check it came from switchyard.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(example = serde_json::json!({"secret": "${HOOK_SIGNING_SECRET}"}))]
+    pub signature: Option<WebhookSignature>,
+}
+
+fn default_webhook_timeout_ms() -> u64 {
+    10_000
+}
+
+/// The HMAC-SHA256 signature of webhook bodies.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookSignature {
+    /// The shared secret (from the environment: `${HOOK_SIGNING_SECRET}`).
+    #[schemars(with = "String", example = &"${HOOK_SIGNING_SECRET}")]
+    pub secret: Secret,
+}
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -587,7 +768,7 @@ pub enum OnUnmatched {
 #[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct HttpConfig {
-    /// Address of the HTTP listener (`/healthz`, `/metrics`).
+    /// Address of the HTTP listener (`/healthz`, `/readyz`, `/metrics`, `/rules`, `POST /reload`).
     #[schemars(example = &"127.0.0.1:9464")]
     pub listen: String,
 }
@@ -615,11 +796,13 @@ pub fn default_sinks() -> IndexMap<String, SinkConfig> {
                 job_name: "provision-order".into(),
                 prefix: default_bull_prefix(),
                 job_options: JobOptions::default(),
+                max_len: default_stream_max_len(),
+                redis: None,
             }),
         ),
         (
             "invalidate-cache".to_string(),
-            SinkConfig::CacheInvalidate(CacheSinkConfig {}),
+            SinkConfig::CacheInvalidate(CacheSinkConfig::default()),
         ),
         ("log".to_string(), SinkConfig::Log(LogSinkConfig {})),
     ])
@@ -747,6 +930,58 @@ impl LoadedConfig {
         }
         if c.rules.is_empty() {
             problems.push(err("`rules` names no file or folder".into()));
+        }
+        for (name, sink) in &c.sinks {
+            if sink.redis().is_some() && c.redis.is_none() {
+                problems.push(err(format!(
+                    "sink `{name}` has its own `redis`, but the main `redis` section is missing (idempotency markers, dead letters and positions live there)"
+                )));
+            }
+            match sink {
+                SinkConfig::Queue(q) if q.format == QueueFormat::Stream => {
+                    if q.job_options != JobOptions::default() {
+                        problems.push(err(format!(
+                            "sink `{name}`: `job_options` are BullMQ options; a `format: stream` queue does not take them"
+                        )));
+                    }
+                    if q.max_len == 0 {
+                        problems.push(err(format!("sink `{name}`: `max_len` must be at least 1")));
+                    }
+                }
+                SinkConfig::Webhook(w) => {
+                    let url = w.url.expose();
+                    if !(url.starts_with("http://") || url.starts_with("https://")) {
+                        problems.push(err(format!(
+                            "sink `{name}`: the webhook `url` must start with http:// or https://"
+                        )));
+                    }
+                    if w.timeout_ms == 0 {
+                        problems.push(err(format!("sink `{name}`: `timeout_ms` must be at least 1")));
+                    }
+                }
+                _ => {}
+            }
+        }
+        let endpoints = c.redis.iter().map(|r| ("redis".to_string(), r.endpoint())).chain(
+            c.sinks
+                .iter()
+                .filter_map(|(n, s)| s.redis().map(|r| (format!("sink `{n}`: redis"), r.clone()))),
+        );
+        for (what, e) in endpoints {
+            let url = e.url.expose();
+            if !["redis://", "rediss://", "redis+unix://", "unix://"]
+                .iter()
+                .any(|scheme| url.starts_with(scheme))
+            {
+                problems.push(err(format!(
+                    "{what}: the URL must start with redis://, rediss:// (TLS) or redis+unix://"
+                )));
+            }
+            if e.connect_timeout_ms == 0 || e.command_timeout_ms == 0 {
+                problems.push(err(format!(
+                    "{what}: `connect_timeout_ms` and `command_timeout_ms` must be at least 1"
+                )));
+            }
         }
         if c.delivery.concurrency == 0 {
             problems.push(err("`delivery.concurrency` must be at least 1".into()));
@@ -913,6 +1148,58 @@ mod tests {
         })
         .unwrap();
         assert_eq!(loaded.config.mode, Mode::PlatformEvent);
+    }
+
+    #[test]
+    fn job_options_take_bullmq_keep_forms_and_merge_key_by_key() {
+        let text = "source: { kind: stdin }\nrules: [r.yaml]\nredis: { url: \"redis://h\" }\nsinks:\n  q:\n    kind: queue\n    queue: p\n    job_name: j\n    job_options: { attempts: 3, remove_on_complete: { age: 3600, count: 10 }, remove_on_fail: true }\n";
+        let loaded = LoadedConfig::parse(Path::new("c.yaml"), text, &|_| None).unwrap();
+        let SinkConfig::Queue(q) = &loaded.config.sinks["q"] else {
+            panic!("a queue sink")
+        };
+        assert_eq!(
+            q.job_options.remove_on_complete,
+            Some(KeepJobs::Limits(KeepLimits {
+                age: Some(3600),
+                count: Some(10)
+            }))
+        );
+        assert_eq!(q.job_options.remove_on_fail, Some(KeepJobs::Remove(true)));
+        let over: JobOptions =
+            serde_json::from_value(serde_json::json!({"attempts": 7, "remove_on_fail": 50})).unwrap();
+        let merged = q.job_options.merged(&over);
+        assert_eq!(merged.attempts, Some(7));
+        assert_eq!(merged.remove_on_fail, Some(KeepJobs::Count(50)));
+        assert_eq!(merged.remove_on_complete, q.job_options.remove_on_complete);
+    }
+
+    #[test]
+    fn sink_settings_are_checked_before_anything_connects() {
+        let text = "source: { kind: stdin }\nrules: [r.yaml]\nsinks:\n  \
+                    s: { kind: queue, format: stream, queue: s, job_name: j, job_options: { attempts: 2 }, redis: { url: \"redis://h\" } }\n  \
+                    w: { kind: webhook, url: \"ftp://x\" }\n  \
+                    c: { kind: cache-invalidate, redis: { url: \"http://cache\", command_timeout_ms: 0 } }\n";
+        let err = LoadedConfig::parse(Path::new("c.yaml"), text, &|_| None)
+            .unwrap_err()
+            .to_string();
+        for expected in [
+            "sink `s` has its own `redis`, but the main `redis` section is missing",
+            "sink `s`: `job_options` are BullMQ options",
+            "sink `w`: the webhook `url` must start with http:// or https://",
+            "sink `c`: redis: the URL must start with redis://",
+            "sink `c`: redis: `connect_timeout_ms` and `command_timeout_ms` must be at least 1",
+        ] {
+            assert!(err.contains(expected), "missing `{expected}` in:\n{err}");
+        }
+    }
+
+    #[test]
+    fn webhook_header_secrets_never_print() {
+        let text = "source: { kind: stdin }\nrules: [r.yaml]\nsinks:\n  w: { kind: webhook, url: \"https://h/x?token=${T}\", headers: { Authorization: \"Bearer ${T}\" }, signature: { secret: \"${T}\" } }\n";
+        let loaded =
+            LoadedConfig::parse(Path::new("c.yaml"), text, &|n| (n == "T").then(|| "s3cr3t-tok".into())).unwrap();
+        let shown = format!("{:?}", loaded.config);
+        assert!(!shown.contains("s3cr3t-tok"), "{shown}");
     }
 
     #[test]

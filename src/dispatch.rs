@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::Value;
+use tracing::Instrument;
 
 use crate::config::RetryConfig;
 use crate::event::Event;
@@ -74,6 +75,10 @@ fn redact_action(action: &mut Action, fields: &[String]) {
         Op::Enqueue {
             data: Value::Object(data),
             ..
+        }
+        | Op::Webhook {
+            body: Value::Object(data),
+            ..
         } => {
             for f in fields {
                 if let Some(v) = data.get_mut(f) {
@@ -99,8 +104,23 @@ impl Dispatcher {
         results
     }
 
-    /// Runs one action to its end (also used by `dead-letter retry`).
+    /// Runs one action to its end (also used by `dead-letter retry`), in a span that puts the route,
+    /// record id, sink and correlation id on every line logged meanwhile.
     pub async fn run_action(&self, rules_version: &str, event: &Event, action: &Action) -> ActionResult {
+        // ERROR level, so that a `RUST_LOG=warn` filter keeps the span's fields on the warnings inside it.
+        let span = tracing::error_span!(
+            "action",
+            route = %action.route,
+            record_id = action.record_id.as_deref(),
+            sink = %action.sink,
+            correlation_id = action.correlation_id(),
+        );
+        self.run_action_inner(rules_version, event, action)
+            .instrument(span)
+            .await
+    }
+
+    async fn run_action_inner(&self, rules_version: &str, event: &Event, action: &Action) -> ActionResult {
         if action.shadow {
             metrics::counter!(m::SHADOW_ACTIONS, "route" => action.route.clone(), "sink" => action.sink.clone())
                 .increment(1);
@@ -141,6 +161,7 @@ impl Dispatcher {
         let sink = self.sinks.by_name.get(&action.sink).expect("checked by the caller");
         let key = match &action.op {
             Op::Enqueue { idempotency_key, .. } => Some(idempotency_key.as_str()),
+            Op::Webhook { idempotency_key, .. } => idempotency_key.as_deref(),
             _ => None,
         };
         let idem = &self.sinks.idempotency;
@@ -165,7 +186,13 @@ impl Dispatcher {
                         Claim::Acquired(t) => token = Some(t),
                     }
                 }
-                let call = sink.run(action, &cx);
+                let call = async {
+                    let started = Instant::now();
+                    let result = sink.run(action, &cx).await;
+                    metrics::histogram!(m::SINK_DURATION, "sink" => action.sink.clone())
+                        .record(started.elapsed().as_secs_f64());
+                    result
+                };
                 let outcome = match (key, &token) {
                     // Renew the lease while the call runs, at a third of its lifetime.
                     (Some(key), Some(t)) => {
@@ -199,6 +226,8 @@ impl Dispatcher {
                 }
                 Err(err) => {
                     metrics::counter!(m::SINK_CALLS, "sink" => action.sink.clone(), "result" => "error").increment(1);
+                    let kind = if err.is_transient() { "transient" } else { "permanent" };
+                    metrics::counter!(m::SINK_ERRORS, "sink" => action.sink.clone(), "kind" => kind).increment(1);
                     if err.is_transient() && started.elapsed() + backoff < budget {
                         metrics::counter!(m::SINK_RETRIES, "sink" => action.sink.clone()).increment(1);
                         tracing::warn!(sink = %action.sink, route = %action.route, event_id = %event.id, attempt = attempts, error = %err, "Sink call failed; retrying.");

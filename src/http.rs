@@ -1,4 +1,4 @@
-//! The HTTP listener: `/healthz` and `/metrics` (later issues add `/readyz`, `/rules`, `POST /reload`).
+//! The HTTP listener: `/healthz` (liveness), `/readyz` (readiness), `/metrics`, `/rules`, `POST /reload`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -10,21 +10,71 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::{Value, json};
 use tokio::sync::watch;
 
+use crate::metrics as m;
 use crate::reload::Reloader;
+use crate::sinks::RedisCheck;
 
+/// This replica's role. Every replica is `active` until high availability adds `standby` replicas, which
+/// are ready too (so rolling deploys proceed) but do not subscribe.
+pub const ROLE: &str = "active";
+
+/// What the listener serves from.
 #[derive(Clone)]
-struct AppState {
-    reloader: Arc<Reloader>,
-    metrics: PrometheusHandle,
+pub struct AppState {
+    pub reloader: Arc<Reloader>,
+    pub metrics: PrometheusHandle,
+    /// The Redis servers `/readyz` PINGs (none without Redis).
+    pub redis: Arc<Vec<RedisCheck>>,
 }
 
-pub fn router(reloader: Arc<Reloader>, metrics: PrometheusHandle) -> Router {
+pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
         .route("/metrics", get(render_metrics))
         .route("/rules", get(rules))
         .route("/reload", post(reload))
-        .with_state(AppState { reloader, metrics })
+        .with_state(state)
+}
+
+/// Ready when the config and rules are loaded (they are, or the process would not serve) and every
+/// configured Redis answers PING within its command timeout; 503 with the reasons otherwise.
+async fn readyz(State(state): State<AppState>) -> (axum::http::StatusCode, Json<Value>) {
+    let pings = futures_util::future::join_all(state.redis.iter().map(|check| async move {
+        let result = check.ping().await;
+        metrics::gauge!(m::REDIS_UP, "redis" => check.name.clone()).set(if result.is_ok() { 1.0 } else { 0.0 });
+        (check, result)
+    }))
+    .await;
+    let mut redis = serde_json::Map::new();
+    let mut reasons = Vec::new();
+    for (check, result) in pings {
+        match result {
+            Ok(()) => {
+                redis.insert(check.name.clone(), json!({"url": check.url, "ok": true}));
+            }
+            Err(e) => {
+                reasons.push(format!("Redis `{}` at {} is not reachable: {e}", check.name, check.url));
+                redis.insert(check.name.clone(), json!({"url": check.url, "ok": false, "error": e}));
+            }
+        }
+    }
+    let rules = state.reloader.rules.load();
+    let ready = reasons.is_empty();
+    metrics::gauge!(m::READY).set(if ready { 1.0 } else { 0.0 });
+    let body = json!({
+        "status": if ready { "ready" } else { "not-ready" },
+        "role": ROLE,
+        "rules_version": rules.version,
+        "redis": redis,
+        "reason": if ready { Value::Null } else { Value::from(reasons.join("; ")) },
+    });
+    let code = if ready {
+        axum::http::StatusCode::OK
+    } else {
+        axum::http::StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, Json(body))
 }
 
 /// The loaded rules: version, load time, files, routes with their counters, the last reload's outcome.
@@ -56,7 +106,7 @@ async fn healthz(State(state): State<AppState>) -> Json<Value> {
     let rules = state.reloader.rules.load();
     Json(json!({
         "status": "ok",
-        "role": "active",
+        "role": ROLE,
         "rules_version": rules.version,
         "routes": rules.routes.len(),
         "version": env!("CARGO_PKG_VERSION"),
@@ -70,13 +120,12 @@ async fn render_metrics(State(state): State<AppState>) -> String {
 /// Binds `listen` and serves until `shutdown` turns true. Returns the bound address (port 0 picks one).
 pub async fn serve(
     listen: &str,
-    reloader: Arc<Reloader>,
-    metrics: PrometheusHandle,
+    state: AppState,
     mut shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = tokio::net::TcpListener::bind(listen).await?;
     let addr = listener.local_addr()?;
-    let app = router(reloader, metrics);
+    let app = router(state);
     // Shuts down when the shutdown watch flips (or its sender is dropped).
     let task = tokio::spawn(async move {
         let stop = async move {

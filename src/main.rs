@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::Parser;
-use switchyard::cli::{Cli, Command, ExplainFormat, LogFormat, ProblemFormat, SchemaKind};
+use switchyard::cli::{Cli, Command, ExplainFormat, ProblemFormat, SchemaKind};
 use switchyard::config::LoadedConfig;
 use switchyard::diag::{Problem, Severity};
 use switchyard::event::Event;
@@ -12,22 +12,10 @@ use switchyard::rules::load::RuleEnv;
 use switchyard::service::{Service, StartError};
 use tokio::sync::watch;
 
-fn init_tracing(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).init(),
-    }
-}
-
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing(cli.log_format);
+    switchyard::logging::init(cli.log_format);
     match cli.command {
         Command::Run { config, no_watch } => run(config, no_watch).await,
         Command::Validate {

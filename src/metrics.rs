@@ -1,23 +1,37 @@
 //! Metrics through the `metrics` facade, exported for Prometheus; every name starts with `switchyard_`.
+//!
+//! The source's own metrics (`switchyard_source_*`, `switchyard_position_age_seconds`), the REST enricher's
+//! (`switchyard_enrich_*`) and the OAuth client's (`switchyard_auth_*`) are recorded where those live.
 
 use std::sync::OnceLock;
 
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use crate::config::Config;
+use crate::event::Event;
+use crate::plan::{Outcome, Plan};
+use crate::rules::RuleSet;
 
 pub const EVENTS: &str = "switchyard_events_total";
+pub const EVENTS_SETTLED: &str = "switchyard_events_settled_total";
 pub const EVENTS_MALFORMED: &str = "switchyard_events_malformed_total";
 pub const EVENTS_UNMATCHED: &str = "switchyard_events_unmatched_total";
+pub const EVENTS_IN_FLIGHT: &str = "switchyard_events_in_flight";
+pub const ROUTE_EVALUATED: &str = "switchyard_route_evaluated_total";
 pub const ROUTE_MATCHED: &str = "switchyard_route_matched_total";
+pub const ROUTE_FIRED: &str = "switchyard_route_fired_total";
+pub const ROUTE_SHADOW: &str = "switchyard_route_shadow_total";
 pub const ROUTE_FAILED: &str = "switchyard_route_failed_total";
 pub const SINK_CALLS: &str = "switchyard_sink_calls_total";
+pub const SINK_ERRORS: &str = "switchyard_sink_errors_total";
 pub const SINK_RETRIES: &str = "switchyard_sink_retries_total";
+pub const SINK_DURATION: &str = "switchyard_sink_duration_seconds";
 pub const SHADOW_ACTIONS: &str = "switchyard_shadow_actions_total";
 pub const DEAD_LETTERS: &str = "switchyard_dead_letters_total";
+pub const IDEMPOTENT_SKIPS: &str = "switchyard_idempotent_skips_total";
 pub const RULES_VERSION: &str = "switchyard_rules_version_info";
 pub const RULES_RELOADS: &str = "switchyard_rules_reload_total";
-pub const IDEMPOTENT_SKIPS: &str = "switchyard_idempotent_skips_total";
-pub const EVENTS_SETTLED: &str = "switchyard_events_settled_total";
-pub const EVENTS_IN_FLIGHT: &str = "switchyard_events_in_flight";
 pub const CHECKPOINT_COMMITS: &str = "switchyard_checkpoint_commits_total";
 pub const CHECKPOINT_ERRORS: &str = "switchyard_checkpoint_errors_total";
 pub const AUTH_TOKENS: &str = "switchyard_auth_token_requests_total";
@@ -31,6 +45,15 @@ pub const SOURCE_ERRORS: &str = "switchyard_source_errors_total";
 pub const SOURCE_STOPPED: &str = "switchyard_source_channel_stopped";
 pub const SOURCE_REPLAY_FALLBACKS: &str = "switchyard_source_replay_fallbacks_total";
 pub const POSITION_AGE: &str = "switchyard_position_age_seconds";
+pub const ROLE: &str = "switchyard_role_info";
+pub const READY: &str = "switchyard_ready";
+pub const REDIS_UP: &str = "switchyard_redis_up";
+
+/// Latency buckets in seconds (sink calls, REST reads): a Redis call takes about a millisecond, a webhook or a
+/// Salesforce read up to its timeout.
+const SINK_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -38,11 +61,137 @@ static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 pub fn install() -> PrometheusHandle {
     HANDLE
         .get_or_init(|| {
-            let recorder = PrometheusBuilder::new().build_recorder();
+            let recorder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_duration_seconds".to_string()), SINK_BUCKETS)
+                .expect("the bucket list is not empty")
+                .build_recorder();
             let handle = recorder.handle();
             // A recorder installed by someone else (a test harness) keeps working; ours then stays empty.
-            let _ = metrics::set_global_recorder(recorder);
+            if metrics::set_global_recorder(recorder).is_ok() {
+                describe();
+            }
             handle
         })
         .clone()
+}
+
+/// The HELP lines of the scrape.
+fn describe() {
+    describe_counter!(EVENTS, "Events received, per channel.");
+    describe_counter!(
+        EVENTS_SETTLED,
+        "Events settled (every action done, skipped as done, or dead-lettered), per channel."
+    );
+    describe_counter!(EVENTS_MALFORMED, "Input that was not an event (dead-lettered).");
+    describe_counter!(EVENTS_UNMATCHED, "Events no route's `when` matched, per channel.");
+    describe_gauge!(EVENTS_IN_FLIGHT, "Events read and not yet settled.");
+    describe_counter!(ROUTE_EVALUATED, "Times a route's `when` was evaluated (per record).");
+    describe_counter!(ROUTE_MATCHED, "Times a route's `when` held (per record).");
+    describe_counter!(
+        ROUTE_FIRED,
+        "Times a route's `then` ran (per record; shadow routes excluded)."
+    );
+    describe_counter!(
+        ROUTE_SHADOW,
+        "Times a shadow route would have run its `then` (no sink called)."
+    );
+    describe_counter!(
+        ROUTE_FAILED,
+        "Times a route failed (predicate, enrichment or template error)."
+    );
+    describe_counter!(SINK_CALLS, "Sink calls, per sink and result (ok, error).");
+    describe_counter!(
+        SINK_ERRORS,
+        "Failed sink calls, per sink and kind (transient, permanent)."
+    );
+    describe_counter!(SINK_RETRIES, "Sink calls retried after a transient error.");
+    describe_histogram!(SINK_DURATION, Unit::Seconds, "Duration of one sink call.");
+    describe_counter!(SHADOW_ACTIONS, "Actions of shadow routes (recorded, not sent).");
+    describe_counter!(
+        DEAD_LETTERS,
+        "Dead letters written, per route (empty: not one route's)."
+    );
+    describe_counter!(
+        IDEMPOTENT_SKIPS,
+        "Actions skipped because their idempotency key was done."
+    );
+    describe_gauge!(RULES_VERSION, "1 for the rules version in force.");
+    describe_counter!(RULES_RELOADS, "Rule reloads, per result (ok, unchanged, error).");
+    describe_counter!(CHECKPOINT_COMMITS, "Source positions stored.");
+    describe_counter!(
+        CHECKPOINT_ERRORS,
+        "Source positions that could not be stored (retried)."
+    );
+    describe_gauge!(ROLE, "1 for this replica's role (active, standby).");
+    describe_gauge!(READY, "1 when the last /readyz check passed.");
+    describe_gauge!(REDIS_UP, "1 when the Redis server answered the last /readyz PING.");
+}
+
+/// Creates the per-route, per-sink and per-channel series at zero, so a scrape shows every series
+/// before the first event (and alerts on `increase()` see the first one).
+pub fn register(config: &Config, rules: &RuleSet, role: &str) {
+    metrics::gauge!(ROLE, "role" => role.to_string()).set(1.0);
+    for channel in rules.live_channels() {
+        let channel = channel.to_string();
+        metrics::counter!(EVENTS, "channel" => channel.clone()).increment(0);
+        metrics::counter!(EVENTS_SETTLED, "channel" => channel.clone()).increment(0);
+        metrics::counter!(EVENTS_UNMATCHED, "channel" => channel).increment(0);
+    }
+    for route in &rules.routes {
+        if rules.candidates(&route.channel).is_empty() {
+            continue;
+        }
+        for name in [
+            ROUTE_EVALUATED,
+            ROUTE_MATCHED,
+            ROUTE_FIRED,
+            ROUTE_SHADOW,
+            ROUTE_FAILED,
+            DEAD_LETTERS,
+        ] {
+            metrics::counter!(name, "route" => route.name.clone()).increment(0);
+        }
+    }
+    for sink in config.sinks.keys() {
+        for result in ["ok", "error"] {
+            metrics::counter!(SINK_CALLS, "sink" => sink.clone(), "result" => result).increment(0);
+        }
+        for kind in ["transient", "permanent"] {
+            metrics::counter!(SINK_ERRORS, "sink" => sink.clone(), "kind" => kind).increment(0);
+        }
+        metrics::counter!(SINK_RETRIES, "sink" => sink.clone()).increment(0);
+        metrics::counter!(IDEMPOTENT_SKIPS, "sink" => sink.clone()).increment(0);
+    }
+    for result in ["ok", "unchanged", "error"] {
+        metrics::counter!(RULES_RELOADS, "result" => result).increment(0);
+    }
+    metrics::counter!(EVENTS_MALFORMED).increment(0);
+    metrics::counter!(CHECKPOINT_COMMITS).increment(0);
+    metrics::counter!(CHECKPOINT_ERRORS).increment(0);
+}
+
+/// Counts the `when` evaluations of one event: every live route of its channel, once per record (phase
+/// one evaluates them all; `stop` only cuts phase two).
+pub fn record_evaluated(rules: &RuleSet, event: &Event) {
+    let units = if event.header.is_some() {
+        event.record_ids().len() as u64
+    } else {
+        1
+    };
+    for &i in rules.candidates(&event.channel) {
+        metrics::counter!(ROUTE_EVALUATED, "route" => rules.routes[i].name.clone()).increment(units);
+    }
+}
+
+/// Counts what the router decided: matched, then fired, shadow or failed.
+pub fn record_decisions(plan: &Plan) {
+    for d in &plan.decisions {
+        metrics::counter!(ROUTE_MATCHED, "route" => d.route.clone()).increment(1);
+        match &d.outcome {
+            Outcome::Then if d.shadow => metrics::counter!(ROUTE_SHADOW, "route" => d.route.clone()).increment(1),
+            Outcome::Then => metrics::counter!(ROUTE_FIRED, "route" => d.route.clone()).increment(1),
+            Outcome::Else => {}
+            Outcome::Failed(_) => metrics::counter!(ROUTE_FAILED, "route" => d.route.clone()).increment(1),
+        }
+    }
 }

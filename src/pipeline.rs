@@ -17,6 +17,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use futures_util::FutureExt;
 use tokio::sync::{mpsc, watch};
+use tracing::Instrument;
 
 use crate::checkpoint::CheckpointStore;
 use crate::config::{Config, OnUnmatched};
@@ -158,7 +159,6 @@ impl Pipeline {
                         }
                         next_settle += 1;
                         self.settled.send_modify(|n| *n += delivered);
-                        metrics::counter!(m::EVENTS_SETTLED).increment(1);
                     }
                 }
                 changed = shutdown.changed(), if !stopping && !shutdown_gone => match changed {
@@ -275,9 +275,26 @@ impl Pipeline {
                 Delivery::Event { event, .. } => Some((**event).clone()),
                 Delivery::Malformed { .. } | Delivery::Mark { .. } => None,
             };
-            let work = AssertUnwindSafe(this.handle(delivery, needs, &rules))
+            // Every line logged while the event is handled carries its id, channel and rules version.
+            // ERROR level, so that a `RUST_LOG=warn` filter keeps these fields on the warnings inside.
+            let span = tracing::error_span!(
+                "event",
+                event_id = copy.as_ref().map(|e| e.id.as_str()),
+                channel = copy.as_ref().map(|e| e.channel.as_str()),
+                rules_version = %rules.version,
+            );
+            // Events and malformed input settle; position marks are not deliveries of anything.
+            let settles = match &delivery {
+                Delivery::Event { event, .. } => Some(event.channel.clone()),
+                Delivery::Malformed { .. } => Some(String::new()),
+                Delivery::Mark { .. } => None,
+            };
+            let work = AssertUnwindSafe(this.handle(delivery, needs, &rules).instrument(span))
                 .catch_unwind()
                 .await;
+            if let Some(channel) = settles {
+                metrics::counter!(m::EVENTS_SETTLED, "channel" => channel).increment(1);
+            }
             let (output, stats) = match work {
                 Ok(done) => done,
                 Err(_) => {
@@ -360,16 +377,16 @@ impl Pipeline {
             ) => {
                 stats.events += 1;
                 metrics::counter!(m::EVENTS, "channel" => event.channel.clone()).increment(1);
+                m::record_evaluated(rules, &event);
                 if !needs.matched() {
                     self.unmatched(rules, &event, &position, &mut stats, &mut out).await;
                     return (out, stats);
                 }
                 let plan = self.finish(rules, &mut event, needs).await;
+                m::record_decisions(&plan);
                 for d in &plan.decisions {
                     self.counters.record(&d.route, d.outcome == Outcome::Then);
-                    metrics::counter!(m::ROUTE_MATCHED, "route" => d.route.clone()).increment(1);
                     if matches!(d.outcome, Outcome::Failed(_)) {
-                        metrics::counter!(m::ROUTE_FAILED, "route" => d.route.clone()).increment(1);
                         tracing::warn!(route = %d.route, event_id = %event.id, record_id = ?d.record_id, rules_version = %rules.version, outcome = ?d.outcome, "Route failed; the event is dead-lettered for it.");
                     }
                 }

@@ -41,12 +41,39 @@ pub enum Op {
         message: String,
         fields: Map<String, Value>,
     },
+    Webhook {
+        /// Sent as `Idempotency-Key`; also the dispatcher's idempotency key.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        idempotency_key: Option<String>,
+        body: Value,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        headers: Vec<(String, String)>,
+    },
     DeadLetter {
         reason: String,
     },
 }
 
 impl Action {
+    /// The correlation id the rule put into the job data, webhook body or log fields (`correlationId` or
+    /// `correlation_id`), for log lines and stream entries.
+    pub fn correlation_id(&self) -> Option<&str> {
+        let map = match &self.op {
+            Op::Enqueue {
+                data: Value::Object(m), ..
+            }
+            | Op::Webhook {
+                body: Value::Object(m), ..
+            } => m,
+            Op::Log { fields, .. } => fields,
+            _ => return None,
+        };
+        ["correlationId", "correlation_id"]
+            .iter()
+            .find_map(|k| map.get(*k).and_then(Value::as_str))
+            .filter(|s| !s.is_empty())
+    }
+
     /// A one-line human summary (`enqueue-provisioning: job activation-801...`).
     pub fn summary(&self) -> String {
         let body = match &self.op {
@@ -71,6 +98,10 @@ impl Action {
                 }
             }
             Op::Log { message, .. } => format!("\"{message}\""),
+            Op::Webhook { idempotency_key, .. } => match idempotency_key {
+                Some(key) => format!("POST (Idempotency-Key {key})"),
+                None => "POST".to_string(),
+            },
             Op::DeadLetter { reason } => reason.clone(),
         };
         format!("{}{}: {body}", if self.shadow { "(shadow) " } else { "" }, self.sink)

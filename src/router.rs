@@ -484,6 +484,44 @@ fn render(route: &Route, t: &ActionTemplate, ctx: &mut RenderCtx<'_>) -> Result<
                 fields,
             }
         }
+        ActionParams::Webhook {
+            body,
+            headers,
+            idempotency_key,
+        } => {
+            let key = match idempotency_key {
+                Some(template) => {
+                    let key = template.render_string(ctx).map_err(|missing| {
+                        format!(
+                            "sink `{}` ({}): the idempotency key `{}` has no value for {missing}",
+                            t.sink,
+                            t.at,
+                            template.source()
+                        )
+                    })?;
+                    if key.trim().is_empty() {
+                        return Err(format!(
+                            "sink `{}` ({}): the idempotency key rendered empty",
+                            t.sink, t.at
+                        ));
+                    }
+                    Some(key)
+                }
+                None => None,
+            };
+            let scoped = RenderCtx {
+                idempotency_key: key.as_deref(),
+                ..*ctx
+            };
+            Op::Webhook {
+                body: body.render(&scoped),
+                headers: headers
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.render_lossy(&scoped)))
+                    .collect(),
+                idempotency_key: key,
+            }
+        }
         ActionParams::DeadLetter { reason } => {
             let reason = reason.render_lossy(ctx);
             Op::DeadLetter { reason }

@@ -106,6 +106,7 @@ impl Service {
         metrics::gauge!(m::RULES_VERSION, "version" => ruleset.version.clone()).set(1.0);
         let rules = Arc::new(ArcSwap::from_pointee(ruleset));
         let sinks = Arc::new(Sinks::build(&config).await?);
+        m::register(&config.config, &rules.load(), crate::http::ROLE);
         let counters = Arc::new(RouteCounters::default());
         let c = &config.config;
         // The `emulator` source brings its own org: an in-process emulator on loopback, and credentials for it.
@@ -253,14 +254,18 @@ impl Service {
         };
         let http = match &self.config.config.http {
             Some(http) => {
-                let (addr, task) =
-                    crate::http::serve(&http.listen, self.reloader.clone(), m::install(), shutdown.clone())
-                        .await
-                        .map_err(|source| StartError::Http {
-                            listen: http.listen.clone(),
-                            source,
-                        })?;
-                tracing::info!(%addr, "HTTP listener up: /healthz, /metrics, /rules, POST /reload.");
+                let state = crate::http::AppState {
+                    reloader: self.reloader.clone(),
+                    metrics: m::install(),
+                    redis: Arc::new(self.sinks.redis_checks.clone()),
+                };
+                let (addr, task) = crate::http::serve(&http.listen, state, shutdown.clone())
+                    .await
+                    .map_err(|source| StartError::Http {
+                        listen: http.listen.clone(),
+                        source,
+                    })?;
+                tracing::info!(%addr, "HTTP listener up: /healthz, /readyz, /metrics, /rules, POST /reload.");
                 Some(task)
             }
             None => None,

@@ -39,7 +39,10 @@ fn shipped_rules_match_the_rules_schema() {
 
 #[test]
 fn shipped_configs_match_the_config_schema() {
-    check("config.schema.json", &["examples/demo.yaml"]);
+    check(
+        "config.schema.json",
+        &["examples/demo.yaml", "examples/deploy/config.yaml"],
+    );
 }
 
 #[test]

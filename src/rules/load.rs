@@ -616,6 +616,8 @@ fn compile_action(
         ("level", a.level.is_some()),
         ("fields", a.fields.is_some()),
         ("reason", a.reason.is_some()),
+        ("body", a.body.is_some()),
+        ("headers", a.headers.is_some()),
     ]
     .into_iter()
     .filter_map(|(k, p)| p.then_some(k))
@@ -624,6 +626,7 @@ fn compile_action(
         SinkKind::Queue => &["job", "idempotency_key", "job_options"],
         SinkKind::CacheInvalidate => &["keys", "patterns", "publish"],
         SinkKind::Log => &["message", "level", "fields"],
+        SinkKind::Webhook => &["body", "headers", "idempotency_key"],
         SinkKind::DeadLetter => &["reason"],
     };
     let label = format!("{route_label}: sink `{sink}` ({})", kind.as_str());
@@ -701,6 +704,35 @@ fn compile_action(
                 message: t(message, problems)?,
                 level: a.level.unwrap_or_default(),
                 fields,
+            }
+        }
+        SinkKind::Webhook => {
+            let Some(body) = &a.body else {
+                problems.push(cx.err(&a.sink, format!("{label} needs `body`")));
+                return None;
+            };
+            let mut entries = Vec::new();
+            for (k, v) in body {
+                entries.push((k.clone(), parse_value_template(cx, v, is_var, route_label, problems)?));
+            }
+            let mut headers = Vec::new();
+            for (k, v) in a.headers.iter().flatten() {
+                headers.push((k.clone(), t(v, problems)?));
+            }
+            let idempotency_key = match &a.idempotency_key {
+                Some(key) => {
+                    let key_template = t(key, problems)?;
+                    if key_template.paths().any(|p| p.root == Root::IdempotencyKey) {
+                        problems.push(cx.err(key, format!("{label}: `idempotency_key` cannot refer to itself")));
+                    }
+                    Some(key_template)
+                }
+                None => None,
+            };
+            ActionParams::Webhook {
+                body: ValueTemplate::Object(entries),
+                headers,
+                idempotency_key,
             }
         }
         SinkKind::DeadLetter => {

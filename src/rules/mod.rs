@@ -105,6 +105,11 @@ pub enum ActionParams {
         level: LogLevel,
         fields: Vec<(String, ValueTemplate)>,
     },
+    Webhook {
+        body: ValueTemplate,
+        headers: Vec<(String, Template)>,
+        idempotency_key: Option<Template>,
+    },
     DeadLetter {
         reason: Template,
     },
@@ -135,6 +140,16 @@ impl ActionParams {
             ActionParams::Log { message, fields, .. } => {
                 let mut all = vec![message];
                 all.extend(fields.iter().flat_map(|(_, v)| v.templates()));
+                all
+            }
+            ActionParams::Webhook {
+                body,
+                headers,
+                idempotency_key,
+            } => {
+                let mut all = body.templates();
+                all.extend(headers.iter().map(|(_, t)| t));
+                all.extend(idempotency_key);
                 all
             }
             ActionParams::DeadLetter { reason } => vec![reason],

@@ -106,8 +106,9 @@ pub struct EnrichSpec {
 /// One action: the sink to call and that sink kind's keys.
 ///
 /// `queue` sinks take `job`, `idempotency_key`, `job_options`; `cache-invalidate` sinks take `keys`,
-/// `patterns`, `publish`; `log` sinks take `message`, `level`, `fields`; the built-in `dead-letter` takes
-/// `reason`. Strings are templates (`{{record_id}}`).
+/// `patterns`, `publish`; `log` sinks take `message`, `level`, `fields`; `webhook` sinks take `body`,
+/// `headers`, `idempotency_key`; the built-in `dead-letter` takes `reason`. Strings are templates
+/// (`{{record_id}}`).
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ActionSpec {
@@ -119,6 +120,7 @@ pub struct ActionSpec {
     #[schemars(with = "Option<IndexMap<String, Value>>", example = example_job())]
     pub job: Option<IndexMap<String, Spanned<Value>>>,
     /// queue: the key that makes the action idempotent; also the BullMQ job id. Must render completely.
+    /// webhook: optional; sent as the `Idempotency-Key` header, and a redelivered event does not POST again.
     #[serde(default)]
     #[schemars(with = "Option<String>", example = &"activation-{{record_id}}-{{header.commit_timestamp}}")]
     pub idempotency_key: Option<Spanned<String>>,
@@ -150,6 +152,14 @@ pub struct ActionSpec {
     #[serde(default)]
     #[schemars(with = "Option<IndexMap<String, Value>>", example = serde_json::json!({"account": "{{record.AccountId}}"}))]
     pub fields: Option<IndexMap<String, Spanned<Value>>>,
+    /// webhook: the JSON body; string values are templates, a whole `{{...}}` keeps its JSON type.
+    #[serde(default)]
+    #[schemars(with = "Option<IndexMap<String, Value>>", example = serde_json::json!({"orderId": "{{record_id}}", "status": "{{event.Status}}"}))]
+    pub body: Option<IndexMap<String, Spanned<Value>>>,
+    /// webhook: request headers for this action (templates), added to the sink's configured headers.
+    #[serde(default)]
+    #[schemars(with = "Option<IndexMap<String, String>>", example = serde_json::json!({"X-Correlation-Id": "cdc-order-{{record_id}}"}))]
+    pub headers: Option<IndexMap<String, Spanned<String>>>,
     /// dead-letter: why the event is parked for an operator.
     #[serde(default)]
     #[schemars(with = "Option<String>", example = &"GAP_OVERFLOW for {{header.entity}}: resync needed")]

@@ -307,6 +307,22 @@ pub fn action_json(action: &Action) -> Map<String, Value> {
             m.insert("level".into(), serde_json::to_value(level).unwrap_or(Value::Null));
             m.insert("fields".into(), Value::Object(fields.clone()));
         }
+        Op::Webhook {
+            idempotency_key,
+            body,
+            headers,
+        } => {
+            m.insert("body".into(), body.clone());
+            if let Some(key) = idempotency_key {
+                m.insert("idempotency_key".into(), json!(key));
+            }
+            if !headers.is_empty() {
+                m.insert(
+                    "headers".into(),
+                    headers.iter().map(|(k, v)| (k.clone(), json!(v))).collect(),
+                );
+            }
+        }
         Op::DeadLetter { reason } => {
             m.insert("reason".into(), json!(reason));
         }

@@ -1,19 +1,25 @@
 //! Built-in sinks: a closed set, built by one `match` from the config (STYLE.md).
 
 pub mod cache;
+pub mod connection;
 pub mod dead_letter;
 pub mod log;
 pub mod memory;
 pub mod queue;
+pub mod webhook;
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 
+use redis::aio::ConnectionManager;
+
 use crate::checkpoint::CheckpointStore;
-use crate::config::{CheckpointStoreKind, LoadedConfig, SinkConfig};
+use crate::config::{CheckpointStoreKind, LoadedConfig, QueueFormat, RedisEndpoint, SinkConfig};
 use crate::event::Event;
 use crate::idempotency::{Idempotency, Ttls};
 use crate::plan::{Action, Op};
+pub use connection::RedisCheck;
 pub use dead_letter::{DeadLetter, DeadLetters};
 pub use memory::MemoryBackend;
 
@@ -69,6 +75,7 @@ pub enum Sink {
     Queue(queue::QueueSink),
     CacheInvalidate(cache::CacheSink),
     Log(log::LogSink),
+    Webhook(webhook::WebhookSink),
 }
 
 impl Sink {
@@ -77,9 +84,30 @@ impl Sink {
             (
                 Sink::Queue(s),
                 Op::Enqueue {
-                    job_id, data, options, ..
+                    job_id,
+                    data,
+                    options,
+                    idempotency_key,
                 },
-            ) => s.enqueue(job_id, data, options).await,
+            ) => {
+                let meta = queue::EntryMeta {
+                    idempotency_key,
+                    event_id: &cx.event.id,
+                    route: &action.route,
+                    record_id: action.record_id.as_deref(),
+                    rules_version: cx.rules_version,
+                    correlation_id: action.correlation_id(),
+                };
+                s.enqueue(job_id, data, options, &meta).await
+            }
+            (
+                Sink::Webhook(s),
+                Op::Webhook {
+                    idempotency_key,
+                    body,
+                    headers,
+                },
+            ) => s.post(idempotency_key.as_deref(), body, headers).await,
             (
                 Sink::CacheInvalidate(s),
                 Op::Invalidate {
@@ -103,6 +131,7 @@ fn op_name(op: &Op) -> &'static str {
         Op::Enqueue { .. } => "enqueue",
         Op::Invalidate { .. } => "invalidate",
         Op::Log { .. } => "log",
+        Op::Webhook { .. } => "webhook",
         Op::DeadLetter { .. } => "dead-letter",
     }
 }
@@ -116,13 +145,21 @@ pub struct Sinks {
     pub checkpoints: CheckpointStore,
     /// The in-memory backend when the config has no `redis`.
     pub memory: Option<Arc<MemoryBackend>>,
+    /// Every Redis server in use, for `/readyz`.
+    pub redis_checks: Vec<RedisCheck>,
 }
 
 /// Why sinks could not be built.
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
-    #[error("cannot connect to Redis at {url}: {source}")]
+    #[error("cannot connect to Redis at {url}: {}", redact_url(&source.to_string()))]
     Redis { url: String, source: redis::RedisError },
+    #[error("cannot connect to Redis at {url}: no connection within {ms} ms (connect_timeout_ms)")]
+    RedisTimeout { url: String, ms: u64 },
+    #[error("cannot read the Redis CA file {}: {source}", path.display())]
+    CaFile { path: PathBuf, source: std::io::Error },
+    #[error("webhook sink `{sink}`: {message}")]
+    Webhook { sink: String, message: String },
     #[error("cannot open BullMQ queue `{queue}` for sink `{sink}`: {message}")]
     Queue {
         sink: String,
@@ -132,48 +169,67 @@ pub enum BuildError {
 }
 
 impl Sinks {
-    /// Connects what the config names: Redis when `redis` is set, memory otherwise.
+    /// Connects what the config names: Redis when `redis` is set (and each sink's own Redis), memory
+    /// otherwise.
     pub async fn build(loaded: &LoadedConfig) -> Result<Sinks, BuildError> {
         let config = &loaded.config;
+        let mut redis_checks = Vec::new();
+        // One connection per distinct server (by URL), shared by the sinks that use it.
+        let mut connections: HashMap<String, ConnectionManager> = HashMap::new();
         let redis = match &config.redis {
             Some(r) => {
-                let client = redis::Client::open(r.url.expose()).map_err(|source| BuildError::Redis {
-                    url: redact_url(r.url.expose()),
-                    source,
-                })?;
-                let manager = client
-                    .get_connection_manager()
-                    .await
-                    .map_err(|source| BuildError::Redis {
-                        url: redact_url(r.url.expose()),
-                        source,
-                    })?;
-                Some((r, manager))
+                let endpoint = r.endpoint();
+                let manager = connection::connect(loaded, &endpoint).await?;
+                redis_checks.push(RedisCheck::new("redis", &endpoint, manager.clone()));
+                connections.insert(endpoint.url.expose().to_string(), manager.clone());
+                Some((r, endpoint, manager))
             }
             None => None,
         };
         let memory = redis.is_none().then(|| Arc::new(MemoryBackend::default()));
         let mut by_name = HashMap::new();
         for (name, sink) in &config.sinks {
-            let built = match sink {
-                SinkConfig::Queue(q) => Sink::Queue(match (&redis, &memory) {
-                    (Some((r, _)), _) => queue::QueueSink::bullmq(name, q, r.url.expose()).await?,
-                    (None, Some(m)) => queue::QueueSink::memory(q, m.clone()),
-                    (None, None) => unreachable!("memory is set whenever redis is not"),
+            // The sink's Redis: its own, else the main one (validated: own implies main).
+            let endpoint: Option<RedisEndpoint> = match (sink.redis(), &redis) {
+                (Some(own), _) => Some(own.clone()),
+                (None, Some((_, main, _))) if sink.uses_redis() => Some(main.clone()),
+                _ => None,
+            };
+            let conn = match &endpoint {
+                Some(e) => Some(match connections.get(e.url.expose()) {
+                    Some(conn) => conn.clone(),
+                    None => {
+                        let conn = connection::connect(loaded, e).await?;
+                        redis_checks.push(RedisCheck::new(format!("sink {name}"), e, conn.clone()));
+                        connections.insert(e.url.expose().to_string(), conn.clone());
+                        conn
+                    }
                 }),
-                SinkConfig::CacheInvalidate(_) => Sink::CacheInvalidate(match (&redis, &memory) {
-                    (Some((_, conn)), _) => cache::CacheSink::redis(conn.clone()),
+                None => None,
+            };
+            let built = match sink {
+                SinkConfig::Queue(q) => Sink::Queue(match (&endpoint, conn, &memory) {
+                    (Some(e), Some(_), _) if q.format == QueueFormat::Bullmq => {
+                        queue::QueueSink::bullmq(name, q, loaded, e).await?
+                    }
+                    (Some(_), Some(conn), _) => queue::QueueSink::stream(q, conn),
+                    (_, _, Some(m)) => queue::QueueSink::memory(q, m.clone()),
+                    _ => unreachable!("memory is set whenever redis is not"),
+                }),
+                SinkConfig::CacheInvalidate(_) => Sink::CacheInvalidate(match (conn, &memory) {
+                    (Some(conn), _) => cache::CacheSink::redis(conn),
                     (None, Some(m)) => cache::CacheSink::memory(m.clone()),
                     (None, None) => unreachable!("memory is set whenever redis is not"),
                 }),
                 SinkConfig::Log(_) => Sink::Log(log::LogSink {
                     redact: config.redact.clone(),
                 }),
+                SinkConfig::Webhook(w) => Sink::Webhook(webhook::WebhookSink::new(name, w)?),
             };
             by_name.insert(name.clone(), built);
         }
         let dead_letters = match (&redis, &memory) {
-            (Some((r, conn)), _) => DeadLetters::redis(conn.clone(), &r.key_prefix, config.dead_letters.max_len),
+            (Some((r, _, conn)), _) => DeadLetters::redis(conn.clone(), &r.key_prefix, config.dead_letters.max_len),
             (None, Some(m)) => DeadLetters::memory(m.clone()),
             (None, None) => unreachable!("memory is set whenever redis is not"),
         };
@@ -182,7 +238,7 @@ impl Sinks {
             done: std::time::Duration::from_secs(config.delivery.done_ttl_hours * 3600),
         };
         let idempotency = match &redis {
-            Some((r, conn)) => Idempotency::redis(conn.clone(), &r.key_prefix, ttls),
+            Some((r, _, conn)) => Idempotency::redis(conn.clone(), &r.key_prefix, ttls),
             None => Idempotency::memory(ttls),
         };
         let store = config.checkpoint.as_ref().map(|c| c.store);
@@ -196,7 +252,7 @@ impl Sinks {
                 CheckpointStore::file(&loaded.resolve(path))
             }
             (Some(CheckpointStoreKind::Memory), _) | (None, None) => CheckpointStore::memory(),
-            (Some(CheckpointStoreKind::Redis) | None, Some((r, conn))) => {
+            (Some(CheckpointStoreKind::Redis) | None, Some((r, _, conn))) => {
                 CheckpointStore::redis(conn.clone(), &r.key_prefix)
             }
             (Some(CheckpointStoreKind::Redis), None) => unreachable!("validated: a redis store needs redis"),
@@ -207,6 +263,7 @@ impl Sinks {
             idempotency,
             checkpoints,
             memory,
+            redis_checks,
         })
     }
 }
