@@ -84,7 +84,9 @@ checkpoint: {{ store: memory }}
         let options = bullmq::QueueOptions::new()
             .connection(bullmq::options::RedisConnectionOptions::new().url(redis_url()))
             .prefix(format!("{tag}-native"));
-        let queue = bullmq::Queue::with_options("provisioning", options).await.expect("bullmq queue");
+        let queue = bullmq::Queue::with_options("provisioning", options)
+            .await
+            .expect("bullmq queue");
         Bench {
             tag,
             service,
@@ -155,11 +157,21 @@ checkpoint: {{ store: memory }}
         let token = format!("lease:{}:{}", std::process::id(), self.next_run());
         let mut claim = redis::pipe();
         for (key, _, _) in &jobs {
-            claim.cmd("SET").arg(idem(key)).arg(&token).arg("NX").arg("PX").arg(LEASE_MS);
+            claim
+                .cmd("SET")
+                .arg(idem(key))
+                .arg(&token)
+                .arg("NX")
+                .arg("PX")
+                .arg(LEASE_MS);
         }
         let claimed: Vec<Option<String>> = claim.query_async(&mut conn).await.expect("claim");
-        let acquired: Vec<&(String, String, Value)> =
-            jobs.iter().zip(&claimed).filter(|(_, c)| c.is_some()).map(|(j, _)| j).collect();
+        let acquired: Vec<&(String, String, Value)> = jobs
+            .iter()
+            .zip(&claimed)
+            .filter(|(_, c)| c.is_some())
+            .map(|(j, _)| j)
+            .collect();
         assert_eq!(acquired.len(), jobs.len(), "fresh keys are never leased or done");
         let bulk = acquired
             .iter()
@@ -174,7 +186,13 @@ checkpoint: {{ store: memory }}
         self.queue.add_bulk(bulk).await.expect("enqueue");
         let mut finish = redis::pipe();
         for (key, _, _) in &acquired {
-            finish.cmd("SET").arg(idem(key)).arg("done").arg("PX").arg(DONE_MS).ignore();
+            finish
+                .cmd("SET")
+                .arg(idem(key))
+                .arg("done")
+                .arg("PX")
+                .arg(DONE_MS)
+                .ignore();
         }
         for keys in &cache_keys {
             finish.cmd("UNLINK").arg(keys).ignore();
@@ -198,7 +216,11 @@ checkpoint: {{ store: memory }}
                 .await
                 .expect("scan");
             if !keys.is_empty() {
-                let _: i64 = redis::cmd("UNLINK").arg(&keys).query_async(&mut conn).await.expect("unlink");
+                let _: i64 = redis::cmd("UNLINK")
+                    .arg(&keys)
+                    .query_async(&mut conn)
+                    .await
+                    .expect("unlink");
             }
             if next == 0 {
                 break;
@@ -209,7 +231,10 @@ checkpoint: {{ store: memory }}
 }
 
 fn benches(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
     let bench = Arc::new(rt.block_on(Bench::start()));
     // The two paths decide the same actions (checked on the CPU bench too); check the Redis side once.
     let (events, wire) = batch(&bench.registry, bench.next_run());

@@ -6,6 +6,7 @@
 //!
 //! `cargo bench --bench footprint` (no criterion: one run each, printed as a table). The events file is
 //! generated from the bench mix (`benches/common`) into a temporary folder and deleted afterwards.
+//! `SWITCHYARD_BIN=/path/to/switchyard` measures another build with the same events.
 
 mod common;
 
@@ -20,7 +21,9 @@ const CHUNK: usize = 10_000;
 
 fn main() {
     // `cargo bench -- <filter>` passes arguments; this target takes none but must not fail on them.
-    let bin = env!("CARGO_BIN_EXE_switchyard");
+    // SWITCHYARD_BIN measures another build (e.g. main's) with the same events.
+    let built = env!("CARGO_BIN_EXE_switchyard").to_string();
+    let bin = &std::env::var("SWITCHYARD_BIN").unwrap_or(built);
     let dir = tempfile::tempdir().expect("temp dir");
     let events = dir.path().join("events.jsonl");
     let started = Instant::now();
@@ -48,15 +51,32 @@ fn main() {
     println!("| replay 1M events | {wall:.2} s | {} MB |", rss / 1024);
     let (wall, rss) = timed(
         bin,
-        &["replay", "--events", p(&events), "--rules", p(&rules), "--against", p(&rules)],
+        &[
+            "replay",
+            "--events",
+            p(&events),
+            "--rules",
+            p(&rules),
+            "--against",
+            p(&rules),
+        ],
     );
-    println!("| replay 1M events --against (two rule sets) | {wall:.2} s | {} MB |", rss / 1024);
+    println!(
+        "| replay 1M events --against (two rule sets) | {wall:.2} s | {} MB |",
+        rss / 1024
+    );
 
     let empty = dir.path().join("idle.jsonl");
     std::fs::write(&empty, "").expect("idle events file");
-    println!("| idle service, in-memory backend | - | {} MB |", idle(bin, dir.path(), &empty, None) / 1024);
+    println!(
+        "| idle service, in-memory backend | - | {} MB |",
+        idle(bin, dir.path(), &empty, None) / 1024
+    );
     let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
-    println!("| idle service, Redis backend | - | {} MB |", idle(bin, dir.path(), &empty, Some(&url)) / 1024);
+    println!(
+        "| idle service, Redis backend | - | {} MB |",
+        idle(bin, dir.path(), &empty, Some(&url)) / 1024
+    );
 }
 
 fn p(path: &Path) -> &str {
@@ -85,7 +105,12 @@ fn timed(bin: &str, args: &[&str]) -> (f64, u64) {
 fn idle(bin: &str, dir: &Path, events: &Path, redis: Option<&str>) -> u64 {
     let name = if redis.is_some() { "idle-redis" } else { "idle-memory" };
     let redis = redis
-        .map(|url| format!("redis: {{ url: \"{url}\", key_prefix: \"bench-idle-{}:\" }}\n", std::process::id()))
+        .map(|url| {
+            format!(
+                "redis: {{ url: \"{url}\", key_prefix: \"bench-idle-{}:\" }}\n",
+                std::process::id()
+            )
+        })
         .unwrap_or_default();
     let config = dir.join(format!("{name}.yaml"));
     std::fs::write(

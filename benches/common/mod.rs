@@ -211,7 +211,14 @@ fn event(kind: Kind, i: u64, run: u64) -> Event {
                         json!({"Description": format!("Gift wrap, please ({i})"), "LastModifiedDate": ts}),
                     ),
                 };
-                ("UPDATE", vec![id.clone()], changed, vec![], fields, json!({ id.clone(): {"AccountId": account} }))
+                (
+                    "UPDATE",
+                    vec![id.clone()],
+                    changed,
+                    vec![],
+                    fields,
+                    json!({ id.clone(): {"AccountId": account} }),
+                )
             }
             Kind::InternalEdit => {
                 let (changed, fields): (Vec<&str>, Value) = if i % 2 == 0 {
@@ -287,7 +294,11 @@ pub fn encode(registry: &SchemaRegistry, events: &[Event]) -> Vec<Wire> {
     events
         .iter()
         .map(|e| {
-            let schema = if e.kind() == EventKind::Change { &order } else { &fulfilment };
+            let schema = if e.kind() == EventKind::Change {
+                &order
+            } else {
+                &fulfilment
+            };
             let payload = schema.encode(e).unwrap_or_else(|err| panic!("{}: {err}", e.id));
             let replay = e.replay_id.as_deref().unwrap_or("00");
             Wire {
@@ -401,7 +412,14 @@ fn enqueue(route: &str, id: &str, key: String, account: Option<&Value>, correlat
     )
 }
 
-fn provision(route: &str, id: &str, record: Option<&Map<String, Value>>, key: String, correlation: String, how: &str) -> [Action; 2] {
+fn provision(
+    route: &str,
+    id: &str,
+    record: Option<&Map<String, Value>>,
+    key: String,
+    correlation: String,
+    how: &str,
+) -> [Action; 2] {
     let account = record.and_then(|r| non_null(r.get("AccountId")));
     let whmcs = record.and_then(|r| r.get("WHMCS_Order_ID__c"));
     if record.is_some() && is_blank(whmcs) {
@@ -410,7 +428,10 @@ fn provision(route: &str, id: &str, record: Option<&Map<String, Value>>, key: St
         fields.insert("correlationId".into(), Value::from(correlation.clone()));
         let message = format!("Order {how}, enqueuing fulfillment");
         let job = enqueue(route, id, key, account, correlation);
-        [job, action(route, "log", Some(id), log(LogLevel::Info, message, fields))]
+        [
+            job,
+            action(route, "log", Some(id), log(LogLevel::Info, message, fields)),
+        ]
     } else {
         let mut fields = Map::new();
         fields.insert("sfOrderId".into(), Value::from(id));
@@ -429,7 +450,11 @@ pub fn native_decide(event: &Event, records: &Records) -> Vec<Action> {
         Some(header) => {
             let ct = header.change_type;
             for id in &header.record_ids {
-                let record = if id == OVERFLOW_PLACEHOLDER_ID { None } else { record_of(records, id) };
+                let record = if id == OVERFLOW_PLACEHOLDER_ID {
+                    None
+                } else {
+                    record_of(records, id)
+                };
                 if CUSTOMER_FACING.iter().any(|f| changed(&header.changed_fields, f))
                     || matches!(ct, ChangeType::Delete | ChangeType::Undelete)
                 {
@@ -504,7 +529,9 @@ pub fn native_decide(event: &Event, records: &Records) -> Vec<Action> {
             let id = text_of(order.expect("not blank"));
             let record = record_of(records, &id);
             let or_event_id = |field: &str| {
-                non_null(event.fields.get(field)).map(text_of).unwrap_or_else(|| event.id.clone())
+                non_null(event.fields.get(field))
+                    .map(text_of)
+                    .unwrap_or_else(|| event.id.clone())
             };
             let key = or_event_id("Idempotency_Key__c");
             let correlation = or_event_id("Correlation_Id__c");
@@ -545,5 +572,77 @@ pub fn assert_same_decisions(rules: &RuleSet, registry: &SchemaRegistry, wire: &
             *fired.entry(a.sink.clone()).or_default() += 1;
         }
     }
-    assert!(fired.len() >= 3, "the mix exercises queue, cache and log actions: {fired:?}");
+    assert!(
+        fired.len() >= 3,
+        "the mix exercises queue, cache and log actions: {fired:?}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Measurement: CPU time of the benchmarking thread.
+// ---------------------------------------------------------------------------------------------------
+
+/// Criterion measurement in CPU time of the bench thread (`CLOCK_THREAD_CPUTIME_ID`): "events per second on
+/// one core" even while other processes share the cores (wall time then counts their turns too).
+pub struct CpuTime;
+
+impl criterion::measurement::Measurement for CpuTime {
+    type Intermediate = cpu_time::ThreadTime;
+    type Value = std::time::Duration;
+
+    fn start(&self) -> Self::Intermediate {
+        cpu_time::ThreadTime::now()
+    }
+    fn end(&self, start: Self::Intermediate) -> Self::Value {
+        start.elapsed()
+    }
+    fn add(&self, a: &Self::Value, b: &Self::Value) -> Self::Value {
+        *a + *b
+    }
+    fn zero(&self) -> Self::Value {
+        std::time::Duration::ZERO
+    }
+    fn to_f64(&self, value: &Self::Value) -> f64 {
+        value.as_nanos() as f64
+    }
+    fn formatter(&self) -> &dyn criterion::measurement::ValueFormatter {
+        &NanosFormatter
+    }
+}
+
+/// Formats nanoseconds and elements per second like criterion's own wall-time formatter.
+struct NanosFormatter;
+
+impl criterion::measurement::ValueFormatter for NanosFormatter {
+    fn scale_values(&self, ns: f64, values: &mut [f64]) -> &'static str {
+        let (factor, unit) = match ns {
+            ns if ns < 1e3 => (1.0, "ns"),
+            ns if ns < 1e6 => (1e-3, "µs"),
+            ns if ns < 1e9 => (1e-6, "ms"),
+            _ => (1e-9, "s"),
+        };
+        values.iter_mut().for_each(|v| *v *= factor);
+        unit
+    }
+
+    fn scale_throughputs(&self, ns: f64, throughput: &criterion::Throughput, values: &mut [f64]) -> &'static str {
+        let per_iteration = match *throughput {
+            criterion::Throughput::Elements(n) | criterion::Throughput::Bytes(n) | criterion::Throughput::Bits(n) => {
+                n as f64
+            }
+            criterion::Throughput::BytesDecimal(n) => n as f64,
+        };
+        let per_second = per_iteration * 1e9 / ns;
+        let (factor, unit) = match per_second {
+            p if p < 1e3 => (1.0, "elem/s"),
+            p if p < 1e6 => (1e-3, "Kelem/s"),
+            _ => (1e-6, "Melem/s"),
+        };
+        values.iter_mut().for_each(|v| *v = per_iteration * 1e9 / *v * factor);
+        unit
+    }
+
+    fn scale_for_machines(&self, _values: &mut [f64]) -> &'static str {
+        "ns"
+    }
 }
