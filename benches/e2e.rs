@@ -230,6 +230,37 @@ checkpoint: {{ store: memory }}
     }
 }
 
+/// Redis's own CPU seconds so far (`INFO cpu`: used_cpu_user + used_cpu_sys).
+async fn redis_cpu(conn: &mut redis::aio::ConnectionManager) -> f64 {
+    let info: String = redis::cmd("INFO").arg("cpu").query_async(conn).await.expect("INFO cpu");
+    info.lines()
+        .filter(|l| l.starts_with("used_cpu_user:") || l.starts_with("used_cpu_sys:"))
+        .filter_map(|l| l.split(':').nth(1)?.trim().parse::<f64>().ok())
+        .sum()
+}
+
+/// Where the wall time of one path goes: its own CPU, Redis's CPU, and the rest (waiting to be scheduled,
+/// loopback). Printed after the criterion figures, per event.
+#[derive(Default)]
+struct Split {
+    events: u64,
+    wall: Duration,
+    own_cpu: Duration,
+    redis_cpu: f64,
+}
+
+impl Split {
+    fn print(&self, name: &str) {
+        let per = |d: f64| d * 1e6 / self.events as f64;
+        eprintln!(
+            "{name}: {:.1} µs wall per event = {:.1} µs switchyard-process CPU + {:.1} µs redis-server CPU + the rest waiting",
+            per(self.wall.as_secs_f64()),
+            per(self.own_cpu.as_secs_f64()),
+            per(self.redis_cpu)
+        );
+    }
+}
+
 fn benches(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -247,31 +278,35 @@ fn benches(c: &mut Criterion) {
 
     let mut g = c.benchmark_group("e2e redis");
     g.throughput(Throughput::Elements(BATCH as u64));
-    g.bench_function("engine", |b| {
-        b.iter_custom(|iters| {
-            let mut total = Duration::ZERO;
-            for _ in 0..iters {
-                let (events, wire) = batch(&bench.registry, bench.next_run());
-                let started = Instant::now();
-                rt.block_on(bench.engine(&events, &wire));
-                total += started.elapsed();
-            }
-            total
-        })
-    });
-    g.bench_function("native (b)", |b| {
-        b.iter_custom(|iters| {
-            let mut total = Duration::ZERO;
-            for _ in 0..iters {
-                let (_, wire) = batch(&bench.registry, bench.next_run());
-                let started = Instant::now();
-                rt.block_on(bench.native(&wire));
-                total += started.elapsed();
-            }
-            total
-        })
-    });
+    let mut splits = [Split::default(), Split::default()];
+    for (name, split) in ["engine", "native (b)"].into_iter().zip(splits.iter_mut()) {
+        g.bench_function(name, |b| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                let mut conn = bench.conn.clone();
+                let redis_before = rt.block_on(redis_cpu(&mut conn));
+                for _ in 0..iters {
+                    let (events, wire) = batch(&bench.registry, bench.next_run());
+                    let cpu = cpu_time::ProcessTime::now();
+                    let started = Instant::now();
+                    match name {
+                        "engine" => rt.block_on(bench.engine(&events, &wire)),
+                        _ => rt.block_on(bench.native(&wire)),
+                    };
+                    total += started.elapsed();
+                    split.own_cpu += cpu.elapsed();
+                }
+                split.redis_cpu += rt.block_on(redis_cpu(&mut conn)) - redis_before;
+                split.wall += total;
+                split.events += iters * BATCH as u64;
+                total
+            })
+        });
+    }
     g.finish();
+    for (name, split) in ["engine", "native (b)"].into_iter().zip(&splits) {
+        split.print(name);
+    }
     rt.block_on(bench.clean());
 }
 
