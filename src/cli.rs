@@ -40,6 +40,13 @@ pub enum ExplainFormat {
     Json,
 }
 
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum RecordFrom {
+    Earliest,
+    Latest,
+    Stored,
+}
+
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum SchemaKind {
     /// Rule files (`rules/*.yaml`)
@@ -110,6 +117,25 @@ pub enum Command {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
+    /// Subscribe like `run`, but write the decoded events (with the records the rules read) as JSONL: real
+    /// traffic becomes fixtures and input for the JSONL source. Runs no action and stores no position.
+    Record {
+        /// The service config (a `pubsub` or `emulator` source).
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The JSONL file to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// Where to start: `earliest` (all retained events), `latest`, or `stored` (the position `run` stored).
+        #[arg(long, value_enum)]
+        from: Option<RecordFrom>,
+        /// Stop after this many events (default: until Ctrl-C or SIGTERM).
+        #[arg(long)]
+        max_events: Option<u64>,
+        /// Payload and record fields to write as `***` (repeatable).
+        #[arg(long)]
+        redact: Vec<String>,
+    },
     /// Serve a local Salesforce Pub/Sub API emulator (gRPC) with events from a JSONL file.
     Emulator {
         /// Address to listen on.
@@ -118,9 +144,19 @@ pub enum Command {
         /// Events to serve (JSONL, the same format as the JSONL source).
         #[arg(long)]
         events: Option<PathBuf>,
-        /// The access token clients must send in the `accesstoken` header.
+        /// The static access token accepted besides the ones the token endpoint issues.
         #[arg(long, default_value = "emulator-access-token")]
         access_token: String,
+        /// Address of the HTTP side: the OAuth token endpoint (the login URL), userinfo and sobject reads (the
+        /// instance URL).
+        #[arg(long, default_value = "127.0.0.1:7012")]
+        http_listen: std::net::SocketAddr,
+        /// RSA public key (PEM) that verifies JWT bearer assertions; without it that flow is refused.
+        #[arg(long)]
+        jwt_public_key: Option<PathBuf>,
+        /// The connected app's consumer secret the token endpoint expects.
+        #[arg(long, default_value = "emulator-client-secret")]
+        client_secret: String,
     },
     /// Inspect or move stored source positions.
     Checkpoint {

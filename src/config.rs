@@ -8,6 +8,12 @@ use serde::{Deserialize, Serialize};
 
 use crate::diag::{Problem, Problems};
 
+mod salesforce;
+pub use salesforce::{
+    AuthFlow, DEFAULT_API_VERSION, DEFAULT_PUBSUB_ENDPOINT, MAX_BATCH_SIZE, PubsubConfig, ReplayConfig, ReplayPreset,
+    ReplayStart, RestConfig, SalesforceConfig,
+};
+
 /// The config of the embedded demo (`switchyard run` with no `--config`).
 pub const DEMO_CONFIG: &str = include_str!("../examples/demo.yaml");
 /// Where the embedded demo config pretends to live, so its relative paths resolve.
@@ -74,10 +80,16 @@ pub struct Config {
     #[serde(default)]
     #[schemars(example = serde_json::json!({"enqueue-provisioning": {"kind": "queue", "queue": "provisioning", "job_name": "provision-order"}, "invalidate-cache": {"kind": "cache-invalidate"}, "log": {"kind": "log"}}))]
     pub sinks: IndexMap<String, SinkConfig>,
-    /// Where `enrich` reads records: `recorded` (the events' own `record` map) or `none`.
+    /// Where `enrich` reads records: `salesforce` (REST reads; the default with a `pubsub` source), `recorded`
+    /// (the events' own `record` map; the default otherwise) or `none`.
     #[serde(default)]
-    #[schemars(example = &"recorded")]
-    pub enricher: EnricherKind,
+    #[schemars(example = &"salesforce")]
+    pub enricher: Option<EnricherKind>,
+    /// The Salesforce connection: auth (shared by Pub/Sub and REST), API version, REST limits. Needed by the
+    /// `pubsub` source and the `salesforce` enricher.
+    #[serde(default)]
+    #[schemars(example = serde_json::json!({"login_url": "${SF_LOGIN_URL}", "client_id": "${SF_CLIENT_ID}", "client_secret": "${SF_CLIENT_SECRET}"}))]
+    pub salesforce: Option<SalesforceConfig>,
     /// What happens to an event no route matched: `ignore`, `log` or `dead-letter`.
     #[serde(default)]
     #[schemars(example = &"log")]
@@ -111,6 +123,21 @@ pub struct Config {
     #[serde(default)]
     #[schemars(example = vec!["BillingAddress".to_string(), "Description".to_string()])]
     pub redact: Vec<String>,
+}
+
+impl Config {
+    /// The enricher in effect: the configured one, else `salesforce` for Pub/Sub sources and `recorded` otherwise.
+    pub fn enricher(&self) -> EnricherKind {
+        self.enricher.unwrap_or(match self.source.kind {
+            SourceKind::Pubsub | SourceKind::Emulator => EnricherKind::Salesforce,
+            SourceKind::Jsonl | SourceKind::Stdin => EnricherKind::Recorded,
+        })
+    }
+
+    /// The Pub/Sub settings in effect (defaults when the section is absent).
+    pub fn pubsub(&self) -> PubsubConfig {
+        self.source.pubsub.clone().unwrap_or_default()
+    }
 }
 
 /// Hot reload of the rules.
@@ -286,9 +313,18 @@ fn default_dead_letter_max_len() -> usize {
 #[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SourceConfig {
-    /// `jsonl` (a file of events, DESIGN.md §2) or `stdin` (the same format on standard input).
-    #[schemars(example = &"jsonl")]
+    /// `pubsub` (Salesforce Pub/Sub API), `jsonl` (a file of events, DESIGN.md §2), `stdin` (the same format on
+    /// standard input) or `emulator` (an in-process Pub/Sub emulator serving a JSONL file, for demos).
+    #[schemars(example = &"pubsub")]
     pub kind: SourceKind,
+    /// Settings of the `pubsub` source (also used by `emulator`).
+    #[serde(default)]
+    #[schemars(example = serde_json::json!({"endpoint": "${SF_PUBSUB_ENDPOINT:-https://api.pubsub.salesforce.com:7443}", "replay": {"start": "stored", "fallback": "latest", "on_invalid": "earliest"}}))]
+    pub pubsub: Option<PubsubConfig>,
+    /// Settings of the `emulator` source.
+    #[serde(default)]
+    #[schemars(example = serde_json::json!({"events": "events/order-lifecycle.jsonl"}))]
+    pub emulator: Option<EmulatorSourceConfig>,
     /// Settings of the `jsonl` source.
     #[serde(default)]
     #[schemars(example = serde_json::json!({"path": "events/order-lifecycle.jsonl", "follow": false}))]
@@ -298,10 +334,23 @@ pub struct SourceConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum SourceKind {
+    /// The Salesforce Pub/Sub API (gRPC).
+    Pubsub,
+    /// An in-process Pub/Sub emulator on loopback, subscribed to like a real org (demo, no org needed).
+    Emulator,
     /// Events from a JSONL file.
     Jsonl,
     /// Events as JSONL on standard input.
     Stdin,
+}
+
+/// The in-process emulator source: the events it publishes, one after another as the previous one settles.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EmulatorSourceConfig {
+    /// A JSONL file of events (DESIGN.md §2); their `record` maps are the org's records the REST reads see.
+    #[schemars(example = &"events/order-lifecycle.jsonl")]
+    pub events: PathBuf,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
@@ -514,6 +563,8 @@ pub struct LogSinkConfig {}
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum EnricherKind {
+    /// Salesforce REST reads of the current record, with the `salesforce` section's token.
+    Salesforce,
     /// The `record` map recorded with each event (JSONL): deterministic, no network.
     #[default]
     Recorded,
@@ -655,6 +706,44 @@ impl LoadedConfig {
         }
         if c.source.kind == SourceKind::Jsonl && c.source.jsonl.is_none() {
             problems.push(err("source `jsonl` needs `source.jsonl.path`".into()));
+        }
+        if c.source.kind == SourceKind::Emulator && c.source.emulator.is_none() {
+            problems.push(err("source `emulator` needs `source.emulator.events`".into()));
+        }
+        // The in-process emulator brings its own credentials; everything else that talks to Salesforce needs them.
+        let needs_salesforce = c.source.kind == SourceKind::Pubsub
+            || (c.enricher() == EnricherKind::Salesforce && c.source.kind != SourceKind::Emulator);
+        match (&c.salesforce, needs_salesforce) {
+            (Some(sf), true) => {
+                if let Err(e) = sf.flow() {
+                    problems.push(err(e));
+                }
+                if sf.rest.concurrency == 0 || sf.rest.attempts == 0 {
+                    problems.push(err(
+                        "`salesforce.rest.concurrency` and `attempts` must be at least 1".into()
+                    ));
+                }
+            }
+            (None, true) if c.source.kind == SourceKind::Pubsub => problems.push(err(
+                "source `pubsub` needs the `salesforce` section (credentials)".into(),
+            )),
+            (None, true) => problems.push(err(
+                "`enricher: salesforce` needs the `salesforce` section (credentials)".into(),
+            )),
+            _ => {}
+        }
+        let pubsub = c.pubsub();
+        if !(1..=MAX_BATCH_SIZE).contains(&pubsub.batch_size) {
+            problems.push(err(format!(
+                "`source.pubsub.batch_size` is {}; Salesforce allows 1 to {MAX_BATCH_SIZE} outstanding events",
+                pubsub.batch_size
+            )));
+        }
+        if !(pubsub.endpoint.starts_with("https://") || pubsub.endpoint.starts_with("http://")) {
+            problems.push(err(format!(
+                "`source.pubsub.endpoint` is `{}`; write it as https://host:port (or http:// for loopback tests)",
+                pubsub.endpoint
+            )));
         }
         if c.rules.is_empty() {
             problems.push(err("`rules` names no file or folder".into()));
@@ -831,5 +920,58 @@ mod tests {
         let text = "source: { kind: stdin }\nrules: [r.yaml]\nsinks:\n  x: { kind: kafka }\n";
         let err = LoadedConfig::parse(Path::new("c.yaml"), text, &|_| None).unwrap_err();
         assert!(err.to_string().starts_with("c.yaml:4:"), "{err}");
+    }
+
+    /// One file serves every auth flow: unset `${SF_...:-}` values are absent, and the flow follows from what is set.
+    #[test]
+    fn salesforce_auth_flow_follows_the_environment() {
+        let text = "source: { kind: pubsub, pubsub: { endpoint: \"${SF_PUBSUB_ENDPOINT:-}\", enabled: \"${SF_EVENTS_ENABLED:-true}\" } }\n\
+                    rules: [r.yaml]\nsalesforce:\n  login_url: \"${SF_LOGIN_URL:-}\"\n  client_id: \"${SF_CLIENT_ID:-}\"\n  \
+                    client_secret: \"${SF_CLIENT_SECRET:-}\"\n  username: \"${SF_USERNAME:-}\"\n  \
+                    jwt_key_file: \"${SF_JWT_KEY_FILE:-}\"\n  access_token: \"${SF_ACCESS_TOKEN:-}\"\n  \
+                    instance_url: \"${SF_INSTANCE_URL:-}\"\n  api_version: ${SF_API_VERSION:-62.0}\n";
+        let parse = |vars: &[(&str, &str)]| {
+            let vars: Vec<(String, String)> = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+            LoadedConfig::parse(Path::new("c.yaml"), text, &|name| {
+                vars.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone())
+            })
+        };
+        let err = parse(&[]).unwrap_err().to_string();
+        assert!(err.contains("no credentials") && err.contains("SF_CLIENT_ID"), "{err}");
+        let c = parse(&[
+            ("SF_ACCESS_TOKEN", "tok"),
+            ("SF_INSTANCE_URL", "http://127.0.0.1:1"),
+            ("SF_EVENTS_ENABLED", "false"),
+        ])
+        .unwrap();
+        let sf = c.config.salesforce.as_ref().unwrap();
+        assert_eq!(sf.flow(), Ok(AuthFlow::AccessToken));
+        assert_eq!(sf.api_version, "62.0");
+        assert!(!c.config.pubsub().enabled);
+        assert_eq!(c.config.pubsub().endpoint, DEFAULT_PUBSUB_ENDPOINT);
+        assert_eq!(
+            c.config.enricher(),
+            EnricherKind::Salesforce,
+            "the default with a pubsub source"
+        );
+        let c = parse(&[
+            ("SF_CLIENT_ID", "id"),
+            ("SF_USERNAME", "u"),
+            ("SF_JWT_KEY_FILE", "k.pem"),
+            ("SF_LOGIN_URL", "https://login.salesforce.com"),
+            ("SF_API_VERSION", "v61"),
+        ])
+        .unwrap();
+        let sf = c.config.salesforce.as_ref().unwrap();
+        assert_eq!(sf.flow(), Ok(AuthFlow::JwtBearer));
+        assert_eq!(sf.api_version, "61.0");
+        let err = parse(&[("SF_CLIENT_ID", "id"), ("SF_CLIENT_SECRET", "s")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("client-credentials") && err.contains("SF_LOGIN_URL"),
+            "{err}"
+        );
+        assert!(!err.contains(": s"), "no secret in the error: {err}");
     }
 }

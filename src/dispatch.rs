@@ -256,7 +256,7 @@ impl Dispatcher {
 }
 
 /// Up to +25% of `d`, so that many retrying callers do not hit a recovering Redis in lockstep.
-fn jitter(d: Duration) -> Duration {
+pub(crate) fn jitter(d: Duration) -> Duration {
     let nanos = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|t| t.subsec_nanos())

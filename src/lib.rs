@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod auth;
 pub mod checkpoint;
 pub mod cli;
 pub mod config;
@@ -19,6 +20,7 @@ pub mod idempotency;
 pub mod metrics;
 pub mod pipeline;
 pub mod plan;
+pub mod record;
 pub mod reload;
 pub mod replay;
 pub mod router;

@@ -49,11 +49,36 @@ async fn main() -> ExitCode {
             against,
             config,
         } => replay(events, rules, against, config),
+        Command::Record {
+            config,
+            out,
+            from,
+            max_events,
+            redact,
+        } => record(config, out, from, max_events, redact).await,
         Command::Emulator {
             listen,
             events,
             access_token,
-        } => emulator(listen, events, access_token).await,
+            http_listen,
+            jwt_public_key,
+            client_secret,
+        } => {
+            let mut oauth = switchyard::emulator::OAuthSettings {
+                client_secret,
+                ..Default::default()
+            };
+            if let Some(path) = jwt_public_key {
+                match std::fs::read_to_string(&path) {
+                    Ok(pem) => oauth.jwt_public_key_pem = Some(pem),
+                    Err(e) => {
+                        eprintln!("switchyard: cannot read {}: {e}", path.display());
+                        return ExitCode::FAILURE;
+                    }
+                }
+            }
+            emulator(listen, http_listen, events, access_token, oauth).await
+        }
         Command::Checkpoint { config, op } => {
             admin(config, |service, out| {
                 Box::pin(async move { switchyard::admin::checkpoint(service, op, out).await.map(|()| true) })
@@ -269,7 +294,13 @@ fn test(paths: Vec<PathBuf>) -> ExitCode {
     }
 }
 
-async fn emulator(listen: std::net::SocketAddr, events: Option<PathBuf>, access_token: String) -> ExitCode {
+async fn emulator(
+    listen: std::net::SocketAddr,
+    http_listen: std::net::SocketAddr,
+    events: Option<PathBuf>,
+    access_token: String,
+    oauth: switchyard::emulator::OAuthSettings,
+) -> ExitCode {
     use switchyard::emulator::{EmulatorOptions, load_events, run_cli};
     let events = match events.as_deref().map(load_events).transpose() {
         Ok(events) => events.unwrap_or_default(),
@@ -281,8 +312,10 @@ async fn emulator(listen: std::net::SocketAddr, events: Option<PathBuf>, access_
     tracing::info!(%listen, events = events.len(), "Pub/Sub emulator listening (plain HTTP/2, loopback).");
     match run_cli(EmulatorOptions {
         addr: listen,
+        http_addr: http_listen,
         events,
         access_token,
+        oauth,
         ..Default::default()
     })
     .await
@@ -453,4 +486,58 @@ fn report(problems: &[Problem], format: ProblemFormat) {
 
 fn github_path(path: &Path) -> String {
     path.strip_prefix("./").unwrap_or(path).display().to_string()
+}
+
+async fn record(
+    config: PathBuf,
+    out: PathBuf,
+    from: Option<switchyard::cli::RecordFrom>,
+    max_events: Option<u64>,
+    redact: Vec<String>,
+) -> ExitCode {
+    use switchyard::cli::RecordFrom;
+    use switchyard::config::ReplayStart;
+    let mut loaded = match LoadedConfig::load(&config) {
+        Ok(loaded) => loaded,
+        Err(problems) => {
+            eprintln!("{problems}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if let Some(from) = from {
+        let mut pubsub = loaded.config.pubsub();
+        pubsub.replay.start = match from {
+            RecordFrom::Earliest => ReplayStart::Earliest,
+            RecordFrom::Latest => ReplayStart::Latest,
+            RecordFrom::Stored => ReplayStart::Stored,
+        };
+        loaded.config.source.pubsub = Some(pubsub);
+    }
+    let service = match Service::start(loaded, false).await {
+        Ok(service) => service,
+        Err(e) => {
+            eprintln!("switchyard: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let (stop, shutdown) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        stop.send_replace(true);
+    });
+    match switchyard::record::record(&service, &out, &redact, max_events, shutdown).await {
+        Ok(done) => {
+            eprintln!(
+                "switchyard: recorded {} event(s) to {} ({} undecodable skipped)",
+                done.events,
+                out.display(),
+                done.malformed
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("switchyard: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }

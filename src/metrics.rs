@@ -20,6 +20,17 @@ pub const EVENTS_SETTLED: &str = "switchyard_events_settled_total";
 pub const EVENTS_IN_FLIGHT: &str = "switchyard_events_in_flight";
 pub const CHECKPOINT_COMMITS: &str = "switchyard_checkpoint_commits_total";
 pub const CHECKPOINT_ERRORS: &str = "switchyard_checkpoint_errors_total";
+pub const AUTH_TOKENS: &str = "switchyard_auth_token_requests_total";
+pub const ENRICH_CALLS: &str = "switchyard_enrich_calls_total";
+pub const ENRICH_CALLS_PER_EVENT: &str = "switchyard_enrich_calls_per_event";
+pub const ENRICH_SECONDS: &str = "switchyard_enrich_duration_seconds";
+pub const SOURCE_RECONNECTS: &str = "switchyard_source_reconnects_total";
+pub const SOURCE_KEEPALIVES: &str = "switchyard_source_keepalives_total";
+pub const SOURCE_OUTSTANDING: &str = "switchyard_source_outstanding";
+pub const SOURCE_ERRORS: &str = "switchyard_source_errors_total";
+pub const SOURCE_STOPPED: &str = "switchyard_source_channel_stopped";
+pub const SOURCE_REPLAY_FALLBACKS: &str = "switchyard_source_replay_fallbacks_total";
+pub const POSITION_AGE: &str = "switchyard_position_age_seconds";
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 

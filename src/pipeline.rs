@@ -29,7 +29,7 @@ use crate::router::{self, Needs};
 use crate::rules::RuleSet;
 use crate::sinks::{DeadLetter, Sinks};
 use crate::sources::Delivery;
-use crate::sources::jsonl::JsonlSource;
+use crate::sources::{Source, Sourced};
 
 /// How often a moved position is written to the checkpoint store (and at the end of every run).
 const COMMIT_EVERY: Duration = Duration::from_millis(200);
@@ -79,21 +79,24 @@ pub struct Pipeline {
     pub redact: Vec<String>,
     /// Per-route counters for `/rules`.
     pub counters: Arc<crate::reload::RouteCounters>,
+    /// Events and malformed inputs settled so far, for whoever waits on progress.
+    pub settled: watch::Sender<u64>,
 }
 
 /// One settled delivery, reported by its task.
 struct Settled {
     seq: u64,
+    key: Option<Arc<str>>,
     end: Vec<u8>,
     output: String,
     stats: Stats,
 }
 
 impl Pipeline {
-    pub fn new(config: &Config, rules: Arc<ArcSwap<RuleSet>>, sinks: Arc<Sinks>) -> Self {
+    pub fn new(config: &Config, rules: Arc<ArcSwap<RuleSet>>, sinks: Arc<Sinks>, enricher: Enricher) -> Self {
         Pipeline {
             rules,
-            enricher: Enricher::from_kind(config.enricher),
+            enricher,
             dispatcher: Dispatcher::new(sinks.clone(), config.delivery.retry.clone(), config.redact.clone()),
             sinks,
             on_unmatched: config.on_unmatched,
@@ -102,14 +105,14 @@ impl Pipeline {
             shutdown_timeout: Duration::from_millis(config.delivery.shutdown_timeout_ms),
             redact: config.redact.clone(),
             counters: Arc::default(),
+            settled: watch::Sender::new(0),
         }
     }
 
     /// Runs until the source ends or `shutdown` turns true; then lets in-flight events settle (within the
     /// shutdown timeout) and commits the last settled position.
-    pub async fn run(self: &Arc<Self>, mut source: JsonlSource, mut shutdown: watch::Receiver<bool>) -> Stats {
-        let key = source.key.clone();
-        let (delivery_tx, mut deliveries) = mpsc::channel::<Delivery>(self.concurrency);
+    pub async fn run(self: &Arc<Self>, mut source: Source, mut shutdown: watch::Receiver<bool>) -> Stats {
+        let (delivery_tx, mut deliveries) = mpsc::channel::<Sourced>(self.concurrency);
         // Ends when the source ends, or when the pipeline drops `deliveries` (shutdown); aborted at the end.
         let reader = tokio::spawn(async move {
             while let Some(delivery) = source.next().await {
@@ -124,8 +127,9 @@ impl Pipeline {
         let mut stats = Stats::default();
         let (mut seq, mut next_settle, mut in_flight) = (0u64, 1u64, 0usize);
         let (mut source_done, mut stopping, mut shutdown_gone) = (false, *shutdown.borrow(), false);
-        let mut last_end: Option<Vec<u8>> = None;
-        let mut committed: Option<Vec<u8>> = None;
+        // Per checkpoint key (a JSONL file, a Pub/Sub channel in one mode): the last settled and the last stored.
+        let mut last_end: HashMap<Arc<str>, Vec<u8>> = HashMap::new();
+        let mut committed: HashMap<Arc<str>, Vec<u8>> = HashMap::new();
         let mut deadline = tokio::time::Instant::now() + Duration::from_secs(86_400 * 365);
         if stopping {
             deadline = tokio::time::Instant::now() + self.shutdown_timeout;
@@ -146,9 +150,14 @@ impl Pipeline {
                         if !done.output.is_empty() {
                             print!("{}", done.output);
                         }
+                        // Events and malformed input count; position marks do not.
+                        let delivered = done.stats.settled;
                         stats.merge(done.stats);
-                        last_end = Some(done.end);
+                        if let Some(key) = done.key {
+                            last_end.insert(key, done.end);
+                        }
                         next_settle += 1;
+                        self.settled.send_modify(|n| *n += delivered);
                         metrics::counter!(m::EVENTS_SETTLED).increment(1);
                     }
                 }
@@ -173,10 +182,10 @@ impl Pipeline {
                     seq += 1;
                     in_flight += 1;
                     metrics::gauge!(m::EVENTS_IN_FLIGHT).set(in_flight as f64);
-                    self.spawn(seq, delivery, &mut tails, settled_tx.clone());
+                    self.spawn(seq, delivery.key, delivery.delivery, &mut tails, settled_tx.clone());
                 }
                 _ = tick.tick() => {
-                    self.commit(key.as_deref(), &last_end, &mut committed).await;
+                    self.commit(&last_end, &mut committed).await;
                 }
             }
         }
@@ -186,7 +195,7 @@ impl Pipeline {
         // for up to the shutdown timeout.
         let give_up = tokio::time::Instant::now() + self.shutdown_timeout;
         let mut pause = Duration::from_millis(50);
-        while !self.commit(key.as_deref(), &last_end, &mut committed).await {
+        while !self.commit(&last_end, &mut committed).await {
             if tokio::time::Instant::now() + pause > give_up {
                 tracing::error!("The last settled position could not be stored; those events will be redelivered.");
                 break;
@@ -197,27 +206,27 @@ impl Pipeline {
         stats
     }
 
-    /// Stores the last settled position if it moved; false when the store failed.
-    async fn commit(&self, key: Option<&str>, last_end: &Option<Vec<u8>>, committed: &mut Option<Vec<u8>>) -> bool {
-        let (Some(key), Some(end)) = (key, last_end) else {
-            return true;
-        };
-        if committed.as_ref() == Some(end) {
-            return true;
-        }
-        match self.checkpoints().set(key, end).await {
-            Ok(()) => {
-                metrics::counter!(m::CHECKPOINT_COMMITS).increment(1);
-                *committed = Some(end.clone());
-                true
+    /// Stores every settled position that moved; false when the store failed for one of them.
+    async fn commit(&self, last_end: &HashMap<Arc<str>, Vec<u8>>, committed: &mut HashMap<Arc<str>, Vec<u8>>) -> bool {
+        let mut ok = true;
+        for (key, end) in last_end {
+            if committed.get(key) == Some(end) {
+                continue;
             }
-            Err(e) => {
-                // Retried on the next tick; the position only ever lags, never leads.
-                metrics::counter!(m::CHECKPOINT_ERRORS).increment(1);
-                tracing::warn!(error = %e, "Position not committed; retrying.");
-                false
+            match self.checkpoints().set(key, end).await {
+                Ok(()) => {
+                    metrics::counter!(m::CHECKPOINT_COMMITS).increment(1);
+                    committed.insert(key.clone(), end.clone());
+                }
+                Err(e) => {
+                    // Retried on the next tick; the position only ever lags, never leads.
+                    metrics::counter!(m::CHECKPOINT_ERRORS).increment(1);
+                    tracing::warn!(%key, error = %e, "Position not committed; retrying.");
+                    ok = false;
+                }
             }
         }
+        ok
     }
 
     pub fn checkpoints(&self) -> &CheckpointStore {
@@ -228,6 +237,7 @@ impl Pipeline {
     fn spawn(
         self: &Arc<Self>,
         seq: u64,
+        key: Option<Arc<str>>,
         delivery: Delivery,
         tails: &mut HashMap<String, watch::Receiver<bool>>,
         settled: mpsc::UnboundedSender<Settled>,
@@ -238,7 +248,7 @@ impl Pipeline {
         let rules = self.rules.load_full();
         let needs = match &delivery {
             Delivery::Event { event, .. } => Some(router::needs(&rules, event)),
-            Delivery::Malformed { .. } => None,
+            Delivery::Malformed { .. } | Delivery::Mark { .. } => None,
         };
         let keys = needs.as_ref().map(Needs::record_ids).unwrap_or_default();
         let deps: Vec<watch::Receiver<bool>> = keys
@@ -263,7 +273,7 @@ impl Pipeline {
             // Kept for the dead letter should handling panic (a bug, never bad input).
             let copy = match &delivery {
                 Delivery::Event { event, .. } => Some((**event).clone()),
-                Delivery::Malformed { .. } => None,
+                Delivery::Malformed { .. } | Delivery::Mark { .. } => None,
             };
             let work = AssertUnwindSafe(this.handle(delivery, needs, &rules))
                 .catch_unwind()
@@ -298,6 +308,7 @@ impl Pipeline {
             let _ = done_tx.send(true);
             let _ = settled.send(Settled {
                 seq,
+                key,
                 end,
                 output,
                 stats,
@@ -313,6 +324,7 @@ impl Pipeline {
         };
         let mut out = String::new();
         match (delivery, needs) {
+            (Delivery::Mark { .. }, _) => stats.settled = 0,
             (
                 Delivery::Malformed {
                     position, raw, error, ..
@@ -387,8 +399,9 @@ impl Pipeline {
         let requests = needs.requests(rules);
         let records = self.enricher.read(event, &requests).await;
         for (id, result) in &records {
+            // Kept with the event, so dead letters, `explain` and `record` show what the routes saw.
             if let Ok(fields) = result {
-                event.record.entry(id.clone()).or_insert_with(|| fields.clone());
+                event.record.insert(id.clone(), fields.clone());
             }
         }
         router::plan(rules, event, needs, &records)

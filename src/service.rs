@@ -6,15 +6,19 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use tokio::sync::watch;
 
-use crate::config::{LoadedConfig, SourceKind};
+use crate::auth::Auth;
+use crate::config::{EnricherKind, LoadedConfig, SourceKind};
 use crate::diag::{Problem, Problems, Severity};
+use crate::enrich::{Enricher, SalesforceEnricher};
 use crate::metrics as m;
 use crate::pipeline::{Pipeline, Stats};
 use crate::reload::{Reloader, RouteCounters};
 use crate::rules::RuleSet;
 use crate::rules::load::{self, RuleEnv, RuleSource};
 use crate::sinks::{BuildError, Sinks};
+use crate::sources::Source;
 use crate::sources::jsonl::JsonlSource;
+use crate::sources::pubsub::subscriber::{PubsubSource, Subscription};
 
 /// The rules and events the embedded demo runs, so `switchyard run` works from any directory.
 const DEMO_RULES: &str = include_str!("../rules/orders.yaml");
@@ -30,6 +34,10 @@ pub enum StartError {
     Source { path: PathBuf, source: std::io::Error },
     #[error("cannot read the stored position: {0}")]
     Checkpoint(crate::checkpoint::CheckpointError),
+    #[error("the in-process emulator: {0}")]
+    Emulator(#[from] crate::emulator::EmulatorError),
+    #[error(transparent)]
+    Auth(#[from] crate::auth::AuthError),
     #[error("cannot listen on {listen}: {source}")]
     Http { listen: String, source: std::io::Error },
 }
@@ -47,6 +55,20 @@ pub struct Service {
     pub watch: bool,
     /// Warnings found while loading the rules.
     pub warnings: Vec<Problem>,
+    /// The Salesforce token source, shared by the Pub/Sub source and the REST enricher.
+    pub auth: Option<Arc<Auth>>,
+    /// The in-process emulator of the `emulator` source, and the events it publishes.
+    pub emulator: Option<(crate::emulator::EmulatorHandle, Vec<EmulatorInput>)>,
+    /// The running Pub/Sub channels (for `/healthz`, tests).
+    pub channels: std::sync::Mutex<Vec<Arc<crate::sources::pubsub::subscriber::ChannelStatus>>>,
+}
+
+/// One line of the `emulator` source's events file.
+pub enum EmulatorInput {
+    Event(Box<crate::event::Event>),
+    /// A line that is not an event: published as a payload no schema can decode, so the subscriber's handling of
+    /// corrupt Avro shows in the demo.
+    Corrupt(String),
 }
 
 impl Service {
@@ -85,7 +107,34 @@ impl Service {
         let rules = Arc::new(ArcSwap::from_pointee(ruleset));
         let sinks = Arc::new(Sinks::build(&config).await?);
         let counters = Arc::new(RouteCounters::default());
-        let mut pipeline = Pipeline::new(&config.config, rules.clone(), sinks.clone());
+        let c = &config.config;
+        // The `emulator` source brings its own org: an in-process emulator on loopback, and credentials for it.
+        let (emulator, salesforce) = if c.source.kind == SourceKind::Emulator {
+            let (handle, inputs, sf) = start_emulator(&config).await?;
+            (Some((handle, inputs)), Some(sf))
+        } else {
+            (None, c.salesforce.clone())
+        };
+        let needs_auth = c.source.kind != SourceKind::Jsonl && c.source.kind != SourceKind::Stdin
+            || c.enricher() == EnricherKind::Salesforce;
+        let auth = match &salesforce {
+            Some(sf) if needs_auth => {
+                let base = config.path.parent().unwrap_or(std::path::Path::new("."));
+                Some(Arc::new(Auth::new(sf, base)?))
+            }
+            _ => None,
+        };
+        let enricher = match c.enricher() {
+            EnricherKind::None => Enricher::None,
+            EnricherKind::Recorded => Enricher::Recorded,
+            EnricherKind::Salesforce => {
+                let (Some(auth), Some(sf)) = (&auth, &salesforce) else {
+                    unreachable!("validated: the salesforce enricher has a `salesforce` section");
+                };
+                Enricher::Salesforce(Arc::new(SalesforceEnricher::new(auth.clone(), sf)?))
+            }
+        };
+        let mut pipeline = Pipeline::new(&config.config, rules.clone(), sinks.clone(), enricher);
         pipeline.counters = counters.clone();
         let reloader = Arc::new(Reloader::new(rules.clone(), counters, config.rule_paths(), env));
         Ok(Service {
@@ -97,14 +146,18 @@ impl Service {
             reloader,
             warnings,
             watch: true,
+            auth,
+            emulator,
+            channels: std::sync::Mutex::new(Vec::new()),
         })
     }
 
     /// Opens the configured source.
-    pub async fn source(&self) -> Result<JsonlSource, StartError> {
+    pub async fn source(&self) -> Result<Source, StartError> {
         let c = &self.config.config;
-        Ok(match c.source.kind {
+        Ok(Source::Jsonl(match c.source.kind {
             SourceKind::Stdin => JsonlSource::stdin(),
+            SourceKind::Pubsub | SourceKind::Emulator => return Ok(Source::Pubsub(self.subscribe())),
             SourceKind::Jsonl if self.embedded => {
                 JsonlSource::text("examples/events/order-lifecycle.jsonl", DEMO_EVENTS)
             }
@@ -121,12 +174,67 @@ impl Service {
                     .await
                     .map_err(|source| StartError::Source { path, source })?
             }
-        })
+        }))
+    }
+
+    /// Starts the Pub/Sub subscriptions: one per channel with live routes in the configured mode, none when
+    /// `source.pubsub.enabled` is false (SF_EVENTS_ENABLED=false).
+    pub fn subscribe(&self) -> PubsubSource {
+        let c = &self.config.config;
+        let pubsub = c.pubsub();
+        let endpoint = match &self.emulator {
+            Some((handle, _)) => handle.endpoint(),
+            None => pubsub.endpoint.clone(),
+        };
+        let channels: Vec<String> = if pubsub.enabled {
+            let rules = self.rules.load();
+            let mut live: Vec<String> = rules.live_channels().map(str::to_string).collect();
+            live.sort();
+            live
+        } else {
+            tracing::warn!(
+                "Pub/Sub events are disabled (source.pubsub.enabled / SF_EVENTS_ENABLED); nothing is subscribed."
+            );
+            Vec::new()
+        };
+        let auth = self.auth.clone().expect("validated: a pubsub source has credentials");
+        tracing::info!(%endpoint, mode = c.mode.as_str(), channels = ?channels, auth = auth.flow_name(), "Subscribing.");
+        let source = PubsubSource::start(
+            Subscription {
+                endpoint,
+                mode: c.mode,
+                config: pubsub,
+                auth,
+                checkpoints: self.sinks.checkpoints.clone(),
+            },
+            &channels,
+            c.delivery.concurrency,
+        );
+        *self.channels.lock().unwrap_or_else(|e| e.into_inner()) = source.channels.clone();
+        source
     }
 
     /// Serves HTTP (when configured) and runs the pipeline until the source ends or `shutdown` flips.
     pub async fn run(&self, shutdown: watch::Receiver<bool>) -> Result<Stats, StartError> {
         let source = self.source().await?;
+        // The `emulator` source publishes its events one after another, each once the previous one settled, as
+        // an org would produce them; then the source ends and the run prints its summary.
+        let feeding = {
+            let feed_what = match (&self.emulator, &source) {
+                (Some((handle, inputs)), Source::Pubsub(pubsub)) => {
+                    let live: Vec<String> = pubsub.channels.iter().map(|c| c.channel.clone()).collect();
+                    Some((handle, inputs, live, pubsub.stopper()))
+                }
+                _ => None,
+            };
+            let settled = self.pipeline.settled.subscribe();
+            async move {
+                match feed_what {
+                    Some((handle, inputs, live, stop)) => feed(handle, inputs, &live, settled, stop).await,
+                    None => std::future::pending().await,
+                }
+            }
+        };
         let reload = &self.config.config.reload;
         // Kept alive for the whole run; dropping it stops the watch.
         let _watcher = if self.watch && reload.watch && !self.embedded {
@@ -157,7 +265,12 @@ impl Service {
             }
             None => None,
         };
-        let stats = self.pipeline.run(source, shutdown).await;
+        let pipeline = self.pipeline.run(source, shutdown);
+        tokio::pin!(pipeline);
+        let stats = tokio::select! {
+            stats = &mut pipeline => stats,
+            () = feeding => pipeline.await,
+        };
         if let Some(task) = http {
             task.abort();
         }
@@ -166,4 +279,84 @@ impl Service {
         }
         Ok(stats)
     }
+}
+
+/// Starts the in-process emulator of the `emulator` source and returns it with its events and the credentials
+/// that reach it.
+async fn start_emulator(
+    config: &LoadedConfig,
+) -> Result<
+    (
+        crate::emulator::EmulatorHandle,
+        Vec<EmulatorInput>,
+        crate::config::SalesforceConfig,
+    ),
+    StartError,
+> {
+    use crate::emulator::{self, EmulatorOptions};
+    let settings = config
+        .config
+        .source
+        .emulator
+        .as_ref()
+        .expect("validated: an emulator source has settings");
+    let path = config.resolve(&settings.events);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(_) if path.ends_with("examples/events/order-lifecycle.jsonl") => DEMO_EVENTS.to_string(),
+        Err(source) => return Err(StartError::Source { path, source }),
+    };
+    let inputs = text
+        .lines()
+        .filter(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#'))
+        .map(|line| match crate::event::Event::from_json(line) {
+            Ok(event) => EmulatorInput::Event(Box::new(event)),
+            Err(_) => EmulatorInput::Corrupt(line.to_string()),
+        })
+        .collect();
+    let handle = emulator::start(EmulatorOptions::default()).await?;
+    let sf = crate::config::SalesforceConfig {
+        login_url: Some(handle.base_url()),
+        client_id: Some(emulator::DEFAULT_CLIENT_ID.into()),
+        client_secret: Some(crate::config::Secret::new(emulator::DEFAULT_CLIENT_SECRET)),
+        ..config.config.salesforce.clone().unwrap_or_default()
+    };
+    tracing::info!(endpoint = %handle.endpoint(), login_url = %handle.base_url(), "In-process Pub/Sub emulator started.");
+    Ok((handle, inputs, sf))
+}
+
+/// Publishes the emulator source's events, each once everything before it has settled, then ends the source.
+/// Undecodable lines go to the orders channel, so they are delivered (and dead-lettered) in CDC mode only.
+async fn feed(
+    handle: &crate::emulator::EmulatorHandle,
+    inputs: &[EmulatorInput],
+    live: &[String],
+    mut settled: watch::Receiver<u64>,
+    stop: Arc<watch::Sender<bool>>,
+) {
+    let mut published = 0u64;
+    for input in inputs {
+        let result = match input {
+            // An event of a channel nobody subscribes to (the other mode) is on the bus but never delivered.
+            EmulatorInput::Event(event) if !live.contains(&event.channel) => {
+                let _ = handle.publish(event);
+                continue;
+            }
+            EmulatorInput::Event(event) => handle.publish(event).map(drop),
+            EmulatorInput::Corrupt(_) if !live.iter().any(|c| c == crate::emulator::ORDER_CHANNEL) => continue,
+            EmulatorInput::Corrupt(line) => {
+                tracing::debug!(line = %line, "Publishing an undecodable payload for a line that is not an event.");
+                handle.publish_corrupt(crate::emulator::ORDER_CHANNEL).map(drop)
+            }
+        };
+        if let Err(e) = result {
+            tracing::error!(error = %e, "The emulator cannot publish an event of the demo file; it is skipped.");
+            continue;
+        }
+        published += 1;
+        if settled.wait_for(|n| *n >= published).await.is_err() {
+            return;
+        }
+    }
+    stop.send_replace(true);
 }

@@ -9,6 +9,7 @@
 //! Replay ids are 8-byte big-endian counters over all topics. The `replay_id` of a published event is ignored:
 //! the emulator assigns the next one, as the bus would.
 
+mod rest;
 mod service;
 mod state;
 mod subscribe;
@@ -89,6 +90,8 @@ pub enum EmulatorError {
 pub struct EmulatorOptions {
     /// Where to listen; port 0 picks a free port (read it from [`EmulatorHandle::addr`]).
     pub addr: SocketAddr,
+    /// Where the HTTP side (OAuth token endpoint, userinfo, sobject reads) listens; port 0 picks a free port.
+    pub http_addr: SocketAddr,
     /// Events on the bus from the start, in order.
     pub events: Vec<Event>,
     /// The `accesstoken` every RPC must carry.
@@ -97,16 +100,53 @@ pub struct EmulatorOptions {
     pub keepalive_interval: Duration,
     /// Time with no demand after the last response before a stream is closed.
     pub idle_timeout: Duration,
+    /// The connected app and org behind the OAuth token endpoint.
+    pub oauth: OAuthSettings,
+}
+
+/// What the emulator's OAuth token endpoint accepts, and the org it reports.
+#[derive(Debug, Clone)]
+pub struct OAuthSettings {
+    pub client_id: String,
+    pub client_secret: String,
+    /// The user JWT bearer assertions must name (`sub`).
+    pub username: String,
+    /// The RSA public key (PEM) that verifies JWT bearer assertions; `None` refuses that flow.
+    pub jwt_public_key_pem: Option<String>,
+    /// The org id (`tenantid`), reported in the identity URL and by userinfo.
+    pub org_id: String,
+    pub user_id: String,
+}
+
+/// Defaults of the emulator's connected app; `switchyard emulator` prints them.
+pub const DEFAULT_CLIENT_ID: &str = "emulator-client-id";
+pub const DEFAULT_CLIENT_SECRET: &str = "emulator-client-secret";
+pub const DEFAULT_USERNAME: &str = "integration@switchyard.invalid";
+pub const DEFAULT_ORG_ID: &str = "00Dxx0000000001AAA";
+
+impl Default for OAuthSettings {
+    fn default() -> Self {
+        Self {
+            client_id: DEFAULT_CLIENT_ID.into(),
+            client_secret: DEFAULT_CLIENT_SECRET.into(),
+            username: DEFAULT_USERNAME.into(),
+            jwt_public_key_pem: None,
+            org_id: DEFAULT_ORG_ID.into(),
+            user_id: "005xx0000000001AAA".into(),
+        }
+    }
 }
 
 impl Default for EmulatorOptions {
     fn default() -> Self {
         Self {
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            http_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             events: Vec::new(),
             access_token: DEFAULT_ACCESS_TOKEN.to_owned(),
             keepalive_interval: DEFAULT_KEEPALIVE_INTERVAL,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            oauth: OAuthSettings::default(),
         }
     }
 }
@@ -129,12 +169,20 @@ pub enum Fault {
     /// From now on OrderChangeEvent events are written with the v2 schema (other field order, one field more),
     /// and GetTopic reports its id. Events already on the bus keep their schema, as on the real bus.
     SwitchOrderSchemaToV2,
+    /// Every access token issued so far (and the static one) stops working: gRPC answers UNAUTHENTICATED with
+    /// `service.auth.error`, REST answers 401 `INVALID_SESSION_ID`, until a client gets a new token.
+    ExpireTokens,
+    /// The next `times` REST reads answer `status` (e.g. 503).
+    FailRestReads { status: u16, times: usize },
+    /// The next `times` REST reads wait `delay` before answering (a client timeout shorter than that fails them).
+    SlowRestReads { delay: Duration, times: usize },
 }
 
 /// A running emulator. Dropping it shuts the server down; [`EmulatorHandle::shutdown`] also waits for that.
 #[derive(Debug)]
 pub struct EmulatorHandle {
     addr: SocketAddr,
+    http_addr: SocketAddr,
     shared: Arc<Shared>,
     server: Option<JoinHandle<Result<(), tonic::transport::Error>>>,
 }
@@ -157,7 +205,9 @@ pub async fn start(options: EmulatorOptions) -> Result<EmulatorHandle, EmulatorE
             },
         );
     }
+    state.tokens.insert(options.access_token.clone());
     let settings = Settings {
+        oauth: options.oauth,
         access_token: options.access_token,
         keepalive_interval: options.keepalive_interval,
         idle_timeout: options.idle_timeout,
@@ -177,6 +227,7 @@ pub async fn start(options: EmulatorOptions) -> Result<EmulatorHandle, EmulatorE
         addr: options.addr,
         source,
     })?;
+    let shared_for_http = shared.clone();
     let service = PubSubServer::new(Service { shared: shared.clone() })
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
@@ -189,9 +240,32 @@ pub async fn start(options: EmulatorOptions) -> Result<EmulatorHandle, EmulatorE
             let _ = stop.wait_for(|stop| *stop).await;
         },
     ));
-    tracing::info!(%addr, "The Pub/Sub emulator is listening.");
+    let http_listener = TcpListener::bind(options.http_addr)
+        .await
+        .map_err(|source| EmulatorError::Bind {
+            addr: options.http_addr,
+            source,
+        })?;
+    let http_addr = http_listener.local_addr().map_err(|source| EmulatorError::Bind {
+        addr: options.http_addr,
+        source,
+    })?;
+    let _ = shared.http_base.set(format!("http://{http_addr}"));
+    let mut stop = shared.shutdown.subscribe();
+    // Ends with the same shutdown flag as the gRPC server.
+    tokio::spawn(async move {
+        let app = rest::router(shared_for_http);
+        let served = axum::serve(http_listener, app).with_graceful_shutdown(async move {
+            let _ = stop.wait_for(|stop| *stop).await;
+        });
+        if let Err(error) = served.await {
+            tracing::error!(%error, "The emulator's HTTP side failed.");
+        }
+    });
+    tracing::info!(%addr, %http_addr, "The Pub/Sub emulator is listening.");
     Ok(EmulatorHandle {
         addr,
+        http_addr,
         shared,
         server: Some(server),
     })
@@ -207,14 +281,69 @@ impl EmulatorHandle {
         format!("http://{}", self.addr)
     }
 
-    /// The `accesstoken` the emulator expects.
+    /// The static `accesstoken` the emulator accepts (until [`Fault::ExpireTokens`]).
     pub fn access_token(&self) -> &str {
         &self.shared.settings.access_token
+    }
+
+    /// Address of the HTTP side (OAuth token endpoint, userinfo, sobject reads).
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+
+    /// The login URL and instance URL, e.g. `http://127.0.0.1:41235`.
+    pub fn base_url(&self) -> String {
+        self.shared.base_url()
+    }
+
+    /// The org id the emulator reports.
+    pub fn org_id(&self) -> &str {
+        &self.shared.settings.oauth.org_id
+    }
+
+    /// Requests to the token endpoint, refused ones included.
+    pub fn token_requests(&self) -> u64 {
+        self.shared.stats.token_requests.load(Ordering::Relaxed)
+    }
+
+    /// REST sobject reads over all records.
+    pub fn rest_reads(&self) -> u64 {
+        self.shared.stats.rest_reads.load(Ordering::Relaxed)
+    }
+
+    /// REST reads of one record id.
+    pub fn rest_reads_of(&self, id: &str) -> u64 {
+        self.shared.state().reads.get(id).copied().unwrap_or(0)
+    }
+
+    /// The claims of the last JWT bearer assertion the token endpoint received.
+    pub fn last_jwt_claims(&self) -> Option<crate::auth::JwtClaims> {
+        self.shared.state().last_jwt.clone()
+    }
+
+    /// Sets a record as the REST API will read it (`None`: not found).
+    pub fn set_record(&self, id: &str, fields: crate::event::RecordFields) {
+        self.shared.state().records.insert(id.to_owned(), fields);
     }
 
     /// Appends an event to its channel's log; returns its replay id (8 bytes, big-endian).
     pub fn publish(&self, event: &Event) -> Result<Vec<u8>, EmulatorError> {
         Ok(self.shared.publish(event)?.to_be_bytes().to_vec())
+    }
+
+    /// Appends an event whose payload no schema can decode (random-looking bytes under the topic's schema id):
+    /// what a subscriber must dead-letter, not drop.
+    pub fn publish_corrupt(&self, channel: &str) -> Result<Vec<u8>, EmulatorError> {
+        let schema_id = self
+            .schema_id(channel)
+            .ok_or_else(|| EmulatorError::UnknownChannel(channel.to_owned()))?;
+        let stored = state::Stored {
+            replay: 0,
+            event_id: format!("corrupt-{}", self.shared.rpc_id()),
+            schema_id,
+            payload: vec![0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01],
+        };
+        Ok(self.shared.publish_raw(channel, stored)?.to_be_bytes().to_vec())
     }
 
     /// The schema id new events of `channel` are written with.
@@ -241,6 +370,13 @@ impl EmulatorHandle {
             Fault::FailAuthOnce => self.shared.update_faults(|f| f.fail_auth_once = true),
             Fault::GoSilent => self.shared.update_faults(|f| f.silent = true),
             Fault::Resume => self.shared.update_faults(|f| f.silent = false),
+            Fault::ExpireTokens => self.shared.state().tokens.clear(),
+            Fault::FailRestReads { status, times } => self
+                .shared
+                .update_faults(|f| f.rest_failures.extend(std::iter::repeat_n(status, times))),
+            Fault::SlowRestReads { delay, times } => {
+                self.shared.update_faults(|f| f.rest_delays = Some((delay, times)))
+            }
             Fault::SwitchOrderSchemaToV2 => {
                 let mut state = self.shared.state();
                 let v2 = state.schemas.values().find(|s| s.json() == ORDER_SCHEMA_V2).cloned();
@@ -313,17 +449,29 @@ pub fn load_events(path: &Path) -> Result<Vec<Event>, EmulatorError> {
         .collect()
 }
 
-/// Entry point for `switchyard emulator`: serves `options` until Ctrl-C, then shuts down.
+/// Entry point for `switchyard emulator`: serves `options` until Ctrl-C, then shuts down. Prints the environment
+/// that points `switchyard run --config examples/salesforce.yaml` at it.
 pub async fn run_cli(options: EmulatorOptions) -> Result<(), EmulatorError> {
     let events = options.events.len();
+    let oauth = options.oauth.clone();
     let handle = start(options).await?;
     tracing::info!(
         endpoint = %handle.endpoint(),
+        login_url = %handle.base_url(),
         events,
         order_schema_id = handle.schema_id(ORDER_CHANNEL).unwrap_or_default(),
         fulfilment_schema_id = handle.schema_id(FULFILMENT_CHANNEL).unwrap_or_default(),
-        access_token = handle.access_token(),
         "The Pub/Sub emulator is serving; press Ctrl-C to stop it."
+    );
+    println!("# The emulator's connection settings, for `switchyard run --config examples/salesforce.yaml`:");
+    println!("export SF_PUBSUB_ENDPOINT={}", handle.endpoint());
+    println!("export SF_LOGIN_URL={}", handle.base_url());
+    println!("export SF_CLIENT_ID={}", oauth.client_id);
+    println!("export SF_CLIENT_SECRET={}", oauth.client_secret);
+    println!(
+        "# or a static token: SF_ACCESS_TOKEN={} SF_INSTANCE_URL={}",
+        handle.access_token(),
+        handle.base_url()
     );
     if let Err(error) = tokio::signal::ctrl_c().await {
         tracing::warn!(%error, "Cannot wait for Ctrl-C; stopping the emulator now.");

@@ -70,7 +70,7 @@ impl Service {
                 rpc,
             ));
         };
-        if fail_once || token != self.shared.settings.access_token {
+        if fail_once || !self.shared.token_valid(Some(token)) {
             tracing::debug!(
                 rpc,
                 rpc_id,

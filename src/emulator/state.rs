@@ -1,13 +1,14 @@
 //! What the emulator holds: one event log per topic, the schemas by id, the injected faults and counters for tests.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicI32, AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::Duration;
 
 use tokio::sync::watch;
 
-use crate::event::Event;
+use crate::auth::JwtClaims;
+use crate::event::{Event, RecordFields};
 use crate::sources::pubsub::avro::CompiledSchema;
 
 use super::EmulatorError;
@@ -37,6 +38,10 @@ pub(crate) struct Faults {
     pub corrupt_next_replay_id: bool,
     pub fail_auth_once: bool,
     pub silent: bool,
+    /// Statuses the next REST reads answer with, one each.
+    pub rest_failures: VecDeque<u16>,
+    /// A delay for the next `n` REST reads.
+    pub rest_delays: Option<(Duration, usize)>,
 }
 
 #[derive(Debug, Default)]
@@ -46,6 +51,16 @@ pub(crate) struct State {
     pub topics: HashMap<String, Topic>,
     pub schemas: HashMap<String, Arc<CompiledSchema>>,
     pub faults: Faults,
+    /// Access tokens the emulator accepts (gRPC `accesstoken`, REST `Authorization: Bearer`).
+    pub tokens: HashSet<String>,
+    /// Tokens issued by the token endpoint so far.
+    pub issued: u64,
+    /// The org's records by id, as the REST API reads them (`None`: deleted or never existed).
+    pub records: HashMap<String, RecordFields>,
+    /// REST reads per record id.
+    pub reads: HashMap<String, u64>,
+    /// The claims of the last JWT bearer assertion received.
+    pub last_jwt: Option<JwtClaims>,
 }
 
 /// Counters that tests assert on.
@@ -57,12 +72,15 @@ pub(crate) struct Stats {
     pub keepalives: AtomicU64,
     pub subscriptions: AtomicU64,
     pub rpcs: AtomicU64,
+    pub token_requests: AtomicU64,
+    pub rest_reads: AtomicU64,
 }
 
 /// Timings and the expected credentials, fixed at start.
 #[derive(Debug, Clone)]
 pub(crate) struct Settings {
     pub access_token: String,
+    pub oauth: super::OAuthSettings,
     pub keepalive_interval: Duration,
     pub idle_timeout: Duration,
 }
@@ -78,6 +96,8 @@ pub(crate) struct Shared {
     pub faults_changed: watch::Sender<u64>,
     /// Set once on shutdown; every task of the emulator watches it.
     pub shutdown: watch::Sender<bool>,
+    /// `http://127.0.0.1:port` of the HTTP side (login URL and instance URL), set once it listens.
+    pub http_base: OnceLock<String>,
 }
 
 impl Shared {
@@ -89,6 +109,7 @@ impl Shared {
             appended: watch::Sender::new(0),
             faults_changed: watch::Sender::new(0),
             shutdown: watch::Sender::new(false),
+            http_base: OnceLock::new(),
         }
     }
 
@@ -104,10 +125,23 @@ impl Shared {
         format!("00000000-0000-4000-8000-{n:012x}")
     }
 
-    /// Encodes `event` with its topic's current schema and appends it; returns the replay id.
+    /// The login and instance URL of the HTTP side.
+    pub fn base_url(&self) -> String {
+        self.http_base.get().cloned().unwrap_or_default()
+    }
+
+    pub fn token_valid(&self, token: Option<&str>) -> bool {
+        token.is_some_and(|t| self.state().tokens.contains(t))
+    }
+
+    /// Encodes `event` with its topic's current schema and appends it; returns the replay id. The event's recorded
+    /// `record` map is the org's state from now on (what REST reads return), as if the change had just committed.
     pub fn publish(&self, event: &Event) -> Result<u64, EmulatorError> {
         let replay = {
             let mut state = self.state();
+            for (id, fields) in &event.record {
+                state.records.insert(id.clone(), fields.clone());
+            }
             let topic_schema = state
                 .topics
                 .get(&event.channel)

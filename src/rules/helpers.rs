@@ -187,6 +187,11 @@ pub fn engine() -> Engine {
     engine.register_fn("is_gap", || {
         current(false, |c| c.change_type.is_some_and(ChangeType::is_gap))
     });
+    // `contains_any(header.change_origin, ignored_change_origins)`: a loop guard for changes an integration made.
+    engine.register_fn("contains_any", |text: Dynamic, list: Array| {
+        text.into_immutable_string()
+            .is_ok_and(|t| names(&list).any(|n| !n.is_empty() && t.contains(n.as_str())))
+    });
     engine.register_fn("has_record", || {
         current(false, |c| c.has_record.load(Ordering::Relaxed))
     });

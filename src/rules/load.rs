@@ -50,7 +50,7 @@ impl RuleEnv {
             channels: c.channels.clone(),
             sinks: c.sinks.iter().map(|(k, v)| (k.clone(), v.kind())).collect(),
             mode: Some(c.mode),
-            enricher: c.enricher,
+            enricher: c.enricher(),
         }
     }
 

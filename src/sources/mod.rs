@@ -3,7 +3,40 @@
 pub mod jsonl;
 pub mod pubsub;
 
+use std::sync::Arc;
+
 use crate::event::Event;
+use jsonl::JsonlSource;
+use pubsub::subscriber::PubsubSource;
+
+/// A delivery and the checkpoint key its position belongs to (`None`: not stored, e.g. stdin).
+#[derive(Debug)]
+pub struct Sourced {
+    pub key: Option<Arc<str>>,
+    pub delivery: Delivery,
+}
+
+/// Every source the pipeline can read.
+pub enum Source {
+    Jsonl(JsonlSource),
+    Pubsub(PubsubSource),
+}
+
+impl Source {
+    /// The next delivery; `None` when the source has ended (a finite file, or a stopped subscription).
+    pub async fn next(&mut self) -> Option<Sourced> {
+        match self {
+            Source::Jsonl(source) => {
+                let delivery = source.next().await?;
+                Some(Sourced {
+                    key: source.key.as_deref().map(Arc::from),
+                    delivery,
+                })
+            }
+            Source::Pubsub(source) => source.next().await,
+        }
+    }
+}
 
 /// One item from a source.
 #[derive(Debug)]
@@ -22,13 +55,16 @@ pub enum Delivery {
         error: String,
         end: Vec<u8>,
     },
+    /// The source moved without an event (a keepalive's latest replay id): stored once every earlier delivery
+    /// has settled, so a quiet channel's position stays fresh.
+    Mark { end: Vec<u8> },
 }
 
 impl Delivery {
     /// The source position just past this delivery.
     pub fn end(&self) -> &[u8] {
         match self {
-            Delivery::Event { end, .. } | Delivery::Malformed { end, .. } => end,
+            Delivery::Event { end, .. } | Delivery::Malformed { end, .. } | Delivery::Mark { end } => end,
         }
     }
 }

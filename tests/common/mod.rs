@@ -4,8 +4,9 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{Value, json};
 use switchyard::config::LoadedConfig;
@@ -252,4 +253,94 @@ pub fn hash(s: &str) -> u64 {
 /// Builds a `record` map from pairs.
 pub fn records(pairs: &[(String, Value)]) -> Value {
     Value::Object(pairs.iter().cloned().collect())
+}
+
+/// A redis-server this test starts, stops and restarts (AOF on, so a restart keeps the data).
+pub struct OwnRedis {
+    port: u16,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl OwnRedis {
+    pub fn start() -> OwnRedis {
+        let mut r = OwnRedis {
+            port: free_port(),
+            dir: tempfile::tempdir().unwrap(),
+            child: None,
+        };
+        r.up();
+        r
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    pub fn up(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", ""])
+            .args(["--appendonly", "yes", "--appendfsync", "always", "--dir"])
+            .arg(self.dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server is installed (scripts/test installs it)");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(client) = redis::Client::open(self.url())
+                && let Ok(mut c) = client.get_connection()
+                && redis::cmd("PING").query::<String>(&mut c).is_ok()
+            {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("redis-server did not come up on port {}", self.port);
+    }
+
+    pub fn down(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl OwnRedis {
+    /// Write commands from every client wait for `d` (CLIENT PAUSE ... WRITE): a Redis that stalls, not one that is
+    /// gone.
+    pub fn pause_writes(&self, d: Duration) {
+        let mut c = redis::Client::open(self.url()).unwrap().get_connection().unwrap();
+        let _: () = redis::cmd("CLIENT")
+            .arg("PAUSE")
+            .arg(d.as_millis() as u64)
+            .arg("WRITE")
+            .query(&mut c)
+            .unwrap();
+    }
+
+    /// Jobs waiting in the `provisioning` queue under a BullMQ prefix.
+    pub fn job_count(&self, prefix: &str) -> usize {
+        let mut c = redis::Client::open(self.url()).unwrap().get_connection().unwrap();
+        redis::cmd("LLEN")
+            .arg(format!("{prefix}:provisioning:wait"))
+            .query(&mut c)
+            .unwrap()
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        self.down();
+    }
 }

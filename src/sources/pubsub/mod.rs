@@ -5,6 +5,7 @@
 pub mod avro;
 pub mod bitmap;
 pub mod proto;
+pub mod subscriber;
 
 /// Largest gRPC message we accept or send. tonic's default is 4 MiB, but one event may be up to 1 MB and a
 /// FetchResponse carries a whole batch of them, so a full batch of large CDC events would fail with

@@ -1,0 +1,671 @@
+//! The Pub/Sub subscriber against the emulator over real gRPC on loopback, with real Redis: flow control,
+//! resubscribes, replay positions, recovery by error code, schema changes, backpressure.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{Harness, records, redis_url, repo};
+use serde_json::{Value, json};
+use switchyard::checkpoint::CheckpointStore;
+use switchyard::config::LoadedConfig;
+use switchyard::emulator::{self, EmulatorHandle, EmulatorOptions, Fault};
+use switchyard::event::Event;
+use switchyard::pipeline::Stats;
+use switchyard::service::Service;
+use switchyard::sources::pubsub::subscriber::{ChannelState, checkpoint_key};
+use tokio::sync::watch;
+
+struct Running {
+    service: Arc<Service>,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<Stats>,
+}
+
+impl Running {
+    /// Waits until `n` events (malformed ones included) have settled.
+    async fn settled(&self, n: u64, within: Duration) {
+        let mut settled = self.service.pipeline.settled.subscribe();
+        if tokio::time::timeout(within, settled.wait_for(|s| *s >= n))
+            .await
+            .is_err()
+        {
+            panic!("only {} of {n} events settled within {within:?}", *settled.borrow());
+        }
+    }
+
+    async fn finish(self) -> Stats {
+        self.stop.send_replace(true);
+        self.task.await.unwrap()
+    }
+}
+
+/// The config of a pubsub run against `emu`; `pubsub` adds settings to `source.pubsub`, `extra` top-level lines.
+fn config(h: &Harness, emu: &EmulatorHandle, redis: &str, pubsub: &str, extra: &str) -> String {
+    format!(
+        "source:\n  kind: pubsub\n  pubsub: {{ endpoint: \"{endpoint}\", initial_backoff_ms: 20, max_backoff_ms: 200, \
+         replay: {{ start: stored, fallback: earliest }}{pubsub} }}\n\
+         rules: [{rules}]\nredis: {{ url: \"{redis}\", key_prefix: \"{kp}\" }}\n\
+         sinks:\n  enqueue-provisioning: {{ kind: queue, queue: provisioning, job_name: provision-order, prefix: {bp} }}\n  \
+         invalidate-cache: {{ kind: cache-invalidate }}\n  log: {{ kind: log }}\n\
+         salesforce: {{ login_url: \"{login}\", client_id: {id}, client_secret: {secret} }}\n\
+         {extra}",
+        endpoint = emu.endpoint(),
+        rules = repo().join("rules").display(),
+        kp = h.key_prefix(),
+        bp = h.bull_prefix(),
+        login = emu.base_url(),
+        id = emulator::DEFAULT_CLIENT_ID,
+        secret = emulator::DEFAULT_CLIENT_SECRET,
+    )
+}
+
+async fn start(h: &Harness, text: &str) -> Running {
+    let path = h.dir.path().join("config.yaml");
+    let loaded = LoadedConfig::parse(&path, text, &|_| None).unwrap_or_else(|e| panic!("config: {e}"));
+    let service = Arc::new(
+        Service::start(loaded, false)
+            .await
+            .unwrap_or_else(|e| panic!("start: {e}")),
+    );
+    let (stop, shutdown) = watch::channel(false);
+    let task = {
+        let service = service.clone();
+        tokio::spawn(async move { service.run(shutdown).await.unwrap() })
+    };
+    Running { service, stop, task }
+}
+
+fn event(value: &Value) -> Event {
+    Event::from_json(&value.to_string()).unwrap()
+}
+
+/// An 18-character Order id unique to this test run, for up to 999 orders.
+fn order(h: &Harness, n: u32) -> String {
+    let t: String = h.tag.chars().rev().take(9).collect();
+    format!("801{t:0>9}{n:03}AAA")
+}
+
+/// An approval of order `n` whose recorded record (what the org's REST API returns) has no WHMCS id.
+fn approval(h: &Harness, n: u32) -> Event {
+    let id = order(h, n);
+    let record = json!({"WHMCS_Order_ID__c": null, "AccountId": h.account(n % 100)});
+    event(&h.approval(
+        &format!("tx-{n}"),
+        std::slice::from_ref(&id),
+        Some("Approved"),
+        records(&[(id.clone(), record)]),
+    ))
+}
+
+async fn emulator_with(options: EmulatorOptions) -> EmulatorHandle {
+    emulator::start(options).await.unwrap()
+}
+
+async fn stored(h: &Harness, redis: &str, key: &str) -> Option<Vec<u8>> {
+    let conn = redis::aio::ConnectionManager::new(redis::Client::open(redis).unwrap())
+        .await
+        .unwrap();
+    CheckpointStore::redis(conn, &h.key_prefix()).get(key).await.unwrap()
+}
+
+/// More than 100 events queued and a stream dropped mid-batch: the subscriber never has more than 100 outstanding,
+/// resumes after the last event it handed on, and every event is processed exactly once.
+#[tokio::test]
+async fn stream_dropped_mid_batch_resumes_without_loss_or_duplicates() {
+    let h = Harness::new("sub-drop");
+    let emu = emulator_with(EmulatorOptions::default()).await;
+    for n in 1..=250 {
+        emu.publish(&approval(&h, n)).unwrap();
+    }
+    emu.inject(Fault::DropStreamAfter(120));
+    let run = start(&h, &config(&h, &emu, &redis_url(), "", "")).await;
+    run.settled(250, Duration::from_secs(60)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let stats = run.finish().await;
+    assert_eq!(stats.events, 250, "every event exactly once: {stats:?}");
+    assert_eq!(stats.skipped, 0, "no event was handed over twice");
+    assert_eq!(stats.dead_letters, 0);
+    let jobs = h.jobs().await;
+    assert_eq!(jobs.len(), 250);
+    assert!(emu.subscriptions() >= 2, "the dropped stream was resubscribed");
+    assert!(
+        emu.max_requested() <= 100,
+        "asked for {} outstanding",
+        emu.max_requested()
+    );
+    assert!(emu.max_outstanding() <= 100);
+    let position = stored(
+        &h,
+        &redis_url(),
+        &checkpoint_key(switchyard::config::Mode::Cdc, emulator::ORDER_CHANNEL),
+    )
+    .await;
+    assert_eq!(
+        position,
+        Some(250u64.to_be_bytes().to_vec()),
+        "the stored position is past the last event"
+    );
+}
+
+/// A stored position Salesforce refuses (older than 72 hours) falls back to `on_invalid` (earliest), says so,
+/// and idempotency keys keep the replayed events from enqueuing twice.
+#[tokio::test]
+async fn corrupted_replay_id_falls_back_to_earliest_and_says_so() {
+    let h = Harness::new("sub-corrupt");
+    let emu = emulator_with(EmulatorOptions::default()).await;
+    for n in 1..=3 {
+        emu.publish(&approval(&h, n)).unwrap();
+    }
+    let text = config(&h, &emu, &redis_url(), "", "");
+    let run = start(&h, &text).await;
+    run.settled(3, Duration::from_secs(20)).await;
+    run.finish().await;
+    for n in 4..=5 {
+        emu.publish(&approval(&h, n)).unwrap();
+    }
+    emu.inject(Fault::CorruptNextReplayId);
+    let run = start(&h, &text).await;
+    run.settled(5, Duration::from_secs(20)).await;
+    let stats = run.finish().await;
+    assert_eq!(stats.events, 5, "earliest replays everything retained: {stats:?}");
+    assert_eq!(stats.skipped, 3, "the three already enqueued are skipped as done");
+    assert_eq!(h.jobs().await.len(), 5);
+    let logs = h.logs.text();
+    assert!(
+        logs.contains("refused the stored replay position"),
+        "the fallback is logged loudly"
+    );
+    assert!(logs.contains("replayid.corrupted"), "with the error code");
+}
+
+/// A quiet channel's stored position follows the keepalives' latest replay id (events of other channels move
+/// the bus), so it never ages out of retention.
+#[tokio::test]
+async fn keepalives_advance_the_stored_position_of_a_quiet_channel() {
+    let h = Harness::new("sub-keepalive");
+    let emu = emulator_with(EmulatorOptions {
+        keepalive_interval: Duration::from_millis(200),
+        ..EmulatorOptions::default()
+    })
+    .await;
+    let run = start(&h, &config(&h, &emu, &redis_url(), "", "")).await;
+    for n in 0..3 {
+        let fulfilment = json!({"id": format!("pe-{n}-{}", h.tag), "channel": emulator::FULFILMENT_CHANNEL, "kind": "platform",
+            "fields": {"CreatedDate": 1, "CreatedById": "005xx0000000001AAA", "Order_Id__c": h.order(n)}});
+        emu.publish(&event(&fulfilment)).unwrap();
+    }
+    let key = checkpoint_key(switchyard::config::Mode::Cdc, emulator::ORDER_CHANNEL);
+    let want = Some(3u64.to_be_bytes().to_vec());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while stored(&h, &redis_url(), &key).await != want {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the keepalive position was not stored"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(emu.keepalives() >= 1);
+    let stats = run.finish().await;
+    assert_eq!(stats.events, 0, "no CDC event was delivered");
+}
+
+/// A stream that goes silent (no events, no keepalives, no error) is torn down by the watchdog and resubscribed;
+/// events flow again afterwards.
+#[tokio::test]
+async fn silent_stream_is_resubscribed_by_the_watchdog() {
+    let h = Harness::new("sub-silent");
+    let emu = emulator_with(EmulatorOptions::default()).await;
+    let run = start(&h, &config(&h, &emu, &redis_url(), ", watchdog_ms: 400", "")).await;
+    emu.publish(&approval(&h, 1)).unwrap();
+    run.settled(1, Duration::from_secs(10)).await;
+    let before = emu.subscriptions();
+    emu.inject(Fault::GoSilent);
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert!(
+        emu.subscriptions() > before,
+        "the watchdog resubscribed ({before} -> {})",
+        emu.subscriptions()
+    );
+    emu.inject(Fault::Resume);
+    emu.publish(&approval(&h, 2)).unwrap();
+    run.settled(2, Duration::from_secs(10)).await;
+    let stats = run.finish().await;
+    assert_eq!(stats.events, 2);
+    assert_eq!(h.jobs().await.len(), 2);
+    assert!(h.logs.text().contains("not even a keepalive"));
+}
+
+/// Events written with a new schema mid-stream decode (bitmaps included) against their own writer schema.
+#[tokio::test]
+async fn schema_change_mid_stream_decodes_bitmaps_against_the_new_schema() {
+    let h = Harness::new("sub-schema");
+    let emu = emulator_with(EmulatorOptions::default()).await;
+    let run = start(&h, &config(&h, &emu, &redis_url(), "", "")).await;
+    emu.publish(&approval(&h, 1)).unwrap();
+    run.settled(1, Duration::from_secs(10)).await;
+    let v1 = emu.schema_id(emulator::ORDER_CHANNEL).unwrap();
+    emu.inject(Fault::SwitchOrderSchemaToV2);
+    assert_ne!(emu.schema_id(emulator::ORDER_CHANNEL).unwrap(), v1);
+    emu.publish(&approval(&h, 2)).unwrap();
+    let (id3, record3) = h.record(3, None);
+    let key = format!("orders:detail:{id3}");
+    h.set_key(&key).await;
+    let edit = h.change(
+        "tx-desc",
+        std::slice::from_ref(&id3),
+        &["Description", "LastModifiedDate"],
+        json!({"Description": "New text", "LastModifiedDate": 1764230499000u64}),
+        records(&[(id3.clone(), record3)]),
+    );
+    emu.publish(&event(&edit)).unwrap();
+    run.settled(3, Duration::from_secs(10)).await;
+    let stats = run.finish().await;
+    assert_eq!(stats.malformed, 0, "{stats:?}");
+    assert_eq!(h.jobs().await.len(), 2, "the approval under v2 enqueued");
+    assert!(
+        !h.key_exists(&key).await,
+        "Description was decoded from the v2 bitmap and invalidated the cache"
+    );
+}
+
+/// Redis stalls longer than the server's idle close: the subscriber stops requesting, the server closes the
+/// stream, and once Redis answers again the subscriber resubscribes after the last event it handed on.
+#[tokio::test]
+async fn backpressure_longer_than_the_idle_close_loses_nothing() {
+    let h = Harness::new("sub-backpressure");
+    let redis = common::OwnRedis::start();
+    let emu = emulator_with(EmulatorOptions {
+        idle_timeout: Duration::from_millis(500),
+        ..EmulatorOptions::default()
+    })
+    .await;
+    // More events than two batches: the top-up leaves nothing outstanding while the pipeline is stuck.
+    for n in 1..=300 {
+        emu.publish(&approval(&h, n)).unwrap();
+    }
+    // Writes stall for 2.5 s: five idle timeouts.
+    redis.pause_writes(Duration::from_millis(2500));
+    let run = start(&h, &config(&h, &emu, &redis.url(), "", "delivery: { concurrency: 4 }")).await;
+    run.settled(300, Duration::from_secs(60)).await;
+    let stats = run.finish().await;
+    assert_eq!(stats.events, 300, "{stats:?}");
+    assert_eq!(stats.skipped, 0);
+    assert_eq!(stats.dead_letters, 0);
+    assert!(emu.subscriptions() >= 2, "the idle-closed stream was resubscribed");
+    assert_eq!(redis.job_count(&h.bull_prefix()), 300);
+}
+
+/// A static token that Salesforce rejects stops the channel with a clear error; the service stays up.
+#[tokio::test]
+async fn rejected_static_token_stops_the_channel_clearly() {
+    let h = Harness::new("sub-static");
+    let emu = emulator_with(EmulatorOptions::default()).await;
+    emu.inject(Fault::ExpireTokens);
+    let text = config(&h, &emu, &redis_url(), "", "").replace(
+        &format!(
+            "salesforce: {{ login_url: \"{}\", client_id: {}, client_secret: {} }}",
+            emu.base_url(),
+            emulator::DEFAULT_CLIENT_ID,
+            emulator::DEFAULT_CLIENT_SECRET
+        ),
+        &format!(
+            "salesforce: {{ access_token: {}, instance_url: \"{}\", tenant_id: {} }}",
+            emu.access_token(),
+            emu.base_url(),
+            emu.org_id()
+        ),
+    );
+    let run = start(&h, &text).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let states: Vec<ChannelState> = run.service.channels.lock().unwrap().iter().map(|c| c.state()).collect();
+        if let Some(ChannelState::Stopped(why)) = states.first() {
+            assert!(why.contains("SF_ACCESS_TOKEN"), "{why}");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the channel did not stop: {states:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!run.task.is_finished(), "the service stays up");
+    run.finish().await;
+    assert!(!h.logs.text().contains(emu.access_token()), "the token is never logged");
+}
+
+/// `switchyard run --config examples/salesforce.yaml`, configured by environment alone, against `emu`.
+fn spawn_run(h: &Harness, emu: &EmulatorHandle, mode: &str, log: &str) -> std::process::Child {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"));
+    for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("SF_") || k.starts_with("SWITCHYARD_")) {
+        cmd.env_remove(k);
+    }
+    let log = std::fs::File::create(h.dir.path().join(log)).unwrap();
+    cmd.args(["run", "--config"])
+        .arg(repo().join("examples/salesforce.yaml"))
+        .env("SF_PUBSUB_ENDPOINT", emu.endpoint())
+        .env("SF_LOGIN_URL", emu.base_url())
+        .env("SF_CLIENT_ID", emulator::DEFAULT_CLIENT_ID)
+        .env("SF_CLIENT_SECRET", emulator::DEFAULT_CLIENT_SECRET)
+        .env("REDIS_URL", redis_url())
+        .env("SWITCHYARD_KEY_PREFIX", h.key_prefix())
+        .env("BULLMQ_PREFIX", h.bull_prefix())
+        .env("SWITCHYARD_HTTP_LISTEN", "127.0.0.1:0")
+        .env("SWITCHYARD_MODE", mode)
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap()
+}
+
+/// Waits until `emu` has seen `n` subscriptions (the process is up and subscribed).
+async fn subscribed(emu: &EmulatorHandle, n: u64) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while emu.subscriptions() < n {
+        assert!(tokio::time::Instant::now() < deadline, "no subscription");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Publishes `event` and waits until the process stored a position at or past it (it settled).
+async fn publish_settled(h: &Harness, emu: &EmulatorHandle, event: &Event, mode: switchyard::config::Mode) {
+    let replay = emu.publish(event).unwrap();
+    let key = checkpoint_key(mode, &event.channel);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        if stored(h, &redis_url(), &key).await.is_some_and(|p| p >= replay) {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{} did not settle", event.id);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn terminate(child: &mut std::process::Child) -> std::process::ExitStatus {
+    let _ = std::process::Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status();
+    child.wait().unwrap()
+}
+
+/// The order checklist through the real path, started as `switchyard run --config examples/salesforce.yaml` with
+/// only environment variables: CDC mode, then Platform Event mode on the same org, each mode with its own position.
+#[tokio::test]
+async fn order_checklist_end_to_end_in_both_modes_configured_by_environment() {
+    use switchyard::config::Mode;
+    let h = Harness::new("sub-e2e");
+    let emu = emulator_with(EmulatorOptions::default()).await;
+    let mut cdc = spawn_run(&h, &emu, "cdc", "cdc.log");
+    subscribed(&emu, 1).await;
+    let with = |n: u32, whmcs: Option<&str>| records(&[h.record(n, whmcs)]);
+    let o = |n: u32| vec![h.order(n)];
+    // 1. Approval -> one job. 2. The same event redelivered -> no second job.
+    let approval1 = event(&h.approval("tx-1", &o(1), Some("Approved"), with(1, None)));
+    publish_settled(&h, &emu, &approval1, Mode::Cdc).await;
+    publish_settled(&h, &emu, &approval1, Mode::Cdc).await;
+    // 3. Already provisioned (WHMCS id set) -> no job. 4. Draft -> no job. 5. Order not found -> no job.
+    publish_settled(
+        &h,
+        &emu,
+        &event(&h.approval("tx-2", &o(2), Some("Approved"), with(2, Some("WH-2")))),
+        Mode::Cdc,
+    )
+    .await;
+    publish_settled(
+        &h,
+        &emu,
+        &event(&h.approval("tx-3", &o(3), Some("Draft"), with(3, None))),
+        Mode::Cdc,
+    )
+    .await;
+    publish_settled(
+        &h,
+        &emu,
+        &event(&h.approval("tx-4", &o(4), None, records(&[(h.order(4), Value::Null)]))),
+        Mode::Cdc,
+    )
+    .await;
+    // 6. Customer-facing edit -> cache invalidated. 7. Internal-only edit -> cache kept.
+    let (k5, k6) = (
+        format!("orders:detail:{}", h.order(5)),
+        format!("orders:detail:{}", h.order(6)),
+    );
+    h.set_key(&k5).await;
+    h.set_key(&k6).await;
+    publish_settled(
+        &h,
+        &emu,
+        &event(&h.change(
+            "tx-5",
+            &o(5),
+            &["Description"],
+            json!({"Description": "x"}),
+            with(5, None),
+        )),
+        Mode::Cdc,
+    )
+    .await;
+    publish_settled(
+        &h,
+        &emu,
+        &event(&h.change(
+            "tx-6",
+            &o(6),
+            &["Activation_Error_Code__c"],
+            json!({"Activation_Error_Code__c": "E"}),
+            with(6, None),
+        )),
+        Mode::Cdc,
+    )
+    .await;
+    // 8. Cancelled, then re-approved after the first job provisioned it (WHMCS id set) -> no second job.
+    publish_settled(
+        &h,
+        &emu,
+        &event(&h.approval("tx-7", &o(7), Some("Approved"), with(7, None))),
+        Mode::Cdc,
+    )
+    .await;
+    publish_settled(
+        &h,
+        &emu,
+        &event(&h.change(
+            "tx-8",
+            &o(7),
+            &["Status"],
+            json!({"Status": "Cancelled"}),
+            with(7, Some("WH-7")),
+        )),
+        Mode::Cdc,
+    )
+    .await;
+    publish_settled(
+        &h,
+        &emu,
+        &event(&h.approval("tx-9", &o(7), Some("Reactivate"), with(7, Some("WH-7")))),
+        Mode::Cdc,
+    )
+    .await;
+    assert!(terminate(&mut cdc).success(), "SIGTERM exits 0");
+    let jobs = h.jobs().await;
+    let ids: Vec<&Value> = jobs.iter().map(|j| &j.2["sfOrderId"]).collect();
+    assert_eq!(ids, vec![&json!(h.order(1)), &json!(h.order(7))], "{jobs:?}");
+    assert_eq!(jobs[0].2["accountId"], json!(h.account(1)), "enriched over REST");
+    assert!(!h.key_exists(&k5).await);
+    assert!(h.key_exists(&k6).await);
+    let cdc_position = stored(&h, &redis_url(), &checkpoint_key(Mode::Cdc, emulator::ORDER_CHANNEL)).await;
+
+    // Platform Event mode on the same org: the fulfilment request's own idempotency key is the job id.
+    let mut pe = spawn_run(&h, &emu, "platform-event", "pe.log");
+    subscribed(&emu, emu.subscriptions() + 1).await;
+    let (o8, r8) = h.record(8, None);
+    let request = json!({"id": format!("pe-8-{}", h.tag), "channel": emulator::FULFILMENT_CHANNEL, "kind": "platform",
+        "fields": {"CreatedDate": 1764230415000u64, "CreatedById": "005xx0000000001AAA", "Order_Id__c": o8,
+                   "Idempotency_Key__c": format!("ofr-{o8}-1"), "Correlation_Id__c": "corr-8"},
+        "record": {o8.clone(): r8}});
+    publish_settled(&h, &emu, &event(&request), Mode::PlatformEvent).await;
+    let orphan = json!({"id": format!("pe-9-{}", h.tag), "channel": emulator::FULFILMENT_CHANNEL, "kind": "platform",
+        "fields": {"CreatedDate": 1764230415000u64, "CreatedById": "005xx0000000001AAA"}});
+    publish_settled(&h, &emu, &event(&orphan), Mode::PlatformEvent).await;
+    assert!(terminate(&mut pe).success());
+    let jobs = h.jobs().await;
+    assert_eq!(jobs.len(), 3, "{jobs:?}");
+    let job = jobs
+        .iter()
+        .find(|j| j.2["sfOrderId"] == json!(o8))
+        .expect("the fulfilment job");
+    assert_eq!(job.0, format!("ofr-{o8}-1"));
+    assert_eq!(job.2["correlationId"], json!("corr-8"));
+    let letters = h.dead_letters().await;
+    assert!(
+        letters
+            .iter()
+            .any(|l| l["reason"].as_str().unwrap_or("").contains("carries no Order_Id__c")),
+        "{letters:?}"
+    );
+    assert_eq!(
+        stored(&h, &redis_url(), &checkpoint_key(Mode::Cdc, emulator::ORDER_CHANNEL)).await,
+        cdc_position,
+        "the CDC position is kept while the other mode runs"
+    );
+}
+
+/// A process killed with SIGKILL mid-stream and restarted resumes from the stored position: every approval
+/// enqueued once, none lost.
+#[tokio::test]
+async fn process_killed_mid_stream_resumes_from_the_stored_position() {
+    let h = Harness::new("sub-kill");
+    let emu = emulator_with(EmulatorOptions::default()).await;
+    let mut first = spawn_run(&h, &emu, "cdc", "first.log");
+    subscribed(&emu, 1).await;
+    for n in 1..=200 {
+        emu.publish(&approval(&h, n)).unwrap();
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while h.jobs().await.len() < 40 {
+        assert!(tokio::time::Instant::now() < deadline, "no progress before the kill");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    first.kill().unwrap();
+    first.wait().unwrap();
+    let at_kill = h.jobs().await.len();
+    let mut second = spawn_run(&h, &emu, "cdc", "second.log");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while h.jobs().await.len() < 200 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "only {} jobs",
+            h.jobs().await.len()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(terminate(&mut second).success());
+    let jobs = h.jobs().await;
+    let mut ids: Vec<String> = jobs
+        .iter()
+        .map(|j| j.2["sfOrderId"].as_str().unwrap().to_string())
+        .collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 200, "every approval once ({at_kill} before the kill)");
+    assert_eq!(jobs.len(), 200, "no duplicate job");
+    let log = std::fs::read_to_string(h.dir.path().join("second.log")).unwrap();
+    assert!(log.contains("Resuming after the stored position"), "{log}");
+    assert!(h.dead_letters().await.is_empty());
+}
+
+/// `switchyard record` turns the stream into JSONL that decides the same as the live path.
+#[tokio::test]
+async fn record_writes_jsonl_that_replays_to_the_same_decisions() {
+    let h = Harness::new("sub-record");
+    let lifecycle = std::fs::read_to_string(repo().join("examples/events/order-lifecycle.jsonl")).unwrap();
+    let events: Vec<Event> = lifecycle
+        .lines()
+        .filter_map(|l| Event::from_json(l).ok())
+        .filter(|e| e.channel == emulator::ORDER_CHANNEL)
+        .collect();
+    let emu = emulator_with(EmulatorOptions {
+        events: events.clone(),
+        ..EmulatorOptions::default()
+    })
+    .await;
+    let config = h.dir.path().join("record.yaml");
+    std::fs::write(&config, self::config(&h, &emu, &redis_url(), "", "")).unwrap();
+    let out = h.dir.path().join("recorded.jsonl");
+    let status = tokio::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args([
+            "record",
+            "--from",
+            "earliest",
+            "--max-events",
+            &events.len().to_string(),
+            "--redact",
+            "Description",
+            "--config",
+        ])
+        .arg(&config)
+        .arg("--out")
+        .arg(&out)
+        .stderr(std::fs::File::create(h.dir.path().join("record.log")).unwrap())
+        .status()
+        .await
+        .unwrap();
+    assert!(status.success());
+    let text = std::fs::read_to_string(&out).unwrap();
+    let recorded: Vec<Event> = text.lines().map(|l| Event::from_json(l).unwrap()).collect();
+    assert_eq!(recorded.len(), events.len());
+    // The decoded events are the published ones (ids, header, changed fields), Description redacted.
+    for (r, e) in recorded.iter().zip(&events) {
+        assert_eq!(r.id, e.id);
+        let fields = |e: &Event| {
+            let mut f = e.header.as_ref().map(|x| x.changed_fields.clone()).unwrap_or_default();
+            f.sort();
+            f
+        };
+        assert_eq!(
+            fields(r),
+            fields(e),
+            "{}: changed fields (in schema order on the wire)",
+            e.id
+        );
+        if e.fields.contains_key("Description") {
+            assert_eq!(r.fields["Description"], json!("***"));
+        }
+    }
+    // Replayed with the recorded enricher, the file decides exactly as the live REST path does.
+    let start = |enricher: &str| {
+        let text = format!(
+            "source: {{ kind: jsonl, jsonl: {{ path: {} }} }}\nrules: [{}]\nenricher: {enricher}\n\
+             salesforce: {{ login_url: \"{}\", client_id: {}, client_secret: {} }}\n\
+             sinks:\n  enqueue-provisioning: {{ kind: queue, queue: provisioning, job_name: provision-order }}\n  \
+             invalidate-cache: {{ kind: cache-invalidate }}\n  log: {{ kind: log }}\n",
+            out.display(),
+            repo().join("rules").display(),
+            emu.base_url(),
+            emulator::DEFAULT_CLIENT_ID,
+            emulator::DEFAULT_CLIENT_SECRET
+        );
+        let loaded = LoadedConfig::parse(&h.dir.path().join("c.yaml"), &text, &|_| None).unwrap();
+        async move { Service::start(loaded, false).await.unwrap() }
+    };
+    let (replayed, live) = (start("recorded").await, start("salesforce").await);
+    let rules = replayed.rules.load_full();
+    for event in &recorded {
+        let mut from_file = event.clone();
+        let mut bare = event.clone();
+        bare.record.clear();
+        let a = replayed.pipeline.decide(&rules, &mut from_file).await;
+        let b = live.pipeline.decide(&rules, &mut bare).await;
+        assert_eq!(
+            format!("{:?}", a.decisions),
+            format!("{:?}", b.decisions),
+            "{}",
+            event.id
+        );
+        assert_eq!(format!("{:?}", a.actions), format!("{:?}", b.actions), "{}", event.id);
+    }
+}
