@@ -42,6 +42,16 @@ fn outcomes(plan: &Plan) -> BTreeMap<String, String> {
         .collect()
 }
 
+/// Adds one to `name`'s total, allocating its key only the first time.
+fn count(totals: &mut BTreeMap<String, u64>, name: &str) {
+    match totals.get_mut(name) {
+        Some(n) => *n += 1,
+        None => {
+            totals.insert(name.to_string(), 1);
+        }
+    }
+}
+
 /// Replays JSONL from `input`; writes the diff (when `old` is given) to `out`. `progress` is called every
 /// 10,000 events with the count so far.
 pub fn replay(
@@ -53,8 +63,14 @@ pub fn replay(
     progress: &mut dyn FnMut(u64),
 ) -> std::io::Result<ReplayReport> {
     let mut report = ReplayReport::default();
-    for (n, line) in input.lines().enumerate() {
-        let line = line?;
+    let mut input = input;
+    let mut line = String::new();
+    for n in 0u64.. {
+        // One buffer for every line: a replay of months of events allocates per event, not per line too.
+        line.clear();
+        if input.read_line(&mut line)? == 0 {
+            break;
+        }
         if line.trim().is_empty() {
             continue;
         }
@@ -71,10 +87,10 @@ pub fn replay(
         }
         let plan = decide(new, &event);
         for d in plan.decisions.iter().filter(|d| d.outcome == Outcome::Then) {
-            *report.fired.entry(d.route.clone()).or_default() += 1;
+            count(&mut report.fired, &d.route);
         }
         for a in &plan.actions {
-            *report.actions.entry(a.sink.clone()).or_default() += 1;
+            count(&mut report.actions, &a.sink);
         }
         let Some(old) = old else { continue };
         let before = decide(old, &event);

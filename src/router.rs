@@ -8,9 +8,10 @@ use std::sync::Arc;
 use rhai::{Dynamic, Scope};
 use serde_json::{Map, Value};
 
-use crate::event::{Event, OVERFLOW_PLACEHOLDER_ID, RecordFields};
+use crate::event::{ChangeHeader, Event, OVERFLOW_PLACEHOLDER_ID, RecordFields};
 use crate::plan::{Action, Decision, Op, Outcome, Plan, job_id_for};
 use crate::rules::helpers::{self, HelperCtx};
+use crate::rules::reads::Fields;
 use crate::rules::template::RenderCtx;
 use crate::rules::{ActionParams, ActionTemplate, Predicate, Route, RuleSet};
 
@@ -97,22 +98,76 @@ impl Needs {
     }
 }
 
-/// Builds the script context of an event once; every route is evaluated against it.
+/// Builds the script context of an event once; every route is evaluated against it. Only the members
+/// of `event` and `header` that some predicate reads are converted (see [`crate::rules::reads`]).
 fn event_scope(rules: &RuleSet, event: &Event) -> Scope<'static> {
-    let mut scope = crate::rules::load::scope(&rules.vars, true);
-    scope.set_value("event", rhai::serde::to_dynamic(&event.fields).unwrap_or(Dynamic::UNIT));
-    let header = event
-        .header
-        .as_ref()
-        .and_then(|h| rhai::serde::to_dynamic(h).ok())
-        .unwrap_or(Dynamic::UNIT);
-    scope.set_value("header", header);
+    let mut scope = rules.base_scope.clone();
+    scope.set_value("event", event_map(&rules.reads.event, &event.fields));
+    scope.set_value("header", header_map(&rules.reads.header, event.header.as_ref()));
     scope.set_value("event_id", Dynamic::from(event.id.clone()));
     scope.set_value(
         "replay_id",
         event.replay_id.clone().map(Dynamic::from).unwrap_or(Dynamic::UNIT),
     );
     scope
+}
+
+/// The payload as a script map: the fields predicates read (absent ones read as `()` either way).
+fn event_map(reads: &Fields, fields: &Map<String, Value>) -> Dynamic {
+    match reads {
+        Fields::All => rhai::serde::to_dynamic(fields).unwrap_or(Dynamic::UNIT),
+        Fields::Only(names) => {
+            let mut map = rhai::Map::new();
+            for name in names {
+                if let Some(value) = fields.get(name) {
+                    map.insert(name.as_str().into(), helpers::to_dynamic(value));
+                }
+            }
+            Dynamic::from_map(map)
+        }
+    }
+}
+
+/// The CDC header as a script map, with the members predicates read; the same values (and absent
+/// optional members) as its serde form.
+fn header_map(reads: &Fields, header: Option<&ChangeHeader>) -> Dynamic {
+    let Some(h) = header else { return Dynamic::UNIT };
+    let Fields::Only(names) = reads else {
+        return rhai::serde::to_dynamic(h).unwrap_or(Dynamic::UNIT);
+    };
+    let text = |s: &str| Dynamic::from(s.to_string());
+    let list = |l: &[String]| Dynamic::from_array(l.iter().map(|s| text(s)).collect());
+    let mut map = rhai::Map::new();
+    for name in names {
+        let value = match name.as_str() {
+            "entity" => Some(text(&h.entity)),
+            "change_type" => Some(text(h.change_type.as_str())),
+            "record_ids" => Some(list(&h.record_ids)),
+            "changed_fields" => Some(list(&h.changed_fields)),
+            "nulled_fields" => Some(list(&h.nulled_fields)),
+            "diff_fields" => Some(list(&h.diff_fields)),
+            "change_origin" => h.change_origin.as_deref().map(text),
+            "transaction_key" => h.transaction_key.as_deref().map(text),
+            "sequence_number" => h.sequence_number.map(Dynamic::from_int),
+            "commit_timestamp" => h.commit_timestamp.map(Dynamic::from_int),
+            "commit_number" => h.commit_number.map(Dynamic::from_int),
+            "commit_user" => h.commit_user.as_deref().map(text),
+            _ => None,
+        };
+        if let Some(value) = value {
+            map.insert(name.as_str().into(), value);
+        }
+    }
+    Dynamic::from_map(map)
+}
+
+/// Evaluates the combined `when` of a channel; `None` when any predicate failed: the caller then evaluates
+/// route by route, which gives each route its own result and error. The failed attempt changed nothing:
+/// rule sets whose predicates call methods (the only way an expression can modify a value) have no
+/// combined form.
+fn eval_combined(rules: &RuleSet, scope: &mut Scope<'static>, all: &rhai::AST, routes: usize) -> Option<rhai::Array> {
+    let values = rules.engine.eval_ast_with_scope::<rhai::Array>(scope, all).ok()?;
+    (values.len() == routes).then_some(values)
 }
 
 fn eval(rules: &RuleSet, scope: &mut Scope<'static>, predicate: &Predicate) -> Result<bool, String> {
@@ -217,17 +272,14 @@ fn dyn_opt(value: Option<&str>) -> Dynamic {
 
 /// Phase one: evaluates `when` of every live route on the event's channel, per record id.
 pub fn needs(rules: &RuleSet, event: &Event) -> Needs {
-    let ctx = HelperCtx::new(event);
+    let ctx = HelperCtx::reading(event, &rules.reads.became);
     let mut scope = event_scope(rules, event);
-    let header = event
-        .header
-        .as_ref()
-        .and_then(|h| serde_json::to_value(h).ok())
-        .unwrap_or(Value::Null);
     let candidates = rules.candidates(&event.channel);
+    // Templates that read `header` render from its JSON form; only a route that passed needs it.
+    let mut header = Value::Null;
     let empty = Map::new();
-    let unit_ids: Vec<Option<String>> = if event.header.is_some() {
-        event.record_ids().iter().cloned().map(Some).collect()
+    let unit_ids: Vec<Option<&str>> = if event.header.is_some() {
+        event.record_ids().iter().map(|id| Some(id.as_str())).collect()
     } else {
         vec![None]
     };
@@ -236,10 +288,31 @@ pub fn needs(rules: &RuleSet, event: &Event) -> Needs {
         scope.set_value("record", Dynamic::from_map(rhai::Map::new()));
         for unit_id in unit_ids {
             let mut results = Vec::new();
+            // A CDC unit's record id is the same for every route: set once, not per route.
+            scope.set_value("record_id", dyn_opt(unit_id));
+            if let (Some(id), Some(all)) = (unit_id, rules.combined(&event.channel))
+                && let Some(values) = eval_combined(rules, &mut scope, all, candidates.len())
+            {
+                for (&i, value) in candidates.iter().zip(values) {
+                    let result = match value.as_bool() {
+                        Ok(false) => continue,
+                        Ok(true) => Ok(()),
+                        Err(t) => Err(format!(
+                            "`when` failed: the predicate returned a {t}, not true or false"
+                        )),
+                    };
+                    results.push(WhenResult {
+                        route: i,
+                        record_id: Some(id.to_string()),
+                        result,
+                    });
+                }
+                units.push(results);
+                continue;
+            }
             for &i in candidates {
                 let route = &rules.routes[i];
-                let record_id = match (&unit_id, &route.record_id) {
-                    (Some(id), _) => Some(id.clone()),
+                let rendered = match (unit_id, &route.record_id) {
                     (None, Some(template)) => {
                         let rctx = RenderCtx {
                             event,
@@ -250,11 +323,16 @@ pub fn needs(rules: &RuleSet, event: &Event) -> Needs {
                             idempotency_key: None,
                             route: &route.name,
                         };
-                        template.render_string(&rctx).ok().filter(|s| !s.is_empty())
+                        let id = template.render_string(&rctx).ok().filter(|s| !s.is_empty());
+                        scope.set_value("record_id", dyn_opt(id.as_deref()));
+                        Some(id)
                     }
-                    (None, None) => None,
+                    (None, None) => {
+                        scope.set_value("record_id", Dynamic::UNIT);
+                        None
+                    }
+                    (Some(_), _) => None,
                 };
-                scope.set_value("record_id", dyn_opt(record_id.as_deref()));
                 let result = match eval(rules, &mut scope, &route.when) {
                     Ok(false) => continue,
                     Ok(true) => Ok(()),
@@ -262,13 +340,20 @@ pub fn needs(rules: &RuleSet, event: &Event) -> Needs {
                 };
                 results.push(WhenResult {
                     route: i,
-                    record_id,
+                    record_id: rendered.unwrap_or_else(|| unit_id.map(str::to_string)),
                     result,
                 });
             }
             units.push(results);
         }
     });
+    if units.iter().any(|u| !u.is_empty()) {
+        header = event
+            .header
+            .as_ref()
+            .and_then(|h| serde_json::to_value(h).ok())
+            .unwrap_or(Value::Null);
+    }
     Needs {
         rules_version: rules.version.clone(),
         units,
@@ -642,5 +727,54 @@ mod clause_tests {
             ]
         );
         assert_eq!(super::split_clauses("changed(\"A\")"), vec!["changed(\"A\")"]);
+    }
+}
+
+#[cfg(test)]
+mod context_tests {
+    use super::*;
+    use crate::rules::reads::Fields;
+
+    const EVENTS: &str = include_str!("../examples/events/order-lifecycle.jsonl");
+
+    fn json(d: &Dynamic) -> Value {
+        rhai::serde::from_dynamic(d).expect("context values convert back to JSON")
+    }
+
+    #[test]
+    fn the_partial_header_has_the_values_of_the_whole_one() {
+        let every = [
+            "entity",
+            "change_type",
+            "record_ids",
+            "changed_fields",
+            "nulled_fields",
+            "diff_fields",
+            "change_origin",
+            "transaction_key",
+            "sequence_number",
+            "commit_timestamp",
+            "commit_number",
+            "commit_user",
+        ];
+        let only = Fields::Only(every.iter().map(|s| s.to_string()).collect());
+        for line in EVENTS.lines() {
+            let Ok(event) = Event::from_json(line) else { continue };
+            let whole = header_map(&Fields::All, event.header.as_ref());
+            let partial = header_map(&only, event.header.as_ref());
+            assert_eq!(json(&partial), json(&whole), "{}", event.id);
+        }
+    }
+
+    #[test]
+    fn the_partial_payload_has_the_values_it_reads() {
+        for line in EVENTS.lines() {
+            let Ok(event) = Event::from_json(line) else { continue };
+            let names: Vec<String> = event.fields.keys().cloned().chain(["Absent__c".to_string()]).collect();
+            let only = Fields::Only(names.into_iter().collect());
+            let whole = event_map(&Fields::All, &event.fields);
+            let partial = event_map(&only, &event.fields);
+            assert_eq!(json(&partial), json(&whole), "{}", event.id);
+        }
     }
 }

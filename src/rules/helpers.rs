@@ -9,10 +9,11 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use rhai::{Array, Dynamic, Engine};
+use rhai::{Array, Dynamic, Engine, ImmutableString};
 use serde_json::{Map, Value};
 
 use crate::event::{ChangeType, Event};
+use crate::rules::reads::Fields;
 
 /// Upper bound of operations for one predicate: far above any real rule, low enough that a runaway
 /// expression (`(0..1_000_000_000).len()`) fails in milliseconds instead of stalling the stream.
@@ -37,7 +38,19 @@ pub struct HelperCtx {
 
 impl HelperCtx {
     pub fn new(event: &Event) -> Arc<HelperCtx> {
+        Self::reading(event, &Fields::All)
+    }
+
+    /// The context with only the payload fields `became` can look up (see [`crate::rules::reads`]).
+    pub fn reading(event: &Event, became: &Fields) -> Arc<HelperCtx> {
         let header = event.header.as_ref();
+        let fields = match became {
+            Fields::All => event.fields.clone(),
+            Fields::Only(names) => names
+                .iter()
+                .filter_map(|n| event.fields.get(n).map(|v| (n.clone(), v.clone())))
+                .collect(),
+        };
         Arc::new(HelperCtx {
             change_type: header.map(|h| h.change_type),
             changed: header
@@ -46,7 +59,7 @@ impl HelperCtx {
             nulled: header
                 .map(|h| h.nulled_fields.iter().cloned().collect())
                 .unwrap_or_default(),
-            fields: event.fields.clone(),
+            fields,
             has_record: AtomicBool::new(false),
         })
     }
@@ -83,14 +96,24 @@ fn in_set(set: &HashSet<String>, field: &str) -> bool {
             .any(|c| c.len() > field.len() && c.starts_with(field) && c.as_bytes()[field.len()] == b'.')
 }
 
-fn names(list: &Array) -> impl Iterator<Item = String> + '_ {
-    list.iter().filter_map(|v| v.clone().into_string().ok())
+/// The string items of a list, shared, not copied (predicates call this for every event).
+fn names(list: &Array) -> impl Iterator<Item = ImmutableString> + '_ {
+    list.iter()
+        .filter_map(|v| v.read_lock::<ImmutableString>().map(|s| s.clone()))
 }
 
 /// JSON equality as predicates expect it: numbers compare by value (`1 == 1.0`).
 fn json_eq(field: Option<&Value>, expected: &Dynamic) -> bool {
+    let field = field.unwrap_or(&Value::Null);
+    // The usual cases (`became("Status", "Approved")`) compare without converting the expected value.
+    if let Some(s) = expected.read_lock::<ImmutableString>() {
+        return field.as_str() == Some(s.as_str());
+    }
+    if expected.is_unit() {
+        return field.is_null();
+    }
     let expected: Value = rhai::serde::from_dynamic(expected).unwrap_or(Value::Null);
-    match (field.unwrap_or(&Value::Null), &expected) {
+    match (field, &expected) {
         (Value::Number(a), Value::Number(b)) => a.as_f64() == b.as_f64(),
         (a, b) => a == b,
     }
@@ -143,15 +166,18 @@ pub fn engine() -> Engine {
     engine.on_debug(|_, _, _| {});
 
     engine.register_fn("changed", changed);
-    engine.register_fn("changed_any", |list: Array| names(&list).any(|f| changed(&f)));
+    engine.register_fn("changed_any", |list: Array| {
+        current(false, |c| names(&list).any(|f| in_set(&c.changed, &f)))
+    });
     engine.register_fn("changed_only", |list: Array| {
-        let allowed: Vec<String> = names(&list).collect();
+        let allowed: Vec<ImmutableString> = names(&list).collect();
         current(false, |c| {
             !c.changed.is_empty()
                 && c.changed.iter().all(|f| {
-                    allowed
-                        .iter()
-                        .any(|a| f == a || (f.starts_with(a.as_str()) && f.as_bytes().get(a.len()) == Some(&b'.')))
+                    allowed.iter().any(|a| {
+                        f.as_str() == a.as_str()
+                            || (f.starts_with(a.as_str()) && f.as_bytes().get(a.len()) == Some(&b'.'))
+                    })
                 })
         })
     });

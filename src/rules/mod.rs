@@ -3,6 +3,7 @@
 pub mod helpers;
 pub mod load;
 pub mod model;
+pub mod reads;
 pub mod template;
 pub mod testing;
 pub mod validate;
@@ -10,7 +11,7 @@ pub mod validate;
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-use rhai::{AST, Engine};
+use rhai::{AST, Engine, Scope};
 use serde_json::{Map, Value};
 
 use crate::config::{JobOptions, Mode, SinkKind};
@@ -189,6 +190,12 @@ pub struct RuleSet {
     pub files: Vec<PathBuf>,
     pub(crate) engine: Engine,
     live: HashMap<String, Vec<usize>>,
+    /// What the predicates read from events: the router converts only that.
+    pub(crate) reads: reads::Reads,
+    /// The context variables (unset) and the `vars` (converted once), cloned for every event.
+    pub(crate) base_scope: Scope<'static>,
+    /// Per channel, the `when` of every live route in one array expression (see [`RuleSet::combined`]).
+    combined: HashMap<String, AST>,
 }
 
 impl std::fmt::Debug for RuleSet {
@@ -215,6 +222,30 @@ impl RuleSet {
                 live.entry(route.channel.clone()).or_default().push(i);
             }
         }
+        let mut reads = reads::Reads::default();
+        for route in &routes {
+            reads.scan(&route.when.source);
+            if let Some(guard) = &route.guard {
+                reads.scan(&guard.source);
+            }
+        }
+        let base_scope = load::scope(&vars, true);
+        // Only when no predicate can change the scope: the fallback then evaluates on what the failed
+        // combined attempt saw.
+        let combined = live
+            .iter()
+            .filter(|(_, routes)| routes.len() > 1 && !reads.methods)
+            .filter_map(|(channel, indexes)| {
+                // Each predicate on lines of its own, so that a trailing `// comment` stays inside.
+                let items: Vec<String> = indexes
+                    .iter()
+                    .map(|&i| format!("(\n{}\n)", routes[i].when.source))
+                    .collect();
+                let source = format!("[\n{}\n]", items.join(",\n"));
+                let ast = engine.compile_expression_with_scope(&base_scope, &source).ok()?;
+                Some((channel.clone(), ast))
+            })
+            .collect();
         RuleSet {
             version,
             routes,
@@ -223,12 +254,23 @@ impl RuleSet {
             files,
             engine,
             live,
+            reads,
+            base_scope,
+            combined,
         }
     }
 
     /// Indexes of the live routes on `channel`, in file order.
     pub fn candidates(&self, channel: &str) -> &[usize] {
         self.live.get(channel).map(Vec::as_slice).unwrap_or(&[])
+    }
+
+    /// The `when` predicates of every live route on `channel`, in file order, as one expression whose value
+    /// is the array of their values: one evaluation per record instead of one per route, which saves the
+    /// engine's per-evaluation set-up and function lookups. The router falls back to evaluating route by
+    /// route when it fails, so errors stay per route, with their positions.
+    pub(crate) fn combined(&self, channel: &str) -> Option<&AST> {
+        self.combined.get(channel)
     }
 
     /// The channels that have live routes.
