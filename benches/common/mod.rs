@@ -221,7 +221,7 @@ fn event(kind: Kind, i: u64, run: u64) -> Event {
                 )
             }
             Kind::InternalEdit => {
-                let (changed, fields): (Vec<&str>, Value) = if i % 2 == 0 {
+                let (changed, fields): (Vec<&str>, Value) = if i.is_multiple_of(2) {
                     (
                         vec!["Activation_Status__c", "WHMCS_Order_ID__c", "LastModifiedDate"],
                         json!({"Activation_Status__c": "Activated", "WHMCS_Order_ID__c": format!("WH-{i}"), "LastModifiedDate": ts}),
