@@ -391,7 +391,16 @@ fn soak_of_100000_events_with_random_connection_kills_settles_everything_once() 
         .arg(format!("sy-{}:dead-letters", setup.tag))
         .query(&mut setup.conn())
         .unwrap();
-    assert_eq!(letters, 0, "transient failures never reach the dead letters");
+    if letters != 0 {
+        let entries: redis::Value = redis::cmd("XRANGE")
+            .arg(format!("sy-{}:dead-letters", setup.tag))
+            .arg("-")
+            .arg("+")
+            .query(&mut setup.conn())
+            .unwrap();
+        let errors: Vec<&str> = logs.lines().filter(|l| l.contains("ERROR") || l.contains("dead-letter")).take(20).collect();
+        panic!("transient failures never reach the dead letters, yet {letters} did: {entries:?}\nlog:\n{}", errors.join("\n"));
+    }
 }
 
 /// Activations in the soak (each delivered twice); `SOAK_ACTIVATIONS` overrides it for quick runs.
