@@ -115,7 +115,7 @@ checkpoint: {{ store: memory }}
                     // The recorded enricher reads the records the event was recorded with.
                     event.record = recorded.record.clone();
                     let plan = pipeline.decide(&rules, &mut event).await;
-                    let results = pipeline.dispatcher.run(&plan, &event).await;
+                    let results = pipeline.dispatcher.run(&plan, &event, None).await;
                     for r in &results {
                         assert!(matches!(r, ActionResult::Done { .. }), "engine action not done: {r:?}");
                     }

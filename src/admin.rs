@@ -134,13 +134,13 @@ async fn retry_one(service: &Service, id: &str, value: Value, out: &mut impl Wri
     {
         // One failed action: run exactly it again, with its idempotency key.
         Some(action) => {
-            let result = dispatcher.run_action(&rules.version, &event, action).await;
+            let result = dispatcher.run_action(&rules.version, &event, action, None).await;
             report(out, id, &[(action.clone(), result)])
         }
         // A failed route (or an unmatched event): the whole event again, under the current rules.
         None => {
             let plan = service.pipeline.decide(&rules, &mut event).await;
-            let results = dispatcher.run(&plan, &event).await;
+            let results = dispatcher.run(&plan, &event, None).await;
             report(out, id, &plan.actions.into_iter().zip(results).collect::<Vec<_>>())
         }
     };
@@ -156,6 +156,7 @@ fn report(out: &mut impl Write, id: &str, results: &[(Action, ActionResult)]) ->
             ActionResult::Done { .. } => "done".to_string(),
             ActionResult::Skipped => "skipped: already done".to_string(),
             ActionResult::Shadow => "shadow: not sent".to_string(),
+            ActionResult::Abandoned => "abandoned: the channel lease moved to another replica".to_string(),
             ActionResult::DeadLettered { reason } => {
                 ok = false;
                 format!("failed again, dead-lettered anew: {reason}")

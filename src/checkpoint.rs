@@ -9,13 +9,18 @@ use std::sync::{Arc, Mutex};
 
 use redis::aio::ConnectionManager;
 
+use crate::lease::Fence;
 use crate::sinks::SinkError;
 
 /// Where positions are kept.
 #[derive(Clone)]
 pub enum CheckpointStore {
-    /// `<key_prefix>checkpoint:<key>` strings in Redis.
-    Redis { conn: ConnectionManager, prefix: String },
+    /// `<key_prefix>checkpoint:<key>` strings in Redis (fenced writes compare `<key_prefix>fence:<key>`).
+    Redis {
+        conn: ConnectionManager,
+        prefix: String,
+        key_prefix: String,
+    },
     /// A JSON file `{key: hex}`, replaced atomically (write, fsync, rename) on every commit.
     File { path: PathBuf, lock: Arc<Mutex<()>> },
     /// Process memory: lost on exit (the demo).
@@ -62,6 +67,7 @@ impl CheckpointStore {
         CheckpointStore::Redis {
             conn,
             prefix: format!("{key_prefix}checkpoint:"),
+            key_prefix: key_prefix.to_string(),
         }
     }
 
@@ -98,7 +104,7 @@ impl CheckpointStore {
 
     pub async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, CheckpointError> {
         match self {
-            CheckpointStore::Redis { conn, prefix } => {
+            CheckpointStore::Redis { conn, prefix, .. } => {
                 let mut conn = conn.clone();
                 let value: Option<Vec<u8>> = redis::cmd("GET")
                     .arg(format!("{prefix}{key}"))
@@ -117,7 +123,7 @@ impl CheckpointStore {
 
     pub async fn set(&self, key: &str, position: &[u8]) -> Result<(), CheckpointError> {
         match self {
-            CheckpointStore::Redis { conn, prefix } => {
+            CheckpointStore::Redis { conn, prefix, .. } => {
                 let mut conn = conn.clone();
                 redis::cmd("SET")
                     .arg(format!("{prefix}{key}"))
@@ -142,9 +148,42 @@ impl CheckpointStore {
         }
     }
 
+    /// Stores a position under a channel lease: refused (`Ok(false)`) when another replica took the lease since
+    /// `fence` was issued. Without a fence (no leases, or a file or memory store) it is [`CheckpointStore::set`].
+    pub async fn set_fenced(&self, key: &str, position: &[u8], fence: Option<&Fence>) -> Result<bool, CheckpointError> {
+        match (self, fence) {
+            (
+                CheckpointStore::Redis {
+                    conn,
+                    prefix,
+                    key_prefix,
+                },
+                Some(fence),
+            ) => {
+                let mut conn = conn.clone();
+                let stored: i64 = redis::Script::new(&format!(
+                    "{}redis.call(\"SET\", KEYS[1], ARGV[1]) return 1",
+                    crate::lease::fence_guard(2)
+                ))
+                .key(format!("{prefix}{key}"))
+                .key(crate::lease::fence_key(key_prefix, key))
+                .arg(position)
+                .arg(fence.token)
+                .invoke_async(&mut conn)
+                .await
+                .map_err(|e| SinkError::from_redis(&e))?;
+                if stored != 1 {
+                    fence.mark_lost();
+                }
+                Ok(stored == 1)
+            }
+            _ => self.set(key, position).await.map(|()| true),
+        }
+    }
+
     pub async fn reset(&self, key: &str) -> Result<(), CheckpointError> {
         match self {
-            CheckpointStore::Redis { conn, prefix } => {
+            CheckpointStore::Redis { conn, prefix, .. } => {
                 let mut conn = conn.clone();
                 redis::cmd("DEL")
                     .arg(format!("{prefix}{key}"))
@@ -169,7 +208,7 @@ impl CheckpointStore {
     /// Every stored key and position.
     pub async fn list(&self) -> Result<Vec<(String, Vec<u8>)>, CheckpointError> {
         match self {
-            CheckpointStore::Redis { conn, prefix } => {
+            CheckpointStore::Redis { conn, prefix, .. } => {
                 let mut conn = conn.clone();
                 let mut keys: Vec<String> = Vec::new();
                 let mut cursor: u64 = 0;

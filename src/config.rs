@@ -120,6 +120,11 @@ pub struct Config {
     #[serde(default)]
     #[schemars(example = serde_json::json!({"watch": true, "debounce_ms": 300}))]
     pub reload: ReloadConfig,
+    /// Replicas: which instance subscribes to each channel. With a Pub/Sub source and positions in Redis, every
+    /// instance takes a lease per channel before subscribing; the others stand by and take over when it lapses.
+    #[serde(default)]
+    #[schemars(example = serde_json::json!({"ttl_ms": 15000, "instance": "${HOSTNAME}"}))]
+    pub lease: LeaseConfig,
     /// Payload and record fields (personal data) replaced by `***` in dead letters and `log` sink fields.
     #[serde(default)]
     #[schemars(example = vec!["BillingAddress".to_string(), "Description".to_string()])]
@@ -138,6 +143,78 @@ impl Config {
     /// The Pub/Sub settings in effect (defaults when the section is absent).
     pub fn pubsub(&self) -> PubsubConfig {
         self.source.pubsub.clone().unwrap_or_default()
+    }
+}
+
+/// The per-channel subscriber lease (README "Running two or more replicas").
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LeaseConfig {
+    /// Take a lease per channel before subscribing. Default: on with a `pubsub` source whose positions are in
+    /// Redis; off otherwise (a single instance, the demo, files).
+    #[serde(default)]
+    #[schemars(example = true)]
+    pub enabled: Option<bool>,
+    /// How long a lease outlives its last renewal (renewed every third of it). A standby takes over at most this
+    /// long after the holder died; a graceful stop (SIGTERM) hands over at once.
+    #[serde(default = "default_lease_ttl_ms")]
+    #[schemars(example = 15000)]
+    pub ttl_ms: u64,
+    /// This instance's name in the lease (unique per replica). Default: `<hostname>:<pid>`. A restarted instance
+    /// with the same name takes its own lease back at once, with a new fencing token.
+    #[serde(default)]
+    #[schemars(example = &"switchyard-0")]
+    pub instance: Option<String>,
+}
+
+impl Default for LeaseConfig {
+    fn default() -> Self {
+        LeaseConfig {
+            enabled: None,
+            ttl_ms: default_lease_ttl_ms(),
+            instance: None,
+        }
+    }
+}
+
+fn default_lease_ttl_ms() -> u64 {
+    15_000
+}
+
+impl Config {
+    /// Whether channel leases are in effect (see [`LeaseConfig::enabled`]).
+    pub fn leases_enabled(&self) -> bool {
+        self.lease
+            .enabled
+            .unwrap_or(self.source.kind == SourceKind::Pubsub && self.redis_positions())
+    }
+
+    /// Whether source positions are stored in Redis.
+    fn redis_positions(&self) -> bool {
+        self.redis.is_some()
+            && !matches!(
+                self.checkpoint,
+                Some(CheckpointConfig {
+                    store: CheckpointStoreKind::File | CheckpointStoreKind::Memory,
+                    ..
+                })
+            )
+    }
+
+    /// This instance's name in leases.
+    pub fn instance_name(&self) -> String {
+        match self.lease.instance.as_deref().filter(|s| !s.trim().is_empty()) {
+            Some(name) => name.trim().to_string(),
+            None => {
+                let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                    .ok()
+                    .map(|h| h.trim().to_string())
+                    .filter(|h| !h.is_empty())
+                    .or_else(|| std::env::var("HOSTNAME").ok())
+                    .unwrap_or_else(|| "switchyard".into());
+                format!("{host}:{}", std::process::id())
+            }
+        }
     }
 }
 
@@ -982,6 +1059,24 @@ impl LoadedConfig {
                     "{what}: `connect_timeout_ms` and `command_timeout_ms` must be at least 1"
                 )));
             }
+        }
+        if c.lease.enabled == Some(true) {
+            if c.redis.is_none() {
+                problems.push(err(
+                    "`lease.enabled` needs the `redis` section (the leases live there)".into()
+                ));
+            } else if !c.redis_positions() {
+                problems.push(err(
+                    "`lease.enabled` needs positions in Redis (`checkpoint.store: redis`): fenced writes go there"
+                        .into(),
+                ));
+            }
+        }
+        if c.lease.ttl_ms < 300 {
+            problems.push(err(format!(
+                "`lease.ttl_ms` is {}; at least 300 ms (it is renewed every third of it)",
+                c.lease.ttl_ms
+            )));
         }
         if c.delivery.concurrency == 0 {
             problems.push(err("`delivery.concurrency` must be at least 1".into()));

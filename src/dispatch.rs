@@ -11,9 +11,10 @@ use tracing::Instrument;
 use crate::config::RetryConfig;
 use crate::event::Event;
 use crate::idempotency::Claim;
+use crate::lease::Fence;
 use crate::metrics as m;
 use crate::plan::{Action, Op, Plan};
-use crate::sinks::{ActionCx, DeadLetter, SinkError, Sinks};
+use crate::sinks::{ActionCx, DeadLetter, Sink, SinkError, Sinks};
 
 /// A dead letter that cannot be written (its store is down) is retried at this pace, forever: the
 /// event stays unsettled meanwhile, so its position is not committed and the source stops being read
@@ -34,6 +35,9 @@ pub enum ActionResult {
     DeadLettered {
         reason: String,
     },
+    /// Not run, or not marked done: this replica lost the channel lease the event came under. The event is not
+    /// settled here; the replica holding the lease now redelivers it.
+    Abandoned,
 }
 
 pub struct Dispatcher {
@@ -96,17 +100,29 @@ impl Dispatcher {
     }
 
     /// Runs every action of the plan in order; returns how each ended.
-    pub async fn run(&self, plan: &Plan, event: &Event) -> Vec<ActionResult> {
+    /// `fence`: the channel lease the event came under; once it is lost, the remaining actions are abandoned.
+    pub async fn run(&self, plan: &Plan, event: &Event, fence: Option<&Fence>) -> Vec<ActionResult> {
         let mut results = Vec::with_capacity(plan.actions.len());
         for action in &plan.actions {
-            results.push(self.run_action(&plan.rules_version, event, action).await);
+            let result = if fence.is_some_and(Fence::is_lost) {
+                ActionResult::Abandoned
+            } else {
+                self.run_action(&plan.rules_version, event, action, fence).await
+            };
+            results.push(result);
         }
         results
     }
 
     /// Runs one action to its end (also used by `dead-letter retry`), in a span that puts the route,
     /// record id, sink and correlation id on every line logged meanwhile.
-    pub async fn run_action(&self, rules_version: &str, event: &Event, action: &Action) -> ActionResult {
+    pub async fn run_action(
+        &self,
+        rules_version: &str,
+        event: &Event,
+        action: &Action,
+        fence: Option<&Fence>,
+    ) -> ActionResult {
         // ERROR level, so that a `RUST_LOG=warn` filter keeps the span's fields on the warnings inside it.
         let span = tracing::error_span!(
             "action",
@@ -115,12 +131,18 @@ impl Dispatcher {
             sink = %action.sink,
             correlation_id = action.correlation_id(),
         );
-        self.run_action_inner(rules_version, event, action)
+        self.run_action_inner(rules_version, event, action, fence)
             .instrument(span)
             .await
     }
 
-    async fn run_action_inner(&self, rules_version: &str, event: &Event, action: &Action) -> ActionResult {
+    async fn run_action_inner(
+        &self,
+        rules_version: &str,
+        event: &Event,
+        action: &Action,
+        fence: Option<&Fence>,
+    ) -> ActionResult {
         if action.shadow {
             metrics::counter!(m::SHADOW_ACTIONS, "route" => action.route.clone(), "sink" => action.sink.clone())
                 .increment(1);
@@ -132,14 +154,18 @@ impl Dispatcher {
                 .await;
             return ActionResult::DeadLettered { reason: reason.clone() };
         }
-        if !self.sinks.by_name.contains_key(&action.sink) {
+        let Some(sink) = self.sinks.get(&action.sink) else {
             let reason = format!("sink `{}` is not configured", action.sink);
             self.park(self.letter(rules_version, event, action, reason.clone(), 0))
                 .await;
             return ActionResult::DeadLettered { reason };
-        }
-        match self.attempt(rules_version, event, action).await {
+        };
+        match self.attempt(&sink, rules_version, event, action, fence).await {
             Ok(result) => result,
+            Err((SinkError::Fenced(e), _)) => {
+                tracing::warn!(sink = %action.sink, route = %action.route, event_id = %event.id, error = %e, "Action abandoned: the channel lease moved to another replica, which redelivers the event.");
+                ActionResult::Abandoned
+            }
             Err((err, attempts)) => {
                 let reason = format!("sink `{}` failed after {attempts} attempt(s): {err}", action.sink);
                 tracing::error!(sink = %action.sink, route = %action.route, event_id = %event.id, rules_version, error = %err, "Action dead-lettered.");
@@ -154,11 +180,12 @@ impl Dispatcher {
     /// transient errors of any of these steps within the budget.
     async fn attempt(
         &self,
+        sink: &Sink,
         rules_version: &str,
         event: &Event,
         action: &Action,
+        fence: Option<&Fence>,
     ) -> Result<ActionResult, (SinkError, u32)> {
-        let sink = self.sinks.by_name.get(&action.sink).expect("checked by the caller");
         let key = match &action.op {
             Op::Enqueue { idempotency_key, .. } => Some(idempotency_key.as_str()),
             Op::Webhook { idempotency_key, .. } => idempotency_key.as_deref(),
@@ -178,7 +205,7 @@ impl Dispatcher {
             attempts += 1;
             let step: Result<Option<ActionResult>, SinkError> = async {
                 if let Some(key) = key {
-                    match idem.claim(&action.sink, key, Some(&own_token)).await? {
+                    match idem.claim(&action.sink, key, Some(&own_token), fence).await? {
                         Claim::Done => return Ok(Some(ActionResult::Skipped)),
                         // Another holder (a crashed process whose lease has not expired, or a concurrent
                         // delivery of the same key): wait for it like for a transient error.
@@ -209,7 +236,7 @@ impl Dispatcher {
                 };
                 outcome?;
                 if let Some(key) = key {
-                    idem.complete(&action.sink, key).await?;
+                    idem.complete(&action.sink, key, fence).await?;
                 }
                 Ok(None)
             }
@@ -270,7 +297,7 @@ impl Dispatcher {
         loop {
             match self.sinks.dead_letters.write(&letter).await {
                 Ok(()) => return,
-                Err(SinkError::Permanent(e)) => {
+                Err(SinkError::Permanent(e) | SinkError::Fenced(e)) => {
                     // Cannot happen for well-formed letters; the log line then carries the whole letter.
                     tracing::error!(error = %e, letter = %serde_json::to_string(&letter).unwrap_or_default(), "Dead letter could not be stored.");
                     return;

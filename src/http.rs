@@ -13,10 +13,7 @@ use tokio::sync::watch;
 use crate::metrics as m;
 use crate::reload::Reloader;
 use crate::sinks::RedisCheck;
-
-/// This replica's role. Every replica is `active` until high availability adds `standby` replicas, which
-/// are ready too (so rolling deploys proceed) but do not subscribe.
-pub const ROLE: &str = "active";
+use crate::sources::pubsub::subscriber::{ChannelState, ChannelStatus};
 
 /// What the listener serves from.
 #[derive(Clone)]
@@ -25,6 +22,8 @@ pub struct AppState {
     pub metrics: PrometheusHandle,
     /// The Redis servers `/readyz` PINGs (none without Redis).
     pub redis: Arc<Vec<RedisCheck>>,
+    /// The Pub/Sub channels and their states (none with a JSONL source).
+    pub channels: Arc<std::sync::Mutex<Vec<Arc<ChannelStatus>>>>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -64,7 +63,7 @@ async fn readyz(State(state): State<AppState>) -> (axum::http::StatusCode, Json<
     metrics::gauge!(m::READY).set(if ready { 1.0 } else { 0.0 });
     let body = json!({
         "status": if ready { "ready" } else { "not-ready" },
-        "role": ROLE,
+        "role": m::role(),
         "rules_version": rules.version,
         "redis": redis,
         "reason": if ready { Value::Null } else { Value::from(reasons.join("; ")) },
@@ -85,7 +84,7 @@ async fn rules(State(state): State<AppState>) -> Json<Value> {
 /// Reloads now and answers with the outcome (422 when the files have errors; the old rules keep running).
 async fn reload(State(state): State<AppState>) -> (axum::http::StatusCode, Json<Value>) {
     let reloader = state.reloader.clone();
-    let outcome = tokio::task::spawn_blocking(move || reloader.reload()).await;
+    let outcome = tokio::spawn(async move { reloader.reload().await }).await;
     match outcome {
         Ok(outcome) => {
             let code = if outcome.ok {
@@ -104,9 +103,26 @@ async fn reload(State(state): State<AppState>) -> (axum::http::StatusCode, Json<
 
 async fn healthz(State(state): State<AppState>) -> Json<Value> {
     let rules = state.reloader.rules.load();
+    let channels: serde_json::Map<String, Value> = state
+        .channels
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .map(|c| {
+            let state = match c.state() {
+                ChannelState::Standby => json!("standby"),
+                ChannelState::Connecting => json!("connecting"),
+                ChannelState::Streaming => json!("streaming"),
+                ChannelState::Backoff => json!("backoff"),
+                ChannelState::Stopped(why) => json!({"stopped": why}),
+            };
+            (c.channel.clone(), state)
+        })
+        .collect();
     Json(json!({
         "status": "ok",
-        "role": ROLE,
+        "role": m::role(),
+        "channels": channels,
         "rules_version": rules.version,
         "routes": rules.routes.len(),
         "version": env!("CARGO_PKG_VERSION"),

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use redis::aio::ConnectionManager;
 
+use crate::lease::Fence;
 use crate::sinks::SinkError;
 
 /// The value a done marker holds.
@@ -19,6 +20,25 @@ const DONE: &str = "done";
 /// another holder must not be released by us).
 const RELEASE: &str =
     r#"if redis.call("GET", KEYS[1]) == ARGV[1] then return redis.call("DEL", KEYS[1]) else return 0 end"#;
+/// Takes the lease (`KEYS[1]`) unless the action is done or leased by someone else, in one round trip; fenced by
+/// the channel lease's token when there is one (`KEYS[2]`, `ARGV[3]`). 1: ours, 2: done, 0: busy, -1: fenced out.
+static CLAIM: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+    redis::Script::new(&format!(
+        r#"{guard}if redis.call("SET", KEYS[1], ARGV[1], "NX", "PX", ARGV[2]) then return 1 end
+local cur = redis.call("GET", KEYS[1])
+if cur and string.sub(cur, 1, 4) == "done" then return 2 end
+if cur == ARGV[1] then return 1 end
+return 0"#,
+        guard = crate::lease::fence_guard(3)
+    ))
+});
+/// Writes the done marker (`ARGV[1]`, carrying the fencing token when there is one), fenced like [`CLAIM`].
+static COMPLETE: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+    redis::Script::new(&format!(
+        r#"{guard}redis.call("SET", KEYS[1], ARGV[1], "PX", ARGV[2]) return 1"#,
+        guard = crate::lease::fence_guard(3)
+    ))
+});
 /// Extends the lease only while it is still ours.
 const RENEW: &str =
     r#"if redis.call("GET", KEYS[1]) == ARGV[1] then return redis.call("PEXPIRE", KEYS[1], ARGV[2]) else return 0 end"#;
@@ -46,6 +66,8 @@ pub enum Idempotency {
     Redis {
         conn: ConnectionManager,
         prefix: String,
+        /// The config's key prefix, under which the channel leases' fencing counters live.
+        key_prefix: String,
         ttls: Ttls,
     },
     Memory {
@@ -74,11 +96,23 @@ fn redis_err(e: redis::RedisError) -> SinkError {
     SinkError::from_redis(&e)
 }
 
+fn fenced(fence: Option<&Fence>) -> SinkError {
+    if let Some(f) = fence {
+        f.mark_lost();
+    }
+    SinkError::Fenced(format!(
+        "another replica holds the lease of `{}` (our token {} is stale)",
+        fence.map_or("?", |f| &f.key),
+        fence.map_or(0, |f| f.token)
+    ))
+}
+
 impl Idempotency {
     pub fn redis(conn: ConnectionManager, key_prefix: &str, ttls: Ttls) -> Self {
         Idempotency::Redis {
             conn,
             prefix: format!("{key_prefix}idem:"),
+            key_prefix: key_prefix.to_string(),
             ttls,
         }
     }
@@ -100,35 +134,41 @@ impl Idempotency {
         format!("{prefix}{sink}:{key}")
     }
 
-    /// Takes the lease for (sink, key), or says why not. `held` is a token this caller already holds.
-    pub async fn claim(&self, sink: &str, key: &str, held: Option<&str>) -> Result<Claim, SinkError> {
+    /// Takes the lease for (sink, key), or says why not. `held` is a token this caller already holds; `fence` the
+    /// channel lease the event came under (a claim from a replica that lost it is refused: [`SinkError::Fenced`]).
+    pub async fn claim(
+        &self,
+        sink: &str,
+        key: &str,
+        held: Option<&str>,
+        fence: Option<&Fence>,
+    ) -> Result<Claim, SinkError> {
         match self {
-            Idempotency::Redis { conn, prefix, ttls } => {
+            Idempotency::Redis {
+                conn,
+                prefix,
+                key_prefix,
+                ttls,
+            } => {
                 let mut conn = conn.clone();
                 let k = Self::key(prefix, sink, key);
                 let token = held.map(str::to_string).unwrap_or_else(new_token);
-                let set: Option<String> = redis::cmd("SET")
-                    .arg(&k)
+                let fence_key = fence.map_or_else(|| k.clone(), |f| crate::lease::fence_key(key_prefix, &f.key));
+                let claimed: i64 = CLAIM
+                    .key(&k)
+                    .key(fence_key)
                     .arg(&token)
-                    .arg("NX")
-                    .arg("PX")
                     .arg(ttls.lease.as_millis() as u64)
-                    .query_async(&mut conn)
+                    .arg(Fence::arg(fence))
+                    .invoke_async(&mut conn)
                     .await
                     .map_err(redis_err)?;
-                if set.is_some() {
-                    return Ok(Claim::Acquired(token));
+                match claimed {
+                    1 => Ok(Claim::Acquired(token)),
+                    2 => Ok(Claim::Done),
+                    -1 => Err(fenced(fence)),
+                    _ => Ok(Claim::Busy),
                 }
-                let current: Option<String> = redis::cmd("GET")
-                    .arg(&k)
-                    .query_async(&mut conn)
-                    .await
-                    .map_err(redis_err)?;
-                Ok(match current.as_deref() {
-                    Some(DONE) => Claim::Done,
-                    Some(t) if Some(t) == held => Claim::Acquired(token),
-                    _ => Claim::Busy,
-                })
             }
             Idempotency::Memory { entries, ttls } => {
                 let mut map = entries.lock().expect("idempotency lock is never poisoned");
@@ -150,7 +190,7 @@ impl Idempotency {
     /// Extends our lease while a call runs.
     pub async fn renew(&self, sink: &str, key: &str, token: &str) -> Result<(), SinkError> {
         match self {
-            Idempotency::Redis { conn, prefix, ttls } => {
+            Idempotency::Redis { conn, prefix, ttls, .. } => {
                 let mut conn = conn.clone();
                 redis::Script::new(RENEW)
                     .key(Self::key(prefix, sink, key))
@@ -173,19 +213,35 @@ impl Idempotency {
         }
     }
 
-    /// Marks the action done: later deliveries of the same key skip it for the done TTL.
-    pub async fn complete(&self, sink: &str, key: &str) -> Result<(), SinkError> {
+    /// Marks the action done: later deliveries of the same key skip it for the done TTL. Under a channel lease the
+    /// marker carries its fencing token, and a replica that lost the lease cannot write it.
+    pub async fn complete(&self, sink: &str, key: &str, fence: Option<&Fence>) -> Result<(), SinkError> {
         match self {
-            Idempotency::Redis { conn, prefix, ttls } => {
+            Idempotency::Redis {
+                conn,
+                prefix,
+                key_prefix,
+                ttls,
+            } => {
                 let mut conn = conn.clone();
-                redis::cmd("SET")
-                    .arg(Self::key(prefix, sink, key))
-                    .arg(DONE)
-                    .arg("PX")
+                let k = Self::key(prefix, sink, key);
+                let (value, fence_key) = match fence {
+                    Some(f) => (
+                        format!("{DONE} {}", f.token),
+                        crate::lease::fence_key(key_prefix, &f.key),
+                    ),
+                    None => (DONE.to_string(), k.clone()),
+                };
+                let done: i64 = COMPLETE
+                    .key(&k)
+                    .key(fence_key)
+                    .arg(value)
                     .arg(ttls.done.as_millis() as u64)
-                    .query_async::<()>(&mut conn)
+                    .arg(Fence::arg(fence))
+                    .invoke_async(&mut conn)
                     .await
-                    .map_err(redis_err)
+                    .map_err(redis_err)?;
+                if done == -1 { Err(fenced(fence)) } else { Ok(()) }
             }
             Idempotency::Memory { entries, ttls } => {
                 let mut map = entries.lock().expect("idempotency lock is never poisoned");
@@ -231,30 +287,30 @@ mod tests {
             done: Duration::from_secs(60),
         };
         let idem = Idempotency::memory(ttls);
-        let Claim::Acquired(token) = idem.claim("q", "k", None).await.unwrap() else {
+        let Claim::Acquired(token) = idem.claim("q", "k", None, None).await.unwrap() else {
             panic!("first claim")
         };
-        assert_eq!(idem.claim("q", "k", None).await.unwrap(), Claim::Busy);
+        assert_eq!(idem.claim("q", "k", None, None).await.unwrap(), Claim::Busy);
         assert_eq!(
-            idem.claim("q", "k", Some(&token)).await.unwrap(),
+            idem.claim("q", "k", Some(&token), None).await.unwrap(),
             Claim::Acquired(token.clone())
         );
         assert!(matches!(
-            idem.claim("other-sink", "k", None).await.unwrap(),
+            idem.claim("other-sink", "k", None, None).await.unwrap(),
             Claim::Acquired(_)
         ));
         // A crashed holder's lease expires: the action can run again.
         tokio::time::sleep(Duration::from_millis(80)).await;
-        let Claim::Acquired(second) = idem.claim("q", "k", None).await.unwrap() else {
+        let Claim::Acquired(second) = idem.claim("q", "k", None, None).await.unwrap() else {
             panic!("after expiry")
         };
         idem.release("q", "k", &token).await.unwrap();
         assert_eq!(
-            idem.claim("q", "k", None).await.unwrap(),
+            idem.claim("q", "k", None, None).await.unwrap(),
             Claim::Busy,
             "a stale token cannot release"
         );
-        idem.complete("q", "k").await.unwrap();
-        assert_eq!(idem.claim("q", "k", Some(&second)).await.unwrap(), Claim::Done);
+        idem.complete("q", "k", None).await.unwrap();
+        assert_eq!(idem.claim("q", "k", Some(&second), None).await.unwrap(), Claim::Done);
     }
 }

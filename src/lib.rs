@@ -17,6 +17,7 @@ pub mod event;
 pub mod explain;
 pub mod http;
 pub mod idempotency;
+pub mod lease;
 pub mod logging;
 pub mod metrics;
 pub mod pipeline;

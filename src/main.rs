@@ -131,8 +131,7 @@ async fn run(config: Option<PathBuf>, no_watch: bool) -> ExitCode {
                 return;
             };
             while hup.recv().await.is_some() {
-                let reloader = reloader.clone();
-                let _ = tokio::task::spawn_blocking(move || reloader.reload()).await;
+                reloader.reload().await;
             }
         });
     }

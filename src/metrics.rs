@@ -34,6 +34,8 @@ pub const RULES_VERSION: &str = "switchyard_rules_version_info";
 pub const RULES_RELOADS: &str = "switchyard_rules_reload_total";
 pub const CHECKPOINT_COMMITS: &str = "switchyard_checkpoint_commits_total";
 pub const CHECKPOINT_ERRORS: &str = "switchyard_checkpoint_errors_total";
+pub const CHECKPOINT_FENCED: &str = "switchyard_checkpoint_fenced_total";
+pub const LEASE_CHANGES: &str = "switchyard_lease_changes_total";
 pub const AUTH_TOKENS: &str = "switchyard_auth_token_requests_total";
 pub const ENRICH_CALLS: &str = "switchyard_enrich_calls_total";
 pub const ENRICH_CALLS_PER_EVENT: &str = "switchyard_enrich_calls_per_event";
@@ -122,15 +124,43 @@ fn describe() {
         CHECKPOINT_ERRORS,
         "Source positions that could not be stored (retried)."
     );
+    describe_counter!(
+        CHECKPOINT_FENCED,
+        "Position writes refused because another replica took the channel's lease."
+    );
+    describe_counter!(
+        LEASE_CHANGES,
+        "Channel leases taken, lost and released by this replica, by channel and event."
+    );
     describe_gauge!(ROLE, "1 for this replica's role (active, standby).");
     describe_gauge!(READY, "1 when the last /readyz check passed.");
     describe_gauge!(REDIS_UP, "1 when the Redis server answered the last /readyz PING.");
 }
 
+/// Whether this replica holds a channel lease (or runs without leases): its role is then `active`, else `standby`.
+static ACTIVE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// This replica's role: `active` or `standby`.
+pub fn role() -> &'static str {
+    if ACTIVE.load(std::sync::atomic::Ordering::Relaxed) {
+        "active"
+    } else {
+        "standby"
+    }
+}
+
+/// Records this replica's role (`active` or `standby`) for `/healthz`, `/readyz` and `switchyard_role_info`.
+pub fn set_role(role: &str) {
+    let active = role == "active";
+    ACTIVE.store(active, std::sync::atomic::Ordering::Relaxed);
+    metrics::gauge!(ROLE, "role" => "active").set(if active { 1.0 } else { 0.0 });
+    metrics::gauge!(ROLE, "role" => "standby").set(if active { 0.0 } else { 1.0 });
+}
+
 /// Creates the per-route, per-sink and per-channel series at zero, so a scrape shows every series
 /// before the first event (and alerts on `increase()` see the first one).
-pub fn register(config: &Config, rules: &RuleSet, role: &str) {
-    metrics::gauge!(ROLE, "role" => role.to_string()).set(1.0);
+pub fn register(config: &Config, rules: &RuleSet) {
+    set_role(if config.leases_enabled() { "standby" } else { "active" });
     for channel in rules.live_channels() {
         let channel = channel.to_string();
         metrics::counter!(EVENTS, "channel" => channel.clone()).increment(0);
@@ -168,6 +198,7 @@ pub fn register(config: &Config, rules: &RuleSet, role: &str) {
     metrics::counter!(EVENTS_MALFORMED).increment(0);
     metrics::counter!(CHECKPOINT_COMMITS).increment(0);
     metrics::counter!(CHECKPOINT_ERRORS).increment(0);
+    metrics::counter!(CHECKPOINT_FENCED).increment(0);
 }
 
 /// Counts the `when` evaluations of one event: every live route of its channel, once per record (phase

@@ -24,6 +24,7 @@ use crate::config::{Config, OnUnmatched};
 use crate::dispatch::{ActionResult, Dispatcher, now_ms, redact_event};
 use crate::enrich::Enricher;
 use crate::event::Event;
+use crate::lease::Fence;
 use crate::metrics as m;
 use crate::plan::{Op, Outcome, Plan};
 use crate::router::{self, Needs};
@@ -48,6 +49,8 @@ pub struct Stats {
     pub routes_fired: BTreeMap<String, u64>,
     /// Events settled (their positions may be committed).
     pub settled: u64,
+    /// Deliveries given up because this replica lost the channel lease they came under (another one redelivers).
+    pub abandoned: u64,
 }
 
 impl Stats {
@@ -59,6 +62,7 @@ impl Stats {
         self.shadow += other.shadow;
         self.dead_letters += other.dead_letters;
         self.settled += other.settled;
+        self.abandoned += other.abandoned;
         for (k, v) in other.actions_done {
             *self.actions_done.entry(k).or_default() += v;
         }
@@ -84,10 +88,14 @@ pub struct Pipeline {
     pub settled: watch::Sender<u64>,
 }
 
+/// Per checkpoint key: the position past the last settled delivery, and the lease it was settled under.
+type Positions = HashMap<Arc<str>, (Vec<u8>, Option<Arc<Fence>>)>;
+
 /// One settled delivery, reported by its task.
 struct Settled {
     seq: u64,
     key: Option<Arc<str>>,
+    fence: Option<Arc<Fence>>,
     end: Vec<u8>,
     output: String,
     stats: Stats,
@@ -129,7 +137,7 @@ impl Pipeline {
         let (mut seq, mut next_settle, mut in_flight) = (0u64, 1u64, 0usize);
         let (mut source_done, mut stopping, mut shutdown_gone) = (false, *shutdown.borrow(), false);
         // Per checkpoint key (a JSONL file, a Pub/Sub channel in one mode): the last settled and the last stored.
-        let mut last_end: HashMap<Arc<str>, Vec<u8>> = HashMap::new();
+        let mut last_end: Positions = HashMap::new();
         let mut committed: HashMap<Arc<str>, Vec<u8>> = HashMap::new();
         let mut deadline = tokio::time::Instant::now() + Duration::from_secs(86_400 * 365);
         if stopping {
@@ -153,9 +161,20 @@ impl Pipeline {
                         }
                         // Events and malformed input count; position marks do not.
                         let delivered = done.stats.settled;
+                        let abandoned = done.stats.abandoned > 0;
                         stats.merge(done.stats);
                         if let Some(key) = done.key {
-                            last_end.insert(key, done.end);
+                            match done.fence {
+                                // Under a lease we lost, nothing moves the position any more: the new holder
+                                // redelivers from the stored one.
+                                Some(f) if abandoned || f.is_lost() => {
+                                    f.mark_lost();
+                                    last_end.remove(&key);
+                                }
+                                fence => {
+                                    last_end.insert(key, (done.end, fence));
+                                }
+                            }
                         }
                         next_settle += 1;
                         self.settled.send_modify(|n| *n += delivered);
@@ -182,10 +201,10 @@ impl Pipeline {
                     seq += 1;
                     in_flight += 1;
                     metrics::gauge!(m::EVENTS_IN_FLIGHT).set(in_flight as f64);
-                    self.spawn(seq, delivery.key, delivery.delivery, &mut tails, settled_tx.clone());
+                    self.spawn(seq, delivery, &mut tails, settled_tx.clone());
                 }
                 _ = tick.tick() => {
-                    self.commit(&last_end, &mut committed).await;
+                    self.commit(&mut last_end, &mut committed).await;
                 }
             }
         }
@@ -195,7 +214,7 @@ impl Pipeline {
         // for up to the shutdown timeout.
         let give_up = tokio::time::Instant::now() + self.shutdown_timeout;
         let mut pause = Duration::from_millis(50);
-        while !self.commit(&last_end, &mut committed).await {
+        while !self.commit(&mut last_end, &mut committed).await {
             if tokio::time::Instant::now() + pause > give_up {
                 tracing::error!("The last settled position could not be stored; those events will be redelivered.");
                 break;
@@ -206,17 +225,31 @@ impl Pipeline {
         stats
     }
 
-    /// Stores every settled position that moved; false when the store failed for one of them.
-    async fn commit(&self, last_end: &HashMap<Arc<str>, Vec<u8>>, committed: &mut HashMap<Arc<str>, Vec<u8>>) -> bool {
+    /// Stores every settled position that moved; false when the store failed for one of them. A position whose
+    /// channel lease was lost is not stored (and forgotten): fenced writes refuse it anyway.
+    async fn commit(&self, last_end: &mut Positions, committed: &mut HashMap<Arc<str>, Vec<u8>>) -> bool {
         let mut ok = true;
-        for (key, end) in last_end {
+        let mut refused = Vec::new();
+        for (key, (end, fence)) in last_end.iter() {
             if committed.get(key) == Some(end) {
                 continue;
             }
-            match self.checkpoints().set(key, end).await {
-                Ok(()) => {
+            if fence.as_ref().is_some_and(|f| f.is_lost()) {
+                refused.push(key.clone());
+                continue;
+            }
+            match self.checkpoints().set_fenced(key, end, fence.as_deref()).await {
+                Ok(true) => {
                     metrics::counter!(m::CHECKPOINT_COMMITS).increment(1);
                     committed.insert(key.clone(), end.clone());
+                }
+                Ok(false) => {
+                    metrics::counter!(m::CHECKPOINT_FENCED).increment(1);
+                    if let Some(f) = fence {
+                        f.mark_lost();
+                    }
+                    tracing::warn!(%key, "Position not stored: another replica holds this channel's lease now.");
+                    refused.push(key.clone());
                 }
                 Err(e) => {
                     // Retried on the next tick; the position only ever lags, never leads.
@@ -225,6 +258,9 @@ impl Pipeline {
                     ok = false;
                 }
             }
+        }
+        for key in refused {
+            last_end.remove(&key);
         }
         ok
     }
@@ -237,11 +273,11 @@ impl Pipeline {
     fn spawn(
         self: &Arc<Self>,
         seq: u64,
-        key: Option<Arc<str>>,
-        delivery: Delivery,
+        sourced: Sourced,
         tails: &mut HashMap<String, watch::Receiver<bool>>,
         settled: mpsc::UnboundedSender<Settled>,
     ) {
+        let Sourced { key, fence, delivery } = sourced;
         let end = delivery.end().to_vec();
         // One rules version from the first route to the last; phase one is pure, so it runs here and
         // tells which records the event touches.
@@ -289,10 +325,13 @@ impl Pipeline {
                 Delivery::Malformed { .. } => Some(String::new()),
                 Delivery::Mark { .. } => None,
             };
-            let work = AssertUnwindSafe(this.handle(delivery, needs, &rules).instrument(span))
+            let work = AssertUnwindSafe(this.handle(delivery, needs, &rules, fence.as_deref()).instrument(span))
                 .catch_unwind()
                 .await;
-            if let Some(channel) = settles {
+            let abandoned = matches!(&work, Ok((_, stats)) if stats.abandoned > 0);
+            if let Some(channel) = settles
+                && !abandoned
+            {
                 metrics::counter!(m::EVENTS_SETTLED, "channel" => channel).increment(1);
             }
             let (output, stats) = match work {
@@ -326,6 +365,7 @@ impl Pipeline {
             let _ = settled.send(Settled {
                 seq,
                 key,
+                fence,
                 end,
                 output,
                 stats,
@@ -334,12 +374,24 @@ impl Pipeline {
     }
 
     /// Handles one delivery to the end; returns what to print (in order) and its counts.
-    async fn handle(&self, delivery: Delivery, needs: Option<Needs>, rules: &RuleSet) -> (String, Stats) {
+    async fn handle(
+        &self,
+        delivery: Delivery,
+        needs: Option<Needs>,
+        rules: &RuleSet,
+        fence: Option<&Fence>,
+    ) -> (String, Stats) {
         let mut stats = Stats {
             settled: 1,
             ..Stats::default()
         };
         let mut out = String::new();
+        if fence.is_some_and(Fence::is_lost) {
+            // Another replica holds the channel now and redelivers this one.
+            stats.settled = 0;
+            stats.abandoned = 1;
+            return (out, stats);
+        }
         match (delivery, needs) {
             (Delivery::Mark { .. }, _) => stats.settled = 0,
             (
@@ -390,14 +442,18 @@ impl Pipeline {
                         tracing::warn!(route = %d.route, event_id = %event.id, record_id = ?d.record_id, rules_version = %rules.version, outcome = ?d.outcome, "Route failed; the event is dead-lettered for it.");
                     }
                 }
-                let results = self.dispatcher.run(&plan, &event).await;
+                let results = self.dispatcher.run(&plan, &event, fence).await;
                 for (action, result) in plan.actions.iter().zip(&results) {
                     match result {
                         ActionResult::Done { .. } => *stats.actions_done.entry(action.sink.clone()).or_default() += 1,
                         ActionResult::Skipped => stats.skipped += 1,
                         ActionResult::Shadow => stats.shadow += 1,
                         ActionResult::DeadLettered { .. } => stats.dead_letters += 1,
+                        ActionResult::Abandoned => stats.abandoned = 1,
                     }
+                }
+                if stats.abandoned > 0 {
+                    stats.settled = 0;
                 }
                 for d in plan.decisions.iter().filter(|d| d.outcome == Outcome::Then) {
                     *stats.routes_fired.entry(d.route.clone()).or_default() += 1;
@@ -491,6 +547,7 @@ fn render_plan(event: &Event, position: &str, plan: &Plan, results: &[ActionResu
                     "dead-lettered".to_string()
                 }
                 ActionResult::DeadLettered { reason } => format!("dead-lettered: {reason}"),
+                ActionResult::Abandoned => "abandoned: the channel lease moved to another replica".to_string(),
             };
             let _ = writeln!(out, "    -> {}  [{status}]", action.summary());
         }

@@ -2,8 +2,14 @@
 //! atomic swap of the whole RuleSet. A bad edit keeps the last good set and says why (file:line:col). Every
 //! event loads the RuleSet once, so it is evaluated under exactly one version.
 //!
-//! Triggers: file changes in the rules' folders (watched as folders, so editors' save-by-rename and
-//! Kubernetes ConfigMap `..data` symlink swaps are seen), SIGHUP, and `POST /reload`.
+//! Triggers: file changes in the rules' folders and the config file's folder (watched as folders, so editors'
+//! save-by-rename and Kubernetes ConfigMap `..data` symlink swaps are seen), SIGHUP, and `POST /reload`.
+//!
+//! With a config file, a reload re-reads it too. What can change live is applied in this order, each step only once
+//! the previous ones succeeded: sinks whose settings changed are rebuilt (the others are kept), the new RuleSet
+//! (compiled against the new channels, sinks and mode) is swapped in, then the Pub/Sub subscriptions are stopped and
+//! started to match the new mode and channels, each mode resuming from its own stored position. Settings that need
+//! a restart (the HTTP listener, Redis, credentials, ...) are reported in the outcome, never silently ignored.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -13,12 +19,15 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use serde::Serialize;
 
+use crate::config::{Config, LoadedConfig};
 use crate::diag::{Problem, Severity};
 use crate::dispatch::now_ms;
 use crate::metrics as m;
 use crate::rules::RuleSet;
 use crate::rules::load::RuleEnv;
 use crate::rules::validate::validate;
+use crate::sinks::Sinks;
+use crate::sources::pubsub::subscriber::Subscriptions;
 
 /// What a reload did.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -34,6 +43,12 @@ pub struct ReloadOutcome {
     pub changed: Vec<String>,
     /// Every problem, as `file:line:col: error|warning: message`.
     pub problems: Vec<String>,
+    /// Config changes applied live (mode, channels, sinks rebuilt, subscriptions started and stopped).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub applied: Vec<String>,
+    /// Config changes that take effect only after a restart (the running process keeps the old values).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub restart_required: Vec<String>,
 }
 
 /// Per-route counters shown at `/rules`.
@@ -64,9 +79,60 @@ impl RouteCounters {
 pub struct Reloader {
     pub rules: Arc<ArcSwap<RuleSet>>,
     pub counters: Arc<RouteCounters>,
-    paths: Vec<PathBuf>,
-    env: RuleEnv,
+    paths: Mutex<Vec<PathBuf>>,
+    env: Mutex<RuleEnv>,
     state: Mutex<State>,
+    /// The config file and what its live settings drive; `None`: rules only (the demo, a config given as text).
+    live: Option<LiveConfig>,
+    /// One reload at a time.
+    serial: tokio::sync::Mutex<()>,
+}
+
+/// What a config reload changes on a running process.
+struct LiveConfig {
+    /// The config the process started with: what the settings that need a restart are compared against.
+    started: Config,
+    /// The config last applied.
+    config: Mutex<LoadedConfig>,
+    sinks: Arc<Sinks>,
+    subscriptions: Mutex<Option<Arc<Subscriptions>>>,
+}
+
+/// The config keys that only a restart applies, with a note on why.
+const RESTART_KEYS: &[(&str, &str)] = &[
+    (
+        "source",
+        "the source kind and its settings (except `source.pubsub.enabled`)",
+    ),
+    ("redis", "the Redis connection of positions, markers and dead letters"),
+    ("salesforce", "the Salesforce credentials and REST settings"),
+    ("enricher", "the enricher"),
+    ("http", "the HTTP listener"),
+    ("delivery", "concurrency, retries and timeouts"),
+    ("checkpoint", "the position store"),
+    ("dead_letters", "dead-letter retention"),
+    ("lease", "the replica lease settings"),
+    ("reload", "the reload settings"),
+    ("redact", "the redacted fields"),
+    ("on_unmatched", "what happens to unmatched events"),
+    ("print_decisions", "printing decisions"),
+];
+
+/// The top-level config keys that differ and need a restart, with `source.pubsub.enabled` (which is live) left out.
+fn restart_required(old: &Config, new: &Config) -> Vec<String> {
+    let as_value = |c: &Config| {
+        let mut v = serde_json::to_value(c).unwrap_or_default();
+        if let Some(pubsub) = v.pointer_mut("/source/pubsub").and_then(|p| p.as_object_mut()) {
+            pubsub.remove("enabled");
+        }
+        v
+    };
+    let (old, new) = (as_value(old), as_value(new));
+    RESTART_KEYS
+        .iter()
+        .filter(|(key, _)| old.get(key) != new.get(key))
+        .map(|(key, what)| format!("`{key}` changed ({what}): restart switchyard to apply it"))
+        .collect()
 }
 
 struct State {
@@ -101,43 +167,140 @@ impl Reloader {
         Reloader {
             rules,
             counters,
-            paths,
-            env,
+            paths: Mutex::new(paths),
+            env: Mutex::new(env),
             state: Mutex::new(State {
                 loaded_at_ms: now_ms(),
                 last: None,
             }),
+            live: None,
+            serial: tokio::sync::Mutex::new(()),
         }
     }
 
-    /// The folders to watch: each rules folder, and the folder of each rules file.
-    pub fn watched_dirs(&self) -> Vec<PathBuf> {
-        crate::rules::load::folders_of(&self.paths)
+    /// Reloads `config` (its file) with the rules, applying what can change live to `sinks` and the subscriptions.
+    pub fn with_config(mut self, config: LoadedConfig, sinks: Arc<Sinks>) -> Self {
+        self.live = Some(LiveConfig {
+            started: config.config.clone(),
+            config: Mutex::new(config),
+            sinks,
+            subscriptions: Mutex::new(None),
+        });
+        self
     }
 
-    /// Runs the start-up path on the files as they are now; swaps only a complete, error-free RuleSet.
-    pub fn reload(&self) -> ReloadOutcome {
+    /// The Pub/Sub channel tasks a config reload starts and stops.
+    pub fn set_subscriptions(&self, subscriptions: Arc<Subscriptions>) {
+        if let Some(live) = &self.live {
+            *live.subscriptions.lock().unwrap_or_else(|e| e.into_inner()) = Some(subscriptions);
+        }
+    }
+
+    /// The folders to watch: each rules folder, the folder of each rules file, and the config file's folder.
+    pub fn watched_dirs(&self) -> Vec<PathBuf> {
+        let mut dirs = crate::rules::load::folders_of(&self.paths.lock().unwrap_or_else(|e| e.into_inner()));
+        if let Some(live) = &self.live {
+            let path = live.config.lock().unwrap_or_else(|e| e.into_inner()).path.clone();
+            let folder = match path.parent() {
+                Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+                _ => PathBuf::from("."),
+            };
+            if !dirs.contains(&folder) {
+                dirs.push(folder);
+            }
+        }
+        dirs
+    }
+
+    /// Runs the start-up path on the files as they are now (the config file too, when there is one); swaps only a
+    /// complete, error-free RuleSet, and applies live config changes with it.
+    pub async fn reload(&self) -> ReloadOutcome {
+        let _one = self.serial.lock().await;
+        let outcome = self.reload_now().await;
+        self.state.lock().expect("reload state lock is never poisoned").last = Some(outcome.clone());
+        outcome
+    }
+
+    async fn reload_now(&self) -> ReloadOutcome {
         let old = self.rules.load_full();
-        let checked = validate(&self.paths, &self.env, None);
+        let failed = |problems: Vec<String>| {
+            metrics::counter!(m::RULES_RELOADS, "result" => "error").increment(1);
+            ReloadOutcome {
+                ok: false,
+                swapped: false,
+                old_version: old.version.clone(),
+                new_version: None,
+                added: Vec::new(),
+                removed: Vec::new(),
+                changed: Vec::new(),
+                problems,
+                applied: Vec::new(),
+                restart_required: Vec::new(),
+            }
+        };
+        // The config file first: a broken config keeps everything as it is.
+        let current = self
+            .live
+            .as_ref()
+            .map(|live| live.config.lock().unwrap_or_else(|e| e.into_inner()).clone());
+        let next = match &current {
+            Some(current) => {
+                let path = current.path.clone();
+                match tokio::task::spawn_blocking(move || LoadedConfig::load(&path)).await {
+                    Ok(Ok(next)) => Some(next),
+                    Ok(Err(problems)) => {
+                        for p in &problems.0 {
+                            tracing::error!(rules_version = %old.version, "Config not reloaded: {p}");
+                        }
+                        return failed(problems.0.iter().map(Problem::to_string).collect());
+                    }
+                    Err(e) => return failed(vec![format!("internal error while reading the config: {e}")]),
+                }
+            }
+            None => None,
+        };
+        let (paths, env) = match &next {
+            Some(next) => (next.rule_paths(), RuleEnv::from_config(next)),
+            None => (
+                self.paths.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+                self.env.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+            ),
+        };
+        let checked = {
+            let (paths, env) = (paths.clone(), env.clone());
+            match tokio::task::spawn_blocking(move || validate(&paths, &env, None)).await {
+                Ok(checked) => checked,
+                Err(e) => return failed(vec![format!("internal error while checking the rules: {e}")]),
+            }
+        };
         let problems: Vec<String> = checked.problems.iter().map(Problem::to_string).collect();
-        let outcome = match checked.ruleset {
+        // What of the config changes live, and what waits for a restart.
+        let (live_changed, restart) = match (&self.live, &current, &next) {
+            (Some(live), Some(cur), Some(next)) => {
+                let (c, n) = (&cur.config, &next.config);
+                let changed = c.mode != n.mode
+                    || c.channels != n.channels
+                    || c.sinks != n.sinks
+                    || c.rules != n.rules
+                    || c.pubsub().enabled != n.pubsub().enabled;
+                (changed, restart_required(&live.started, n))
+            }
+            _ => (false, Vec::new()),
+        };
+        for r in &restart {
+            tracing::warn!("Config reload: {r}");
+        }
+        match checked.ruleset {
             None => {
-                metrics::counter!(m::RULES_RELOADS, "result" => "error").increment(1);
                 for p in checked.problems.iter().filter(|p| p.severity == Severity::Error) {
                     tracing::error!(rules_version = %old.version, "Rules not reloaded: {p}");
                 }
                 ReloadOutcome {
-                    ok: false,
-                    swapped: false,
-                    old_version: old.version.clone(),
-                    new_version: None,
-                    added: Vec::new(),
-                    removed: Vec::new(),
-                    changed: Vec::new(),
-                    problems,
+                    restart_required: restart,
+                    ..failed(problems)
                 }
             }
-            Some(new) if new.version == old.version => {
+            Some(new) if new.version == old.version && !live_changed => {
                 metrics::counter!(m::RULES_RELOADS, "result" => "unchanged").increment(1);
                 tracing::debug!(rules_version = %old.version, "Rules files touched but unchanged.");
                 ReloadOutcome {
@@ -149,9 +312,36 @@ impl Reloader {
                     removed: Vec::new(),
                     changed: Vec::new(),
                     problems,
+                    applied: Vec::new(),
+                    restart_required: restart,
                 }
             }
             Some(new) => {
+                let mut applied = Vec::new();
+                // Sinks before rules: the new rules may name a sink that only the new config has.
+                if let (Some(live), Some(cur), Some(next)) = (&self.live, &current, &next) {
+                    match live.sinks.rebuild(&cur.config, next).await {
+                        Ok(names) if names.is_empty() => {}
+                        Ok(names) => applied.push(format!("sinks rebuilt: {}", names.join(", "))),
+                        Err(e) => {
+                            tracing::error!(rules_version = %old.version, error = %e, "Config not reloaded: a sink cannot be built.");
+                            return ReloadOutcome {
+                                restart_required: restart,
+                                ..failed(vec![format!("{}: error: {e}", cur.path.display())])
+                            };
+                        }
+                    }
+                    if cur.config.mode != next.config.mode {
+                        applied.push(format!(
+                            "mode: {} -> {}",
+                            cur.config.mode.as_str(),
+                            next.config.mode.as_str()
+                        ));
+                    }
+                    if cur.config.channels != next.config.channels {
+                        applied.push("channel aliases changed".to_string());
+                    }
+                }
                 let before: BTreeMap<&str, String> =
                     old.routes.iter().map(|r| (r.name.as_str(), fingerprint(r))).collect();
                 let after: BTreeMap<&str, String> =
@@ -172,7 +362,32 @@ impl Reloader {
                     .map(|(k, _)| k.to_string())
                     .collect();
                 let new_version = new.version.clone();
-                self.rules.store(Arc::new(new));
+                let new = Arc::new(new);
+                self.rules.store(new.clone());
+                *self.paths.lock().unwrap_or_else(|e| e.into_inner()) = paths;
+                *self.env.lock().unwrap_or_else(|e| e.into_inner()) = env;
+                if let (Some(live), Some(next)) = (&self.live, next) {
+                    let subscriptions = live.subscriptions.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                    if let Some(subscriptions) = subscriptions {
+                        let channels: Vec<String> = if next.config.pubsub().enabled {
+                            let mut live: Vec<String> = new.live_channels().map(str::to_string).collect();
+                            live.sort();
+                            live
+                        } else {
+                            Vec::new()
+                        };
+                        let (started, stopped) = subscriptions.reconcile(next.config.mode, &channels);
+                        if !started.is_empty() || !stopped.is_empty() {
+                            tracing::info!(?started, ?stopped, "Subscriptions changed with the config.");
+                            applied.push(format!(
+                                "subscriptions started: [{}], stopped: [{}]",
+                                started.join(", "),
+                                stopped.join(", ")
+                            ));
+                        }
+                    }
+                    *live.config.lock().unwrap_or_else(|e| e.into_inner()) = next;
+                }
                 metrics::counter!(m::RULES_RELOADS, "result" => "ok").increment(1);
                 metrics::gauge!(m::RULES_VERSION, "version" => old.version.clone()).set(0.0);
                 metrics::gauge!(m::RULES_VERSION, "version" => new_version.clone()).set(1.0);
@@ -190,11 +405,11 @@ impl Reloader {
                     removed,
                     changed,
                     problems,
+                    applied,
+                    restart_required: restart,
                 }
             }
-        };
-        self.state.lock().expect("reload state lock is never poisoned").last = Some(outcome.clone());
-        outcome
+        }
     }
 
     /// The state shown at `GET /rules`.
@@ -248,7 +463,7 @@ impl Reloader {
         tokio::spawn(async move {
             while rx.recv().await.is_some() {
                 while rx.try_recv().is_ok() {}
-                this.reload();
+                this.reload().await;
             }
         });
         Ok(debouncer)

@@ -7,9 +7,11 @@ use arc_swap::ArcSwap;
 use tokio::sync::watch;
 
 use crate::auth::Auth;
+use crate::checkpoint::CheckpointStore;
 use crate::config::{EnricherKind, LoadedConfig, SourceKind};
 use crate::diag::{Problem, Problems, Severity};
 use crate::enrich::{Enricher, SalesforceEnricher};
+use crate::lease::Leases;
 use crate::metrics as m;
 use crate::pipeline::{Pipeline, Stats};
 use crate::reload::{Reloader, RouteCounters};
@@ -60,7 +62,9 @@ pub struct Service {
     /// The in-process emulator of the `emulator` source, and the events it publishes.
     pub emulator: Option<(crate::emulator::EmulatorHandle, Vec<EmulatorInput>)>,
     /// The running Pub/Sub channels (for `/healthz`, tests).
-    pub channels: std::sync::Mutex<Vec<Arc<crate::sources::pubsub::subscriber::ChannelStatus>>>,
+    pub channels: Arc<std::sync::Mutex<Vec<Arc<crate::sources::pubsub::subscriber::ChannelStatus>>>>,
+    /// The channel leases, when replicas coordinate through Redis (`lease`).
+    pub leases: Option<Arc<Leases>>,
 }
 
 /// One line of the `emulator` source's events file.
@@ -106,7 +110,7 @@ impl Service {
         metrics::gauge!(m::RULES_VERSION, "version" => ruleset.version.clone()).set(1.0);
         let rules = Arc::new(ArcSwap::from_pointee(ruleset));
         let sinks = Arc::new(Sinks::build(&config).await?);
-        m::register(&config.config, &rules.load(), crate::http::ROLE);
+        m::register(&config.config, &rules.load());
         let counters = Arc::new(RouteCounters::default());
         let c = &config.config;
         // The `emulator` source brings its own org: an in-process emulator on loopback, and credentials for it.
@@ -135,9 +139,27 @@ impl Service {
                 Enricher::Salesforce(Arc::new(SalesforceEnricher::new(auth.clone(), sf)?))
             }
         };
+        let leases = match &sinks.checkpoints {
+            CheckpointStore::Redis { conn, key_prefix, .. } if c.leases_enabled() => {
+                let instance = c.instance_name();
+                tracing::info!(%instance, ttl_ms = c.lease.ttl_ms, "Channel leases on: one replica subscribes to each channel.");
+                Some(Arc::new(Leases::new(
+                    conn.clone(),
+                    key_prefix,
+                    instance,
+                    std::time::Duration::from_millis(c.lease.ttl_ms),
+                )))
+            }
+            _ => None,
+        };
         let mut pipeline = Pipeline::new(&config.config, rules.clone(), sinks.clone(), enricher);
         pipeline.counters = counters.clone();
-        let reloader = Arc::new(Reloader::new(rules.clone(), counters, config.rule_paths(), env));
+        let mut reloader = Reloader::new(rules.clone(), counters, config.rule_paths(), env);
+        // With a config file on disk, a reload re-reads it and applies what can change live.
+        if !embedded && config.path.is_file() {
+            reloader = reloader.with_config(config.clone(), sinks.clone());
+        }
+        let reloader = Arc::new(reloader);
         Ok(Service {
             config,
             embedded,
@@ -149,7 +171,8 @@ impl Service {
             watch: true,
             auth,
             emulator,
-            channels: std::sync::Mutex::new(Vec::new()),
+            channels: Arc::default(),
+            leases,
         })
     }
 
@@ -207,11 +230,14 @@ impl Service {
                 config: pubsub,
                 auth,
                 checkpoints: self.sinks.checkpoints.clone(),
+                leases: self.leases.clone(),
             },
             &channels,
             c.delivery.concurrency,
+            self.channels.clone(),
         );
-        *self.channels.lock().unwrap_or_else(|e| e.into_inner()) = source.channels.clone();
+        // A config reload starts and stops channels (mode, channel aliases, `enabled`).
+        self.reloader.set_subscriptions(source.subscriptions.clone());
         source
     }
 
@@ -258,6 +284,7 @@ impl Service {
                     reloader: self.reloader.clone(),
                     metrics: m::install(),
                     redis: Arc::new(self.sinks.redis_checks.clone()),
+                    channels: self.channels.clone(),
                 };
                 let (addr, task) = crate::http::serve(&http.listen, state, shutdown.clone())
                     .await
@@ -276,6 +303,10 @@ impl Service {
             stats = &mut pipeline => stats,
             () = feeding => pipeline.await,
         };
+        // Graceful handover: the last settled positions are stored, so a standby may take over from them now.
+        if let Some(leases) = &self.leases {
+            leases.release_all().await;
+        }
         if let Some(task) = http {
             task.abort();
         }

@@ -398,8 +398,15 @@ fn soak_of_100000_events_with_random_connection_kills_settles_everything_once() 
             .arg("+")
             .query(&mut setup.conn())
             .unwrap();
-        let errors: Vec<&str> = logs.lines().filter(|l| l.contains("ERROR") || l.contains("dead-letter")).take(20).collect();
-        panic!("transient failures never reach the dead letters, yet {letters} did: {entries:?}\nlog:\n{}", errors.join("\n"));
+        let errors: Vec<&str> = logs
+            .lines()
+            .filter(|l| l.contains("ERROR") || l.contains("dead-letter"))
+            .take(20)
+            .collect();
+        panic!(
+            "transient failures never reach the dead letters, yet {letters} did: {entries:?}\nlog:\n{}",
+            errors.join("\n")
+        );
     }
 }
 

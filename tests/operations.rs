@@ -518,6 +518,8 @@ fn deploy_examples_are_valid_configs() {
     let env = |name: &str| match name {
         "REDIS_URL" => Some("redis://switchyard:pw@redis-queue:6379/0".to_string()),
         "CACHE_REDIS_URL" => Some("rediss://cache:pw@redis-cache:6380/0".to_string()),
+        "SF_LOGIN_URL" => Some("https://example.my.salesforce.com".to_string()),
+        "SF_CLIENT_ID" | "SF_CLIENT_SECRET" | "POD_NAME" => Some("x".to_string()),
         _ => None,
     };
     let deploy = repo().join("examples/deploy");
@@ -535,7 +537,10 @@ fn deploy_examples_are_valid_configs() {
         .take_while(|l| l.starts_with("    ") || l.is_empty())
         .map(|l| format!("{}\n", l.get(4..).unwrap_or("")))
         .collect();
-    LoadedConfig::parse(&deploy.join("kubernetes.yaml"), &embedded, &env).unwrap_or_else(|e| panic!("{e}\n{embedded}"));
+    let k8s = LoadedConfig::parse(&deploy.join("kubernetes.yaml"), &embedded, &env)
+        .unwrap_or_else(|e| panic!("{e}\n{embedded}"));
+    assert!(k8s.config.leases_enabled(), "two replicas coordinate through leases");
+    assert!(manifest.contains("replicas: 2"));
     assert!(manifest.contains("path: /readyz") && manifest.contains("path: /healthz"));
 }
 

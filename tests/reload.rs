@@ -60,7 +60,7 @@ async fn a_broken_edit_keeps_the_old_rules_and_says_where_and_the_next_good_edit
         ("version: 1\nroutes: [\n", "orders.yaml:"),
     ] {
         std::fs::write(dir.join("orders.yaml"), broken).unwrap();
-        let outcome = service.reloader.reload();
+        let outcome = service.reloader.reload().await;
         assert!(!outcome.ok && !outcome.swapped, "{outcome:?}");
         assert!(
             outcome
@@ -78,7 +78,7 @@ async fn a_broken_edit_keeps_the_old_rules_and_says_where_and_the_next_good_edit
         "cases:\n  - name: approval\n    events:\n      - {id: \"t:1\", channel: /data/OrderChangeEvent, header: {entity: Order, change_type: UPDATE, record_ids: [801xx0000000001AAA], changed_fields: [Activation_Status__c]}, fields: {Activation_Status__c: Activating}}\n    expect: {routes: {provision: 1}}\n",
     )
     .unwrap();
-    let outcome = service.reloader.reload();
+    let outcome = service.reloader.reload().await;
     assert!(!outcome.ok, "{outcome:?}");
     assert!(
         outcome.problems.iter().any(|p| p
@@ -89,7 +89,7 @@ async fn a_broken_edit_keeps_the_old_rules_and_says_where_and_the_next_good_edit
     assert_eq!(service.rules.load().version, v1);
 
     std::fs::write(dir.join("orders.yaml"), rules("v2")).unwrap();
-    let outcome = service.reloader.reload();
+    let outcome = service.reloader.reload().await;
     assert!(outcome.ok && outcome.swapped, "{outcome:?}");
     assert_eq!(outcome.changed, vec!["provision".to_string()]);
     assert_ne!(service.rules.load().version, v1);

@@ -669,3 +669,168 @@ async fn record_writes_jsonl_that_replays_to_the_same_decisions() {
         assert_eq!(format!("{:?}", a.actions), format!("{:?}", b.actions), "{}", event.id);
     }
 }
+
+/// Config reload on a running process: `mode` switched cdc -> platform-event -> cdc by editing the config file,
+/// with events of both modes published all along. Subscriptions are stopped and started to match; each mode resumes
+/// from its own stored position, so nothing is lost (the CDC approvals published during Platform Event mode arrive
+/// after the switch back) and nothing runs twice. A sink setting changed in the same file is rebuilt; a setting that
+/// cannot change live is reported.
+#[tokio::test]
+async fn mode_switch_by_config_reload_and_back_loses_nothing_and_keeps_each_modes_position() {
+    use switchyard::config::Mode;
+    let h = Harness::new("sub-mode-reload");
+    let emu = emulator_with(EmulatorOptions::default()).await;
+    let path = h.dir.path().join("config.yaml");
+    let write = |mode: &str, queue: &str, extra: &str| {
+        let text = config(&h, &emu, &redis_url(), "", &format!("mode: {mode}\n{extra}"))
+            .replace("queue: provisioning,", &format!("queue: {queue},"));
+        std::fs::write(&path, text).unwrap();
+    };
+    write("cdc", "provisioning", "");
+    let loaded = LoadedConfig::load(&path).unwrap_or_else(|e| panic!("config: {e}"));
+    let service = Arc::new(Service::start(loaded, false).await.unwrap());
+    let (stop, shutdown) = watch::channel(false);
+    let task = {
+        let service = service.clone();
+        tokio::spawn(async move { service.run(shutdown).await.unwrap() })
+    };
+    let run = Running { service, stop, task };
+    let request = |n: u32| {
+        let (id, record) = h.record(n, None);
+        event(
+            &json!({"id": format!("pe-{n}-{}", h.tag), "channel": emulator::FULFILMENT_CHANNEL, "kind": "platform",
+            "fields": {"CreatedDate": 1764230415000u64, "CreatedById": "005xx0000000001AAA", "Order_Id__c": id,
+                       "Idempotency_Key__c": format!("ofr-{id}"), "Correlation_Id__c": format!("corr-{n}")},
+            "record": {id: record}}),
+        )
+    };
+    let channels = |run: &Running| -> Vec<String> {
+        let mut c: Vec<String> = run
+            .service
+            .channels
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|c| c.channel.clone())
+            .collect();
+        c.sort();
+        c
+    };
+    subscribed(&emu, 1).await;
+    assert_eq!(channels(&run), vec![emulator::ORDER_CHANNEL.to_string()]);
+
+    // CDC: approvals 1-10 settle.
+    for n in 1..=10 {
+        emu.publish(&approval(&h, n)).unwrap();
+    }
+    run.settled(10, Duration::from_secs(30)).await;
+    let cdc_key = checkpoint_key(Mode::Cdc, emulator::ORDER_CHANNEL);
+    let pe_key = checkpoint_key(Mode::PlatformEvent, emulator::FULFILMENT_CHANNEL);
+
+    // Switch to Platform Event mode, with the provisioning queue renamed and the HTTP listener added.
+    write(
+        "platform-event",
+        "provisioning-pe",
+        "http: { listen: \"127.0.0.1:0\" }\n",
+    );
+    let outcome = run.service.reloader.reload().await;
+    assert!(outcome.ok && outcome.swapped, "{outcome:?}");
+    assert!(
+        outcome.applied.iter().any(|a| a == "mode: cdc -> platform-event"),
+        "{outcome:?}"
+    );
+    assert!(
+        outcome
+            .applied
+            .iter()
+            .any(|a| a == "sinks rebuilt: enqueue-provisioning"),
+        "only the changed sink is rebuilt: {outcome:?}"
+    );
+    assert!(
+        outcome
+            .applied
+            .iter()
+            .any(|a| a.contains(&format!("started: [{pe_key}], stopped: [{cdc_key}]"))),
+        "{outcome:?}"
+    );
+    assert!(
+        outcome.restart_required.iter().any(|r| r.starts_with("`http` changed")),
+        "a setting that cannot change live is reported: {outcome:?}"
+    );
+    assert_eq!(channels(&run), vec![emulator::FULFILMENT_CHANNEL.to_string()]);
+    let cdc_at_switch = stored(&h, &redis_url(), &cdc_key).await;
+    assert!(cdc_at_switch.is_some(), "the CDC position was stored");
+    // While in Platform Event mode: fulfilment requests 11-15 are processed; CDC approvals 16-20 wait on the bus.
+    for n in 11..=15 {
+        emu.publish(&request(n)).unwrap();
+    }
+    for n in 16..=20 {
+        emu.publish(&approval(&h, n)).unwrap();
+    }
+    run.settled(15, Duration::from_secs(30)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        *run.service.pipeline.settled.borrow(),
+        15,
+        "no CDC event is read in Platform Event mode"
+    );
+    assert_eq!(
+        stored(&h, &redis_url(), &cdc_key).await,
+        cdc_at_switch,
+        "the CDC position is kept while the other mode runs"
+    );
+
+    // A broken config keeps everything running as it is, and says where.
+    write("sideways", "provisioning", "");
+    let outcome = run.service.reloader.reload().await;
+    assert!(!outcome.ok && !outcome.swapped, "{outcome:?}");
+    assert!(
+        outcome
+            .problems
+            .iter()
+            .any(|p| p.contains("config.yaml:") && p.contains("sideways")),
+        "{outcome:?}"
+    );
+    assert_eq!(channels(&run), vec![emulator::FULFILMENT_CHANNEL.to_string()]);
+
+    // And back to CDC: the approvals published meanwhile are delivered from the stored CDC position.
+    write("cdc", "provisioning", "");
+    let outcome = run.service.reloader.reload().await;
+    assert!(outcome.ok && outcome.swapped, "{outcome:?}");
+    assert!(
+        outcome.applied.iter().any(|a| a == "mode: platform-event -> cdc"),
+        "{outcome:?}"
+    );
+    assert!(outcome.restart_required.is_empty(), "{outcome:?}");
+    run.settled(20, Duration::from_secs(30)).await;
+    let pe_position = stored(&h, &redis_url(), &pe_key).await;
+    assert!(pe_position.is_some(), "the Platform Event position was stored");
+    let stats = run.finish().await;
+    assert_eq!(stats.events, 20, "{stats:?}");
+    assert_eq!(
+        stored(&h, &redis_url(), &pe_key).await,
+        pe_position,
+        "each mode keeps its own position"
+    );
+
+    let cdc_jobs = h.jobs().await;
+    let mut ids: Vec<String> = cdc_jobs
+        .iter()
+        .map(|j| j.2["sfOrderId"].as_str().unwrap().to_string())
+        .collect();
+    ids.sort();
+    let mut want: Vec<String> = (1..=10).chain(16..=20).map(|n| order(&h, n)).collect();
+    want.sort();
+    assert_eq!(ids, want, "every CDC approval once, before and after the round trip");
+    let options = bullmq::QueueOptions::new()
+        .connection(bullmq::options::RedisConnectionOptions::new().url(redis_url()))
+        .prefix(h.bull_prefix());
+    let pe_queue = bullmq::Queue::with_options("provisioning-pe", options).await.unwrap();
+    let pe_jobs = pe_queue.get_waiting(0, -1).await.unwrap();
+    let mut pe_ids: Vec<String> = pe_jobs.iter().map(|j| j.id().to_string()).collect();
+    pe_ids.sort();
+    let mut want: Vec<String> = (11..=15).map(|n| format!("ofr-{}", h.record(n, None).0)).collect();
+    want.sort();
+    assert_eq!(pe_ids, want, "the requests went to the queue the reloaded sink names");
+    assert!(h.dead_letters().await.is_empty());
+}

@@ -12,10 +12,11 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
 use redis::aio::ConnectionManager;
 
 use crate::checkpoint::CheckpointStore;
-use crate::config::{CheckpointStoreKind, LoadedConfig, QueueFormat, RedisEndpoint, SinkConfig};
+use crate::config::{CheckpointStoreKind, Config, LoadedConfig, QueueFormat, RedisConfig, RedisEndpoint, SinkConfig};
 use crate::event::Event;
 use crate::idempotency::{Idempotency, Ttls};
 use crate::plan::{Action, Op};
@@ -32,6 +33,10 @@ pub enum SinkError {
     /// The action cannot succeed as it is (a wrong type, a refused id): dead-letter it.
     #[error("permanent: {0}")]
     Permanent(String),
+    /// This replica lost the channel lease the event came under: the action is abandoned, neither retried nor
+    /// dead-lettered; the replica that holds the lease now redelivers the event.
+    #[error("fenced: {0}")]
+    Fenced(String),
 }
 
 impl SinkError {
@@ -139,7 +144,10 @@ fn op_name(op: &Op) -> &'static str {
 /// Every sink of the config by name, plus the stores the dispatcher and pipeline need: dead letters,
 /// idempotency markers and source positions (all in the same Redis, or all in memory).
 pub struct Sinks {
-    pub by_name: HashMap<String, Sink>,
+    /// The sinks by name; swapped as a whole when a config reload changes sink settings.
+    by_name: ArcSwap<HashMap<String, Arc<Sink>>>,
+    /// The main Redis (its config, endpoint and connection), shared by sinks without their own.
+    main: Option<(RedisConfig, RedisEndpoint, ConnectionManager)>,
     pub dead_letters: DeadLetters,
     pub idempotency: Idempotency,
     pub checkpoints: CheckpointStore,
@@ -182,51 +190,21 @@ impl Sinks {
                 let manager = connection::connect(loaded, &endpoint).await?;
                 redis_checks.push(RedisCheck::new("redis", &endpoint, manager.clone()));
                 connections.insert(endpoint.url.expose().to_string(), manager.clone());
-                Some((r, endpoint, manager))
+                Some((r.clone(), endpoint, manager))
             }
             None => None,
         };
         let memory = redis.is_none().then(|| Arc::new(MemoryBackend::default()));
         let mut by_name = HashMap::new();
+        let mut built = Built {
+            loaded,
+            main: &redis,
+            memory: &memory,
+            connections: &mut connections,
+            redis_checks: &mut redis_checks,
+        };
         for (name, sink) in &config.sinks {
-            // The sink's Redis: its own, else the main one (validated: own implies main).
-            let endpoint: Option<RedisEndpoint> = match (sink.redis(), &redis) {
-                (Some(own), _) => Some(own.clone()),
-                (None, Some((_, main, _))) if sink.uses_redis() => Some(main.clone()),
-                _ => None,
-            };
-            let conn = match &endpoint {
-                Some(e) => Some(match connections.get(e.url.expose()) {
-                    Some(conn) => conn.clone(),
-                    None => {
-                        let conn = connection::connect(loaded, e).await?;
-                        redis_checks.push(RedisCheck::new(format!("sink {name}"), e, conn.clone()));
-                        connections.insert(e.url.expose().to_string(), conn.clone());
-                        conn
-                    }
-                }),
-                None => None,
-            };
-            let built = match sink {
-                SinkConfig::Queue(q) => Sink::Queue(match (&endpoint, conn, &memory) {
-                    (Some(e), Some(_), _) if q.format == QueueFormat::Bullmq => {
-                        queue::QueueSink::bullmq(name, q, loaded, e).await?
-                    }
-                    (Some(_), Some(conn), _) => queue::QueueSink::stream(q, conn),
-                    (_, _, Some(m)) => queue::QueueSink::memory(q, m.clone()),
-                    _ => unreachable!("memory is set whenever redis is not"),
-                }),
-                SinkConfig::CacheInvalidate(_) => Sink::CacheInvalidate(match (conn, &memory) {
-                    (Some(conn), _) => cache::CacheSink::redis(conn),
-                    (None, Some(m)) => cache::CacheSink::memory(m.clone()),
-                    (None, None) => unreachable!("memory is set whenever redis is not"),
-                }),
-                SinkConfig::Log(_) => Sink::Log(log::LogSink {
-                    redact: config.redact.clone(),
-                }),
-                SinkConfig::Webhook(w) => Sink::Webhook(webhook::WebhookSink::new(name, w)?),
-            };
-            by_name.insert(name.clone(), built);
+            by_name.insert(name.clone(), Arc::new(built.sink(name, sink).await?));
         }
         let dead_letters = match (&redis, &memory) {
             (Some((r, _, conn)), _) => DeadLetters::redis(conn.clone(), &r.key_prefix, config.dead_letters.max_len),
@@ -258,12 +236,111 @@ impl Sinks {
             (Some(CheckpointStoreKind::Redis), None) => unreachable!("validated: a redis store needs redis"),
         };
         Ok(Sinks {
-            by_name,
+            by_name: ArcSwap::from_pointee(by_name),
+            main: redis,
             dead_letters,
             idempotency,
             checkpoints,
             memory,
             redis_checks,
+        })
+    }
+}
+
+impl Sinks {
+    /// The sink named `name`, as configured now.
+    pub fn get(&self, name: &str) -> Option<Arc<Sink>> {
+        self.by_name.load().get(name).cloned()
+    }
+
+    /// Applies a reloaded config's sink settings: builds the sinks that are new or whose settings changed (with
+    /// their own connections), keeps the others as they are, and swaps the whole set at once. Sinks no longer
+    /// configured stay reachable for events still in flight under the old rules. Returns the names rebuilt. On an
+    /// error (a Redis that cannot be reached) nothing changes.
+    pub async fn rebuild(&self, old: &Config, new: &LoadedConfig) -> Result<Vec<String>, BuildError> {
+        let changed: Vec<(&String, &SinkConfig)> = new
+            .config
+            .sinks
+            .iter()
+            .filter(|(name, sink)| old.sinks.get(*name) != Some(*sink))
+            .collect();
+        if changed.is_empty() {
+            return Ok(Vec::new());
+        }
+        let memory = self.memory.clone();
+        let mut connections: HashMap<String, ConnectionManager> = HashMap::new();
+        if let Some((_, endpoint, conn)) = &self.main {
+            connections.insert(endpoint.url.expose().to_string(), conn.clone());
+        }
+        let mut checks = Vec::new();
+        let mut built = Built {
+            loaded: new,
+            main: &self.main,
+            memory: &memory,
+            connections: &mut connections,
+            redis_checks: &mut checks,
+        };
+        let mut map: HashMap<String, Arc<Sink>> = (**self.by_name.load()).clone();
+        let mut names = Vec::new();
+        for (name, sink) in changed {
+            map.insert(name.clone(), Arc::new(built.sink(name, sink).await?));
+            names.push(name.clone());
+        }
+        self.by_name.store(Arc::new(map));
+        Ok(names)
+    }
+}
+
+/// What building one sink needs: the config, the main Redis, the memory backend, connections shared by URL.
+struct Built<'a> {
+    loaded: &'a LoadedConfig,
+    main: &'a Option<(RedisConfig, RedisEndpoint, ConnectionManager)>,
+    memory: &'a Option<Arc<MemoryBackend>>,
+    connections: &'a mut HashMap<String, ConnectionManager>,
+    redis_checks: &'a mut Vec<RedisCheck>,
+}
+
+impl Built<'_> {
+    async fn sink(&mut self, name: &str, sink: &SinkConfig) -> Result<Sink, BuildError> {
+        let (loaded, memory) = (self.loaded, self.memory);
+        let config = &loaded.config;
+        // The sink's Redis: its own, else the main one (validated: own implies main).
+        let endpoint: Option<RedisEndpoint> = match (sink.redis(), self.main) {
+            (Some(own), _) => Some(own.clone()),
+            (None, Some((_, main, _))) if sink.uses_redis() => Some(main.clone()),
+            _ => None,
+        };
+        let conn = match &endpoint {
+            Some(e) => Some(match self.connections.get(e.url.expose()) {
+                Some(conn) => conn.clone(),
+                None => {
+                    let conn = connection::connect(loaded, e).await?;
+                    self.redis_checks
+                        .push(RedisCheck::new(format!("sink {name}"), e, conn.clone()));
+                    self.connections.insert(e.url.expose().to_string(), conn.clone());
+                    conn
+                }
+            }),
+            None => None,
+        };
+        Ok(match sink {
+            SinkConfig::Queue(q) => Sink::Queue(match (&endpoint, conn, memory) {
+                (Some(e), Some(_), _) if q.format == QueueFormat::Bullmq => {
+                    queue::QueueSink::bullmq(name, q, loaded, e).await?
+                }
+                (Some(_), Some(conn), _) => queue::QueueSink::stream(q, conn),
+                (_, _, Some(m)) => queue::QueueSink::memory(q, m.clone()),
+                _ => unreachable!("memory is set whenever redis is not"),
+            }),
+            SinkConfig::CacheInvalidate(_) => Sink::CacheInvalidate(match (conn, memory) {
+                (Some(conn), _) => cache::CacheSink::redis(conn),
+                (None, Some(m)) => cache::CacheSink::memory(m.clone()),
+                (None, None) => unreachable!("memory is set whenever redis is not"),
+            }),
+            SinkConfig::Log(_) => Sink::Log(log::LogSink {
+                redact: config.redact.clone(),
+            }),
+            SinkConfig::Webhook(w) => Sink::Webhook(webhook::WebhookSink::new(name, w)?),
         })
     }
 }

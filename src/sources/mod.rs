@@ -13,6 +13,8 @@ use pubsub::subscriber::PubsubSource;
 #[derive(Debug)]
 pub struct Sourced {
     pub key: Option<Arc<str>>,
+    /// The channel lease the delivery came under (replicas); its token fences the position and done markers.
+    pub fence: Option<Arc<crate::lease::Fence>>,
     pub delivery: Delivery,
 }
 
@@ -30,6 +32,7 @@ impl Source {
                 let delivery = source.next().await?;
                 Some(Sourced {
                     key: source.key.as_deref().map(Arc::from),
+                    fence: None,
                     delivery,
                 })
             }

@@ -24,6 +24,7 @@ use crate::auth::{Auth, AuthError, Credentials};
 use crate::checkpoint::CheckpointStore;
 use crate::config::{Mode, PubsubConfig, ReplayPreset, ReplayStart};
 use crate::dispatch::jitter;
+use crate::lease::{Fence, Leases};
 use crate::metrics as m;
 use crate::sources::{Delivery, Sourced};
 
@@ -56,6 +57,8 @@ enum Resume {
 /// What a channel is doing, for `/healthz` and tests.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ChannelState {
+    /// Another replica holds this channel's lease; this one takes over when it lapses.
+    Standby,
     Connecting,
     Streaming,
     /// Waiting before the next resubscribe, after an error.
@@ -95,9 +98,11 @@ impl ChannelStatus {
 /// The Pub/Sub source: deliveries of every live channel, in order per channel.
 pub struct PubsubSource {
     rx: mpsc::Receiver<Sourced>,
-    /// Keeps `rx` open while every channel is stopped (the service stays up); dropped by [`PubsubSource::finish`].
+    /// Keeps `rx` open while every channel is stopped (the service stays up); dropped once stopping.
     keep: Option<mpsc::Sender<Sourced>>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// The channel tasks, started and stopped to match the config (see [`Subscriptions::reconcile`]).
+    pub subscriptions: Arc<Subscriptions>,
+    /// The channels subscribed at start.
     pub channels: Vec<Arc<ChannelStatus>>,
     stop: Arc<watch::Sender<bool>>,
 }
@@ -118,42 +123,144 @@ pub struct Subscription {
     pub config: PubsubConfig,
     pub auth: Arc<Auth>,
     pub checkpoints: CheckpointStore,
+    /// The channel leases, when replicas coordinate (see [`crate::lease`]).
+    pub leases: Option<Arc<Leases>>,
+}
+
+/// One running channel task.
+struct Running {
+    key: Arc<str>,
+    status: Arc<ChannelStatus>,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// The live channel tasks of a source. A config reload calls [`Subscriptions::reconcile`]: tasks of channels no
+/// longer live stop (their in-flight events settle and their positions are stored as usual), new ones start from
+/// their stored position; each mode keeps its own positions, so switching modes and back resumes where each left.
+pub struct Subscriptions {
+    sub: Subscription,
+    registry: Arc<Mutex<SchemaRegistry>>,
+    out: mpsc::Sender<Sourced>,
+    global: watch::Receiver<bool>,
+    running: Mutex<Vec<Running>>,
+    /// Every live channel's status, for `/healthz` (shared with the service).
+    pub statuses: Arc<Mutex<Vec<Arc<ChannelStatus>>>>,
+}
+
+impl Subscriptions {
+    /// Starts the tasks of `channels` in `mode` that are not running, stops those not listed. Returns the checkpoint
+    /// keys started and stopped.
+    pub fn reconcile(&self, mode: Mode, channels: &[String]) -> (Vec<String>, Vec<String>) {
+        let wanted: Vec<Arc<str>> = channels.iter().map(|c| Arc::from(checkpoint_key(mode, c))).collect();
+        let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        let mut stopped = Vec::new();
+        running.retain(|r| {
+            let keep = wanted.contains(&r.key) && !r.task.is_finished();
+            if !keep {
+                r.stop.send_replace(true);
+                if !r.task.is_finished() {
+                    stopped.push(r.key.to_string());
+                }
+            }
+            keep
+        });
+        let mut started = Vec::new();
+        for (channel, key) in channels.iter().zip(wanted) {
+            if running.iter().any(|r| r.key == key) {
+                continue;
+            }
+            let status = Arc::new(ChannelStatus {
+                channel: channel.clone(),
+                state: Mutex::new(if self.sub.leases.is_some() {
+                    ChannelState::Standby
+                } else {
+                    ChannelState::Connecting
+                }),
+                last_advance: Mutex::new(Instant::now()),
+            });
+            let (stop_tx, own) = watch::channel(false);
+            let task = ChannelTask {
+                sub: Subscription {
+                    mode,
+                    ..self.sub.clone()
+                },
+                channel: channel.clone(),
+                key: key.clone(),
+                registry: self.registry.clone(),
+                out: self.out.clone(),
+                status: status.clone(),
+                stop: either(own, self.global.clone()),
+                global: self.global.clone(),
+                fence: None,
+            };
+            started.push(key.to_string());
+            running.push(Running {
+                key,
+                status,
+                stop: stop_tx,
+                // Ends when its stop flips or the pipeline drops the receiver.
+                task: tokio::spawn(task.run()),
+            });
+        }
+        *self.statuses.lock().unwrap_or_else(|e| e.into_inner()) = running.iter().map(|r| r.status.clone()).collect();
+        (started, stopped)
+    }
+
+    fn abort_all(&self) {
+        for r in self.running.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            r.task.abort();
+        }
+    }
+}
+
+/// A receiver that turns true once either `a` or `b` does (its forwarding task ends then, or with both senders).
+fn either(mut a: watch::Receiver<bool>, mut b: watch::Receiver<bool>) -> watch::Receiver<bool> {
+    let (tx, rx) = watch::channel(*a.borrow() || *b.borrow());
+    tokio::spawn(async move {
+        // A sender gone without flipping (e.g. a dropped reconcile handle) leaves the other to decide.
+        let (a_gone, b_gone) = tokio::select! {
+            r = a.wait_for(|s| *s) => (r.is_err(), false),
+            r = b.wait_for(|s| *s) => (false, r.is_err()),
+            () = tx.closed() => return,
+        };
+        if a_gone && b.wait_for(|s| *s).await.is_err() || b_gone && a.wait_for(|s| *s).await.is_err() {
+            return;
+        }
+        tx.send_replace(true);
+    });
+    rx
 }
 
 impl PubsubSource {
-    /// Starts one task per channel; `buffer` bounds the deliveries waiting for the pipeline.
-    pub fn start(sub: Subscription, channels: &[String], buffer: usize) -> PubsubSource {
+    /// Starts one task per channel; `buffer` bounds the deliveries waiting for the pipeline; `statuses` is kept
+    /// up to date with the live channels (for `/healthz`).
+    pub fn start(
+        sub: Subscription,
+        channels: &[String],
+        buffer: usize,
+        statuses: Arc<Mutex<Vec<Arc<ChannelStatus>>>>,
+    ) -> PubsubSource {
         let (tx, rx) = mpsc::channel(buffer.max(1));
         let stop = Arc::new(watch::Sender::new(false));
-        let registry = Arc::new(Mutex::new(SchemaRegistry::new()));
-        let mut tasks = Vec::new();
-        let mut statuses = Vec::new();
-        for channel in channels {
-            let status = Arc::new(ChannelStatus {
-                channel: channel.clone(),
-                state: Mutex::new(ChannelState::Connecting),
-                last_advance: Mutex::new(Instant::now()),
-            });
-            statuses.push(status.clone());
-            let task = ChannelTask {
-                sub: sub.clone(),
-                channel: channel.clone(),
-                key: Arc::from(checkpoint_key(sub.mode, channel)),
-                registry: registry.clone(),
-                out: tx.clone(),
-                status,
-                stop: stop.subscribe(),
-            };
-            // Ends when `stop` flips or the pipeline drops the receiver.
-            tasks.push(tokio::spawn(task.run()));
-        }
+        let mode = sub.mode;
+        let subscriptions = Arc::new(Subscriptions {
+            sub,
+            registry: Arc::new(Mutex::new(SchemaRegistry::new())),
+            out: tx.clone(),
+            global: stop.subscribe(),
+            running: Mutex::default(),
+            statuses,
+        });
+        subscriptions.reconcile(mode, channels);
         if channels.is_empty() {
             tracing::info!("No Pub/Sub subscription (events disabled, or no live route); the service stays up.");
         }
+        let statuses = subscriptions.statuses.lock().unwrap_or_else(|e| e.into_inner()).clone();
         PubsubSource {
             rx,
             keep: Some(tx),
-            tasks,
+            subscriptions,
             channels: statuses,
             stop,
         }
@@ -184,9 +291,7 @@ impl PubsubSource {
 impl Drop for PubsubSource {
     fn drop(&mut self) {
         self.stop.send_replace(true);
-        for task in &self.tasks {
-            task.abort();
-        }
+        self.subscriptions.abort_all();
     }
 }
 
@@ -216,28 +321,131 @@ struct ChannelTask {
     registry: Arc<Mutex<SchemaRegistry>>,
     out: mpsc::Sender<Sourced>,
     status: Arc<ChannelStatus>,
+    /// Turns true when the service stops or this channel is no longer live (a config reload).
     stop: watch::Receiver<bool>,
+    /// Turns true when the service stops.
+    global: watch::Receiver<bool>,
+    /// The lease this term runs under (replicas); stamped on every delivery.
+    fence: Option<Arc<Fence>>,
+}
+
+/// How a term of serving a channel ended.
+#[derive(Debug, PartialEq, Eq)]
+enum Served {
+    /// The service is stopping, or the channel's lease was lost.
+    Stopped,
+    /// The channel stopped for good (a fatal error code, a refused static token).
+    Failed,
 }
 
 impl ChannelTask {
     async fn run(mut self) {
+        let age = self.age_reporter();
+        match self.sub.leases.clone() {
+            None => {
+                self.serve(None).await;
+            }
+            Some(leases) => loop {
+                let Some(fence) = self.acquire(&leases).await else {
+                    break;
+                };
+                let keeper = leases.keep_alive(fence.clone());
+                // The term ends when the service stops or the lease is lost: `stop` follows both meanwhile.
+                let (term_tx, term_rx) = watch::channel(false);
+                let forward = {
+                    let mut global = self.stop.clone();
+                    let fence = fence.clone();
+                    tokio::spawn(async move {
+                        tokio::select! {
+                            _ = global.wait_for(|s| *s) => {}
+                            () = fence.lost() => {}
+                        }
+                        term_tx.send_replace(true);
+                    })
+                };
+                let global = std::mem::replace(&mut self.stop, term_rx);
+                let served = self.serve(Some(fence.clone())).await;
+                self.stop = global;
+                forward.abort();
+                if *self.global.borrow() {
+                    // Stopping: the lease is released once the last positions are stored (Service::run).
+                    keeper.abort();
+                    break;
+                }
+                if *self.stop.borrow() {
+                    // No longer live (a reload): another replica may take the channel; a position this one still
+                    // stores for events in flight is then refused by the fence, and they are redelivered there.
+                    keeper.abort();
+                    leases.release(&fence).await;
+                    break;
+                }
+                if served == Served::Failed {
+                    keeper.abort();
+                    leases.release(&fence).await;
+                    break;
+                }
+                metrics::counter!(m::LEASE_CHANGES, "channel" => self.channel.clone(), "event" => "lost").increment(1);
+                tracing::warn!(channel = %self.channel, token = fence.token, "Lost this channel's lease; standing by.");
+                self.status.set(ChannelState::Standby);
+            },
+        }
+        age.abort();
+    }
+
+    /// Waits until this replica holds the channel's lease; `None` when the service stops first.
+    async fn acquire(&mut self, leases: &Arc<Leases>) -> Option<Arc<Fence>> {
+        let mut waiting_logged = false;
+        loop {
+            if *self.stop.borrow() {
+                return None;
+            }
+            match leases.try_acquire(&self.key).await {
+                Ok(Some(fence)) => {
+                    metrics::counter!(m::LEASE_CHANGES, "channel" => self.channel.clone(), "event" => "acquired")
+                        .increment(1);
+                    tracing::info!(channel = %self.channel, instance = %leases.instance, token = fence.token, "Took this channel's lease; subscribing.");
+                    return Some(fence);
+                }
+                Ok(None) => {
+                    if !waiting_logged {
+                        waiting_logged = true;
+                        tracing::info!(channel = %self.channel, instance = %leases.instance, "Another replica holds this channel's lease; standing by.");
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(channel = %self.channel, error = %e, "Cannot reach Redis for the channel lease; retrying.")
+                }
+            }
+            self.status.set(ChannelState::Standby);
+            tokio::select! {
+                _ = tokio::time::sleep(jitter(leases.renew_every())) => {}
+                _ = self.stop.wait_for(|s| *s) => return None,
+            }
+        }
+    }
+
+    /// Subscribes and resubscribes until the service stops, the lease is lost, or the channel fails for good.
+    async fn serve(&mut self, fence: Option<Arc<Fence>>) -> Served {
+        self.fence = fence;
         let channel = self.channel.clone();
         let mut resume = match self.initial().await {
             Some(resume) => resume,
-            None => return,
+            None => return Served::Stopped,
         };
         let initial_backoff = Duration::from_millis(self.sub.config.initial_backoff_ms.max(1));
         let max_backoff = Duration::from_millis(self.sub.config.max_backoff_ms.max(1));
         let mut backoff = initial_backoff;
-        let age = self.age_reporter();
         let mut warned_codes: HashSet<String> = HashSet::new();
         loop {
             if *self.stop.borrow() {
                 break;
             }
             // Every subscribe requests events: only subscribe once the pipeline can take some.
-            if self.out.reserve().await.is_err() {
-                break;
+            tokio::select! {
+                reserved = self.out.reserve() => if reserved.is_err() {
+                    break;
+                },
+                _ = self.stop.wait_for(|s| *s) => break,
             }
             self.status.set(ChannelState::Connecting);
             let mut got_response = false;
@@ -298,19 +506,19 @@ impl ChannelTask {
                             }
                             Err(e) => {
                                 self.stop_channel(&format!("authentication failed: {e}"));
-                                break;
+                                return Served::Failed;
                             }
                         }
                     } else if let Failure::Auth(e) = &failure
                         && !e.is_transient()
                     {
                         self.stop_channel(&format!("authentication failed: {e}"));
-                        break;
+                        return Served::Failed;
                     } else if FATAL_CODES.contains(&code.as_str())
                         || matches!(&failure, Failure::Status(s) if code.is_empty() && matches!(s.code(), Code::NotFound | Code::PermissionDenied))
                     {
                         self.stop_channel(&format!("{code}: {message}"));
-                        break;
+                        return Served::Failed;
                     } else if warned_codes.insert(code.clone()) {
                         tracing::warn!(%channel, error_code = %code, %message, "The stream failed; resubscribing with backoff.");
                     } else {
@@ -324,7 +532,7 @@ impl ChannelTask {
                 }
             }
         }
-        age.abort();
+        Served::Stopped
     }
 
     /// Waits out the current backoff (with jitter) and doubles it; false when the service is stopping.
@@ -347,7 +555,13 @@ impl ChannelTask {
     /// The first position: configured start, stored position, fallback.
     async fn initial(&mut self) -> Option<Resume> {
         let replay = &self.sub.config.replay;
-        Some(match replay.start {
+        // Under a lease, every term may be a takeover: the stored position comes first, `start` is the fallback.
+        let (start, fallback) = match (replay.start, self.fence.is_some()) {
+            (ReplayStart::Latest, true) => (ReplayStart::Stored, ReplayPreset::Latest),
+            (ReplayStart::Earliest, true) => (ReplayStart::Stored, ReplayPreset::Earliest),
+            (start, _) => (start, replay.fallback),
+        };
+        Some(match start {
             ReplayStart::Latest => Resume::Preset(ReplayPreset::Latest),
             ReplayStart::Earliest => Resume::Preset(ReplayPreset::Earliest),
             ReplayStart::Stored => {
@@ -372,8 +586,8 @@ impl ChannelTask {
                         Resume::After(bytes)
                     }
                     _ => {
-                        tracing::info!(channel = %self.channel, fallback = ?replay.fallback, "No stored position; starting from the fallback preset.");
-                        Resume::Preset(replay.fallback)
+                        tracing::info!(channel = %self.channel, ?fallback, "No stored position; starting from the fallback preset.");
+                        Resume::Preset(fallback)
                     }
                 }
             }
@@ -513,6 +727,7 @@ impl ChannelTask {
     async fn send(&mut self, delivery: Delivery) -> bool {
         let sourced = Sourced {
             key: Some(self.key.clone()),
+            fence: self.fence.clone(),
             delivery,
         };
         tokio::select! {
