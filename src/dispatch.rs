@@ -40,6 +40,10 @@ pub enum ActionResult {
     Abandoned,
 }
 
+/// Retries in a row after a dropped connection before the normal backoff applies, and their pause.
+const QUICK_RETRIES: u32 = 3;
+const QUICK_RETRY: Duration = Duration::from_millis(10);
+
 pub struct Dispatcher {
     sinks: Arc<Sinks>,
     retry: RetryConfig,
@@ -201,11 +205,16 @@ impl Dispatcher {
         let own_token = crate::idempotency::new_token();
         let mut token: Option<String> = None;
         let mut attempts = 0;
+        let mut quick_retries = 0;
         loop {
             attempts += 1;
             let step: Result<Option<ActionResult>, SinkError> = async {
                 if let Some(key) = key {
-                    match idem.claim(&action.sink, key, Some(&own_token), fence).await? {
+                    match idem
+                        .claim(&action.sink, key, Some(&own_token), fence)
+                        .await
+                        .map_err(|e| e.context("idempotency claim"))?
+                    {
                         Claim::Done => return Ok(Some(ActionResult::Skipped)),
                         // Another holder (a crashed process whose lease has not expired, or a concurrent
                         // delivery of the same key): wait for it like for a transient error.
@@ -236,7 +245,9 @@ impl Dispatcher {
                 };
                 outcome?;
                 if let Some(key) = key {
-                    idem.complete(&action.sink, key, fence).await?;
+                    idem.complete(&action.sink, key, fence)
+                        .await
+                        .map_err(|e| e.context("done marker"))?;
                 }
                 Ok(None)
             }
@@ -258,6 +269,14 @@ impl Dispatcher {
                     if err.is_transient() && started.elapsed() + backoff < budget {
                         metrics::counter!(m::SINK_RETRIES, "sink" => action.sink.clone()).increment(1);
                         tracing::warn!(sink = %action.sink, route = %action.route, event_id = %event.id, attempt = attempts, error = %err, "Sink call failed; retrying.");
+                        // A dropped connection is being replaced as we speak: retry on the new one at once (a few
+                        // times in a row at most), rather than after a pause in which it may drop again.
+                        if matches!(err, SinkError::Dropped(_)) && quick_retries < QUICK_RETRIES {
+                            quick_retries += 1;
+                            tokio::time::sleep(jitter(QUICK_RETRY)).await;
+                            continue;
+                        }
+                        quick_retries = 0;
                         tokio::time::sleep(jitter(backoff)).await;
                         backoff = (backoff * 2).min(max_backoff);
                         continue;
@@ -302,7 +321,7 @@ impl Dispatcher {
                     tracing::error!(error = %e, letter = %serde_json::to_string(&letter).unwrap_or_default(), "Dead letter could not be stored.");
                     return;
                 }
-                Err(SinkError::Transient(e)) => {
+                Err(SinkError::Transient(e) | SinkError::Dropped(e)) => {
                     tracing::warn!(error = %e, event_id = ?letter.event_id, "Dead-letter store unavailable; holding the event and retrying.");
                     tokio::time::sleep(DEAD_LETTER_RETRY).await;
                 }

@@ -500,6 +500,8 @@ async fn record(
         };
         loaded.config.source.pubsub = Some(pubsub);
     }
+    // An observer: it never takes a channel lease from (or waits behind) the replicas that run the pipeline.
+    loaded.config.lease.enabled = Some(false);
     let service = match Service::start(loaded, false).await {
         Ok(service) => service,
         Err(e) => {

@@ -445,7 +445,13 @@ impl Reloader {
         let mut debouncer = notify_debouncer_mini::new_debouncer(
             debounce,
             move |events: notify_debouncer_mini::DebounceEventResult| {
-                if events.is_ok_and(|e| !e.is_empty()) {
+                // Only YAML files (rules, rule tests, the config) and ConfigMap swaps (`..data`) count: a position
+                // file or an editor's backup beside the config must not trigger reloads.
+                let relevant = |path: &std::path::Path| {
+                    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+                    name.starts_with("..") || name.ends_with(".yaml") || name.ends_with(".yml")
+                };
+                if events.is_ok_and(|e| e.iter().any(|e| relevant(&e.path))) {
                     let _ = tx.send(());
                 }
             },

@@ -743,20 +743,7 @@ mod context_tests {
 
     #[test]
     fn the_partial_header_has_the_values_of_the_whole_one() {
-        let every = [
-            "entity",
-            "change_type",
-            "record_ids",
-            "changed_fields",
-            "nulled_fields",
-            "diff_fields",
-            "change_origin",
-            "transaction_key",
-            "sequence_number",
-            "commit_timestamp",
-            "commit_number",
-            "commit_user",
-        ];
+        let every = crate::rules::validate::HEADER_FIELDS;
         let only = Fields::Only(every.iter().map(|s| s.to_string()).collect());
         for line in EVENTS.lines() {
             let Ok(event) = Event::from_json(line) else { continue };

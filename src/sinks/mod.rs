@@ -30,6 +30,10 @@ pub enum SinkError {
     /// The sink or its connection failed for now (connection refused, timeout, Redis LOADING): retry.
     #[error("transient: {0}")]
     Transient(String),
+    /// An established connection died mid-call (broken pipe, reset): transient, and retried at once, since the
+    /// connection is being replaced already; waiting would only let the next drop catch the retry too.
+    #[error("transient: {0}")]
+    Dropped(String),
     /// The action cannot succeed as it is (a wrong type, a refused id): dead-letter it.
     #[error("permanent: {0}")]
     Permanent(String),
@@ -41,11 +45,25 @@ pub enum SinkError {
 
 impl SinkError {
     pub fn is_transient(&self) -> bool {
-        matches!(self, SinkError::Transient(_))
+        matches!(self, SinkError::Transient(_) | SinkError::Dropped(_))
+    }
+
+    /// The same error, its message prefixed with the step that failed (e.g. `idempotency claim`).
+    pub fn context(self, step: &str) -> SinkError {
+        match self {
+            SinkError::Transient(m) => SinkError::Transient(format!("{step}: {m}")),
+            SinkError::Dropped(m) => SinkError::Dropped(format!("{step}: {m}")),
+            SinkError::Permanent(m) => SinkError::Permanent(format!("{step}: {m}")),
+            SinkError::Fenced(m) => SinkError::Fenced(format!("{step}: {m}")),
+        }
     }
 
     /// Redis errors: connection-level problems and a server that is loading or busy are transient.
     pub fn from_redis(err: &redis::RedisError) -> SinkError {
+        let established_dropped = err.is_connection_dropped() && !err.is_connection_refusal();
+        if established_dropped {
+            return SinkError::Dropped(err.to_string());
+        }
         let transient = err.is_io_error()
             || err.is_connection_refusal()
             || err.is_connection_dropped()

@@ -2,8 +2,10 @@
 //! in-memory queue.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use redis::aio::ConnectionManager;
 use serde_json::Value;
 
@@ -39,8 +41,73 @@ fn keep_jobs(keep: &KeepJobs) -> bullmq::types::RemoveOnFinish {
 fn classify(err: &bullmq::Error) -> SinkError {
     match err {
         bullmq::Error::Redis(r) => SinkError::from_redis(r),
-        bullmq::Error::ConnectionClosed | bullmq::Error::RateLimited { .. } => SinkError::Transient(err.to_string()),
+        bullmq::Error::ConnectionClosed => SinkError::Dropped(err.to_string()),
+        bullmq::Error::RateLimited { .. } => SinkError::Transient(err.to_string()),
         other => SinkError::Permanent(other.to_string()),
+    }
+}
+
+/// Whether BullMQ's connection itself failed (as opposed to a reply the server sent).
+fn connection_broken(err: &bullmq::Error) -> bool {
+    match err {
+        bullmq::Error::Redis(r) => r.is_io_error() || r.is_connection_dropped() || r.is_connection_refusal(),
+        bullmq::Error::ConnectionClosed => true,
+        _ => false,
+    }
+}
+
+/// Consecutive connection failures after which the BullMQ queue is opened again on a new connection.
+const REOPEN_AFTER: u32 = 3;
+
+/// Reopens a BullMQ queue whose connection keeps failing. The connection reconnects on its own after a drop, but a
+/// connection can also get stuck answering every command with "broken pipe" (redis-rs issues #984, #1415): seen
+/// in the soak test, where every client connection is killed every 100-300 ms. A fresh queue gets a fresh one.
+struct Reopen {
+    name: String,
+    options: bullmq::QueueOptions,
+    /// For messages, password masked.
+    url: String,
+    connect_timeout: Duration,
+    failures: AtomicU32,
+    /// One reopen at a time.
+    lock: tokio::sync::Mutex<()>,
+}
+
+impl Reopen {
+    async fn open(&self) -> Result<bullmq::Queue, String> {
+        let open = bullmq::Queue::with_options(&self.name, self.options.clone());
+        match tokio::time::timeout(self.connect_timeout, open).await {
+            Ok(Ok(queue)) => Ok(queue),
+            Ok(Err(e)) => Err(super::redact_url(&e.to_string())),
+            Err(_) => Err(format!(
+                "no connection to {} within {} ms",
+                self.url,
+                self.connect_timeout.as_millis()
+            )),
+        }
+    }
+
+    /// Counts a connection failure of `failed` (the queue the call used); after a few in a row, replaces it.
+    async fn after_failure(&self, queue: &ArcSwap<bullmq::Queue>, failed: &Arc<bullmq::Queue>) {
+        if self.failures.fetch_add(1, Ordering::Relaxed) + 1 < REOPEN_AFTER {
+            return;
+        }
+        let _one = self.lock.lock().await;
+        // Someone else replaced it meanwhile.
+        if !Arc::ptr_eq(&queue.load_full(), failed) {
+            return;
+        }
+        match self.open().await {
+            Ok(fresh) => {
+                tracing::warn!(queue = %self.name, url = %self.url, failures = self.failures.load(Ordering::Relaxed),
+                    "The BullMQ connection kept failing; opened the queue again on a new connection.");
+                queue.store(Arc::new(fresh));
+                self.failures.store(0, Ordering::Relaxed);
+            }
+            Err(e) => {
+                tracing::warn!(queue = %self.name, error = %e, "Cannot open the BullMQ queue again yet; retrying with the next call.")
+            }
+        }
     }
 }
 
@@ -53,9 +120,11 @@ pub struct QueueSink {
 
 enum Backend {
     Bullmq {
-        queue: Box<bullmq::Queue>,
+        queue: ArcSwap<bullmq::Queue>,
         /// BullMQ's own response timeout is fixed (10 s); ours is the endpoint's command timeout.
         timeout: Duration,
+        /// How to open the queue again when its connection stays broken.
+        reopen: Box<Reopen>,
     },
     Stream {
         conn: ConnectionManager,
@@ -74,30 +143,27 @@ impl QueueSink {
         let options = bullmq::QueueOptions::new()
             .connection(super::connection::bullmq_options(loaded, endpoint)?)
             .prefix(config.prefix.clone());
-        let failed = |message: String| BuildError::Queue {
+        let reopen = Box::new(Reopen {
+            name: config.queue.clone(),
+            options,
+            url: super::redact_url(endpoint.url.expose()),
+            connect_timeout: Duration::from_millis(endpoint.connect_timeout_ms),
+            failures: AtomicU32::new(0),
+            lock: tokio::sync::Mutex::new(()),
+        });
+        let queue = reopen.open().await.map_err(|message| BuildError::Queue {
             sink: sink.to_string(),
             queue: config.queue.clone(),
             message,
-        };
-        let open = bullmq::Queue::with_options(&config.queue, options);
-        let queue = match tokio::time::timeout(Duration::from_millis(endpoint.connect_timeout_ms), open).await {
-            Ok(Ok(queue)) => queue,
-            Ok(Err(e)) => return Err(failed(super::redact_url(&e.to_string()))),
-            Err(_) => {
-                return Err(failed(format!(
-                    "no connection to {} within {} ms",
-                    super::redact_url(endpoint.url.expose()),
-                    endpoint.connect_timeout_ms
-                )));
-            }
-        };
+        })?;
         Ok(QueueSink {
             queue_name: config.queue.clone(),
             job_name: config.job_name.clone(),
             defaults: config.job_options.clone(),
             backend: Backend::Bullmq {
-                queue: Box::new(queue),
+                queue: ArcSwap::from_pointee(queue),
                 timeout: Duration::from_millis(endpoint.command_timeout_ms),
+                reopen,
             },
         })
     }
@@ -168,8 +234,9 @@ impl QueueSink {
                     .map_err(|e| SinkError::from_redis(&e))?;
                 Ok(SinkOutcome::Done)
             }
-            Backend::Bullmq { queue, timeout } => {
-                let mut add = queue.add(&self.job_name, data).job_id(job_id);
+            Backend::Bullmq { queue, timeout, reopen } => {
+                let current = queue.load_full();
+                let mut add = current.add(&self.job_name, data).job_id(job_id);
                 if let Some(n) = options.attempts {
                     add = add.attempts(n);
                 }
@@ -193,15 +260,21 @@ impl QueueSink {
                 }
                 // A timed-out add may still have happened: the retry re-adds the same job id, a no-op.
                 match tokio::time::timeout(*timeout, add).await {
-                    Ok(result) => result.map_err(|e| classify(&e))?,
-                    Err(_) => {
-                        return Err(SinkError::Transient(format!(
-                            "no reply from Redis within {} ms",
-                            timeout.as_millis()
-                        )));
+                    Ok(Ok(_)) => {
+                        reopen.failures.store(0, Ordering::Relaxed);
+                        Ok(SinkOutcome::Done)
                     }
-                };
-                Ok(SinkOutcome::Done)
+                    Ok(Err(e)) => {
+                        if connection_broken(&e) {
+                            reopen.after_failure(queue, &current).await;
+                        }
+                        Err(classify(&e))
+                    }
+                    Err(_) => Err(SinkError::Transient(format!(
+                        "no reply from Redis within {} ms",
+                        timeout.as_millis()
+                    ))),
+                }
             }
             Backend::Memory(memory) => {
                 let mut jobs = memory.jobs.lock().expect("memory backend lock is never poisoned");
