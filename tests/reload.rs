@@ -261,3 +261,100 @@ async fn fifty_reloads_in_quick_succession_end_on_the_last_file() {
         .unwrap()
         .unwrap();
 }
+
+/// The same over the Pub/Sub path: 10,000 approvals published to the emulator and read over gRPC while the rules
+/// change; every event settled exactly once, each under one version, the old rules before the swap and the new ones
+/// after it.
+#[tokio::test]
+async fn rules_changed_while_10000_pubsub_events_flow_give_each_event_one_version() {
+    use switchyard::emulator::{self, EmulatorOptions};
+    let h = Harness::new("reload_pubsub");
+    let dir = h.dir.path().join("rules");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::write(dir.join("orders.yaml"), rules("v1")).unwrap();
+    let emu = emulator::start(EmulatorOptions::default()).await.unwrap();
+    let text = format!(
+        "source:\n  kind: pubsub\n  pubsub: {{ endpoint: \"{endpoint}\", replay: {{ start: earliest }} }}\n\
+         rules: [{rules}]\nenricher: none\nredis: {{ url: \"{redis}\", key_prefix: \"{kp}\" }}\n\
+         sinks:\n  enqueue-provisioning: {{ kind: queue, queue: provisioning, job_name: provision-order, prefix: {bp} }}\n  \
+         invalidate-cache: {{ kind: cache-invalidate }}\n  log: {{ kind: log }}\n\
+         salesforce: {{ login_url: \"{login}\", client_id: {id}, client_secret: {secret} }}\n\
+         reload: {{ debounce_ms: 100 }}\n",
+        endpoint = emu.endpoint(),
+        rules = dir.display(),
+        redis = common::redis_url(),
+        kp = h.key_prefix(),
+        bp = h.bull_prefix(),
+        login = emu.base_url(),
+        id = emulator::DEFAULT_CLIENT_ID,
+        secret = emulator::DEFAULT_CLIENT_SECRET,
+    );
+    let loaded = LoadedConfig::parse(&h.dir.path().join("c.yaml"), &text, &|_| None).unwrap();
+    let service = Arc::new(Service::start(loaded, false).await.unwrap());
+    let (stop, shutdown) = tokio::sync::watch::channel(false);
+    let running = {
+        let service = service.clone();
+        tokio::spawn(async move { service.run(shutdown).await.map(|s| s.settled) })
+    };
+    let total = 10_000u32;
+    let ids: Vec<String> = (0..total)
+        .map(|n| format!("801{:0>10}{n:05}", &h.tag[..h.tag.len().min(10)]))
+        .collect();
+    let publish = |n: usize, id: &String| {
+        let e = h.approval(&format!("p{n}"), std::slice::from_ref(id), None, json!({}));
+        let event = switchyard::event::Event::from_json(&e.to_string()).unwrap();
+        emu.publish(&event).unwrap();
+    };
+    let half = total as usize / 2;
+    for (n, id) in ids.iter().enumerate().take(half) {
+        publish(n, id);
+    }
+    // The edit lands while the first half is being read and handled (some of it already was, under v1); the
+    // second half is published after it.
+    let started = Instant::now();
+    while h.jobs().await.len() < 100 {
+        assert!(started.elapsed() < Duration::from_secs(60), "no progress");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let v1 = service.rules.load().version.clone();
+    std::fs::write(dir.join("orders.yaml"), rules("v2")).unwrap();
+    wait_version(&service, |v| v != v1, "v1 -> v2 while events flow").await;
+    for (n, id) in ids.iter().enumerate().skip(half) {
+        publish(n, id);
+    }
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let jobs = loop {
+        let jobs = h.jobs().await;
+        if jobs.len() >= total as usize {
+            break jobs;
+        }
+        assert!(Instant::now() < deadline, "only {} of {total} jobs", jobs.len());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let by_id: std::collections::HashMap<&str, &str> = jobs
+        .iter()
+        .map(|j| (j.0.rsplit('-').next().unwrap(), j.2["v"].as_str().unwrap()))
+        .collect();
+    let versions: Vec<&str> = ids.iter().map(|id| by_id[id.as_str()]).collect();
+    let first_v2 = versions
+        .iter()
+        .position(|v| *v == "v2")
+        .expect("the new rules took over");
+    assert!(first_v2 >= 100, "the old rules handled the start");
+    assert!(
+        versions[first_v2..].iter().all(|v| *v == "v2"),
+        "no event after the swap ran the old rules"
+    );
+    assert!(
+        versions[half..].iter().all(|v| *v == "v2"),
+        "events published after the swap ran the new rules"
+    );
+    assert_eq!(jobs.len(), total as usize, "every event settled exactly once");
+    stop.send(true).unwrap();
+    let settled = tokio::time::timeout(Duration::from_secs(30), running)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(settled, total as u64);
+}

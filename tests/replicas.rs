@@ -70,7 +70,16 @@ impl Replica {
     /// SIGTERM, and the exit status.
     fn terminate(mut self) -> std::process::ExitStatus {
         self.signal("TERM");
-        self.child.wait().unwrap()
+        let started = Instant::now();
+        let status = self.child.wait().unwrap();
+        // A graceful stop settles what is in flight: well within the shutdown timeout (30 s), never by it.
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{} took {:?} to stop",
+            self.name,
+            started.elapsed()
+        );
+        status
     }
 
     fn kill(mut self) {
@@ -169,15 +178,39 @@ async fn active_of(h: &Harness, replicas: &[&Replica]) -> usize {
 async fn exactly_once(h: &Harness, n: u32, within: Duration, logs: &dyn Fn() -> String) {
     let deadline = Instant::now() + within;
     loop {
-        let jobs = h.jobs().await.len();
-        if jobs >= n as usize {
+        let jobs = h.jobs().await;
+        if jobs.len() >= n as usize {
             break;
         }
-        assert!(
-            Instant::now() < deadline,
-            "only {jobs} of {n} jobs; logs:\n{}",
-            tail(&logs())
-        );
+        if Instant::now() >= deadline {
+            // Which approvals are missing, and every log line about them.
+            let have: std::collections::HashSet<&str> = jobs
+                .iter()
+                .map(|j| j.2["sfOrderId"].as_str().unwrap_or_default())
+                .collect();
+            let t: String = h.tag.chars().rev().take(8).collect();
+            let missing: Vec<String> = (0..n)
+                .map(|i| format!("801{t:0>8}{i:04}AAA"))
+                .filter(|id| !have.contains(id.as_str()))
+                .collect();
+            let all = logs();
+            let about: Vec<&str> = all
+                .lines()
+                .filter(|l| {
+                    missing.iter().any(|m| l.contains(m.as_str()))
+                        || l.contains("WARN")
+                        || l.contains("ERROR")
+                        || l.contains("lease")
+                        || l.contains("Resuming")
+                })
+                .collect();
+            panic!(
+                "only {} of {n} jobs; missing {missing:?}; dead letters {:?}; log lines about them, and warnings:\n{}",
+                jobs.len(),
+                h.dead_letters().await,
+                about.join("\n")
+            );
+        }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // Anything late (a duplicate) would show up now.
@@ -214,7 +247,8 @@ async fn publish(emu: &EmulatorHandle, h: &Harness, from: u32, to: u32, per_seco
 
 /// Two instances on one stream: exactly one subscribes (the other stands by, ready, role `standby`), and every event
 /// is settled once: no duplicate job.
-#[tokio::test]
+// Multi-threaded: the emulator runs in this process and must keep serving while the test waits for a child.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_replicas_one_subscriber_every_event_once() {
     let h = Harness::new("ha-two");
     let emu = emulator::start(EmulatorOptions::default()).await.unwrap();
@@ -259,7 +293,8 @@ async fn two_replicas_one_subscriber_every_event_once() {
 
 /// The active instance SIGKILLed mid-stream: the standby takes over within the lease time plus one renewal, from the
 /// stored position; nothing lost, no duplicate job.
-#[tokio::test]
+// Multi-threaded: the emulator runs in this process and must keep serving while the test waits for a child.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_standby_takes_over_from_a_killed_active_within_the_lease_time() {
     let h = Harness::new("ha-kill");
     let emu = emulator::start(EmulatorOptions::default()).await.unwrap();
@@ -306,7 +341,8 @@ async fn the_standby_takes_over_from_a_killed_active_within_the_lease_time() {
 /// The active instance paused (SIGSTOP) past its lease, then resumed: the standby took over; the old holder's late
 /// writes are refused (it cannot move the position, mark actions done or enqueue), it stands by, and nothing is
 /// duplicated.
-#[tokio::test]
+// Multi-threaded: the emulator runs in this process and must keep serving while the test waits for a child.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_paused_active_loses_its_lease_and_its_late_writes_are_refused() {
     let h = Harness::new("ha-stop");
     let emu = emulator::start(EmulatorOptions::default()).await.unwrap();
@@ -381,7 +417,8 @@ async fn a_paused_active_loses_its_lease_and_its_late_writes_are_refused() {
 
 /// A rolling restart of both instances under load (SIGTERM hands the lease over at once, a new process takes the
 /// standby's place): nothing lost, nothing duplicated.
-#[tokio::test]
+// Multi-threaded: the emulator runs in this process and must keep serving while the test waits for a child.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn rolling_restart_of_both_replicas_under_load_loses_nothing() {
     let h = Harness::new("ha-roll");
     let emu = std::sync::Arc::new(emulator::start(EmulatorOptions::default()).await.unwrap());
@@ -389,6 +426,8 @@ async fn rolling_restart_of_both_replicas_under_load_loses_nothing() {
     let b = Replica::spawn(&h, &emu, "b");
     let first = active_of(&h, &[&a, &b]).await;
     let (active, standby) = if first == 0 { (a, b) } else { (b, a) };
+    // Nothing is stored yet and the fallback is `latest`: publish once the first holder is subscribed.
+    until(Duration::from_secs(20), "subscribed", async || emu.subscriptions() >= 1).await;
     let load = {
         let emu = emu.clone();
         let events: Vec<Event> = (0..600).map(|n| approval(&h, n)).collect();
@@ -430,17 +469,24 @@ async fn rolling_restart_of_both_replicas_under_load_loses_nothing() {
     assert_ne!(standby_pid, c.child.id());
     let d = Replica::spawn(&h, &emu, "d");
     load.await.unwrap();
-    exactly_once(&h, 600, Duration::from_secs(60), &|| {
-        format!("{}{}", c.log(&h), d.log(&h))
-    })
-    .await;
+    let logs = || {
+        ["a", "b", "c", "d"]
+            .iter()
+            .map(|n| {
+                let text = std::fs::read_to_string(h.dir.path().join(format!("{n}.log"))).unwrap_or_default();
+                text.lines().map(|l| format!("[{n}] {l}\n")).collect::<String>()
+            })
+            .collect::<String>()
+    };
+    exactly_once(&h, 600, Duration::from_secs(60), &logs).await;
     assert!(c.terminate().success());
     assert!(d.terminate().success());
 }
 
 /// Fencing, at the Redis level: once another replica took the lease, a write under the old token is refused by Redis
 /// itself (position, idempotency claim, done marker), whatever the old holder believes; the new holder's writes pass.
-#[tokio::test]
+// Multi-threaded: the emulator runs in this process and must keep serving while the test waits for a child.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn writes_under_a_stale_fencing_token_are_refused_by_redis() {
     use std::sync::Arc;
     use switchyard::checkpoint::CheckpointStore;

@@ -354,6 +354,8 @@ fn spawn_run(h: &Harness, emu: &EmulatorHandle, mode: &str, log: &str) -> std::p
         .env("BULLMQ_PREFIX", h.bull_prefix())
         .env("SWITCHYARD_HTTP_LISTEN", "127.0.0.1:0")
         .env("SWITCHYARD_MODE", mode)
+        // A restarted process waits for its predecessor's channel lease to lapse (a new pid is a new instance).
+        .env("SWITCHYARD_LEASE_TTL_MS", "2000")
         .env("RUST_LOG", "info")
         .stdout(std::process::Stdio::null())
         .stderr(log)
