@@ -135,13 +135,15 @@ enum Kind {
     InternalEdit,
     /// Order_Fulfilment_Requested__e: enqueue + log.
     Platform,
-    /// A gap event: ids but no values; no route takes it.
+    /// A gap event: ids but no values. The cache is invalidated and the order re-read: every other one is
+    /// waiting for activation (enqueue + log), the rest were provisioned already (nothing more).
     Gap,
 }
 
 /// What the mix holds, for BENCHMARKS.md.
 pub const MIX_DESCRIPTION: &str = "per 20 events: 3 approvals, 1 bulk approval (3 records), 1 re-approval of a provisioned \
-order, 1 approval of a missing order, 5 cache-relevant edits, 6 internal-only edits, 2 platform events, 1 gap event";
+order, 1 approval of a missing order, 5 cache-relevant edits, 6 internal-only edits, 2 platform events, 1 gap event \
+(every other one re-checks an order waiting for activation)";
 
 /// `n` deterministic events; `run` makes every id, record id and commit timestamp unique to it, so that
 /// repeated end-to-end runs enqueue new jobs instead of hitting idempotency markers.
@@ -234,7 +236,18 @@ fn event(kind: Kind, i: u64, run: u64) -> Event {
                 };
                 ("UPDATE", vec![id.clone()], changed, vec![], fields, json!({}))
             }
-            Kind::Gap => ("GAP_UPDATE", vec![id.clone()], vec![], vec![], json!({}), json!({})),
+            Kind::Gap => {
+                let waiting = (i / MIX.len() as u64).is_multiple_of(2);
+                let fields = if waiting {
+                    json!({"Activation_Status__c": "Activating", "Status": "Approved", "WHMCS_Order_ID__c": null,
+                           "AccountId": account})
+                } else {
+                    json!({"Activation_Status__c": "Activated", "Status": "Activated",
+                           "WHMCS_Order_ID__c": format!("WH-{i}"), "AccountId": account})
+                };
+                let records = json!({ id.clone(): fields });
+                ("GAP_UPDATE", vec![id.clone()], vec![], vec![], json!({}), records)
+            }
             Kind::Platform => {
                 let uuid = format!("5b1f3c2e-8d7a-4f0e-{:04x}-{:012x}", run % 0xffff, i);
                 let fields = json!({"CreatedDate": ts, "CreatedById": "005xx0000000001AAA", "Order_Id__c": id,
@@ -359,6 +372,15 @@ fn is_blank(v: Option<&Value>) -> bool {
     }
 }
 
+/// `event.Status == () || event.Status in trigger_statuses`.
+fn trigger_status(v: Option<&Value>) -> bool {
+    match v {
+        None | Some(Value::Null) => true,
+        Some(Value::String(s)) => s == "Approved" || s == "Reactivate",
+        Some(_) => false,
+    }
+}
+
 fn non_null(v: Option<&Value>) -> Option<&Value> {
     v.filter(|v| !v.is_null())
 }
@@ -443,19 +465,45 @@ fn provision(
     }
 }
 
+/// `ignored_change_origins` of the shipped rules: the provisioning worker's own writes.
+const IGNORED_CHANGE_ORIGIN: &str = "client=switchyard-provisioning";
+
 /// The decisions of `rules/orders.yaml` for one event, hand-written: the same actions, in the same order.
 pub fn native_decide(event: &Event, records: &Records) -> Vec<Action> {
     let mut out = Vec::new();
     match &event.header {
         Some(header) => {
             let ct = header.change_type;
+            let commit = header.commit_timestamp.map(|t| t.to_string()).unwrap_or_default();
             for id in &header.record_ids {
                 let record = if id == OVERFLOW_PLACEHOLDER_ID {
                     None
                 } else {
                     record_of(records, id)
                 };
+                if ct == ChangeType::GapOverflow {
+                    let message =
+                        format!("Order change overflow at commit {commit}: resync the orders changed since then");
+                    let reason = format!(
+                        "GAP_OVERFLOW on {} at commit {commit}: resync the orders changed since then",
+                        header.entity
+                    );
+                    out.push(action(
+                        "overflow-needs-resync",
+                        "log",
+                        Some(id),
+                        log(LogLevel::Error, message, Map::new()),
+                    ));
+                    out.push(action(
+                        "overflow-needs-resync",
+                        "dead-letter",
+                        Some(id),
+                        Op::DeadLetter { reason },
+                    ));
+                    continue; // stop: true
+                }
                 if CUSTOMER_FACING.iter().any(|f| changed(&header.changed_fields, f))
+                    || ct.is_gap()
                     || matches!(ct, ChangeType::Delete | ChangeType::Undelete)
                 {
                     let mut keys = vec![format!("orders:detail:{id}")];
@@ -479,12 +527,41 @@ pub fn native_decide(event: &Event, records: &Records) -> Vec<Action> {
                     ChangeType::Create | ChangeType::Undelete => activating,
                     _ => false,
                 };
-                let status_ok = match event.fields.get("Status") {
-                    None | Some(Value::Null) => true,
-                    Some(Value::String(s)) => s == "Approved" || s == "Reactivate",
-                    Some(_) => false,
-                };
-                if !(became && status_ok) {
+                let status_ok = trigger_status(event.fields.get("Status"));
+                let loop_guard = header
+                    .change_origin
+                    .as_deref()
+                    .is_some_and(|o| o.contains(IGNORED_CHANGE_ORIGIN));
+                if ct.is_gap() && ct != ChangeType::GapDelete {
+                    let waiting = record.is_some_and(|r| {
+                        r.get("Activation_Status__c").and_then(Value::as_str) == Some("Activating")
+                            && is_blank(r.get("WHMCS_Order_ID__c"))
+                            && trigger_status(r.get("Status"))
+                    });
+                    if waiting {
+                        let key = format!("activation-{id}-{commit}");
+                        let account = record.and_then(|r| non_null(r.get("AccountId")));
+                        out.push(enqueue(
+                            "gap-recheck-activation",
+                            id,
+                            key,
+                            account,
+                            format!("cdc-gap-order-{id}"),
+                        ));
+                        let mut fields = Map::new();
+                        fields.insert("sfOrderId".into(), Value::from(id.as_str()));
+                        fields.insert("changeType".into(), Value::from(ct.as_str()));
+                        let message =
+                            "Gap event for an order waiting for activation, enqueuing fulfillment".to_string();
+                        out.push(action(
+                            "gap-recheck-activation",
+                            "log",
+                            Some(id),
+                            log(LogLevel::Info, message, fields),
+                        ));
+                    }
+                }
+                if !(became && status_ok && !loop_guard) {
                     continue;
                 }
                 if record.is_none() {
@@ -497,7 +574,7 @@ pub fn native_decide(event: &Event, records: &Records) -> Vec<Action> {
                     ));
                     continue; // stop: true
                 }
-                let key = format!("activation-{id}-{}", header.commit_timestamp.unwrap_or_default());
+                let key = format!("activation-{id}-{commit}");
                 let correlation = format!("cdc-order-{id}");
                 let [a, b] = provision(
                     "provision-on-activating",
