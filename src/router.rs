@@ -115,7 +115,7 @@ fn event_scope(rules: &RuleSet, event: &Event) -> Scope<'static> {
 /// The payload as a script map: the fields predicates read (absent ones read as `()` either way).
 fn event_map(reads: &Fields, fields: &Map<String, Value>) -> Dynamic {
     match reads {
-        Fields::All => rhai::serde::to_dynamic(fields).unwrap_or(Dynamic::UNIT),
+        Fields::All => Dynamic::from_map(helpers::map_to_dynamic(fields)),
         Fields::Only(names) => {
             let mut map = rhai::Map::new();
             for name in names {
@@ -159,6 +159,36 @@ fn header_map(reads: &Fields, header: Option<&ChangeHeader>) -> Dynamic {
         }
     }
     Dynamic::from_map(map)
+}
+
+/// The CDC header as templates see it: its serde form, with only the members some template reads.
+fn header_json(reads: &Fields, header: Option<&ChangeHeader>) -> Value {
+    let Some(h) = header else { return Value::Null };
+    let Fields::Only(names) = reads else {
+        return serde_json::to_value(h).unwrap_or(Value::Null);
+    };
+    let mut map = Map::new();
+    for name in names {
+        let value = match name.as_str() {
+            "entity" => Some(Value::from(h.entity.as_str())),
+            "change_type" => Some(Value::from(h.change_type.as_str())),
+            "record_ids" => Some(Value::from(h.record_ids.clone())),
+            "changed_fields" => Some(Value::from(h.changed_fields.clone())),
+            "nulled_fields" => Some(Value::from(h.nulled_fields.clone())),
+            "diff_fields" => Some(Value::from(h.diff_fields.clone())),
+            "change_origin" => h.change_origin.as_deref().map(Value::from),
+            "transaction_key" => h.transaction_key.as_deref().map(Value::from),
+            "sequence_number" => h.sequence_number.map(Value::from),
+            "commit_timestamp" => h.commit_timestamp.map(Value::from),
+            "commit_number" => h.commit_number.map(Value::from),
+            "commit_user" => h.commit_user.as_deref().map(Value::from),
+            _ => None,
+        };
+        if let Some(value) = value {
+            map.insert(name.clone(), value);
+        }
+    }
+    Value::Object(map)
 }
 
 /// Evaluates the combined `when` of a channel; `None` when any predicate failed: the caller then evaluates
@@ -348,11 +378,7 @@ pub fn needs(rules: &RuleSet, event: &Event) -> Needs {
         }
     });
     if units.iter().any(|u| !u.is_empty()) {
-        header = event
-            .header
-            .as_ref()
-            .and_then(|h| serde_json::to_value(h).ok())
-            .unwrap_or(Value::Null);
+        header = header_json(&rules.template_header, event.header.as_ref());
     }
     Needs {
         rules_version: rules.version.clone(),
@@ -458,10 +484,13 @@ fn decide(
         },
     };
     ctx.set_has_record(found);
-    scope.set_value("record_id", dyn_opt(record_id));
-    scope.set_value("record", rhai::serde::to_dynamic(&record).unwrap_or(Dynamic::UNIT));
     let passed = match &route.guard {
-        Some(guard) => eval(rules, scope, guard).map_err(|e| format!("`guard` failed: {e}"))?,
+        Some(guard) => {
+            // Only a guard reads the script context here; templates render from the record itself.
+            scope.set_value("record_id", dyn_opt(record_id));
+            scope.set_value("record", Dynamic::from_map(helpers::map_to_dynamic(&record)));
+            eval(rules, scope, guard).map_err(|e| format!("`guard` failed: {e}"))?
+        }
         None => true,
     };
     let (outcome, templates) = if passed {
@@ -751,6 +780,49 @@ mod context_tests {
             let partial = header_map(&only, event.header.as_ref());
             assert_eq!(json(&partial), json(&whole), "{}", event.id);
         }
+    }
+
+    #[test]
+    fn the_partial_header_json_has_the_values_of_the_serde_form() {
+        let every = Fields::Only(
+            [
+                "entity",
+                "change_type",
+                "record_ids",
+                "changed_fields",
+                "nulled_fields",
+                "diff_fields",
+                "change_origin",
+                "transaction_key",
+                "sequence_number",
+                "commit_timestamp",
+                "commit_number",
+                "commit_user",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+        );
+        for line in EVENTS.lines() {
+            let Ok(event) = Event::from_json(line) else { continue };
+            let whole = serde_json::to_value(event.header.as_ref()).unwrap();
+            assert_eq!(header_json(&every, event.header.as_ref()), whole, "{}", event.id);
+            assert_eq!(header_json(&Fields::All, event.header.as_ref()), whole, "{}", event.id);
+        }
+    }
+
+    #[test]
+    fn templates_read_only_the_header_members_they_name() {
+        let path = std::path::PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/rules/orders.yaml"));
+        let env = crate::rules::load::RuleEnv::defaults();
+        let rules = crate::rules::load::load_paths(&[path], &env)
+            .ruleset
+            .expect("the shipped rules load");
+        let expected = ["change_type", "commit_timestamp", "entity"];
+        assert_eq!(
+            rules.template_header,
+            Fields::Only(expected.iter().map(|s| s.to_string()).collect())
+        );
     }
 
     #[test]

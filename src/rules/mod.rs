@@ -192,6 +192,8 @@ pub struct RuleSet {
     live: HashMap<String, Vec<usize>>,
     /// What the predicates read from events: the router converts only that.
     pub(crate) reads: reads::Reads,
+    /// The members of `header` that action templates read: the router renders only those to JSON.
+    pub(crate) template_header: reads::Fields,
     /// The context variables (unset) and the `vars` (converted once), cloned for every event.
     pub(crate) base_scope: Scope<'static>,
     /// Per channel, the `when` of every live route in one array expression (see [`RuleSet::combined`]).
@@ -229,6 +231,18 @@ impl RuleSet {
                 reads.scan(&guard.source);
             }
         }
+        let mut template_header = reads::Fields::default();
+        let templates = routes.iter().flat_map(|r| {
+            let actions = r.then.iter().chain(&r.otherwise).flat_map(|a| a.params.templates());
+            actions.chain(r.record_id.as_ref())
+        });
+        for path in templates.flat_map(Template::paths) {
+            match (&path.root, path.segments.first()) {
+                (template::Root::Header, Some(member)) => template_header.add(member),
+                (template::Root::Header, None) => template_header = reads::Fields::All,
+                _ => {}
+            }
+        }
         let base_scope = load::scope(&vars, true);
         // Only when no predicate can change the scope: the fallback then evaluates on what the failed
         // combined attempt saw.
@@ -255,6 +269,7 @@ impl RuleSet {
             engine,
             live,
             reads,
+            template_header,
             base_scope,
             combined,
         }

@@ -27,7 +27,7 @@ impl Fields {
         }
     }
 
-    fn add(&mut self, name: &str) {
+    pub(crate) fn add(&mut self, name: &str) {
         if let Fields::Only(names) = self
             && !names.contains(name)
         {
