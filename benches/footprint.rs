@@ -1,6 +1,7 @@
 //! Wall time and memory of the release binary, measured from outside the process:
 //! - `switchyard replay` of 1,000,000 recorded events (alone, and `--against` a second rule set as the CI
-//!   workflow runs it): wall time and peak RSS (`/usr/bin/time -f "%e %M"`, i.e. getrusage's ru_maxrss);
+//!   workflow runs it): wall time, CPU time (user + system: on a shared machine the wall time counts the
+//!   other processes' turns too) and peak RSS (`/usr/bin/time -f "%e %U %S %M"`, i.e. getrusage);
 //! - the idle service: `switchyard run` on a followed, empty JSONL file with the HTTP listener up, with the
 //!   in-memory backend and with Redis (`REDIS_URL`), VmRSS read from /proc once it has idled for 3 s.
 //!
@@ -45,11 +46,11 @@ fn main() {
         started.elapsed().as_secs_f64()
     );
     let rules = common::repo().join("rules/orders.yaml");
-    println!("| measurement | wall time | peak RSS |");
-    println!("| --- | --- | --- |");
-    let (wall, rss) = timed(bin, &["replay", "--events", p(&events), "--rules", p(&rules)]);
-    println!("| replay 1M events | {wall:.2} s | {} MB |", rss / 1024);
-    let (wall, rss) = timed(
+    println!("| measurement | wall time | CPU time | peak RSS |");
+    println!("| --- | --- | --- | --- |");
+    let (wall, cpu, rss) = timed(bin, &["replay", "--events", p(&events), "--rules", p(&rules)]);
+    println!("| replay 1M events | {wall:.2} s | {cpu:.2} s | {} MB |", rss / 1024);
+    let (wall, cpu, rss) = timed(
         bin,
         &[
             "replay",
@@ -62,19 +63,19 @@ fn main() {
         ],
     );
     println!(
-        "| replay 1M events --against (two rule sets) | {wall:.2} s | {} MB |",
+        "| replay 1M events --against (two rule sets) | {wall:.2} s | {cpu:.2} s | {} MB |",
         rss / 1024
     );
 
     let empty = dir.path().join("idle.jsonl");
     std::fs::write(&empty, "").expect("idle events file");
     println!(
-        "| idle service, in-memory backend | - | {} MB |",
+        "| idle service, in-memory backend | - | - | {} MB |",
         idle(bin, dir.path(), &empty, None) / 1024
     );
     let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
     println!(
-        "| idle service, Redis backend | - | {} MB |",
+        "| idle service, Redis backend | - | - | {} MB |",
         idle(bin, dir.path(), &empty, Some(&url)) / 1024
     );
 }
@@ -83,10 +84,10 @@ fn p(path: &Path) -> &str {
     path.to_str().expect("utf-8 temp path")
 }
 
-/// Runs the binary under /usr/bin/time; returns (wall seconds, peak RSS in KiB).
-fn timed(bin: &str, args: &[&str]) -> (f64, u64) {
+/// Runs the binary under /usr/bin/time; returns (wall seconds, CPU seconds, peak RSS in KiB).
+fn timed(bin: &str, args: &[&str]) -> (f64, f64, u64) {
     let output = Command::new("/usr/bin/time")
-        .args(["-f", "%e %M", bin])
+        .args(["-f", "%e %U %S %M", bin])
         .args(args)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -96,9 +97,15 @@ fn timed(bin: &str, args: &[&str]) -> (f64, u64) {
     assert!(output.status.success(), "{bin} {args:?} failed: {stderr}");
     let last = stderr.lines().last().unwrap_or_default();
     let mut parts = last.split_whitespace();
-    let wall = parts.next().and_then(|s| s.parse().ok()).expect("wall time");
+    let mut seconds = || {
+        parts
+            .next()
+            .and_then(|s| s.parse::<f64>().ok())
+            .expect("a time in seconds")
+    };
+    let (wall, user, system) = (seconds(), seconds(), seconds());
     let rss = parts.next().and_then(|s| s.parse().ok()).expect("max RSS");
-    (wall, rss)
+    (wall, user + system, rss)
 }
 
 /// Starts `switchyard run` on a followed empty file, waits until it idles, reads VmRSS (KiB), stops it.
