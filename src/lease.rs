@@ -210,7 +210,9 @@ impl Leases {
         let Some(value) = self.value_of(fence) else {
             return;
         };
+        // Nothing more is written under it; whoever waits on `lost()` (the renewer) stops now.
         fence.lost.store(true, Ordering::Release);
+        fence.lost_tx.send_replace(true);
         self.forget(fence);
         let key = &fence.key;
         {

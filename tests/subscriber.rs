@@ -285,15 +285,22 @@ async fn backpressure_longer_than_the_idle_close_loses_nothing() {
     for n in 1..=300 {
         emu.publish(&approval(&h, n)).unwrap();
     }
-    // Writes stall for 2.5 s: five idle timeouts.
-    redis.pause_writes(Duration::from_millis(2500));
     let run = start(&h, &config(&h, &emu, &redis.url(), "", "delivery: { concurrency: 4 }")).await;
+    // Once subscribed, writes stall for 2.5 s (five idle timeouts): the pipeline cannot settle, the subscriber stops
+    // requesting, the server closes the idle stream. (Started before the service, the stall would only delay its
+    // start: taking the channel lease writes to Redis.)
+    subscribed(&emu, 1).await;
+    redis.pause_writes(Duration::from_millis(2500));
     run.settled(300, Duration::from_secs(60)).await;
     let stats = run.finish().await;
     assert_eq!(stats.events, 300, "{stats:?}");
     assert_eq!(stats.skipped, 0);
     assert_eq!(stats.dead_letters, 0);
-    assert!(emu.subscriptions() >= 2, "the idle-closed stream was resubscribed");
+    assert!(
+        emu.subscriptions() >= 2,
+        "the idle-closed stream was resubscribed ({} subscriptions, {stats:?})",
+        emu.subscriptions()
+    );
     assert_eq!(redis.job_count(&h.bull_prefix()), 300);
 }
 
