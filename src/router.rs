@@ -785,23 +785,10 @@ mod context_tests {
     #[test]
     fn the_partial_header_json_has_the_values_of_the_serde_form() {
         let every = Fields::Only(
-            [
-                "entity",
-                "change_type",
-                "record_ids",
-                "changed_fields",
-                "nulled_fields",
-                "diff_fields",
-                "change_origin",
-                "transaction_key",
-                "sequence_number",
-                "commit_timestamp",
-                "commit_number",
-                "commit_user",
-            ]
-            .iter()
-            .map(|s| s.to_string())
-            .collect(),
+            crate::rules::validate::HEADER_FIELDS
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
         );
         for line in EVENTS.lines() {
             let Ok(event) = Event::from_json(line) else { continue };

@@ -3,10 +3,10 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-use common::{Harness, records, redis_url, repo};
+use common::{Harness, records, redis_url};
 use serde_json::json;
 use switchyard::emulator::{self, EmulatorHandle, EmulatorOptions};
 use switchyard::event::Event;
@@ -25,30 +25,9 @@ impl Replica {
     /// `switchyard run --config examples/salesforce.yaml` against `emu`, configured by environment.
     fn spawn(h: &Harness, emu: &EmulatorHandle, name: &str) -> Replica {
         let port = common::free_port();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_switchyard"));
-        for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("SF_") || k.starts_with("SWITCHYARD_")) {
-            cmd.env_remove(k);
-        }
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(h.dir.path().join(format!("{name}.log")))
-            .unwrap();
-        let child = cmd
-            .args(["run", "--config"])
-            .arg(repo().join("examples/salesforce.yaml"))
-            .env("SF_PUBSUB_ENDPOINT", emu.endpoint())
-            .env("SF_LOGIN_URL", emu.base_url())
-            .env("SF_CLIENT_ID", emulator::DEFAULT_CLIENT_ID)
-            .env("SF_CLIENT_SECRET", emulator::DEFAULT_CLIENT_SECRET)
-            .env("REDIS_URL", redis_url())
-            .env("SWITCHYARD_KEY_PREFIX", h.key_prefix())
-            .env("BULLMQ_PREFIX", h.bull_prefix())
+        let child = common::salesforce_run(h, emu, &format!("{name}.log"))
             .env("SWITCHYARD_HTTP_LISTEN", format!("127.0.0.1:{port}"))
             .env("SWITCHYARD_LEASE_TTL_MS", TTL.as_millis().to_string())
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(log)
             .spawn()
             .unwrap();
         Replica {

@@ -345,27 +345,11 @@ async fn rejected_static_token_stops_the_channel_clearly() {
 
 /// `switchyard run --config examples/salesforce.yaml`, configured by environment alone, against `emu`.
 fn spawn_run(h: &Harness, emu: &EmulatorHandle, mode: &str, log: &str) -> std::process::Child {
-    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"));
-    for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("SF_") || k.starts_with("SWITCHYARD_")) {
-        cmd.env_remove(k);
-    }
-    let log = std::fs::File::create(h.dir.path().join(log)).unwrap();
-    cmd.args(["run", "--config"])
-        .arg(repo().join("examples/salesforce.yaml"))
-        .env("SF_PUBSUB_ENDPOINT", emu.endpoint())
-        .env("SF_LOGIN_URL", emu.base_url())
-        .env("SF_CLIENT_ID", emulator::DEFAULT_CLIENT_ID)
-        .env("SF_CLIENT_SECRET", emulator::DEFAULT_CLIENT_SECRET)
-        .env("REDIS_URL", redis_url())
-        .env("SWITCHYARD_KEY_PREFIX", h.key_prefix())
-        .env("BULLMQ_PREFIX", h.bull_prefix())
+    common::salesforce_run(h, emu, log)
         .env("SWITCHYARD_HTTP_LISTEN", "127.0.0.1:0")
         .env("SWITCHYARD_MODE", mode)
         // A restarted process waits for its predecessor's channel lease to lapse (a new pid is a new instance).
         .env("SWITCHYARD_LEASE_TTL_MS", "2000")
-        .env("RUST_LOG", "info")
-        .stdout(std::process::Stdio::null())
-        .stderr(log)
         .spawn()
         .unwrap()
 }
@@ -691,10 +675,17 @@ async fn mode_switch_by_config_reload_and_back_loses_nothing_and_keeps_each_mode
     let emu = emulator_with(EmulatorOptions::default()).await;
     let path = h.dir.path().join("config.yaml");
     let write = |mode: &str, queue: &str, extra: &str| {
-        let text = config(&h, &emu, &redis_url(), "", &format!("mode: {mode}\n{extra}"))
-            .replace("queue: provisioning,", &format!("queue: {queue},"));
+        let text = config(
+            &h,
+            &emu,
+            &redis_url(),
+            "",
+            &format!("mode: {mode}\nreload: {{ watch: false }}\n{extra}"),
+        )
+        .replace("queue: provisioning,", &format!("queue: {queue},"));
         std::fs::write(&path, text).unwrap();
     };
+    // The reloads below are explicit (POST /reload does the same); a file watch would race them to each edit.
     write("cdc", "provisioning", "");
     let loaded = LoadedConfig::load(&path).unwrap_or_else(|e| panic!("config: {e}"));
     let service = Arc::new(Service::start(loaded, false).await.unwrap());

@@ -344,3 +344,32 @@ impl Drop for OwnRedis {
         self.down();
     }
 }
+
+/// `switchyard run --config examples/salesforce.yaml` against `emu`, configured by environment alone (nothing of the
+/// caller's `SF_*`/`SWITCHYARD_*` environment leaks in), on this harness's key and BullMQ prefixes, logging to
+/// `<dir>/<log>`; the caller adds what differs (mode, listener, lease TTL) and spawns it.
+pub fn salesforce_run(h: &Harness, emu: &switchyard::emulator::EmulatorHandle, log: &str) -> std::process::Command {
+    use switchyard::emulator;
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"));
+    for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("SF_") || k.starts_with("SWITCHYARD_")) {
+        cmd.env_remove(k);
+    }
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(h.dir.path().join(log))
+        .unwrap();
+    cmd.args(["run", "--config"])
+        .arg(repo().join("examples/salesforce.yaml"))
+        .env("SF_PUBSUB_ENDPOINT", emu.endpoint())
+        .env("SF_LOGIN_URL", emu.base_url())
+        .env("SF_CLIENT_ID", emulator::DEFAULT_CLIENT_ID)
+        .env("SF_CLIENT_SECRET", emulator::DEFAULT_CLIENT_SECRET)
+        .env("REDIS_URL", redis_url())
+        .env("SWITCHYARD_KEY_PREFIX", h.key_prefix())
+        .env("BULLMQ_PREFIX", h.bull_prefix())
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(log);
+    cmd
+}
