@@ -12,6 +12,15 @@ use redis::aio::ConnectionManager;
 use crate::lease::Fence;
 use crate::sinks::SinkError;
 
+/// Stores a position (`KEYS[1]`, `ARGV[1]`) unless the channel lease's fencing counter (`KEYS[2]`) moved past our
+/// token (`ARGV[2]`); 1 when stored. Compiled (hashed) once, like the idempotency scripts.
+static SET_FENCED: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+    redis::Script::new(&format!(
+        r#"{}redis.call("SET", KEYS[1], ARGV[1]) return 1"#,
+        crate::lease::fence_guard(2)
+    ))
+});
+
 /// Where positions are kept.
 #[derive(Clone)]
 pub enum CheckpointStore {
@@ -161,17 +170,14 @@ impl CheckpointStore {
                 Some(fence),
             ) => {
                 let mut conn = conn.clone();
-                let stored: i64 = redis::Script::new(&format!(
-                    "{}redis.call(\"SET\", KEYS[1], ARGV[1]) return 1",
-                    crate::lease::fence_guard(2)
-                ))
-                .key(format!("{prefix}{key}"))
-                .key(crate::lease::fence_key(key_prefix, key))
-                .arg(position)
-                .arg(fence.token)
-                .invoke_async(&mut conn)
-                .await
-                .map_err(|e| SinkError::from_redis(&e))?;
+                let stored: i64 = SET_FENCED
+                    .key(format!("{prefix}{key}"))
+                    .key(crate::lease::fence_key(key_prefix, key))
+                    .arg(position)
+                    .arg(fence.token)
+                    .invoke_async(&mut conn)
+                    .await
+                    .map_err(|e| SinkError::from_redis(&e))?;
                 if stored != 1 {
                     fence.mark_lost();
                 }

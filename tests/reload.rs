@@ -273,21 +273,14 @@ async fn rules_changed_while_10000_pubsub_events_flow_give_each_event_one_versio
     std::fs::create_dir(&dir).unwrap();
     std::fs::write(dir.join("orders.yaml"), rules("v1")).unwrap();
     let emu = emulator::start(EmulatorOptions::default()).await.unwrap();
-    let text = format!(
-        "source:\n  kind: pubsub\n  pubsub: {{ endpoint: \"{endpoint}\", replay: {{ start: earliest }} }}\n\
-         rules: [{rules}]\nenricher: none\nredis: {{ url: \"{redis}\", key_prefix: \"{kp}\" }}\n\
-         sinks:\n  enqueue-provisioning: {{ kind: queue, queue: provisioning, job_name: provision-order, prefix: {bp} }}\n  \
-         invalidate-cache: {{ kind: cache-invalidate }}\n  log: {{ kind: log }}\n\
-         salesforce: {{ login_url: \"{login}\", client_id: {id}, client_secret: {secret} }}\n\
-         reload: {{ debounce_ms: 100 }}\n",
-        endpoint = emu.endpoint(),
-        rules = dir.display(),
-        redis = common::redis_url(),
-        kp = h.key_prefix(),
-        bp = h.bull_prefix(),
-        login = emu.base_url(),
-        id = emulator::DEFAULT_CLIENT_ID,
-        secret = emulator::DEFAULT_CLIENT_SECRET,
+    // Nothing stored yet: the stream is read from the earliest event.
+    let text = common::pubsub_config(
+        &h,
+        &emu,
+        &common::redis_url(),
+        &dir,
+        "",
+        "enricher: none\nreload: { debounce_ms: 100 }\n",
     );
     let loaded = LoadedConfig::parse(&h.dir.path().join("c.yaml"), &text, &|_| None).unwrap();
     let service = Arc::new(Service::start(loaded, false).await.unwrap());

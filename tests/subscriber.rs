@@ -41,24 +41,9 @@ impl Running {
     }
 }
 
-/// The config of a pubsub run against `emu`; `pubsub` adds settings to `source.pubsub`, `extra` top-level lines.
+/// The config of a pubsub run against `emu` with the shipped rules (see [`common::pubsub_config`]).
 fn config(h: &Harness, emu: &EmulatorHandle, redis: &str, pubsub: &str, extra: &str) -> String {
-    format!(
-        "source:\n  kind: pubsub\n  pubsub: {{ endpoint: \"{endpoint}\", initial_backoff_ms: 20, max_backoff_ms: 200, \
-         replay: {{ start: stored, fallback: earliest }}{pubsub} }}\n\
-         rules: [{rules}]\nredis: {{ url: \"{redis}\", key_prefix: \"{kp}\" }}\n\
-         sinks:\n  enqueue-provisioning: {{ kind: queue, queue: provisioning, job_name: provision-order, prefix: {bp} }}\n  \
-         invalidate-cache: {{ kind: cache-invalidate }}\n  log: {{ kind: log }}\n\
-         salesforce: {{ login_url: \"{login}\", client_id: {id}, client_secret: {secret} }}\n\
-         {extra}",
-        endpoint = emu.endpoint(),
-        rules = repo().join("rules").display(),
-        kp = h.key_prefix(),
-        bp = h.bull_prefix(),
-        login = emu.base_url(),
-        id = emulator::DEFAULT_CLIENT_ID,
-        secret = emulator::DEFAULT_CLIENT_SECRET,
-    )
+    common::pubsub_config(h, emu, redis, &repo().join("rules"), pubsub, extra)
 }
 
 async fn start(h: &Harness, text: &str) -> Running {

@@ -373,3 +373,33 @@ pub fn salesforce_run(h: &Harness, emu: &switchyard::emulator::EmulatorHandle, l
         .stderr(log);
     cmd
 }
+
+/// The config of a `pubsub` source against `emu` (its OAuth client, quick reconnects, positions in Redis under this
+/// harness's prefixes, the shipped sink names) with the rules at `rules`; `pubsub` adds settings to
+/// `source.pubsub`, `extra` top-level lines.
+pub fn pubsub_config(
+    h: &Harness,
+    emu: &switchyard::emulator::EmulatorHandle,
+    redis: &str,
+    rules: &Path,
+    pubsub: &str,
+    extra: &str,
+) -> String {
+    use switchyard::emulator;
+    format!(
+        "source:\n  kind: pubsub\n  pubsub: {{ endpoint: \"{endpoint}\", initial_backoff_ms: 20, max_backoff_ms: 200, \
+         replay: {{ start: stored, fallback: earliest }}{pubsub} }}\n\
+         rules: [{rules}]\nredis: {{ url: \"{redis}\", key_prefix: \"{kp}\" }}\n\
+         sinks:\n  enqueue-provisioning: {{ kind: queue, queue: provisioning, job_name: provision-order, prefix: {bp} }}\n  \
+         invalidate-cache: {{ kind: cache-invalidate }}\n  log: {{ kind: log }}\n\
+         salesforce: {{ login_url: \"{login}\", client_id: {id}, client_secret: {secret} }}\n\
+         {extra}",
+        endpoint = emu.endpoint(),
+        rules = rules.display(),
+        kp = h.key_prefix(),
+        bp = h.bull_prefix(),
+        login = emu.base_url(),
+        id = emulator::DEFAULT_CLIENT_ID,
+        secret = emulator::DEFAULT_CLIENT_SECRET,
+    )
+}
