@@ -513,32 +513,49 @@ async fn order_checklist_end_to_end_in_both_modes_configured_by_environment() {
 }
 
 /// A process killed with SIGKILL mid-stream and restarted resumes from the stored position: every approval
-/// enqueued once, none lost.
+/// enqueued once, none lost. The stream keeps flowing while the process is down.
 #[tokio::test]
 async fn process_killed_mid_stream_resumes_from_the_stored_position() {
     let h = Harness::new("sub-kill");
     let emu = emulator_with(EmulatorOptions::default()).await;
+    let key = checkpoint_key(switchyard::config::Mode::Cdc, emulator::ORDER_CHANNEL);
     let mut first = spawn_run(&h, &emu, "cdc", "first.log");
     subscribed(&emu, 1).await;
-    for n in 1..=200 {
-        emu.publish(&approval(&h, n)).unwrap();
-    }
+    // Killed once it has enqueued some jobs and stored a position (before the first store, `fallback: latest`
+    // would rightly start the next process after the events already published: README "Positions").
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while h.jobs().await.len() < 40 {
+    let mut published = 0;
+    loop {
+        if published < 200 {
+            published += 1;
+            emu.publish(&approval(&h, published)).unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        if published % 10 == 0 && h.jobs().await.len() >= 40 && stored(&h, &redis_url(), &key).await.is_some() {
+            break;
+        }
         assert!(tokio::time::Instant::now() < deadline, "no progress before the kill");
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     first.kill().unwrap();
     first.wait().unwrap();
-    let at_kill = h.jobs().await.len();
+    let at_kill = format!("{} jobs, {published} events published", h.jobs().await.len());
+    // The rest of the stream arrives while no process runs.
+    for n in published + 1..=200 {
+        emu.publish(&approval(&h, n)).unwrap();
+    }
     let mut second = spawn_run(&h, &emu, "cdc", "second.log");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     while h.jobs().await.len() < 200 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "only {} jobs",
-            h.jobs().await.len()
-        );
+        if tokio::time::Instant::now() >= deadline {
+            let log = std::fs::read_to_string(h.dir.path().join("first.log")).unwrap_or_default()
+                + std::fs::read_to_string(h.dir.path().join("second.log"))
+                    .unwrap_or_default()
+                    .as_str();
+            panic!(
+                "only {} jobs ({at_kill} at the kill); logs:\n{log}",
+                h.jobs().await.len()
+            );
+        }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(terminate(&mut second).success());
@@ -549,7 +566,7 @@ async fn process_killed_mid_stream_resumes_from_the_stored_position() {
         .collect();
     ids.sort();
     ids.dedup();
-    assert_eq!(ids.len(), 200, "every approval once ({at_kill} before the kill)");
+    assert_eq!(ids.len(), 200, "every approval once ({at_kill} at the kill)");
     assert_eq!(jobs.len(), 200, "no duplicate job");
     let log = std::fs::read_to_string(h.dir.path().join("second.log")).unwrap();
     assert!(log.contains("Resuming after the stored position"), "{log}");
