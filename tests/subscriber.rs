@@ -722,8 +722,9 @@ async fn mode_switch_by_config_reload_and_back_loses_nothing_and_keeps_each_mode
     assert_eq!(channels(&run), vec![emulator::ORDER_CHANNEL.to_string()]);
 
     // CDC: approvals 1-10 settle.
+    let mut tenth = Vec::new();
     for n in 1..=10 {
-        emu.publish(&approval(&h, n)).unwrap();
+        tenth = emu.publish(&approval(&h, n)).unwrap();
     }
     run.settled(10, Duration::from_secs(30)).await;
     let cdc_key = checkpoint_key(Mode::Cdc, emulator::ORDER_CHANNEL);
@@ -760,8 +761,17 @@ async fn mode_switch_by_config_reload_and_back_loses_nothing_and_keeps_each_mode
         "a setting that cannot change live is reported: {outcome:?}"
     );
     assert_eq!(channels(&run), vec![emulator::FULFILMENT_CHANNEL.to_string()]);
-    let cdc_at_switch = stored(&h, &redis_url(), &cdc_key).await;
-    assert!(cdc_at_switch.is_some(), "the CDC position was stored");
+    // The stopped channel keeps its lease until the position past its settled events is stored (a position
+    // written under a released lease would be refused, and this mode would resume from an older one).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while stored(&h, &redis_url(), &cdc_key).await.as_ref() != Some(&tenth) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the CDC position past approval 10 was stored"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let cdc_at_switch = Some(tenth);
     // While in Platform Event mode: fulfilment requests 11-15 are processed; CDC approvals 16-20 wait on the bus.
     for n in 11..=15 {
         emu.publish(&request(n)).unwrap();

@@ -28,6 +28,9 @@ use crate::lease::{Fence, Leases};
 use crate::metrics as m;
 use crate::sources::{Delivery, Sourced};
 
+/// How long a channel stopped by a reload waits for its events in flight to settle before it releases its lease.
+const DRAIN_LIMIT: Duration = Duration::from_secs(30);
+
 /// Error codes after which retrying cannot help: the channel stops, loudly; the rest of the service stays up.
 const FATAL_CODES: &[&str] = &[
     "sfdc.platform.eventbus.grpc.topic.not.found",
@@ -193,6 +196,7 @@ impl Subscriptions {
                 stop: either(own, self.global.clone()),
                 global: self.global.clone(),
                 fence: None,
+                handed: None,
             };
             started.push(key.to_string());
             running.push(Running {
@@ -327,6 +331,8 @@ struct ChannelTask {
     global: watch::Receiver<bool>,
     /// The lease this term runs under (replicas); stamped on every delivery.
     fence: Option<Arc<Fence>>,
+    /// The position just past the last delivery handed to the pipeline in this term.
+    handed: Option<Vec<u8>>,
 }
 
 /// How a term of serving a channel ended.
@@ -373,8 +379,10 @@ impl ChannelTask {
                     break;
                 }
                 if *self.stop.borrow() {
-                    // No longer live (a reload): another replica may take the channel; a position this one still
-                    // stores for events in flight is then refused by the fence, and they are redelivered there.
+                    // No longer live (a reload): the lease is kept (and renewed) until the events handed on have
+                    // settled and their position is stored, then released, so that this mode resumes exactly
+                    // there when it is switched back to, and another replica may take the channel.
+                    self.drain(&fence).await;
                     keeper.abort();
                     leases.release(&fence).await;
                     break;
@@ -427,6 +435,7 @@ impl ChannelTask {
     /// Subscribes and resubscribes until the service stops, the lease is lost, or the channel fails for good.
     async fn serve(&mut self, fence: Option<Arc<Fence>>) -> Served {
         self.fence = fence;
+        self.handed = None;
         let channel = self.channel.clone();
         let mut resume = match self.initial().await {
             Some(resume) => resume,
@@ -725,14 +734,44 @@ impl ChannelTask {
 
     /// Hands a delivery to the pipeline, waiting while it is full (backpressure); false when stopping.
     async fn send(&mut self, delivery: Delivery) -> bool {
+        let end = delivery.end().to_vec();
         let sourced = Sourced {
             key: Some(self.key.clone()),
             fence: self.fence.clone(),
             delivery,
         };
-        tokio::select! {
+        let sent = tokio::select! {
             sent = self.out.send(sourced) => sent.is_ok(),
             _ = self.stop.wait_for(|s| *s) => false,
+        };
+        if sent {
+            self.handed = Some(end);
+        }
+        sent
+    }
+
+    /// Waits until the position past the last delivery this term handed on is stored (the pipeline stores it
+    /// once everything before it settled), the lease is lost, the service stops, or [`DRAIN_LIMIT`] passes.
+    async fn drain(&mut self, fence: &Fence) {
+        let Some(handed) = self.handed.take() else {
+            return;
+        };
+        let give_up = Instant::now() + DRAIN_LIMIT;
+        loop {
+            if fence.is_lost() || *self.global.borrow() {
+                return;
+            }
+            if let Ok(Some(stored)) = self.sub.checkpoints.get(&self.key).await
+                && stored == handed
+            {
+                tracing::debug!(channel = %self.channel, "Events in flight settled and their position is stored.");
+                return;
+            }
+            if Instant::now() >= give_up {
+                tracing::warn!(channel = %self.channel, limit_s = DRAIN_LIMIT.as_secs(), "Events in flight did not settle in time; releasing the lease anyway (they are redelivered from the stored position).");
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 
