@@ -14,6 +14,7 @@ use apache_avro::schema::{Name, RecordSchema, ResolvedSchema};
 use apache_avro::types::Value as Avro;
 use apache_avro::writer::datum::GenericDatumWriter;
 use md5::{Digest, Md5};
+use serde::de::{Deserialize, Deserializer, EnumAccess, MapAccess, SeqAccess, VariantAccess, Visitor};
 use serde_json::{Map, Value as Json};
 
 use super::bitmap::{self, BitmapError, FieldLayout, FieldSlot};
@@ -272,14 +273,16 @@ impl CompiledSchema {
             rest: raw.payload,
             hit_eof: false,
         };
-        let value = self
-            .reader
-            .read_value(&mut cursor)
-            .map_err(|source| DecodeError::CorruptPayload {
-                event_id: raw.event_id.to_owned(),
-                schema_id: raw.schema_id.to_owned(),
-                source,
-            })?;
+        // Read straight into JSON by apache-avro's schema-aware serde reader: no intermediate `Value` with a name
+        // and a boxed union per field (most of the ~140 fields of a change event are null).
+        let Fields(values) =
+            self.reader
+                .read_deser::<Fields>(&mut cursor)
+                .map_err(|source| DecodeError::CorruptPayload {
+                    event_id: raw.event_id.to_owned(),
+                    schema_id: raw.schema_id.to_owned(),
+                    source,
+                })?;
         if cursor.hit_eof {
             return Err(DecodeError::TruncatedPayload {
                 event_id: raw.event_id.to_owned(),
@@ -294,17 +297,14 @@ impl CompiledSchema {
                 trailing: cursor.rest.len(),
             });
         }
-        let Avro::Record(record) = value else {
-            // The writer schema is a record (checked in `parse`), so the reader cannot produce anything else.
-            return Err(DecodeError::Header {
-                event_id: raw.event_id.to_owned(),
-                message: "is missing: the payload is not a record".into(),
-            });
-        };
+        let names = self.record.fields.iter().map(|f| f.name.as_str());
         let mut event = if self.is_change {
-            self.change_event(channel, raw, record)?
+            self.change_event(channel, raw, names.zip(values))?
         } else {
-            let fields = record.into_iter().map(|(name, value)| (name, to_json(value))).collect();
+            let fields = names
+                .zip(values)
+                .map(|(name, value)| (name.to_owned(), value))
+                .collect();
             Event {
                 id: raw.event_id.to_owned(),
                 channel: channel.to_owned(),
@@ -322,19 +322,19 @@ impl CompiledSchema {
         Ok(event)
     }
 
-    fn change_event(
+    fn change_event<'n>(
         &self,
         channel: &str,
         raw: &RawEvent<'_>,
-        record: Vec<(String, Avro)>,
+        record: impl Iterator<Item = (&'n str, Json)>,
     ) -> Result<Event, DecodeError> {
         let mut header = None;
         let mut fields = Map::new();
-        let mut payload = Vec::with_capacity(record.len());
+        let mut payload = Vec::new();
         for (name, value) in record {
             if name == HEADER_FIELD {
                 header = Some(value);
-            } else {
+            } else if !value.is_null() {
                 payload.push((name, value));
             }
         }
@@ -345,11 +345,11 @@ impl CompiledSchema {
         let header = self.header(raw.event_id, header.ok_or_else(|| header_error("is missing".into()))?)?;
 
         // Salesforce sends every field of the object and leaves unchanged ones null, so a null means something only
-        // when nulledFields lists it.
+        // when nulledFields lists it (those are put back below).
         let nulled: BTreeSet<&str> = header.nulled_fields.iter().map(String::as_str).collect();
         for (name, value) in payload {
-            if let Some(kept) = prune_nulls(to_json(value), &name, &nulled) {
-                fields.insert(name, kept);
+            if let Some(kept) = prune_nulls(value, name, &nulled) {
+                fields.insert(name.to_owned(), kept);
             }
         }
         for path in &header.nulled_fields {
@@ -372,12 +372,12 @@ impl CompiledSchema {
         })
     }
 
-    fn header(&self, event_id: &str, value: Avro) -> Result<ChangeHeader, DecodeError> {
+    fn header(&self, event_id: &str, value: Json) -> Result<ChangeHeader, DecodeError> {
         let error = |message: String| DecodeError::Header {
             event_id: event_id.to_owned(),
             message,
         };
-        let Avro::Record(items) = strip_union(value) else {
+        let Json::Object(items) = value else {
             return Err(error("is not a record".into()));
         };
         let mut entity = None;
@@ -396,7 +396,7 @@ impl CompiledSchema {
             commit_number: None,
             commit_user: None,
         };
-        let bitmap = |field: &'static str, value: Avro| -> Result<Vec<String>, DecodeError> {
+        let bitmap = |field: &'static str, value: Json| -> Result<Vec<String>, DecodeError> {
             let entries = strings(value).ok_or_else(|| error(format!("has a `{field}` that is not a string array")))?;
             bitmap::decode(&entries, &self.layout).map_err(|source| DecodeError::Bitmap {
                 event_id: event_id.to_owned(),
@@ -405,7 +405,6 @@ impl CompiledSchema {
             })
         };
         for (name, value) in items {
-            let value = strip_union(value);
             match name.as_str() {
                 "entityName" => entity = text(value),
                 "recordIds" => {
@@ -415,9 +414,9 @@ impl CompiledSchema {
                 "changeType" => change_type = text(value),
                 "changeOrigin" => header.change_origin = text(value).filter(|s| !s.is_empty()),
                 "transactionKey" => header.transaction_key = text(value).filter(|s| !s.is_empty()),
-                "sequenceNumber" => header.sequence_number = integer(&value),
-                "commitTimestamp" => header.commit_timestamp = integer(&value),
-                "commitNumber" => header.commit_number = integer(&value),
+                "sequenceNumber" => header.sequence_number = value.as_i64(),
+                "commitTimestamp" => header.commit_timestamp = value.as_i64(),
+                "commitNumber" => header.commit_number = value.as_i64(),
                 "commitUser" => header.commit_user = text(value).filter(|s| !s.is_empty()),
                 "changedFields" => header.changed_fields = bitmap("changedFields", value)?,
                 "nulledFields" => header.nulled_fields = bitmap("nulledFields", value)?,
@@ -558,67 +557,152 @@ fn field_layout(record: &RecordSchema, names: &ResolvedSchema<'_>) -> FieldLayou
     }
 }
 
-fn strip_union(value: Avro) -> Avro {
+fn text(value: Json) -> Option<String> {
     match value {
-        Avro::Union(_, inner) => strip_union(*inner),
-        other => other,
-    }
-}
-
-fn text(value: Avro) -> Option<String> {
-    match strip_union(value) {
-        Avro::String(s) | Avro::Enum(_, s) => Some(s),
+        Json::String(s) => Some(s),
         _ => None,
     }
 }
 
-fn integer(value: &Avro) -> Option<i64> {
+fn strings(value: Json) -> Option<Vec<String>> {
     match value {
-        Avro::Int(i) => Some(i64::from(*i)),
-        Avro::Long(l) => Some(*l),
+        Json::Array(items) => items.into_iter().map(text).collect(),
+        Json::Null => Some(Vec::new()),
         _ => None,
     }
 }
 
-fn strings(value: Avro) -> Option<Vec<String>> {
-    match strip_union(value) {
-        Avro::Array(items) => items.into_iter().map(text).collect(),
-        Avro::Null => Some(Vec::new()),
-        _ => None,
-    }
-}
+/// The values of a top-level record in schema order (the names are the schema's: none is allocated per event).
+struct Fields(Vec<Json>);
 
-/// Avro to JSON: unions flattened, records as objects, longs as i64, enums as their symbol.
-fn to_json(value: Avro) -> Json {
-    match value {
-        Avro::Null => Json::Null,
-        Avro::Boolean(b) => Json::Bool(b),
-        Avro::Int(i) | Avro::Date(i) | Avro::TimeMillis(i) => Json::from(i),
-        Avro::Long(l)
-        | Avro::TimeMicros(l)
-        | Avro::TimestampMillis(l)
-        | Avro::TimestampMicros(l)
-        | Avro::TimestampNanos(l)
-        | Avro::LocalTimestampMillis(l)
-        | Avro::LocalTimestampMicros(l)
-        | Avro::LocalTimestampNanos(l) => Json::from(l),
-        Avro::Float(f) => serde_json::Number::from_f64(f64::from(f)).map_or(Json::Null, Json::Number),
-        Avro::Double(f) => serde_json::Number::from_f64(f).map_or(Json::Null, Json::Number),
-        Avro::Bytes(b) | Avro::Fixed(_, b) => Json::String(replay_id_to_hex(&b)),
-        Avro::String(s) | Avro::Enum(_, s) => Json::String(s),
-        Avro::Union(_, inner) => to_json(*inner),
-        Avro::Array(items) => Json::Array(items.into_iter().map(to_json).collect()),
-        Avro::Map(entries) => {
-            // HashMap order is random; sort so the same payload always gives the same JSON.
-            let mut entries: Vec<_> = entries.into_iter().collect();
-            entries.sort_by(|a, b| a.0.cmp(&b.0));
-            Json::Object(entries.into_iter().map(|(k, v)| (k, to_json(v))).collect())
+impl<'de> Deserialize<'de> for Fields {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Record;
+        impl<'de> Visitor<'de> for Record {
+            type Value = Fields;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an Avro record")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Fields, A::Error> {
+                let mut values = Vec::with_capacity(map.size_hint().unwrap_or(0).min(1024));
+                while map.next_key::<FieldName>()?.is_some() {
+                    values.push(map.next_value::<AvroJson>()?.0);
+                }
+                Ok(Fields(values))
+            }
         }
-        Avro::Record(items) => Json::Object(items.into_iter().map(|(k, v)| (k, to_json(v))).collect()),
-        Avro::Uuid(u) => Json::String(u.to_string()),
-        Avro::Decimal(d) => Json::String(format!("{d:?}")),
-        Avro::BigDecimal(d) => Json::String(d.to_string()),
-        Avro::Duration(d) => Json::String(format!("{d:?}")),
+        deserializer.deserialize_any(Record)
+    }
+}
+
+/// A record field's name, read and dropped: the schema has it.
+struct FieldName;
+
+impl<'de> Deserialize<'de> for FieldName {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Name;
+        impl Visitor<'_> for Name {
+            type Value = FieldName;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a field name")
+            }
+            fn visit_str<E>(self, _: &str) -> Result<FieldName, E> {
+                Ok(FieldName)
+            }
+        }
+        deserializer.deserialize_identifier(Name)
+    }
+}
+
+/// A record field's name, a map key or an enum symbol (apache-avro hands them out as identifiers).
+struct Key(String);
+
+impl<'de> Deserialize<'de> for Key {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Name;
+        impl Visitor<'_> for Name {
+            type Value = Key;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a field name or map key")
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Key, E> {
+                Ok(Key(v.to_owned()))
+            }
+            fn visit_string<E>(self, v: String) -> Result<Key, E> {
+                Ok(Key(v))
+            }
+        }
+        deserializer.deserialize_identifier(Name)
+    }
+}
+
+/// One Avro value as JSON: unions flattened, records as objects (fields in schema order), maps as objects (entries
+/// in wire order), longs as i64, enums as their symbol, bytes and fixed as hex.
+struct AvroJson(Json);
+
+impl<'de> Deserialize<'de> for AvroJson {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(ToJson).map(AvroJson)
+    }
+}
+
+struct ToJson;
+
+impl<'de> Visitor<'de> for ToJson {
+    type Value = Json;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("an Avro value")
+    }
+    fn visit_bool<E>(self, v: bool) -> Result<Json, E> {
+        Ok(Json::Bool(v))
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<Json, E> {
+        Ok(Json::from(v))
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<Json, E> {
+        Ok(Json::from(v))
+    }
+    fn visit_f64<E>(self, v: f64) -> Result<Json, E> {
+        Ok(serde_json::Number::from_f64(v).map_or(Json::Null, Json::Number))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Json, E> {
+        Ok(Json::String(v.to_owned()))
+    }
+    fn visit_string<E>(self, v: String) -> Result<Json, E> {
+        Ok(Json::String(v))
+    }
+    fn visit_bytes<E>(self, v: &[u8]) -> Result<Json, E> {
+        Ok(Json::String(replay_id_to_hex(v)))
+    }
+    fn visit_unit<E>(self) -> Result<Json, E> {
+        Ok(Json::Null)
+    }
+    fn visit_none<E>(self) -> Result<Json, E> {
+        Ok(Json::Null)
+    }
+    fn visit_some<D: Deserializer<'de>>(self, deserializer: D) -> Result<Json, D::Error> {
+        deserializer.deserialize_any(self)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Json, A::Error> {
+        // A corrupt block length must not reserve memory before the items are read.
+        let mut items = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1024));
+        while let Some(AvroJson(item)) = seq.next_element()? {
+            items.push(item);
+        }
+        Ok(Json::Array(items))
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Json, A::Error> {
+        let mut object = Map::new();
+        while let Some((Key(key), AvroJson(value))) = map.next_entry::<Key, AvroJson>()? {
+            object.insert(key, value);
+        }
+        Ok(Json::Object(object))
+    }
+    fn visit_enum<A: EnumAccess<'de>>(self, data: A) -> Result<Json, A::Error> {
+        let (Key(symbol), variant) = data.variant::<Key>()?;
+        variant.unit_variant()?;
+        Ok(Json::String(symbol))
     }
 }
 
