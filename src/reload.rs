@@ -86,6 +86,23 @@ pub struct Reloader {
     live: Option<LiveConfig>,
     /// One reload at a time.
     serial: tokio::sync::Mutex<()>,
+    /// The file watch, while [`Reloader::watch`]'s guard lives: the folders follow the config's `rules` on reload.
+    watching: Mutex<Option<Watching>>,
+}
+
+struct Watching {
+    watcher: notify::RecommendedWatcher,
+    dirs: Vec<PathBuf>,
+}
+
+/// Keeps the watch of [`Reloader::watch`] running; dropping it stops the watcher and its reload task.
+pub struct WatchGuard(Arc<Reloader>);
+
+impl Drop for WatchGuard {
+    fn drop(&mut self) {
+        // Dropping the watcher closes its channel, which ends the task that holds the other `Arc<Reloader>`.
+        self.0.watching.lock().unwrap_or_else(|e| e.into_inner()).take();
+    }
 }
 
 /// What a config reload changes on a running process.
@@ -137,6 +154,8 @@ fn restart_required(old: &Config, new: &Config) -> Vec<String> {
 
 struct State {
     loaded_at_ms: u64,
+    /// Reloads attempted since start (file watch, SIGHUP, `POST /reload`), whatever their result.
+    reloads: u64,
     last: Option<ReloadOutcome>,
 }
 
@@ -171,10 +190,12 @@ impl Reloader {
             env: Mutex::new(env),
             state: Mutex::new(State {
                 loaded_at_ms: now_ms(),
+                reloads: 0,
                 last: None,
             }),
             live: None,
             serial: tokio::sync::Mutex::new(()),
+            watching: Mutex::new(None),
         }
     }
 
@@ -217,7 +238,10 @@ impl Reloader {
     pub async fn reload(&self) -> ReloadOutcome {
         let _one = self.serial.lock().await;
         let outcome = self.reload_now().await;
-        self.state.lock().expect("reload state lock is never poisoned").last = Some(outcome.clone());
+        let mut state = self.state.lock().expect("reload state lock is never poisoned");
+        state.reloads += 1;
+        state.last = Some(outcome.clone());
+        drop(state);
         outcome
     }
 
@@ -366,6 +390,7 @@ impl Reloader {
                 self.rules.store(new.clone());
                 *self.paths.lock().unwrap_or_else(|e| e.into_inner()) = paths;
                 *self.env.lock().unwrap_or_else(|e| e.into_inner()) = env;
+                self.rewatch();
                 if let (Some(live), Some(next)) = (&self.live, next) {
                     let subscriptions = live.subscriptions.lock().unwrap_or_else(|e| e.into_inner()).clone();
                     if let Some(subscriptions) = subscriptions {
@@ -431,47 +456,103 @@ impl Reloader {
         serde_json::json!({
             "version": rules.version,
             "loaded_at_ms": state.loaded_at_ms,
+            "reloads": state.reloads,
             "files": rules.files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>(),
             "routes": routes,
             "last_reload": state.last,
         })
     }
 
-    /// Watches the rules' folders and reloads after `debounce` of quiet. The returned watcher must be kept
-    /// alive: dropping it stops the watching thread and ends the task below (its channel closes).
-    pub fn watch(self: &Arc<Self>, debounce: Duration) -> Result<impl Drop + use<>, String> {
-        use notify_debouncer_mini::notify::RecursiveMode;
+    /// Watches the rules' folders (and the config's) and reloads once `debounce` passed without another change; a
+    /// reload that changes the config's `rules` moves the watch to the new folders. Watching lasts as long as the
+    /// returned guard.
+    pub fn watch(self: &Arc<Self>, debounce: Duration) -> Result<WatchGuard, String> {
+        use notify::EventKind;
+        use notify::event::{AccessKind, AccessMode};
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
-        let mut debouncer = notify_debouncer_mini::new_debouncer(
-            debounce,
-            move |events: notify_debouncer_mini::DebounceEventResult| {
-                // Only YAML files (rules, rule tests, the config) and ConfigMap swaps (`..data`) count: a position
-                // file or an editor's backup beside the config must not trigger reloads.
-                let relevant = |path: &std::path::Path| {
-                    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-                    name.starts_with("..") || name.ends_with(".yaml") || name.ends_with(".yml")
-                };
-                if events.is_ok_and(|e| e.iter().any(|e| relevant(&e.path))) {
-                    let _ = tx.send(());
-                }
-            },
-        )
+        let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+            let Ok(event) = event else {
+                // Lost events (e.g. an overflowing inotify queue): reload to be sure.
+                let _ = tx.send(());
+                return;
+            };
+            // Opening or reading a file is not a change (inotify reports opens): without this, the reload's own
+            // reads of the files would trigger the next reload, forever.
+            if let EventKind::Access(kind) = event.kind
+                && kind != AccessKind::Close(AccessMode::Write)
+            {
+                return;
+            }
+            // Only YAML files (rules, rule tests, the config) and ConfigMap swaps (`..data`) count: a position
+            // file or an editor's backup beside the config must not trigger reloads.
+            let relevant = |path: &std::path::Path| {
+                let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+                name.starts_with("..") || name.ends_with(".yaml") || name.ends_with(".yml")
+            };
+            if event.paths.iter().any(|p| relevant(p)) {
+                let _ = tx.send(());
+            }
+        })
         .map_err(|e| e.to_string())?;
+        let mut watching = Watching {
+            watcher,
+            dirs: Vec::new(),
+        };
         for dir in self.watched_dirs() {
-            debouncer
-                .watcher()
-                .watch(&dir, RecursiveMode::NonRecursive)
-                .map_err(|e| format!("{}: {e}", dir.display()))?;
-            tracing::info!(dir = %dir.display(), "Watching rules for changes.");
+            watching.add(dir)?;
         }
+        *self.watching.lock().unwrap_or_else(|e| e.into_inner()) = Some(watching);
         let this = self.clone();
-        // Ends when the debouncer is dropped (its sender goes with it).
+        // Ends when the watcher is dropped (its sender goes with it).
         tokio::spawn(async move {
             while rx.recv().await.is_some() {
-                while rx.try_recv().is_ok() {}
+                // An edit is often several events (an editor's rename dance, a ConfigMap swap): wait for quiet.
+                loop {
+                    match tokio::time::timeout(debounce, rx.recv()).await {
+                        Ok(Some(())) => continue,
+                        Ok(None) => return,
+                        Err(_) => break,
+                    }
+                }
                 this.reload().await;
             }
         });
-        Ok(debouncer)
+        Ok(WatchGuard(self.clone()))
+    }
+
+    /// Moves the watch to the folders the rules and config are in now (after a reload changed `rules`).
+    fn rewatch(&self) {
+        let mut watching = self.watching.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(watching) = watching.as_mut() else {
+            return;
+        };
+        let wanted = self.watched_dirs();
+        for dir in watching.dirs.clone() {
+            if !wanted.contains(&dir) {
+                use notify::Watcher;
+                let _ = watching.watcher.unwatch(&dir);
+                watching.dirs.retain(|d| d != &dir);
+                tracing::info!(dir = %dir.display(), "No longer watching this folder (no rules in it any more).");
+            }
+        }
+        for dir in wanted {
+            if !watching.dirs.contains(&dir)
+                && let Err(e) = watching.add(dir)
+            {
+                tracing::warn!(error = %e, "Cannot watch a new rules folder; reload with SIGHUP or POST /reload.");
+            }
+        }
+    }
+}
+
+impl Watching {
+    fn add(&mut self, dir: PathBuf) -> Result<(), String> {
+        use notify::{RecursiveMode, Watcher};
+        self.watcher
+            .watch(&dir, RecursiveMode::NonRecursive)
+            .map_err(|e| format!("{}: {e}", dir.display()))?;
+        tracing::info!(dir = %dir.display(), "Watching rules for changes.");
+        self.dirs.push(dir);
+        Ok(())
     }
 }

@@ -155,6 +155,82 @@ async fn file_changes_are_seen_rename_new_file_delete_and_symlink_swap() {
         .unwrap();
 }
 
+/// A config reload that adds a rules folder moves the file watch there too: later edits in the new folder reload
+/// without a signal.
+#[tokio::test]
+async fn a_rules_folder_added_by_a_config_reload_is_watched_too() {
+    let h = Harness::new("reload_rewatch");
+    let (a, b, conf) = (
+        h.dir.path().join("a"),
+        h.dir.path().join("b"),
+        h.dir.path().join("conf"),
+    );
+    for d in [&a, &b, &conf] {
+        std::fs::create_dir(d).unwrap();
+    }
+    std::fs::write(a.join("orders.yaml"), rules("v1")).unwrap();
+    let extra = |name: &str| {
+        format!(
+            "version: 1\nroutes:\n  - name: {name}\n    channel: orders\n    when: changed(\"Status\")\n    then:\n      - sink: log\n        message: x\n"
+        )
+    };
+    std::fs::write(b.join("extra.yaml"), extra("extra")).unwrap();
+    let events = h.write_events("events.jsonl", &[]);
+    let config = conf.join("c.yaml");
+    let text = h
+        .config_with_rules(&events, &a, "reload: { debounce_ms: 100 }\n")
+        .replace("jsonl: {", "jsonl: { follow: true,");
+    std::fs::write(&config, &text).unwrap();
+    let service = Arc::new(
+        Service::start(LoadedConfig::load(&config).unwrap(), false)
+            .await
+            .unwrap(),
+    );
+    let (stop, shutdown) = tokio::sync::watch::channel(false);
+    let running = {
+        let service = service.clone();
+        tokio::spawn(async move { service.run(shutdown).await.map(|s| s.events) })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let wait_route = async |name: &str, what: &str| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !route_names(&service).iter().any(|r| r == name) {
+            assert!(
+                Instant::now() < deadline,
+                "{what}: {:?}",
+                service.reloader.describe()["last_reload"]
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+
+    // The config edit itself is seen (its folder is watched) and brings folder b's rules in.
+    let both = format!("rules: [{}, {}]", a.display(), b.display());
+    std::fs::write(&config, text.replace(&format!("rules: [{}]", a.display()), &both)).unwrap();
+    wait_route("extra", "the config edit adding folder b").await;
+    // Past any late event of the config edit, so that only a watch on folder b can see the next edit.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // An edit in folder b, which the process did not watch when it started.
+    std::fs::write(b.join("extra.yaml"), extra("extra-renamed")).unwrap();
+    wait_route("extra-renamed", "an edit in the added folder").await;
+    // Each edit is one reload: the reload's own reads of the files (inotify reports opens) trigger nothing.
+    let reloads = service.reloader.describe()["reloads"].as_u64().unwrap();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(
+        service.reloader.describe()["reloads"],
+        json!(reloads),
+        "no reload without an edit"
+    );
+    assert!(reloads <= 3, "{reloads} reloads for two edits");
+
+    stop.send(true).unwrap();
+    tokio::time::timeout(Duration::from_secs(10), running)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+}
+
 #[tokio::test]
 async fn rules_changed_while_10000_events_flow_give_each_event_one_version() {
     let h = Harness::new("reload_stream");
