@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use common::{Harness, records};
 use serde_json::json;
 use switchyard::config::LoadedConfig;
+use switchyard::pipeline::Stats;
 use switchyard::service::Service;
 
 fn rules(prefix: &str) -> String {
@@ -32,6 +33,34 @@ async fn wait_version(service: &Service, pred: impl Fn(&str) -> bool, what: &str
         assert!(Instant::now() < deadline, "no reload: {what}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// `Service::run` on a task until [`Running::stop`].
+struct Running {
+    stop: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<Stats>,
+}
+
+impl Running {
+    fn start(service: &Arc<Service>) -> Self {
+        let (stop, shutdown) = tokio::sync::watch::channel(false);
+        let service = service.clone();
+        let task = tokio::spawn(async move { service.run(shutdown).await.unwrap() });
+        Running { stop, task }
+    }
+
+    /// Stops the service and waits up to `within` for its run to end.
+    async fn stop(self, within: Duration) -> Stats {
+        self.stop.send(true).unwrap();
+        tokio::time::timeout(within, self.task).await.unwrap().unwrap()
+    }
+}
+
+/// A route on the order channel that logs when Status changed.
+fn log_route(name: &str) -> String {
+    format!(
+        "version: 1\nroutes:\n  - name: {name}\n    channel: orders\n    when: changed(\"Status\")\n    then:\n      - sink: log\n        message: x\n"
+    )
 }
 
 fn route_names(service: &Service) -> Vec<String> {
@@ -108,11 +137,7 @@ async fn file_changes_are_seen_rename_new_file_delete_and_symlink_swap() {
     std::os::unix::fs::symlink("..data/orders.yaml", dir.join("orders.yaml")).unwrap();
     let events = h.write_events("events.jsonl", &[]);
     let service = service(&h, &dir, &events).await;
-    let (stop, shutdown) = tokio::sync::watch::channel(false);
-    let running = {
-        let service = service.clone();
-        tokio::spawn(async move { service.run(shutdown).await.map(|s| s.events) })
-    };
+    let running = Running::start(&service);
     tokio::time::sleep(Duration::from_millis(300)).await;
     let first = service.rules.load().version.clone();
 
@@ -132,8 +157,7 @@ async fn file_changes_are_seen_rename_new_file_delete_and_symlink_swap() {
     wait_version(&service, |v| v != second, "save by rename").await;
 
     // A new file in the folder, then its deletion.
-    let extra = "version: 1\nroutes:\n  - name: extra\n    channel: orders\n    when: changed(\"Status\")\n    then:\n      - sink: log\n        message: x\n";
-    std::fs::write(dir.join("extra.yaml"), extra).unwrap();
+    std::fs::write(dir.join("extra.yaml"), log_route("extra")).unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     while !route_names(&service).contains(&"extra".to_string()) {
         assert!(Instant::now() < deadline, "new file not picked up");
@@ -147,12 +171,7 @@ async fn file_changes_are_seen_rename_new_file_delete_and_symlink_swap() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    stop.send(true).unwrap();
-    tokio::time::timeout(Duration::from_secs(10), running)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    running.stop(Duration::from_secs(10)).await;
 }
 
 /// A config reload that adds a rules folder moves the file watch there too: later edits in the new folder reload
@@ -169,12 +188,7 @@ async fn a_rules_folder_added_by_a_config_reload_is_watched_too() {
         std::fs::create_dir(d).unwrap();
     }
     std::fs::write(a.join("orders.yaml"), rules("v1")).unwrap();
-    let extra = |name: &str| {
-        format!(
-            "version: 1\nroutes:\n  - name: {name}\n    channel: orders\n    when: changed(\"Status\")\n    then:\n      - sink: log\n        message: x\n"
-        )
-    };
-    std::fs::write(b.join("extra.yaml"), extra("extra")).unwrap();
+    std::fs::write(b.join("extra.yaml"), log_route("extra")).unwrap();
     let events = h.write_events("events.jsonl", &[]);
     let config = conf.join("c.yaml");
     let text = h
@@ -186,11 +200,7 @@ async fn a_rules_folder_added_by_a_config_reload_is_watched_too() {
             .await
             .unwrap(),
     );
-    let (stop, shutdown) = tokio::sync::watch::channel(false);
-    let running = {
-        let service = service.clone();
-        tokio::spawn(async move { service.run(shutdown).await.map(|s| s.events) })
-    };
+    let running = Running::start(&service);
     tokio::time::sleep(Duration::from_millis(300)).await;
     let wait_route = async |name: &str, what: &str| {
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -211,7 +221,7 @@ async fn a_rules_folder_added_by_a_config_reload_is_watched_too() {
     // Past any late event of the config edit, so that only a watch on folder b can see the next edit.
     tokio::time::sleep(Duration::from_millis(500)).await;
     // An edit in folder b, which the process did not watch when it started.
-    std::fs::write(b.join("extra.yaml"), extra("extra-renamed")).unwrap();
+    std::fs::write(b.join("extra.yaml"), log_route("extra-renamed")).unwrap();
     wait_route("extra-renamed", "an edit in the added folder").await;
     // Each edit is one reload: the reload's own reads of the files (inotify reports opens) trigger nothing.
     let reloads = service.reloader.describe()["reloads"].as_u64().unwrap();
@@ -223,12 +233,7 @@ async fn a_rules_folder_added_by_a_config_reload_is_watched_too() {
     );
     assert!(reloads <= 3, "{reloads} reloads for two edits");
 
-    stop.send(true).unwrap();
-    tokio::time::timeout(Duration::from_secs(10), running)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    running.stop(Duration::from_secs(10)).await;
 }
 
 #[tokio::test]
@@ -239,11 +244,7 @@ async fn rules_changed_while_10000_events_flow_give_each_event_one_version() {
     std::fs::write(dir.join("orders.yaml"), rules("v1")).unwrap();
     let events_path = h.write_events("events.jsonl", &[]);
     let service = service(&h, &dir, &events_path).await;
-    let (stop, shutdown) = tokio::sync::watch::channel(false);
-    let running = {
-        let service = service.clone();
-        tokio::spawn(async move { service.run(shutdown).await.map(|s| s.settled) })
-    };
+    let running = Running::start(&service);
     // Let the service start its watch before the stream and the edit begin.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let total = 10_000u32;
@@ -298,12 +299,7 @@ async fn rules_changed_while_10000_events_flow_give_each_event_one_version() {
         assert!(Instant::now() < deadline, "only {} of {total} jobs", jobs.len());
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    stop.send(true).unwrap();
-    let settled = tokio::time::timeout(Duration::from_secs(30), running)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let settled = running.stop(Duration::from_secs(30)).await.settled;
     assert_eq!(settled, total as u64);
 }
 
@@ -315,11 +311,7 @@ async fn fifty_reloads_in_quick_succession_end_on_the_last_file() {
     std::fs::write(dir.join("orders.yaml"), rules("v0")).unwrap();
     let events = h.write_events("events.jsonl", &[]);
     let service = service(&h, &dir, &events).await;
-    let (stop, shutdown) = tokio::sync::watch::channel(false);
-    let running = {
-        let service = service.clone();
-        tokio::spawn(async move { service.run(shutdown).await.map(|s| s.events) })
-    };
+    let running = Running::start(&service);
     tokio::time::sleep(Duration::from_millis(300)).await;
     for n in 1..=50 {
         std::fs::write(dir.join("orders.yaml"), rules(&format!("v{n}"))).unwrap();
@@ -330,12 +322,7 @@ async fn fifty_reloads_in_quick_succession_end_on_the_last_file() {
         text: rules("v50"),
     }]);
     wait_version(&service, |v| v == last, "the last file").await;
-    stop.send(true).unwrap();
-    tokio::time::timeout(Duration::from_secs(10), running)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    running.stop(Duration::from_secs(10)).await;
 }
 
 /// The same over the Pub/Sub path: 10,000 approvals published to the emulator and read over gRPC while the rules
@@ -360,11 +347,7 @@ async fn rules_changed_while_10000_pubsub_events_flow_give_each_event_one_versio
     );
     let loaded = LoadedConfig::parse(&h.dir.path().join("c.yaml"), &text, &|_| None).unwrap();
     let service = Arc::new(Service::start(loaded, false).await.unwrap());
-    let (stop, shutdown) = tokio::sync::watch::channel(false);
-    let running = {
-        let service = service.clone();
-        tokio::spawn(async move { service.run(shutdown).await.map(|s| s.settled) })
-    };
+    let running = Running::start(&service);
     let total = 10_000u32;
     let ids: Vec<String> = (0..total)
         .map(|n| format!("801{:0>10}{n:05}", &h.tag[..h.tag.len().min(10)]))
@@ -419,11 +402,6 @@ async fn rules_changed_while_10000_pubsub_events_flow_give_each_event_one_versio
         "events published after the swap ran the new rules"
     );
     assert_eq!(jobs.len(), total as usize, "every event settled exactly once");
-    stop.send(true).unwrap();
-    let settled = tokio::time::timeout(Duration::from_secs(30), running)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let settled = running.stop(Duration::from_secs(30)).await.settled;
     assert_eq!(settled, total as u64);
 }
