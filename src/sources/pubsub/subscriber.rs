@@ -384,7 +384,10 @@ impl ChannelTask {
                     // there when it is switched back to, and another replica may take the channel.
                     self.drain(&fence).await;
                     keeper.abort();
-                    leases.release(&fence).await;
+                    // The service began stopping meanwhile: it releases every lease after its last commit.
+                    if !*self.global.borrow() {
+                        leases.release(&fence).await;
+                    }
                     break;
                 }
                 if served == Served::Failed {
