@@ -527,14 +527,16 @@ impl Reloader {
             return;
         };
         let wanted = self.watched_dirs();
-        for dir in watching.dirs.clone() {
-            if !wanted.contains(&dir) {
-                use notify::Watcher;
-                let _ = watching.watcher.unwatch(&dir);
-                watching.dirs.retain(|d| d != &dir);
+        let watcher = &mut watching.watcher;
+        watching.dirs.retain(|dir| {
+            use notify::Watcher;
+            let keep = wanted.contains(dir);
+            if !keep {
+                let _ = watcher.unwatch(dir);
                 tracing::info!(dir = %dir.display(), "No longer watching this folder (no rules in it any more).");
             }
-        }
+            keep
+        });
         for dir in wanted {
             if !watching.dirs.contains(&dir)
                 && let Err(e) = watching.add(dir)

@@ -19,6 +19,14 @@ fn rules(prefix: &str) -> String {
     )
 }
 
+/// A `rules` folder in the harness's directory holding `orders.yaml` = [`rules`]`(prefix)`.
+fn rules_dir(h: &Harness, prefix: &str) -> std::path::PathBuf {
+    let dir = h.dir.path().join("rules");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::write(dir.join("orders.yaml"), rules(prefix)).unwrap();
+    dir
+}
+
 async fn service(h: &Harness, dir: &Path, events: &Path) -> Arc<Service> {
     let text = h
         .config_with_rules(events, dir, "reload: { debounce_ms: 100 }\n")
@@ -70,9 +78,7 @@ fn route_names(service: &Service) -> Vec<String> {
 #[tokio::test]
 async fn a_broken_edit_keeps_the_old_rules_and_says_where_and_the_next_good_edit_is_taken() {
     let h = Harness::new("reload_broken");
-    let dir = h.dir.path().join("rules");
-    std::fs::create_dir(&dir).unwrap();
-    std::fs::write(dir.join("orders.yaml"), rules("v1")).unwrap();
+    let dir = rules_dir(&h, "v1");
     let events = h.write_events("events.jsonl", &[]);
     let service = service(&h, &dir, &events).await;
     let v1 = service.rules.load().version.clone();
@@ -239,9 +245,7 @@ async fn a_rules_folder_added_by_a_config_reload_is_watched_too() {
 #[tokio::test]
 async fn rules_changed_while_10000_events_flow_give_each_event_one_version() {
     let h = Harness::new("reload_stream");
-    let dir = h.dir.path().join("rules");
-    std::fs::create_dir(&dir).unwrap();
-    std::fs::write(dir.join("orders.yaml"), rules("v1")).unwrap();
+    let dir = rules_dir(&h, "v1");
     let events_path = h.write_events("events.jsonl", &[]);
     let service = service(&h, &dir, &events_path).await;
     let running = Running::start(&service);
@@ -306,9 +310,7 @@ async fn rules_changed_while_10000_events_flow_give_each_event_one_version() {
 #[tokio::test]
 async fn fifty_reloads_in_quick_succession_end_on_the_last_file() {
     let h = Harness::new("reload_many");
-    let dir = h.dir.path().join("rules");
-    std::fs::create_dir(&dir).unwrap();
-    std::fs::write(dir.join("orders.yaml"), rules("v0")).unwrap();
+    let dir = rules_dir(&h, "v0");
     let events = h.write_events("events.jsonl", &[]);
     let service = service(&h, &dir, &events).await;
     let running = Running::start(&service);
@@ -332,9 +334,7 @@ async fn fifty_reloads_in_quick_succession_end_on_the_last_file() {
 async fn rules_changed_while_10000_pubsub_events_flow_give_each_event_one_version() {
     use switchyard::emulator::{self, EmulatorOptions};
     let h = Harness::new("reload_pubsub");
-    let dir = h.dir.path().join("rules");
-    std::fs::create_dir(&dir).unwrap();
-    std::fs::write(dir.join("orders.yaml"), rules("v1")).unwrap();
+    let dir = rules_dir(&h, "v1");
     let emu = emulator::start(EmulatorOptions::default()).await.unwrap();
     // Nothing stored yet: the stream is read from the earliest event.
     let text = common::pubsub_config(
