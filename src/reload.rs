@@ -450,6 +450,8 @@ impl Reloader {
                     "name": r.name, "channel": r.channel, "mode": r.mode.as_str(),
                     "live": rules.mode.is_none_or(|mode| mode == r.mode),
                     "file": r.file.display().to_string(), "line": r.line, "matched": matched, "fired": fired,
+                    // Whether each predicate evaluates natively (else with Rhai; see README "Predicates").
+                    "native": {"when": r.when.native.is_some(), "guard": r.guard.as_ref().map(|g| g.native.is_some())},
                 })
             })
             .collect();

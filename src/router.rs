@@ -11,6 +11,7 @@ use serde_json::{Map, Value};
 use crate::event::{ChangeHeader, Event, OVERFLOW_PLACEHOLDER_ID, RecordFields};
 use crate::plan::{Action, Decision, Op, Outcome, Plan, job_id_for};
 use crate::rules::helpers::{self, HelperCtx};
+use crate::rules::native;
 use crate::rules::reads::Fields;
 use crate::rules::template::RenderCtx;
 use crate::rules::{ActionParams, ActionTemplate, Predicate, Route, RuleSet};
@@ -47,9 +48,43 @@ struct WhenResult {
 pub struct Needs {
     pub rules_version: String,
     units: Vec<Vec<WhenResult>>,
+    /// The script context, when some predicate needed Rhai; phase two reuses it.
+    script: Option<Script>,
+    header: Value,
+}
+
+/// What Rhai evaluates an event's predicates with, built on the first predicate that needs the engine
+/// (one without a native form, or whose native evaluation fell back): events whose routes all evaluate
+/// natively never convert anything into script values.
+struct Script {
     ctx: Arc<HelperCtx>,
     scope: Scope<'static>,
-    header: Value,
+}
+
+impl Script {
+    fn new(rules: &RuleSet, event: &Event, record_id: Option<&str>) -> Script {
+        let mut scope = event_scope(rules, event);
+        scope.set_value("record", Dynamic::from_map(rhai::Map::new()));
+        scope.set_value("record_id", dyn_opt(record_id));
+        Script {
+            ctx: HelperCtx::reading(event, &rules.reads.became),
+            scope,
+        }
+    }
+
+    /// The script state, built with `record_id` when this is the first use.
+    fn get<'s>(
+        slot: &'s mut Option<Script>,
+        rules: &RuleSet,
+        event: &Event,
+        record_id: Option<&str>,
+    ) -> &'s mut Script {
+        slot.get_or_insert_with(|| Script::new(rules, event, record_id))
+    }
+
+    fn eval(&mut self, rules: &RuleSet, predicate: &Predicate) -> Result<bool, String> {
+        helpers::with_ctx(&self.ctx, || eval(rules, &mut self.scope, predicate))
+    }
 }
 
 impl Needs {
@@ -264,6 +299,7 @@ pub fn dry_run(rules: &RuleSet, event: &Event) -> Vec<DryRunError> {
             column,
         }
     };
+    let empty = Map::new();
     helpers::with_ctx(&ctx, || {
         for unit_id in unit_ids {
             for &i in rules.candidates(&event.channel) {
@@ -271,7 +307,15 @@ pub fn dry_run(rules: &RuleSet, event: &Event) -> Vec<DryRunError> {
                 scope.set_value("record_id", dyn_opt(unit_id.as_deref()));
                 scope.set_value("record", Dynamic::from_map(rhai::Map::new()));
                 ctx.set_has_record(false);
-                match eval_at(rules, &mut scope, &route.when) {
+                let when = eval_at(rules, &mut scope, &route.when);
+                let seen = native::Ctx {
+                    event,
+                    record_id: unit_id.as_deref(),
+                    record: &empty,
+                    has_record: false,
+                };
+                errors.extend(disagreement(i, "when", &route.when, &when, &seen));
+                match when {
                     Ok(true) => {}
                     Ok(false) => continue,
                     Err(e) => {
@@ -287,7 +331,15 @@ pub fn dry_run(rules: &RuleSet, event: &Event) -> Vec<DryRunError> {
                 };
                 ctx.set_has_record(recorded.is_some());
                 scope.set_value("record", rhai::serde::to_dynamic(&record).unwrap_or(Dynamic::UNIT));
-                if let Err(e) = eval_at(rules, &mut scope, guard) {
+                let passed = eval_at(rules, &mut scope, guard);
+                let seen = native::Ctx {
+                    event,
+                    record_id: unit_id.as_deref(),
+                    record: &record,
+                    has_record: recorded.is_some(),
+                };
+                errors.extend(disagreement(i, "guard", guard, &passed, &seen));
+                if let Err(e) = passed {
                     errors.push(fail(i, "guard", guard, e));
                 }
             }
@@ -296,14 +348,40 @@ pub fn dry_run(rules: &RuleSet, event: &Event) -> Vec<DryRunError> {
     errors
 }
 
+/// A native evaluation that does not give what Rhai gives: a switchyard bug, reported like a predicate
+/// error so that `switchyard validate` and rule tests show it on the fixture events.
+fn disagreement<E>(
+    route: usize,
+    clause: &'static str,
+    p: &Predicate,
+    rhai: &Result<bool, E>,
+    seen: &native::Ctx<'_>,
+) -> Option<DryRunError> {
+    let native = p.native.as_ref()?.eval(seen).ok()?;
+    let reference = match rhai {
+        Ok(value) if *value == native => return None,
+        Ok(value) => value.to_string(),
+        Err(_) => "an error".to_string(),
+    };
+    Some(DryRunError {
+        route,
+        clause,
+        message: format!(
+            "switchyard's native evaluation of this predicate gives {native} where Rhai gives {reference} \
+             (a switchyard bug: please report it with this event)"
+        ),
+        line: p.line,
+        column: p.column,
+    })
+}
+
 fn dyn_opt(value: Option<&str>) -> Dynamic {
     value.map(|v| Dynamic::from(v.to_string())).unwrap_or(Dynamic::UNIT)
 }
 
 /// Phase one: evaluates `when` of every live route on the event's channel, per record id.
 pub fn needs(rules: &RuleSet, event: &Event) -> Needs {
-    let ctx = HelperCtx::reading(event, &rules.reads.became);
-    let mut scope = event_scope(rules, event);
+    let mut script: Option<Script> = None;
     let candidates = rules.candidates(&event.channel);
     // Templates that read `header` render from its JSON form; only a route that passed needs it.
     let mut header = Value::Null;
@@ -314,77 +392,82 @@ pub fn needs(rules: &RuleSet, event: &Event) -> Needs {
         vec![None]
     };
     let mut units = Vec::with_capacity(unit_ids.len());
-    helpers::with_ctx(&ctx, || {
-        scope.set_value("record", Dynamic::from_map(rhai::Map::new()));
-        for unit_id in unit_ids {
-            let mut results = Vec::new();
-            // A CDC unit's record id is the same for every route: set once, not per route.
-            scope.set_value("record_id", dyn_opt(unit_id));
-            if let (Some(id), Some(all)) = (unit_id, rules.combined(&event.channel))
-                && let Some(values) = eval_combined(rules, &mut scope, all, candidates.len())
-            {
-                for (&i, value) in candidates.iter().zip(values) {
-                    let result = match value.as_bool() {
-                        Ok(false) => continue,
-                        Ok(true) => Ok(()),
-                        Err(t) => Err(format!(
-                            "`when` failed: the predicate returned a {t}, not true or false"
-                        )),
-                    };
-                    results.push(WhenResult {
-                        route: i,
-                        record_id: Some(id.to_string()),
-                        result,
-                    });
-                }
-                units.push(results);
-                continue;
-            }
-            for &i in candidates {
-                let route = &rules.routes[i];
-                let rendered = match (unit_id, &route.record_id) {
-                    (None, Some(template)) => {
-                        let rctx = RenderCtx {
-                            event,
-                            header: &header,
-                            record_id: None,
-                            record: &empty,
-                            vars: &rules.vars,
-                            idempotency_key: None,
-                            route: &route.name,
-                        };
-                        let id = template.render_string(&rctx).ok().filter(|s| !s.is_empty());
-                        scope.set_value("record_id", dyn_opt(id.as_deref()));
-                        Some(id)
-                    }
-                    (None, None) => {
-                        scope.set_value("record_id", Dynamic::UNIT);
-                        None
-                    }
-                    (Some(_), _) => None,
-                };
-                let result = match eval(rules, &mut scope, &route.when) {
-                    Ok(false) => continue,
-                    Ok(true) => Ok(()),
-                    Err(e) => Err(format!("`when` failed: {e}")),
-                };
-                results.push(WhenResult {
-                    route: i,
-                    record_id: rendered.unwrap_or_else(|| unit_id.map(str::to_string)),
-                    result,
-                });
-            }
-            units.push(results);
+    for unit_id in unit_ids {
+        let mut results = Vec::new();
+        // A CDC unit's record id is the same for every route: set once, not per route.
+        if let Some(s) = &mut script {
+            s.scope.set_value("record_id", dyn_opt(unit_id));
         }
-    });
+        // The routes without a native `when`, evaluated by Rhai in one go (see `RuleSet::combined`).
+        let mut combined = match (unit_id, rules.combined(&event.channel)) {
+            (Some(_), Some((all, count))) => {
+                let s = Script::get(&mut script, rules, event, unit_id);
+                helpers::with_ctx(&s.ctx, || eval_combined(rules, &mut s.scope, all, count)).map(Vec::into_iter)
+            }
+            _ => None,
+        };
+        for &i in candidates {
+            let route = &rules.routes[i];
+            let rendered = match (unit_id, &route.record_id) {
+                (None, Some(template)) => {
+                    let rctx = RenderCtx {
+                        event,
+                        header: &header,
+                        record_id: None,
+                        record: &empty,
+                        vars: &rules.vars,
+                        idempotency_key: None,
+                        route: &route.name,
+                    };
+                    Some(template.render_string(&rctx).ok().filter(|s| !s.is_empty()))
+                }
+                _ => None,
+            };
+            let record_id = rendered.as_ref().map_or(unit_id, Option::as_deref);
+            let native = route.when.native.as_ref().map(|n| {
+                n.eval(&native::Ctx {
+                    event,
+                    record_id,
+                    record: &empty,
+                    has_record: false,
+                })
+            });
+            let value = match (native, &mut combined) {
+                (Some(Ok(value)), _) => Ok(value),
+                (None, Some(values)) => match values.next().map(|v| v.as_bool()) {
+                    Some(Ok(value)) => Ok(value),
+                    Some(Err(t)) => Err(format!("the predicate returned a {t}, not true or false")),
+                    None => Err("the combined evaluation returned too few values".to_string()),
+                },
+                // No native form, or its evaluation fell back: the engine's result and error.
+                _ => {
+                    let s = Script::get(&mut script, rules, event, record_id);
+                    if unit_id.is_none() {
+                        s.scope.set_value("record_id", dyn_opt(record_id));
+                    }
+                    s.eval(rules, &route.when)
+                }
+            };
+            let result = match value {
+                Ok(false) => continue,
+                Ok(true) => Ok(()),
+                Err(e) => Err(format!("`when` failed: {e}")),
+            };
+            results.push(WhenResult {
+                route: i,
+                record_id: record_id.map(str::to_string),
+                result,
+            });
+        }
+        units.push(results);
+    }
     if units.iter().any(|u| !u.is_empty()) {
         header = header_json(&rules.template_header, event.header.as_ref());
     }
     Needs {
         rules_version: rules.version.clone(),
         units,
-        ctx,
-        scope,
+        script,
         header,
     }
 }
@@ -393,54 +476,49 @@ pub fn needs(rules: &RuleSet, event: &Event) -> Needs {
 pub fn plan(rules: &RuleSet, event: &Event, needs: Needs, records: &Records) -> Plan {
     let Needs {
         units,
-        ctx,
-        mut scope,
+        mut script,
         header,
         ..
     } = needs;
     let mut decisions = Vec::new();
     let mut actions = Vec::new();
-    helpers::with_ctx(&ctx, || {
-        for unit in units {
-            for w in unit {
-                let route = &rules.routes[w.route];
-                let record_id = w.record_id.as_deref();
-                let decided = decide(
-                    rules, route, event, &mut scope, &ctx, &header, record_id, records, w.result,
-                );
-                let (outcome, rendered) = match decided {
-                    Ok(decided) => decided,
-                    Err(error) => {
-                        let reason = format!(
-                            "route `{}` failed for {}: {error}",
-                            route.name,
-                            describe(event, record_id)
-                        );
-                        let dead = Action {
-                            route: route.name.clone(),
-                            sink: crate::config::DEAD_LETTER_SINK.into(),
-                            record_id: w.record_id.clone(),
-                            shadow: route.shadow,
-                            op: Op::DeadLetter { reason },
-                        };
-                        (Outcome::Failed(error), vec![dead])
-                    }
-                };
-                // `stop: true` ends this record's evaluation once the route's `then` ran.
-                let stop = route.stop && outcome == Outcome::Then;
-                decisions.push(Decision {
-                    route: route.name.clone(),
-                    record_id: w.record_id,
-                    outcome,
-                    shadow: route.shadow,
-                });
-                actions.extend(rendered);
-                if stop {
-                    break;
+    for unit in units {
+        for w in unit {
+            let route = &rules.routes[w.route];
+            let record_id = w.record_id.as_deref();
+            let decided = decide(rules, route, event, &mut script, &header, record_id, records, w.result);
+            let (outcome, rendered) = match decided {
+                Ok(decided) => decided,
+                Err(error) => {
+                    let reason = format!(
+                        "route `{}` failed for {}: {error}",
+                        route.name,
+                        describe(event, record_id)
+                    );
+                    let dead = Action {
+                        route: route.name.clone(),
+                        sink: crate::config::DEAD_LETTER_SINK.into(),
+                        record_id: w.record_id.clone(),
+                        shadow: route.shadow,
+                        op: Op::DeadLetter { reason },
+                    };
+                    (Outcome::Failed(error), vec![dead])
                 }
+            };
+            // `stop: true` ends this record's evaluation once the route's `then` ran.
+            let stop = route.stop && outcome == Outcome::Then;
+            decisions.push(Decision {
+                route: route.name.clone(),
+                record_id: w.record_id,
+                outcome,
+                shadow: route.shadow,
+            });
+            actions.extend(rendered);
+            if stop {
+                break;
             }
         }
-    });
+    }
     Plan {
         event_id: event.id.clone(),
         rules_version: rules.version.clone(),
@@ -461,8 +539,7 @@ fn decide(
     rules: &RuleSet,
     route: &Route,
     event: &Event,
-    scope: &mut Scope<'static>,
-    ctx: &HelperCtx,
+    script: &mut Option<Script>,
     header: &Value,
     record_id: Option<&str>,
     records: &Records,
@@ -483,13 +560,28 @@ fn decide(
             }
         },
     };
-    ctx.set_has_record(found);
     let passed = match &route.guard {
         Some(guard) => {
-            // Only a guard reads the script context here; templates render from the record itself.
-            scope.set_value("record_id", dyn_opt(record_id));
-            scope.set_value("record", Dynamic::from_map(helpers::map_to_dynamic(&record)));
-            eval(rules, scope, guard).map_err(|e| format!("`guard` failed: {e}"))?
+            let native = guard.native.as_ref().map(|n| {
+                n.eval(&native::Ctx {
+                    event,
+                    record_id,
+                    record: &record,
+                    has_record: found,
+                })
+            });
+            match native {
+                Some(Ok(passed)) => passed,
+                // Only a guard reads the script context here; templates render from the record itself.
+                _ => {
+                    let s = Script::get(script, rules, event, record_id);
+                    s.ctx.set_has_record(found);
+                    s.scope.set_value("record_id", dyn_opt(record_id));
+                    s.scope
+                        .set_value("record", Dynamic::from_map(helpers::map_to_dynamic(&record)));
+                    s.eval(rules, guard).map_err(|e| format!("`guard` failed: {e}"))?
+                }
+            }
         }
         None => true,
     };

@@ -86,9 +86,14 @@ fn current<R>(default: R, f: impl FnOnce(&HelperCtx) -> R) -> R {
     CURRENT.with(|c| c.borrow().as_deref().map(f).unwrap_or(default))
 }
 
-fn in_set(set: &[String], field: &str) -> bool {
-    set.iter()
-        .any(|c| c.starts_with(field) && (c.len() == field.len() || c.as_bytes()[field.len()] == b'.'))
+/// Whether `field`, or a field nested in it (`field.*`), is in `set`.
+pub(crate) fn in_set(set: &[String], field: &str) -> bool {
+    set.iter().any(|c| covers(field, c))
+}
+
+/// Whether `field` is `name` or a field nested in it (`name.*`).
+pub(crate) fn covers(name: &str, field: &str) -> bool {
+    field.starts_with(name) && (field.len() == name.len() || field.as_bytes()[name.len()] == b'.')
 }
 
 /// The string items of a list, shared, not copied (predicates call this for every event).
@@ -167,13 +172,7 @@ pub fn engine() -> Engine {
     engine.register_fn("changed_only", |list: Array| {
         let allowed: Vec<ImmutableString> = names(&list).collect();
         current(false, |c| {
-            !c.changed.is_empty()
-                && c.changed.iter().all(|f| {
-                    allowed.iter().any(|a| {
-                        f.as_str() == a.as_str()
-                            || (f.starts_with(a.as_str()) && f.as_bytes().get(a.len()) == Some(&b'.'))
-                    })
-                })
+            !c.changed.is_empty() && c.changed.iter().all(|f| allowed.iter().any(|a| covers(a, f)))
         })
     });
     engine.register_fn("became", became);

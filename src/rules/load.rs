@@ -487,6 +487,7 @@ fn compile_predicate(
     match engine.compile_expression_with_scope(scope, &source.value) {
         Ok(ast) => Some(Predicate {
             source: source.value.clone(),
+            native: super::native::Native::compile(&ast, scope),
             ast,
             line: source.referenced.line(),
             column: source.referenced.column(),

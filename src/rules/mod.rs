@@ -3,6 +3,7 @@
 pub mod helpers;
 pub mod load;
 pub mod model;
+pub mod native;
 pub mod reads;
 pub mod template;
 pub mod testing;
@@ -27,6 +28,8 @@ pub const CONTEXT_VARIABLES: &[&str] = &["event", "header", "record_id", "record
 pub struct Predicate {
     pub source: String,
     pub ast: AST,
+    /// Its native form, when it has one (see [`native`]): the router evaluates that first.
+    pub native: Option<native::Native>,
     /// Where the predicate's text starts in its file (1-based).
     pub line: u64,
     pub column: u64,
@@ -196,8 +199,9 @@ pub struct RuleSet {
     pub(crate) template_header: reads::Fields,
     /// The context variables (unset) and the `vars` (converted once), cloned for every event.
     pub(crate) base_scope: Scope<'static>,
-    /// Per channel, the `when` of every live route in one array expression (see [`RuleSet::combined`]).
-    combined: HashMap<String, AST>,
+    /// Per channel, the `when` of every live route without a native form in one array expression, and
+    /// their count (see [`RuleSet::combined`]).
+    combined: HashMap<String, (AST, usize)>,
 }
 
 impl std::fmt::Debug for RuleSet {
@@ -244,22 +248,7 @@ impl RuleSet {
             }
         }
         let base_scope = load::scope(&vars, true);
-        // Only when no predicate can change the scope: the fallback then evaluates on what the failed
-        // combined attempt saw.
-        let combined = live
-            .iter()
-            .filter(|(_, routes)| routes.len() > 1 && !reads.methods)
-            .filter_map(|(channel, indexes)| {
-                // Each predicate on lines of its own, so that a trailing `// comment` stays inside.
-                let items: Vec<String> = indexes
-                    .iter()
-                    .map(|&i| format!("(\n{}\n)", routes[i].when.source))
-                    .collect();
-                let source = format!("[\n{}\n]", items.join(",\n"));
-                let ast = engine.compile_expression_with_scope(&base_scope, &source).ok()?;
-                Some((channel.clone(), ast))
-            })
-            .collect();
+        let combined = combine(&engine, &base_scope, &live, &routes, &reads);
         RuleSet {
             version,
             routes,
@@ -280,18 +269,74 @@ impl RuleSet {
         self.live.get(channel).map(Vec::as_slice).unwrap_or(&[])
     }
 
-    /// The `when` predicates of every live route on `channel`, in file order, as one expression whose value
-    /// is the array of their values: one evaluation per record instead of one per route, which saves the
-    /// engine's per-evaluation set-up and function lookups. The router falls back to evaluating route by
-    /// route when it fails, so errors stay per route, with their positions.
-    pub(crate) fn combined(&self, channel: &str) -> Option<&AST> {
-        self.combined.get(channel)
+    /// The `when` predicates of the live routes on `channel` that have no native form, in file order, as
+    /// one expression whose value is the array of their values (and how many there are): one evaluation per
+    /// record instead of one per route, which saves the engine's per-evaluation set-up and function
+    /// lookups. The router falls back to evaluating route by route when it fails, so errors stay per
+    /// route, with their positions.
+    pub(crate) fn combined(&self, channel: &str) -> Option<(&AST, usize)> {
+        self.combined.get(channel).map(|(ast, count)| (ast, *count))
+    }
+
+    /// Drops the native form of every predicate, so that Rhai evaluates them all: the reference the native
+    /// evaluation is checked against (`tests/native.rs`), and a way to rule it out when investigating.
+    pub fn without_native(mut self) -> RuleSet {
+        for route in &mut self.routes {
+            route.when.native = None;
+            if let Some(guard) = &mut route.guard {
+                guard.native = None;
+            }
+        }
+        self.combined = combine(&self.engine, &self.base_scope, &self.live, &self.routes, &self.reads);
+        self
+    }
+
+    /// How many of the predicates (`when` and `guard`) have a native form, of how many.
+    pub fn native_count(&self) -> (usize, usize) {
+        let predicates = self
+            .routes
+            .iter()
+            .flat_map(|r| std::iter::once(&r.when).chain(&r.guard));
+        predicates.fold((0, 0), |(native, all), p| {
+            (native + usize::from(p.native.is_some()), all + 1)
+        })
     }
 
     /// The channels that have live routes.
     pub fn live_channels(&self) -> impl Iterator<Item = &str> {
         self.live.keys().map(String::as_str)
     }
+}
+
+/// Per channel, the `when` of its live routes without a native form as one array expression, when there
+/// are two or more (see [`RuleSet::combined`]). Only when no predicate can change the scope: the fallback
+/// then evaluates on what the failed combined attempt saw.
+fn combine(
+    engine: &Engine,
+    base_scope: &Scope<'static>,
+    live: &HashMap<String, Vec<usize>>,
+    routes: &[Route],
+    reads: &reads::Reads,
+) -> HashMap<String, (AST, usize)> {
+    if reads.methods {
+        return HashMap::new();
+    }
+    live.iter()
+        .filter_map(|(channel, indexes)| {
+            // Each predicate on lines of its own, so that a trailing `// comment` stays inside.
+            let items: Vec<String> = indexes
+                .iter()
+                .filter(|&&i| routes[i].when.native.is_none())
+                .map(|&i| format!("(\n{}\n)", routes[i].when.source))
+                .collect();
+            if items.len() < 2 {
+                return None;
+            }
+            let source = format!("[\n{}\n]", items.join(",\n"));
+            let ast = engine.compile_expression_with_scope(base_scope, &source).ok()?;
+            Some((channel.clone(), (ast, items.len())))
+        })
+        .collect()
 }
 
 /// The closest of `options` to `word`, when it is close enough to be a likely typo.
