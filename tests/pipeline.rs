@@ -267,6 +267,13 @@ async fn healthz_and_metrics_are_served_while_running() {
         rules.contains("\"name\":\"provision-on-activating\"") && rules.contains("\"fired\":1"),
         "{rules}"
     );
+    // Every shipped predicate evaluates natively.
+    assert!(
+        rules.contains("\"native\":{\"guard\":true,\"when\":true}")
+            && !rules.contains("\"when\":false")
+            && !rules.contains("\"guard\":false"),
+        "{rules}"
+    );
     let reload = http_request(&addr, "POST", "/reload").await;
     assert!(
         reload.starts_with("HTTP/1.1 200") && reload.contains("\"ok\":true"),

@@ -45,11 +45,69 @@ enum Node {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Root {
     Event,
-    Header,
+    /// `header`, with its member read (resolved at load: no name comparisons per event).
+    Header(Member),
     Record,
     RecordId,
     EventId,
     ReplayId,
+}
+
+/// A member of the CDC header, as predicates name it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Member {
+    Entity,
+    ChangeType,
+    RecordIds,
+    ChangedFields,
+    NulledFields,
+    DiffFields,
+    ChangeOrigin,
+    TransactionKey,
+    SequenceNumber,
+    CommitTimestamp,
+    CommitNumber,
+    CommitUser,
+    /// Any other name: not a member, so unit.
+    Other,
+}
+
+impl Member {
+    fn of(name: &str) -> Member {
+        match name {
+            "entity" => Member::Entity,
+            "change_type" => Member::ChangeType,
+            "record_ids" => Member::RecordIds,
+            "changed_fields" => Member::ChangedFields,
+            "nulled_fields" => Member::NulledFields,
+            "diff_fields" => Member::DiffFields,
+            "change_origin" => Member::ChangeOrigin,
+            "transaction_key" => Member::TransactionKey,
+            "sequence_number" => Member::SequenceNumber,
+            "commit_timestamp" => Member::CommitTimestamp,
+            "commit_number" => Member::CommitNumber,
+            "commit_user" => Member::CommitUser,
+            _ => Member::Other,
+        }
+    }
+
+    fn read(self, h: &ChangeHeader) -> V<'_> {
+        match self {
+            Member::Entity => V::Str(&h.entity),
+            Member::ChangeType => V::Str(h.change_type.as_str()),
+            Member::RecordIds => V::Names(&h.record_ids),
+            Member::ChangedFields => V::Names(&h.changed_fields),
+            Member::NulledFields => V::Names(&h.nulled_fields),
+            Member::DiffFields => V::Names(&h.diff_fields),
+            Member::ChangeOrigin => V::opt_str(h.change_origin.as_deref()),
+            Member::TransactionKey => V::opt_str(h.transaction_key.as_deref()),
+            Member::SequenceNumber => h.sequence_number.map_or(V::Unit, V::Int),
+            Member::CommitTimestamp => h.commit_timestamp.map_or(V::Unit, V::Int),
+            Member::CommitNumber => h.commit_number.map_or(V::Unit, V::Int),
+            Member::CommitUser => V::opt_str(h.commit_user.as_deref()),
+            Member::Other => V::Unit,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -293,6 +351,10 @@ fn node(expr: &Expr, vars: &Scope<'_>) -> Option<Node> {
                     _ => return None,
                 }
             }
+            let root = match (root, segments.first()) {
+                (Root::Header(_), Some((name, _))) => Root::Header(Member::of(name)),
+                (root, _) => root,
+            };
             Node::Path(root, segments)
         }
         Expr::And(items, _) => Node::And(items.iter().map(|e| node(e, vars)).collect::<Option<_>>()?),
@@ -327,7 +389,7 @@ fn call_node(call: &FnCallExpr, vars: &Scope<'_>) -> Option<Node> {
 fn root(name: &str) -> Option<Root> {
     Some(match name {
         "event" => Root::Event,
-        "header" => Root::Header,
+        "header" => Root::Header(Member::Other),
         "record" => Root::Record,
         "record_id" => Root::RecordId,
         "event_id" => Root::EventId,
@@ -416,12 +478,12 @@ fn path<'a>(root: Root, segments: &'a [(String, bool)], ctx: &Ctx<'a>) -> Result
         Root::ReplayId => return properties(V::opt_str(ctx.event.replay_id.as_deref()), segments),
         Root::Event => &ctx.event.fields,
         Root::Record => ctx.record,
-        Root::Header => {
-            let Some((first, rest)) = segments.split_first() else {
+        Root::Header(member) => {
+            let Some((_, rest)) = segments.split_first() else {
                 return Err(Fallback);
             };
             return match &ctx.event.header {
-                Some(h) => properties(header_member(h, &first.0), rest),
+                Some(h) => properties(member.read(h), rest),
                 // Platform events have no header: `header` is unit.
                 None => properties(V::Unit, segments),
             };
@@ -449,24 +511,6 @@ fn properties<'a>(mut value: V<'a>, segments: &'a [(String, bool)]) -> Result<V<
 
 fn member<'a>(map: &'a Map<String, Value>, name: &str) -> Result<V<'a>, Fallback> {
     map.get(name).map_or(Ok(V::Unit), V::json)
-}
-
-fn header_member<'a>(h: &'a ChangeHeader, name: &str) -> V<'a> {
-    match name {
-        "entity" => V::Str(&h.entity),
-        "change_type" => V::Str(h.change_type.as_str()),
-        "record_ids" => V::Names(&h.record_ids),
-        "changed_fields" => V::Names(&h.changed_fields),
-        "nulled_fields" => V::Names(&h.nulled_fields),
-        "diff_fields" => V::Names(&h.diff_fields),
-        "change_origin" => V::opt_str(h.change_origin.as_deref()),
-        "transaction_key" => V::opt_str(h.transaction_key.as_deref()),
-        "sequence_number" => h.sequence_number.map_or(V::Unit, V::Int),
-        "commit_timestamp" => h.commit_timestamp.map_or(V::Unit, V::Int),
-        "commit_number" => h.commit_number.map_or(V::Unit, V::Int),
-        "commit_user" => V::opt_str(h.commit_user.as_deref()),
-        _ => V::Unit,
-    }
 }
 
 /// Rhai's `==` where its result is known without the engine: primitives of one type, numbers of either
