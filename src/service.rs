@@ -26,6 +26,9 @@ use crate::sources::pubsub::subscriber::{PubsubSource, Subscription};
 const DEMO_RULES: &str = include_str!("../rules/orders.yaml");
 const DEMO_EVENTS: &str = include_str!("../examples/events/order-lifecycle.jsonl");
 
+/// How long a start waits for the checkpoint store to answer before it fails.
+const STORED_POSITION_PATIENCE: std::time::Duration = std::time::Duration::from_secs(30);
+
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error("{0}")]
@@ -189,7 +192,7 @@ impl Service {
                 let jsonl = c.source.jsonl.as_ref().expect("validated: a jsonl source has settings");
                 let path = self.config.resolve(&jsonl.path);
                 let key = JsonlSource::key_for(&path);
-                let stored = self.sinks.checkpoints.get(&key).await.map_err(StartError::Checkpoint)?;
+                let stored = self.stored_position(&key).await?;
                 let start = stored.as_deref().and_then(crate::checkpoint::offset_of).unwrap_or(0);
                 if start > 0 {
                     tracing::info!(%key, offset = start, "Resuming the source from its stored position.");
@@ -199,6 +202,26 @@ impl Service {
                     .map_err(|source| StartError::Source { path, source })?
             }
         }))
+    }
+
+    /// The source's stored position. A store that fails transiently (Redis restarting, a connection dropped
+    /// under us) is retried for a while, as every other Redis call is, before the start gives up.
+    async fn stored_position(&self, key: &str) -> Result<Option<Vec<u8>>, StartError> {
+        let started = std::time::Instant::now();
+        let mut pause = std::time::Duration::from_millis(100);
+        loop {
+            match self.sinks.checkpoints.get(key).await {
+                Ok(stored) => return Ok(stored),
+                Err(crate::checkpoint::CheckpointError::Store(e))
+                    if e.is_transient() && started.elapsed() < STORED_POSITION_PATIENCE =>
+                {
+                    tracing::warn!(%key, error = %e, "Cannot read the stored position yet; retrying.");
+                    tokio::time::sleep(crate::dispatch::jitter(pause)).await;
+                    pause = (pause * 2).min(std::time::Duration::from_secs(2));
+                }
+                Err(e) => return Err(StartError::Checkpoint(e)),
+            }
+        }
     }
 
     /// Starts the Pub/Sub subscriptions: one per channel with live routes in the configured mode, none when

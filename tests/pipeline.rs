@@ -269,7 +269,7 @@ async fn healthz_and_metrics_are_served_while_running() {
     );
     // Every shipped predicate evaluates natively.
     assert!(
-        rules.contains("\"native\":{\"guard\":true,\"when\":true}")
+        rules.contains("\"native\":{\"when\":true,\"guard\":true}")
             && !rules.contains("\"when\":false")
             && !rules.contains("\"guard\":false"),
         "{rules}"
