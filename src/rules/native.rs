@@ -428,26 +428,9 @@ fn eval<'a>(node: &'a Node, ctx: &Ctx<'a>) -> Result<V<'a>, Fallback> {
             V::Bool(b) => V::Bool(!b),
             _ => return Err(Fallback),
         },
-        Node::And(items) => {
-            for item in items {
-                match eval(item, ctx)? {
-                    V::Bool(true) => {}
-                    V::Bool(false) => return Ok(V::Bool(false)),
-                    _ => return Err(Fallback),
-                }
-            }
-            V::Bool(true)
-        }
-        Node::Or(items) => {
-            for item in items {
-                match eval(item, ctx)? {
-                    V::Bool(false) => {}
-                    V::Bool(true) => return Ok(V::Bool(true)),
-                    _ => return Err(Fallback),
-                }
-            }
-            V::Bool(false)
-        }
+        // `&&` ends at the first false, `||` at the first true; an operand that is no boolean is Rhai's error.
+        Node::And(items) => V::Bool(short_circuit(items, false, ctx)?),
+        Node::Or(items) => V::Bool(short_circuit(items, true, ctx)?),
         Node::Coalesce(items) => {
             let mut value = V::Unit;
             for item in items {
@@ -468,6 +451,18 @@ fn eval<'a>(node: &'a Node, ctx: &Ctx<'a>) -> Result<V<'a>, Fallback> {
             V::Bool(call(*helper, values, ctx)?)
         }
     })
+}
+
+/// The value of `&&` (`ends_on` false) or `||` (true) over `items`, evaluated left to right.
+fn short_circuit<'a>(items: &'a [Node], ends_on: bool, ctx: &Ctx<'a>) -> Result<bool, Fallback> {
+    for item in items {
+        match eval(item, ctx)? {
+            V::Bool(b) if b == ends_on => return Ok(ends_on),
+            V::Bool(_) => {}
+            _ => return Err(Fallback),
+        }
+    }
+    Ok(!ends_on)
 }
 
 /// Reads a context variable and its properties.
