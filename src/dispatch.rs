@@ -201,8 +201,8 @@ impl Dispatcher {
         let budget = Duration::from_millis(self.retry.budget_ms);
         let mut backoff = Duration::from_millis(self.retry.initial_backoff_ms.max(1));
         let max_backoff = Duration::from_millis(self.retry.max_backoff_ms.max(1));
-        // One token per action: a claim whose reply was lost is recognised as ours on the next attempt.
-        let own_token = crate::idempotency::new_token();
+        // One token per keyed action: a claim whose reply was lost is recognised as ours on the next attempt.
+        let own_token = key.map(|_| crate::idempotency::new_token());
         let mut token: Option<String> = None;
         let mut attempts = 0;
         let mut quick_retries = 0;
@@ -211,7 +211,7 @@ impl Dispatcher {
             let step: Result<Option<ActionResult>, SinkError> = async {
                 if let Some(key) = key {
                     match idem
-                        .claim(&action.sink, key, Some(&own_token), fence)
+                        .claim(&action.sink, key, own_token.as_deref(), fence)
                         .await
                         .map_err(|e| e.context("idempotency claim"))?
                     {

@@ -5,12 +5,14 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
 use redis::aio::ConnectionManager;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::lease::Fence;
+use crate::metrics as m;
 use crate::sinks::SinkError;
 
 /// The value a done marker holds.
@@ -20,25 +22,37 @@ const DONE: &str = "done";
 /// another holder must not be released by us).
 const RELEASE: &str =
     r#"if redis.call("GET", KEYS[1]) == ARGV[1] then return redis.call("DEL", KEYS[1]) else return 0 end"#;
-/// Takes the lease (`KEYS[1]`) unless the action is done or leased by someone else, in one round trip; fenced by
-/// the channel lease's token when there is one (`KEYS[2]`, `ARGV[3]`). 1: ours, 2: done, 0: busy, -1: fenced out.
-static CLAIM: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+/// Claims and done markers of many actions in one script call. Per write `i`: `KEYS[2i-1]` the marker, `KEYS[2i]` the
+/// fencing counter of the channel lease the event came under (the marker itself when unfenced); `ARGV[4i-3..4i]` the
+/// kind (`claim` or `done`), the value (our lease token; `done` and the fencing token), the TTL in ms and the fencing
+/// token ("" when unfenced). Per write it answers: a claim 1 (ours: taken, or already held by this token), 2 (done
+/// before) or 0 (leased by another holder); a done marker 1; either -1 when the fencing counter moved past the token.
+static WRITE_MARKS: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(&format!(
-        r#"{guard}if redis.call("SET", KEYS[1], ARGV[1], "NX", "PX", ARGV[2]) then return 1 end
-local cur = redis.call("GET", KEYS[1])
-if cur and string.sub(cur, 1, 4) == "done" then return 2 end
-if cur == ARGV[1] then return 1 end
-return 0"#,
-        guard = crate::lease::fence_guard(3)
+        r#"local out = {{}}
+for i = 1, #KEYS / 2 do
+  local key, counter = KEYS[2 * i - 1], KEYS[2 * i]
+  local kind, value, ttl, token = ARGV[4 * i - 3], ARGV[4 * i - 2], ARGV[4 * i - 1], ARGV[4 * i]
+  if {refused} then
+    out[i] = -1
+  elseif kind == "done" then
+    redis.call("SET", key, value, "PX", ttl)
+    out[i] = 1
+  elseif redis.call("SET", key, value, "NX", "PX", ttl) then
+    out[i] = 1
+  else
+    local cur = redis.call("GET", key)
+    if cur and string.sub(cur, 1, 4) == "done" then out[i] = 2
+    elseif cur == value then out[i] = 1
+    else out[i] = 0 end
+  end
+end
+return out"#,
+        refused = crate::lease::fence_refused("counter", "token")
     ))
 });
-/// Writes the done marker (`ARGV[1]`, carrying the fencing token when there is one), fenced like [`CLAIM`].
-static COMPLETE: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
-    redis::Script::new(&format!(
-        r#"{guard}redis.call("SET", KEYS[1], ARGV[1], "PX", ARGV[2]) return 1"#,
-        guard = crate::lease::fence_guard(3)
-    ))
-});
+/// The most marker writes sent in one script call (a few hundred microseconds of Redis time at most).
+const MAX_BATCH: usize = 256;
 /// Extends the lease only while it is still ours.
 const RENEW: &str =
     r#"if redis.call("GET", KEYS[1]) == ARGV[1] then return redis.call("PEXPIRE", KEYS[1], ARGV[2]) else return 0 end"#;
@@ -65,6 +79,8 @@ pub enum Claim {
 pub enum Idempotency {
     Redis {
         conn: ConnectionManager,
+        /// Claims and done markers go through the marker writer, which batches concurrent ones.
+        marks: MarkWriter,
         prefix: String,
         /// The config's key prefix, under which the channel leases' fencing counters live.
         key_prefix: String,
@@ -108,8 +124,10 @@ fn fenced(fence: Option<&Fence>) -> SinkError {
 }
 
 impl Idempotency {
+    /// Spawns the marker writer on the current tokio runtime; it ends when the last clone is dropped.
     pub fn redis(conn: ConnectionManager, key_prefix: &str, ttls: Ttls) -> Self {
         Idempotency::Redis {
+            marks: MarkWriter::spawn(conn.clone()),
             conn,
             prefix: format!("{key_prefix}idem:"),
             key_prefix: key_prefix.to_string(),
@@ -134,6 +152,14 @@ impl Idempotency {
         format!("{prefix}{sink}:{key}")
     }
 
+    /// Marker writes so far and the script calls that carried them (their ratio is the batch size); `None` in memory.
+    pub fn write_stats(&self) -> Option<(u64, u64)> {
+        match self {
+            Idempotency::Redis { marks, .. } => Some(marks.stats()),
+            Idempotency::Memory { .. } => None,
+        }
+    }
+
     /// Takes the lease for (sink, key), or says why not. `held` is a token this caller already holds; `fence` the
     /// channel lease the event came under (a claim from a replica that lost it is refused: [`SinkError::Fenced`]).
     pub async fn claim(
@@ -145,25 +171,16 @@ impl Idempotency {
     ) -> Result<Claim, SinkError> {
         match self {
             Idempotency::Redis {
-                conn,
+                marks,
                 prefix,
                 key_prefix,
                 ttls,
+                ..
             } => {
-                let mut conn = conn.clone();
-                let k = Self::key(prefix, sink, key);
                 let token = held.map(str::to_string).unwrap_or_else(new_token);
-                let fence_key = fence.map_or_else(|| k.clone(), |f| crate::lease::fence_key(key_prefix, &f.key));
-                let claimed: i64 = CLAIM
-                    .key(&k)
-                    .key(fence_key)
-                    .arg(&token)
-                    .arg(ttls.lease.as_millis() as u64)
-                    .arg(Fence::arg(fence))
-                    .invoke_async(&mut conn)
-                    .await
-                    .map_err(redis_err)?;
-                match claimed {
+                let marker = Self::key(prefix, sink, key);
+                let mark = Mark::new(MarkKind::Claim, marker, token.clone(), ttls.lease, key_prefix, fence);
+                match marks.write(mark).await? {
                     1 => Ok(Claim::Acquired(token)),
                     2 => Ok(Claim::Done),
                     -1 => Err(fenced(fence)),
@@ -218,30 +235,29 @@ impl Idempotency {
     pub async fn complete(&self, sink: &str, key: &str, fence: Option<&Fence>) -> Result<(), SinkError> {
         match self {
             Idempotency::Redis {
-                conn,
+                marks,
                 prefix,
                 key_prefix,
                 ttls,
+                ..
             } => {
-                let mut conn = conn.clone();
-                let k = Self::key(prefix, sink, key);
-                let (value, fence_key) = match fence {
-                    Some(f) => (
-                        format!("{DONE} {}", f.token),
-                        crate::lease::fence_key(key_prefix, &f.key),
-                    ),
-                    None => (DONE.to_string(), k.clone()),
+                let value = match fence {
+                    Some(f) => format!("{DONE} {}", f.token),
+                    None => DONE.to_string(),
                 };
-                let done: i64 = COMPLETE
-                    .key(&k)
-                    .key(fence_key)
-                    .arg(value)
-                    .arg(ttls.done.as_millis() as u64)
-                    .arg(Fence::arg(fence))
-                    .invoke_async(&mut conn)
-                    .await
-                    .map_err(redis_err)?;
-                if done == -1 { Err(fenced(fence)) } else { Ok(()) }
+                let mark = Mark::new(
+                    MarkKind::Done,
+                    Self::key(prefix, sink, key),
+                    value,
+                    ttls.done,
+                    key_prefix,
+                    fence,
+                );
+                if marks.write(mark).await? == -1 {
+                    Err(fenced(fence))
+                } else {
+                    Ok(())
+                }
             }
             Idempotency::Memory { entries, ttls } => {
                 let mut map = entries.lock().expect("idempotency lock is never poisoned");
@@ -271,6 +287,135 @@ impl Idempotency {
                     map.remove(&k);
                 }
                 Ok(())
+            }
+        }
+    }
+}
+
+/// Which marker a write sets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum MarkKind {
+    /// The in-progress lease (`SET NX PX`, unless done or held by another token).
+    Claim,
+    /// The done marker (`SET PX`).
+    Done,
+}
+
+/// One marker write, as [`WRITE_MARKS`] takes it.
+struct Mark {
+    kind: MarkKind,
+    key: String,
+    /// The fencing counter compared (the marker itself when unfenced: never read then, but declared).
+    counter: String,
+    value: String,
+    ttl_ms: u64,
+    /// The fencing token, "" when unfenced.
+    token: String,
+}
+
+impl Mark {
+    fn new(kind: MarkKind, key: String, value: String, ttl: Duration, key_prefix: &str, fence: Option<&Fence>) -> Mark {
+        Mark {
+            kind,
+            counter: fence.map_or_else(|| key.clone(), |f| crate::lease::fence_key(key_prefix, &f.key)),
+            key,
+            value,
+            ttl_ms: ttl.as_millis() as u64,
+            token: Fence::arg(fence),
+        }
+    }
+}
+
+type Reply = oneshot::Sender<Result<i64, SinkError>>;
+
+/// Writes claims and done markers for every dispatcher task of the process, batching the writes that wait at the
+/// same moment into one script call (one round trip, one command for Redis) instead of one call each: the events of a
+/// delivered batch reach their claims, and later their done markers, at about the same time. Each caller still gets
+/// its own answer, and a failed call fails each of its writes, which each caller then retries as before. One call is
+/// in flight at a time; writes arriving meanwhile form the next batch, so batches grow with the load and a lone write
+/// goes out at once.
+#[derive(Clone)]
+pub struct MarkWriter {
+    tx: mpsc::UnboundedSender<(Mark, Reply)>,
+    /// Writes and script calls so far.
+    stats: Arc<(AtomicU64, AtomicU64)>,
+}
+
+impl MarkWriter {
+    fn spawn(conn: ConnectionManager) -> MarkWriter {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let stats = Arc::new((AtomicU64::new(0), AtomicU64::new(0)));
+        tokio::spawn(Self::run(conn, rx, stats.clone()));
+        MarkWriter { tx, stats }
+    }
+
+    async fn write(&self, mark: Mark) -> Result<i64, SinkError> {
+        let (reply, answer) = oneshot::channel();
+        let stopped = || SinkError::Transient("the idempotency marker writer has stopped (shutting down)".into());
+        self.tx.send((mark, reply)).map_err(|_| stopped())?;
+        answer.await.unwrap_or_else(|_| Err(stopped()))
+    }
+
+    fn stats(&self) -> (u64, u64) {
+        (
+            self.stats.0.load(Ordering::Relaxed),
+            self.stats.1.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Until every sender is gone: takes the writes waiting, sends them in one call, answers each.
+    async fn run(
+        mut conn: ConnectionManager,
+        mut rx: mpsc::UnboundedReceiver<(Mark, Reply)>,
+        stats: Arc<(AtomicU64, AtomicU64)>,
+    ) {
+        let mut batch = Vec::new();
+        while let Some(first) = rx.recv().await {
+            batch.push(first);
+            // The tasks woken together with the first writer's (one delivered batch) add theirs before we send.
+            tokio::task::yield_now().await;
+            while batch.len() < MAX_BATCH
+                && let Ok(write) = rx.try_recv()
+            {
+                batch.push(write);
+            }
+            let mut call = WRITE_MARKS.prepare_invoke();
+            for (mark, _) in &batch {
+                let kind = match mark.kind {
+                    MarkKind::Claim => "claim",
+                    MarkKind::Done => "done",
+                };
+                call.key(&mark.key)
+                    .key(&mark.counter)
+                    .arg(kind)
+                    .arg(&mark.value)
+                    .arg(mark.ttl_ms)
+                    .arg(&mark.token);
+            }
+            let answer = match call.invoke_async::<Vec<i64>>(&mut conn).await {
+                Ok(codes) if codes.len() == batch.len() => Ok(codes),
+                Ok(codes) => Err(SinkError::Permanent(format!(
+                    "the marker script answered {} results for {} writes",
+                    codes.len(),
+                    batch.len()
+                ))),
+                Err(e) => Err(SinkError::from_redis(&e)),
+            };
+            stats.0.fetch_add(batch.len() as u64, Ordering::Relaxed);
+            stats.1.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!(m::IDEMPOTENCY_WRITES).increment(batch.len() as u64);
+            metrics::counter!(m::IDEMPOTENCY_CALLS).increment(1);
+            match answer {
+                Ok(codes) => {
+                    for ((_, reply), code) in batch.drain(..).zip(codes) {
+                        let _ = reply.send(Ok(code));
+                    }
+                }
+                Err(err) => {
+                    for (_, reply) in batch.drain(..) {
+                        let _ = reply.send(Err(err.clone()));
+                    }
+                }
             }
         }
     }

@@ -41,12 +41,18 @@ pub fn fence_key(key_prefix: &str, key: &str) -> String {
     format!("{key_prefix}fence:{key}")
 }
 
+/// The Lua condition under which a fenced write is refused: `token` (a Lua expression: our token, "" when
+/// unfenced) is not the fencing counter stored at `counter` (a Lua expression naming its key).
+pub fn fence_refused(counter: &str, token: &str) -> String {
+    format!(r#"{token} ~= "" and tonumber(redis.call("GET", {counter}) or "0") ~= tonumber({token})"#)
+}
+
 /// The Lua guard fenced writes start with: `KEYS[2]` is the fencing counter, `ARGV[fence_arg]` our token ("" when
 /// unfenced). Refused writes return -1.
 pub fn fence_guard(fence_arg: usize) -> String {
     format!(
-        r#"if ARGV[{fence_arg}] ~= "" and tonumber(redis.call("GET", KEYS[2]) or "0") ~= tonumber(ARGV[{fence_arg}]) then return -1 end
-"#
+        "if {} then return -1 end\n",
+        fence_refused("KEYS[2]", &format!("ARGV[{fence_arg}]"))
     )
 }
 

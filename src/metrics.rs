@@ -30,6 +30,8 @@ pub const SINK_DURATION: &str = "switchyard_sink_duration_seconds";
 pub const SHADOW_ACTIONS: &str = "switchyard_shadow_actions_total";
 pub const DEAD_LETTERS: &str = "switchyard_dead_letters_total";
 pub const IDEMPOTENT_SKIPS: &str = "switchyard_idempotent_skips_total";
+pub const IDEMPOTENCY_WRITES: &str = "switchyard_idempotency_writes_total";
+pub const IDEMPOTENCY_CALLS: &str = "switchyard_idempotency_calls_total";
 pub const RULES_VERSION: &str = "switchyard_rules_version_info";
 pub const RULES_RELOADS: &str = "switchyard_rules_reload_total";
 pub const CHECKPOINT_COMMITS: &str = "switchyard_checkpoint_commits_total";
@@ -116,6 +118,14 @@ fn describe() {
     describe_counter!(
         IDEMPOTENT_SKIPS,
         "Actions skipped because their idempotency key was done."
+    );
+    describe_counter!(
+        IDEMPOTENCY_WRITES,
+        "Idempotency claims and done markers written to Redis."
+    );
+    describe_counter!(
+        IDEMPOTENCY_CALLS,
+        "Redis calls that carried them: concurrent writes go in one call (writes / calls = batch size)."
     );
     describe_gauge!(RULES_VERSION, "1 for the rules version in force.");
     describe_counter!(RULES_RELOADS, "Rule reloads, per result (ok, unchanged, error).");

@@ -412,3 +412,110 @@ fn soak_of_100000_events_with_random_connection_kills_settles_everything_once() 
 
 /// Activations in the soak (each delivered twice); `SOAK_ACTIVATIONS` overrides it for quick runs.
 const SOAK_ACTIVATIONS: usize = 50_000;
+
+/// The idempotency claims and done markers of concurrent actions go to Redis in shared calls, each caller getting its
+/// own answer (done, busy, ours); a call that fails because Redis is gone fails each of its writes as transient (the
+/// dispatcher retries them), and the writer serves again once Redis is back.
+#[tokio::test]
+async fn concurrent_idempotency_writes_share_calls_and_each_gets_its_own_answer() {
+    use futures_util::future::join_all;
+    use switchyard::idempotency::{Claim, Idempotency, Ttls};
+
+    let mut redis = OwnRedis::start();
+    let config = redis::aio::ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(Duration::from_millis(500)))
+        .set_response_timeout(Some(Duration::from_millis(500)))
+        .set_number_of_retries(1);
+    let client = redis::Client::open(redis.url()).unwrap();
+    let conn = redis::aio::ConnectionManager::new_with_config(client, config)
+        .await
+        .unwrap();
+    let ttls = Ttls {
+        lease: Duration::from_secs(30),
+        done: Duration::from_secs(600),
+    };
+    let idem = Idempotency::redis(conn.clone(), "batch:", ttls);
+    let other = Idempotency::redis(conn, "batch:", ttls);
+    let key = |i: usize| format!("k{i}");
+    // Keys 0-9 are done, 10-19 leased by another holder, 20-29 leased by us already (a retry after a lost reply).
+    for i in 0..10 {
+        other.complete("q", &key(i), None).await.unwrap();
+    }
+    for i in 10..20 {
+        assert!(matches!(
+            other.claim("q", &key(i), None, None).await.unwrap(),
+            Claim::Acquired(_)
+        ));
+    }
+    for i in 20..30 {
+        assert!(matches!(
+            idem.claim("q", &key(i), Some("mine"), None).await.unwrap(),
+            Claim::Acquired(_)
+        ));
+    }
+    let keys: Vec<String> = (0..100).map(key).collect();
+    let (writes, calls) = idem.write_stats().unwrap();
+    let tokens: Vec<String> = (0..100)
+        .map(|i| {
+            if (20..30).contains(&i) {
+                "mine".to_string()
+            } else {
+                format!("token-{i}")
+            }
+        })
+        .collect();
+    let answers = join_all((0..100).map(|i| idem.claim("q", &keys[i], Some(&tokens[i]), None))).await;
+    let (writes_after, calls_after) = idem.write_stats().unwrap();
+    assert_eq!(writes_after - writes, 100);
+    assert!(
+        calls_after - calls <= 2,
+        "100 concurrent claims took {} calls",
+        calls_after - calls
+    );
+    for (i, answer) in answers.into_iter().enumerate() {
+        let expected = match i {
+            0..10 => Claim::Done,
+            10..20 => Claim::Busy,
+            _ => Claim::Acquired(tokens[i].clone()),
+        };
+        assert_eq!(answer.unwrap(), expected, "claim {i}");
+    }
+    // Their done markers, together too; then every key but the other holder's reads as done.
+    let done = join_all((20..100).map(|i| idem.complete("q", &keys[i], None))).await;
+    assert!(done.iter().all(Result::is_ok), "{done:?}");
+    assert!(idem.write_stats().unwrap().1 - calls_after <= 2);
+    let again = join_all((0..100).map(|i| idem.claim("q", &keys[i], None, None))).await;
+    for (i, answer) in again.into_iter().enumerate() {
+        let expected = if (10..20).contains(&i) {
+            Claim::Busy
+        } else {
+            Claim::Done
+        };
+        assert_eq!(answer.unwrap(), expected, "claim {i} after the done markers");
+    }
+
+    // Redis goes away: every write of the failed call fails, transiently.
+    redis.down();
+    let outage: Vec<String> = (0..20).map(|i| format!("outage-{i}")).collect();
+    let failed = join_all(outage.iter().map(|k| idem.claim("q", k, None, None))).await;
+    for answer in &failed {
+        assert!(matches!(answer, Err(e) if e.is_transient()), "{answer:?}");
+    }
+    // Back (its append-only file kept the markers): the same writer answers again.
+    redis.up();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match idem.claim("q", "outage-0", None, None).await {
+            Ok(claim) => {
+                assert!(matches!(claim, Claim::Acquired(_)), "{claim:?}");
+                break;
+            }
+            Err(e) if Instant::now() < deadline => {
+                assert!(e.is_transient(), "{e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("the marker writer did not recover after Redis came back: {e}"),
+        }
+    }
+    assert_eq!(idem.claim("q", &key(0), None, None).await.unwrap(), Claim::Done);
+}
