@@ -309,6 +309,14 @@ fn benches(c: &mut Criterion) {
     for (name, split) in ["engine", "native (b)"].into_iter().zip(&splits) {
         split.print(name);
     }
+    if let Some((writes, calls)) = bench.service.pipeline.sinks.idempotency.write_stats()
+        && calls > 0
+    {
+        eprintln!(
+            "engine: {writes} idempotency claims and done markers in {calls} Redis calls ({:.1} per call)",
+            writes as f64 / calls as f64
+        );
+    }
     rt.block_on(bench.clean());
 }
 
