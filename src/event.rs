@@ -88,6 +88,79 @@ pub struct ChangeHeader {
     pub commit_user: Option<String>,
 }
 
+/// A member of the CDC header, as predicates and templates name it: the one table of member names (validation, native
+/// predicates, the script map and the template JSON all read through it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeaderMember {
+    Entity,
+    ChangeType,
+    RecordIds,
+    ChangedFields,
+    NulledFields,
+    DiffFields,
+    ChangeOrigin,
+    TransactionKey,
+    SequenceNumber,
+    CommitTimestamp,
+    CommitNumber,
+    CommitUser,
+}
+
+/// A header member's value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeaderValue<'a> {
+    Str(&'a str),
+    Names(&'a [String]),
+    Int(i64),
+}
+
+impl HeaderMember {
+    /// Every member with its name, in the serde form's order.
+    pub const ALL: [(&'static str, HeaderMember); 12] = [
+        ("entity", HeaderMember::Entity),
+        ("change_type", HeaderMember::ChangeType),
+        ("record_ids", HeaderMember::RecordIds),
+        ("changed_fields", HeaderMember::ChangedFields),
+        ("nulled_fields", HeaderMember::NulledFields),
+        ("diff_fields", HeaderMember::DiffFields),
+        ("change_origin", HeaderMember::ChangeOrigin),
+        ("transaction_key", HeaderMember::TransactionKey),
+        ("sequence_number", HeaderMember::SequenceNumber),
+        ("commit_timestamp", HeaderMember::CommitTimestamp),
+        ("commit_number", HeaderMember::CommitNumber),
+        ("commit_user", HeaderMember::CommitUser),
+    ];
+
+    /// The member of that name, if there is one.
+    pub fn of(name: &str) -> Option<HeaderMember> {
+        Self::ALL.iter().find(|(n, _)| *n == name).map(|(_, m)| *m)
+    }
+
+    pub fn names() -> impl Iterator<Item = &'static str> {
+        Self::ALL.iter().map(|(n, _)| *n)
+    }
+}
+
+impl ChangeHeader {
+    /// A member's value; `None` for an optional member the event does not carry (the serde form leaves it out).
+    pub fn member(&self, member: HeaderMember) -> Option<HeaderValue<'_>> {
+        Some(match member {
+            HeaderMember::Entity => HeaderValue::Str(&self.entity),
+            HeaderMember::ChangeType => HeaderValue::Str(self.change_type.as_str()),
+            HeaderMember::RecordIds => HeaderValue::Names(&self.record_ids),
+            HeaderMember::ChangedFields => HeaderValue::Names(&self.changed_fields),
+            HeaderMember::NulledFields => HeaderValue::Names(&self.nulled_fields),
+            HeaderMember::DiffFields => HeaderValue::Names(&self.diff_fields),
+            HeaderMember::ChangeOrigin => HeaderValue::Str(self.change_origin.as_deref()?),
+            HeaderMember::TransactionKey => HeaderValue::Str(self.transaction_key.as_deref()?),
+            HeaderMember::SequenceNumber => HeaderValue::Int(self.sequence_number?),
+            HeaderMember::CommitTimestamp => HeaderValue::Int(self.commit_timestamp?),
+            HeaderMember::CommitNumber => HeaderValue::Int(self.commit_number?),
+            HeaderMember::CommitUser => HeaderValue::Str(self.commit_user.as_deref()?),
+        })
+    }
+}
+
 /// One enriched record as read (`None`: the record was not found).
 pub type RecordFields = Option<Map<String, Value>>;
 

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use rhai::{Dynamic, Scope};
 use serde_json::{Map, Value};
 
-use crate::event::{ChangeHeader, Event, OVERFLOW_PLACEHOLDER_ID, RecordFields};
+use crate::event::{ChangeHeader, Event, HeaderMember, HeaderValue, OVERFLOW_PLACEHOLDER_ID, RecordFields};
 use crate::plan::{Action, Decision, Op, Outcome, Plan, job_id_for};
 use crate::rules::helpers::{self, HelperCtx};
 use crate::rules::native;
@@ -163,6 +163,16 @@ fn event_map(reads: &Fields, fields: &Map<String, Value>) -> Dynamic {
     }
 }
 
+/// The named header members the event carries, with their values.
+fn header_members<'a>(
+    names: &'a std::collections::BTreeSet<String>,
+    h: &'a ChangeHeader,
+) -> impl Iterator<Item = (&'a String, HeaderValue<'a>)> {
+    names
+        .iter()
+        .filter_map(|name| Some((name, h.member(HeaderMember::of(name)?)?)))
+}
+
 /// The CDC header as a script map, with the members predicates read; the same values (and absent
 /// optional members) as its serde form.
 fn header_map(reads: &Fields, header: Option<&ChangeHeader>) -> Dynamic {
@@ -170,28 +180,14 @@ fn header_map(reads: &Fields, header: Option<&ChangeHeader>) -> Dynamic {
     let Fields::Only(names) = reads else {
         return rhai::serde::to_dynamic(h).unwrap_or(Dynamic::UNIT);
     };
-    let text = |s: &str| Dynamic::from(s.to_string());
-    let list = |l: &[String]| Dynamic::from_array(l.iter().map(|s| text(s)).collect());
     let mut map = rhai::Map::new();
-    for name in names {
-        let value = match name.as_str() {
-            "entity" => Some(text(&h.entity)),
-            "change_type" => Some(text(h.change_type.as_str())),
-            "record_ids" => Some(list(&h.record_ids)),
-            "changed_fields" => Some(list(&h.changed_fields)),
-            "nulled_fields" => Some(list(&h.nulled_fields)),
-            "diff_fields" => Some(list(&h.diff_fields)),
-            "change_origin" => h.change_origin.as_deref().map(text),
-            "transaction_key" => h.transaction_key.as_deref().map(text),
-            "sequence_number" => h.sequence_number.map(Dynamic::from_int),
-            "commit_timestamp" => h.commit_timestamp.map(Dynamic::from_int),
-            "commit_number" => h.commit_number.map(Dynamic::from_int),
-            "commit_user" => h.commit_user.as_deref().map(text),
-            _ => None,
+    for (name, value) in header_members(names, h) {
+        let value = match value {
+            HeaderValue::Str(s) => Dynamic::from(s.to_string()),
+            HeaderValue::Names(l) => Dynamic::from_array(l.iter().map(|s| Dynamic::from(s.clone())).collect()),
+            HeaderValue::Int(i) => Dynamic::from_int(i),
         };
-        if let Some(value) = value {
-            map.insert(name.as_str().into(), value);
-        }
+        map.insert(name.as_str().into(), value);
     }
     Dynamic::from_map(map)
 }
@@ -203,25 +199,13 @@ fn header_json(reads: &Fields, header: Option<&ChangeHeader>) -> Value {
         return serde_json::to_value(h).unwrap_or(Value::Null);
     };
     let mut map = Map::new();
-    for name in names {
-        let value = match name.as_str() {
-            "entity" => Some(Value::from(h.entity.as_str())),
-            "change_type" => Some(Value::from(h.change_type.as_str())),
-            "record_ids" => Some(Value::from(h.record_ids.clone())),
-            "changed_fields" => Some(Value::from(h.changed_fields.clone())),
-            "nulled_fields" => Some(Value::from(h.nulled_fields.clone())),
-            "diff_fields" => Some(Value::from(h.diff_fields.clone())),
-            "change_origin" => h.change_origin.as_deref().map(Value::from),
-            "transaction_key" => h.transaction_key.as_deref().map(Value::from),
-            "sequence_number" => h.sequence_number.map(Value::from),
-            "commit_timestamp" => h.commit_timestamp.map(Value::from),
-            "commit_number" => h.commit_number.map(Value::from),
-            "commit_user" => h.commit_user.as_deref().map(Value::from),
-            _ => None,
+    for (name, value) in header_members(names, h) {
+        let value = match value {
+            HeaderValue::Str(s) => Value::from(s),
+            HeaderValue::Names(l) => Value::from(l.to_vec()),
+            HeaderValue::Int(i) => Value::from(i),
         };
-        if let Some(value) = value {
-            map.insert(name.clone(), value);
-        }
+        map.insert(name.clone(), value);
     }
     Value::Object(map)
 }
@@ -864,7 +848,7 @@ mod context_tests {
 
     #[test]
     fn the_partial_header_has_the_values_of_the_whole_one() {
-        let every = crate::rules::validate::HEADER_FIELDS;
+        let every = crate::event::HeaderMember::names().collect::<Vec<_>>();
         let only = Fields::Only(every.iter().map(|s| s.to_string()).collect());
         for line in EVENTS.lines() {
             let Ok(event) = Event::from_json(line) else { continue };
@@ -876,12 +860,7 @@ mod context_tests {
 
     #[test]
     fn the_partial_header_json_has_the_values_of_the_serde_form() {
-        let every = Fields::Only(
-            crate::rules::validate::HEADER_FIELDS
-                .iter()
-                .map(|s| s.to_string())
-                .collect(),
-        );
+        let every = Fields::Only(HeaderMember::names().map(str::to_string).collect());
         for line in EVENTS.lines() {
             let Ok(event) = Event::from_json(line) else { continue };
             let whole = serde_json::to_value(event.header.as_ref()).unwrap();

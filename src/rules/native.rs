@@ -14,7 +14,7 @@
 use rhai::{AST, Dynamic, Expr, FnCallExpr, ImmutableString, Scope, Stmt};
 use serde_json::{Map, Value};
 
-use crate::event::{ChangeHeader, ChangeType, Event};
+use crate::event::{ChangeType, Event, HeaderMember, HeaderValue};
 use crate::rules::helpers;
 
 /// A predicate in its native form.
@@ -45,69 +45,13 @@ enum Node {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Root {
     Event,
-    /// `header`, with its member read (resolved at load: no name comparisons per event).
-    Header(Member),
+    /// `header`, with its member read (resolved at load: no name comparisons per event; `None`: not a member, so
+    /// unit).
+    Header(Option<HeaderMember>),
     Record,
     RecordId,
     EventId,
     ReplayId,
-}
-
-/// A member of the CDC header, as predicates name it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Member {
-    Entity,
-    ChangeType,
-    RecordIds,
-    ChangedFields,
-    NulledFields,
-    DiffFields,
-    ChangeOrigin,
-    TransactionKey,
-    SequenceNumber,
-    CommitTimestamp,
-    CommitNumber,
-    CommitUser,
-    /// Any other name: not a member, so unit.
-    Other,
-}
-
-impl Member {
-    fn of(name: &str) -> Member {
-        match name {
-            "entity" => Member::Entity,
-            "change_type" => Member::ChangeType,
-            "record_ids" => Member::RecordIds,
-            "changed_fields" => Member::ChangedFields,
-            "nulled_fields" => Member::NulledFields,
-            "diff_fields" => Member::DiffFields,
-            "change_origin" => Member::ChangeOrigin,
-            "transaction_key" => Member::TransactionKey,
-            "sequence_number" => Member::SequenceNumber,
-            "commit_timestamp" => Member::CommitTimestamp,
-            "commit_number" => Member::CommitNumber,
-            "commit_user" => Member::CommitUser,
-            _ => Member::Other,
-        }
-    }
-
-    fn read(self, h: &ChangeHeader) -> V<'_> {
-        match self {
-            Member::Entity => V::Str(&h.entity),
-            Member::ChangeType => V::Str(h.change_type.as_str()),
-            Member::RecordIds => V::Names(&h.record_ids),
-            Member::ChangedFields => V::Names(&h.changed_fields),
-            Member::NulledFields => V::Names(&h.nulled_fields),
-            Member::DiffFields => V::Names(&h.diff_fields),
-            Member::ChangeOrigin => V::opt_str(h.change_origin.as_deref()),
-            Member::TransactionKey => V::opt_str(h.transaction_key.as_deref()),
-            Member::SequenceNumber => h.sequence_number.map_or(V::Unit, V::Int),
-            Member::CommitTimestamp => h.commit_timestamp.map_or(V::Unit, V::Int),
-            Member::CommitNumber => h.commit_number.map_or(V::Unit, V::Int),
-            Member::CommitUser => V::opt_str(h.commit_user.as_deref()),
-            Member::Other => V::Unit,
-        }
-    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -199,6 +143,15 @@ impl<'a> V<'a> {
             Const::Float(f) => V::Float(*f),
             Const::Str(s) => V::Str(s),
             Const::List(items) => V::List(items),
+        }
+    }
+
+    fn header(value: Option<HeaderValue<'a>>) -> V<'a> {
+        match value {
+            None => V::Unit,
+            Some(HeaderValue::Str(s)) => V::Str(s),
+            Some(HeaderValue::Names(l)) => V::Names(l),
+            Some(HeaderValue::Int(i)) => V::Int(i),
         }
     }
 
@@ -352,7 +305,7 @@ fn node(expr: &Expr, vars: &Scope<'_>) -> Option<Node> {
                 }
             }
             let root = match (root, segments.first()) {
-                (Root::Header(_), Some((name, _))) => Root::Header(Member::of(name)),
+                (Root::Header(_), Some((name, _))) => Root::Header(HeaderMember::of(name)),
                 (root, _) => root,
             };
             Node::Path(root, segments)
@@ -389,7 +342,7 @@ fn call_node(call: &FnCallExpr, vars: &Scope<'_>) -> Option<Node> {
 fn root(name: &str) -> Option<Root> {
     Some(match name {
         "event" => Root::Event,
-        "header" => Root::Header(Member::Other),
+        "header" => Root::Header(None),
         "record" => Root::Record,
         "record_id" => Root::RecordId,
         "event_id" => Root::EventId,
@@ -478,7 +431,7 @@ fn path<'a>(root: Root, segments: &'a [(String, bool)], ctx: &Ctx<'a>) -> Result
                 return Err(Fallback);
             };
             return match &ctx.event.header {
-                Some(h) => properties(member.read(h), rest),
+                Some(h) => properties(V::header(member.and_then(|m| h.member(m))), rest),
                 // Platform events have no header: `header` is unit.
                 None => properties(V::Unit, segments),
             };

@@ -11,23 +11,8 @@ use super::testing::{LoadedTests, find_test_files};
 use super::{ActionTemplate, Predicate, RuleSet, suggest};
 use crate::config::Mode;
 use crate::diag::{Problem, Severity};
+use crate::event::HeaderMember;
 use crate::router;
-
-/// The CDC header keys predicates and templates can read.
-pub const HEADER_FIELDS: &[&str] = &[
-    "entity",
-    "change_type",
-    "record_ids",
-    "changed_fields",
-    "nulled_fields",
-    "diff_fields",
-    "change_origin",
-    "transaction_key",
-    "sequence_number",
-    "commit_timestamp",
-    "commit_number",
-    "commit_user",
-];
 
 /// Helpers whose first argument is a field name.
 const FIELD_HELPERS: &[&str] = &["changed", "became", "nulled"];
@@ -339,24 +324,24 @@ fn header_fields(rules: &RuleSet, problems: &mut Vec<Problem>) {
                 .into_iter()
                 .filter(|r| r.root == "header")
             {
-                if !HEADER_FIELDS.contains(&r.name.as_str()) {
+                if HeaderMember::of(&r.name).is_none() {
                     let (line, column) = p.place(r.line, r.column);
                     problems.push(Problem::error(
                         &route.file,
                         line,
                         column,
-                        unknown("header field", &r.name, route, clause, HEADER_FIELDS.iter().copied()),
+                        unknown("header field", &r.name, route, clause, HeaderMember::names()),
                     ));
                 }
             }
         }
         for (action, path) in template_paths(route) {
             if path.root == Root::Header
-                && let Some(name) = path.segments.first().filter(|n| !HEADER_FIELDS.contains(&n.as_str()))
+                && let Some(name) = path.segments.first().filter(|n| HeaderMember::of(n).is_none())
             {
                 problems.push(action_problem(
                     action,
-                    unknown("header field", name, route, "template", HEADER_FIELDS.iter().copied()),
+                    unknown("header field", name, route, "template", HeaderMember::names()),
                 ));
             }
         }
