@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use redis::aio::ConnectionManager;
 
@@ -127,6 +128,27 @@ impl CheckpointStore {
                 Ok(Self::read_file(path)?.get(key).and_then(|h| unhex(h)))
             }
             CheckpointStore::Memory(map) => Ok(map.lock().expect("lock is never poisoned").get(key).cloned()),
+        }
+    }
+
+    /// The stored position, read patiently: a failed read is retried after a pause (jittered, from 100 ms doubling up
+    /// to `max_pause`) for as long as `keep_trying` says so of its error, which it may log; the error it refuses is
+    /// returned. Never a guess: a start position read wrongly loses or repeats events.
+    pub async fn get_retrying(
+        &self,
+        key: &str,
+        max_pause: Duration,
+        mut keep_trying: impl FnMut(&CheckpointError) -> bool,
+    ) -> Result<Option<Vec<u8>>, CheckpointError> {
+        let mut pause = Duration::from_millis(100);
+        loop {
+            match self.get(key).await {
+                Err(e) if keep_trying(&e) => {
+                    tokio::time::sleep(crate::dispatch::jitter(pause)).await;
+                    pause = (pause * 2).min(max_pause);
+                }
+                read => return read,
+            }
         }
     }
 

@@ -208,20 +208,19 @@ impl Service {
     /// under us) is retried for a while, as every other Redis call is, before the start gives up.
     async fn stored_position(&self, key: &str) -> Result<Option<Vec<u8>>, StartError> {
         let started = std::time::Instant::now();
-        let mut pause = std::time::Duration::from_millis(100);
-        loop {
-            match self.sinks.checkpoints.get(key).await {
-                Ok(stored) => return Ok(stored),
-                Err(crate::checkpoint::CheckpointError::Store(e))
-                    if e.is_transient() && started.elapsed() < STORED_POSITION_PATIENCE =>
-                {
-                    tracing::warn!(%key, error = %e, "Cannot read the stored position yet; retrying.");
-                    tokio::time::sleep(crate::dispatch::jitter(pause)).await;
-                    pause = (pause * 2).min(std::time::Duration::from_secs(2));
-                }
-                Err(e) => return Err(StartError::Checkpoint(e)),
+        let patient = |e: &crate::checkpoint::CheckpointError| {
+            let transient = matches!(e, crate::checkpoint::CheckpointError::Store(e) if e.is_transient());
+            let retry = transient && started.elapsed() < STORED_POSITION_PATIENCE;
+            if retry {
+                tracing::warn!(%key, error = %e, "Cannot read the stored position yet; retrying.");
             }
-        }
+            retry
+        };
+        self.sinks
+            .checkpoints
+            .get_retrying(key, std::time::Duration::from_secs(2), patient)
+            .await
+            .map_err(StartError::Checkpoint)
     }
 
     /// Starts the Pub/Sub subscriptions: one per channel with live routes in the configured mode, none when

@@ -577,20 +577,15 @@ impl ChannelTask {
             ReplayStart::Latest => Resume::Preset(ReplayPreset::Latest),
             ReplayStart::Earliest => Resume::Preset(ReplayPreset::Earliest),
             ReplayStart::Stored => {
-                let mut pause = Duration::from_millis(200);
-                let stored = loop {
-                    match self.sub.checkpoints.get(&self.key).await {
-                        Ok(stored) => break stored,
-                        Err(e) => {
-                            // Never guess a start position: a wrong guess loses or repeats up to 72 hours.
-                            tracing::warn!(channel = %self.channel, error = %e, "Cannot read the stored position; retrying.");
-                            tokio::select! {
-                                _ = tokio::time::sleep(pause) => {}
-                                _ = self.stop.wait_for(|s| *s) => return None,
-                            }
-                            pause = (pause * 2).min(Duration::from_secs(10));
-                        }
-                    }
+                // Never guess a start position (a wrong guess loses or repeats up to 72 hours): retry until it is read
+                // or the channel stops.
+                let read = self.sub.checkpoints.get_retrying(&self.key, Duration::from_secs(10), |e| {
+                    tracing::warn!(channel = %self.channel, error = %e, "Cannot read the stored position; retrying.");
+                    true
+                });
+                let stored = tokio::select! {
+                    read = read => read.expect("every error is retried"),
+                    _ = self.stop.wait_for(|s| *s) => return None,
                 };
                 match stored {
                     Some(bytes) if !bytes.is_empty() => {
