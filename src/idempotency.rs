@@ -331,9 +331,9 @@ type Reply = oneshot::Sender<Result<i64, SinkError>>;
 /// Writes claims and done markers for every dispatcher task of the process, batching the writes that wait at the
 /// same moment into one script call (one round trip, one command for Redis) instead of one call each: the events of a
 /// delivered batch reach their claims, and later their done markers, at about the same time. Each caller still gets
-/// its own answer, and a failed call fails each of its writes, which each caller then retries as before. One call is
-/// in flight at a time; writes arriving meanwhile form the next batch, so batches grow with the load and a lone write
-/// goes out at once.
+/// its own answer, and a failed call fails each of its writes, which each caller then retries as before. A batch is
+/// sent as soon as it is taken, while earlier calls are still in flight: batching adds no round trip, and a lone
+/// write goes out at once.
 #[derive(Clone)]
 pub struct MarkWriter {
     tx: mpsc::UnboundedSender<(Mark, Reply)>,
@@ -363,15 +363,16 @@ impl MarkWriter {
         )
     }
 
-    /// Until every sender is gone: takes the writes waiting, sends them in one call, answers each.
+    /// Until every sender is gone: takes the writes waiting, sends them in one call, and goes on to the next batch
+    /// while that call is in flight (the multiplexed connection pipelines the calls: a write never waits for another
+    /// batch's round trip).
     async fn run(
-        mut conn: ConnectionManager,
+        conn: ConnectionManager,
         mut rx: mpsc::UnboundedReceiver<(Mark, Reply)>,
         stats: Arc<(AtomicU64, AtomicU64)>,
     ) {
-        let mut batch = Vec::new();
         while let Some(first) = rx.recv().await {
-            batch.push(first);
+            let mut batch = vec![first];
             // The tasks woken together with the first writer's (one delivered batch) add theirs before we send.
             tokio::task::yield_now().await;
             while batch.len() < MAX_BATCH
@@ -379,42 +380,47 @@ impl MarkWriter {
             {
                 batch.push(write);
             }
-            let mut call = WRITE_MARKS.prepare_invoke();
-            for (mark, _) in &batch {
-                let kind = match mark.kind {
-                    MarkKind::Claim => "claim",
-                    MarkKind::Done => "done",
-                };
-                call.key(&mark.key)
-                    .key(&mark.counter)
-                    .arg(kind)
-                    .arg(&mark.value)
-                    .arg(mark.ttl_ms)
-                    .arg(&mark.token);
-            }
-            let answer = match call.invoke_async::<Vec<i64>>(&mut conn).await {
-                Ok(codes) if codes.len() == batch.len() => Ok(codes),
-                Ok(codes) => Err(SinkError::Permanent(format!(
-                    "the marker script answered {} results for {} writes",
-                    codes.len(),
-                    batch.len()
-                ))),
-                Err(e) => Err(SinkError::from_redis(&e)),
-            };
             stats.0.fetch_add(batch.len() as u64, Ordering::Relaxed);
             stats.1.fetch_add(1, Ordering::Relaxed);
             metrics::counter!(m::IDEMPOTENCY_WRITES).increment(batch.len() as u64);
             metrics::counter!(m::IDEMPOTENCY_CALLS).increment(1);
-            match answer {
-                Ok(codes) => {
-                    for ((_, reply), code) in batch.drain(..).zip(codes) {
-                        let _ = reply.send(Ok(code));
-                    }
+            tokio::spawn(Self::send(conn.clone(), batch));
+        }
+    }
+
+    /// One call with every write of `batch`; answers each.
+    async fn send(mut conn: ConnectionManager, batch: Vec<(Mark, Reply)>) {
+        let mut call = WRITE_MARKS.prepare_invoke();
+        for (mark, _) in &batch {
+            let kind = match mark.kind {
+                MarkKind::Claim => "claim",
+                MarkKind::Done => "done",
+            };
+            call.key(&mark.key)
+                .key(&mark.counter)
+                .arg(kind)
+                .arg(&mark.value)
+                .arg(mark.ttl_ms)
+                .arg(&mark.token);
+        }
+        let answer = match call.invoke_async::<Vec<i64>>(&mut conn).await {
+            Ok(codes) if codes.len() == batch.len() => Ok(codes),
+            Ok(codes) => Err(SinkError::Permanent(format!(
+                "the marker script answered {} results for {} writes",
+                codes.len(),
+                batch.len()
+            ))),
+            Err(e) => Err(SinkError::from_redis(&e)),
+        };
+        match answer {
+            Ok(codes) => {
+                for ((_, reply), code) in batch.into_iter().zip(codes) {
+                    let _ = reply.send(Ok(code));
                 }
-                Err(err) => {
-                    for (_, reply) in batch.drain(..) {
-                        let _ = reply.send(Err(err.clone()));
-                    }
+            }
+            Err(err) => {
+                for (_, reply) in batch {
+                    let _ = reply.send(Err(err.clone()));
                 }
             }
         }
