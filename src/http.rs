@@ -3,6 +3,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
 use axum::extract::State;
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -20,8 +21,8 @@ use crate::sources::pubsub::subscriber::{ChannelState, ChannelStatus};
 pub struct AppState {
     pub reloader: Arc<Reloader>,
     pub metrics: PrometheusHandle,
-    /// The Redis servers `/readyz` PINGs (none without Redis).
-    pub redis: Arc<Vec<RedisCheck>>,
+    /// The Redis servers `/readyz` PINGs (none without Redis), as the last config reload left them.
+    pub redis: Arc<ArcSwap<Vec<RedisCheck>>>,
     /// The Pub/Sub channels and their states (none with a JSONL source).
     pub channels: Arc<std::sync::Mutex<Vec<Arc<ChannelStatus>>>>,
 }
@@ -39,7 +40,8 @@ pub fn router(state: AppState) -> Router {
 /// Ready when the config and rules are loaded (they are, or the process would not serve) and every
 /// configured Redis answers PING within its command timeout; 503 with the reasons otherwise.
 async fn readyz(State(state): State<AppState>) -> (axum::http::StatusCode, Json<Value>) {
-    let pings = futures_util::future::join_all(state.redis.iter().map(|check| async move {
+    let checks = state.redis.load_full();
+    let pings = futures_util::future::join_all(checks.iter().map(|check| async move {
         let result = check.ping().await;
         metrics::gauge!(m::REDIS_UP, "redis" => check.name.clone()).set(if result.is_ok() { 1.0 } else { 0.0 });
         (check, result)

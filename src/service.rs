@@ -305,7 +305,7 @@ impl Service {
                 let state = crate::http::AppState {
                     reloader: self.reloader.clone(),
                     metrics: m::install(),
-                    redis: Arc::new(self.sinks.redis_checks.clone()),
+                    redis: self.sinks.redis_checks.clone(),
                     channels: self.channels.clone(),
                 };
                 let (addr, task) = crate::http::serve(&http.listen, state, shutdown.clone())

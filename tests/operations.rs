@@ -708,3 +708,75 @@ async fn rediss_with_a_private_ca_carries_jobs_and_refuses_an_unknown_ca() {
         .to_string();
     assert!(err.contains("cannot connect to Redis"), "{err}");
 }
+
+/// A sink that a config reload moves to its own Redis is PINGed by `/readyz` from then on, like one configured at
+/// start: ready while it answers, 503 naming it once it is gone.
+#[tokio::test]
+async fn readyz_pings_the_redis_a_config_reload_gave_a_sink() {
+    let h = Harness::new("readyz-reload");
+    let cache_redis = Proxy::start().await;
+    let events = h.write_events("events.jsonl", &[]);
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let text = h
+        .config(&events, &format!("http: {{ listen: \"127.0.0.1:{port}\" }}\n"))
+        .replace("jsonl: {", "jsonl: { follow: true,");
+    let path = h.dir.path().join("config.yaml");
+    std::fs::write(&path, &text).unwrap();
+    let service = Arc::new(start(&h, &text).await.unwrap());
+    let (stop, shutdown) = tokio::sync::watch::channel(false);
+    let running = tokio::spawn({
+        let service = service.clone();
+        async move { service.run(shutdown).await.map(|s| s.events) }
+    });
+    let addr = format!("127.0.0.1:{port}");
+    for _ in 0..200 {
+        if tokio::net::TcpStream::connect(&addr).await.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (code, body) = http_get(&addr, "/readyz").await;
+    assert_eq!(code, 200, "{body}");
+    let ready: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        ready["redis"].as_object().unwrap().len(),
+        1,
+        "only the main Redis: {ready}"
+    );
+
+    let moved = text.replace(
+        "invalidate-cache: { kind: cache-invalidate }",
+        &format!(
+            "invalidate-cache: {{ kind: cache-invalidate, redis: {{ url: \"redis://{}\", command_timeout_ms: 500 }} }}",
+            cache_redis.addr
+        ),
+    );
+    assert_ne!(moved, text);
+    std::fs::write(&path, &moved).unwrap();
+    let outcome = service.reloader.reload().await;
+    assert!(
+        outcome.applied.iter().any(|a| a.contains("invalidate-cache")),
+        "{outcome:?}"
+    );
+    let (code, body) = http_get(&addr, "/readyz").await;
+    assert_eq!(code, 200, "{body}");
+    let ready: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(ready["redis"]["sink invalidate-cache"]["ok"], true, "{ready}");
+
+    cache_redis.cut();
+    let (code, body) = http_get(&addr, "/readyz").await;
+    assert_eq!(code, 503, "{body}");
+    let not_ready: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(not_ready["redis"]["redis"]["ok"], true, "{not_ready}");
+    assert_eq!(not_ready["redis"]["sink invalidate-cache"]["ok"], false, "{not_ready}");
+
+    stop.send(true).unwrap();
+    tokio::time::timeout(Duration::from_secs(10), running)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+}

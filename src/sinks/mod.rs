@@ -171,8 +171,8 @@ pub struct Sinks {
     pub checkpoints: CheckpointStore,
     /// The in-memory backend when the config has no `redis`.
     pub memory: Option<Arc<MemoryBackend>>,
-    /// Every Redis server in use, for `/readyz`.
-    pub redis_checks: Vec<RedisCheck>,
+    /// Every Redis server in use, for `/readyz`; a reload that moves a sink to another Redis updates it.
+    pub redis_checks: Arc<ArcSwap<Vec<RedisCheck>>>,
 }
 
 /// Why sinks could not be built.
@@ -260,7 +260,7 @@ impl Sinks {
             idempotency,
             checkpoints,
             memory,
-            redis_checks,
+            redis_checks: Arc::new(ArcSwap::from_pointee(redis_checks)),
         })
     }
 }
@@ -305,6 +305,16 @@ impl Sinks {
             names.push(name.clone());
         }
         self.by_name.store(Arc::new(map));
+        // The rebuilt sinks' own Redis servers replace their old ones in `/readyz`.
+        let mut all: Vec<RedisCheck> = self
+            .redis_checks
+            .load()
+            .iter()
+            .filter(|c| !names.iter().any(|n| c.name == format!("sink {n}")))
+            .cloned()
+            .collect();
+        all.extend(checks);
+        self.redis_checks.store(Arc::new(all));
         Ok(names)
     }
 }
