@@ -144,21 +144,40 @@ async fn retry_one(service: &Service, id: &str, value: Value, out: &mut impl Wri
             report(out, id, &plan.actions.into_iter().zip(results).collect::<Vec<_>>())
         }
     };
-    // The old entry goes either way: a new failure was written as a new dead letter.
-    service.sinks.dead_letters.delete(&[id.to_string()]).await?;
-    Ok(ok)
+    // The old entry goes either way: a new failure was written as a new dead letter. An interrupted action (the
+    // command was stopped mid-retry) wrote none, so its entry stays.
+    if ok != Retried::Interrupted {
+        service.sinks.dead_letters.delete(&[id.to_string()]).await?;
+    }
+    Ok(ok == Retried::Done)
 }
 
-fn report(out: &mut impl Write, id: &str, results: &[(Action, ActionResult)]) -> bool {
-    let mut ok = true;
+/// How a retried dead letter ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Retried {
+    Done,
+    /// Failed again: dead-lettered anew.
+    Failed,
+    /// Not finished: nothing new was written.
+    Interrupted,
+}
+
+fn report(out: &mut impl Write, id: &str, results: &[(Action, ActionResult)]) -> Retried {
+    let mut ok = Retried::Done;
     for (action, result) in results {
         let status = match result {
             ActionResult::Done { .. } => "done".to_string(),
             ActionResult::Skipped => "skipped: already done".to_string(),
             ActionResult::Shadow => "shadow: not sent".to_string(),
             ActionResult::Abandoned => "abandoned: the channel lease moved to another replica".to_string(),
+            ActionResult::Interrupted => {
+                ok = Retried::Interrupted;
+                "interrupted: stopping; the dead letter is kept, try again".to_string()
+            }
             ActionResult::DeadLettered { reason } => {
-                ok = false;
+                if ok == Retried::Done {
+                    ok = Retried::Failed;
+                }
                 format!("failed again, dead-lettered anew: {reason}")
             }
         };

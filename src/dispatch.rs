@@ -38,6 +38,10 @@ pub enum ActionResult {
     /// Not run, or not marked done: this replica lost the channel lease the event came under. The event is not
     /// settled here; the replica holding the lease now redelivers it.
     Abandoned,
+    /// Not finished: the service is stopping, and the action was waiting to retry (a sink or Redis failing, or an
+    /// idempotency key leased by a crashed holder). The event is not settled; its position is not stored, so it is
+    /// redelivered after the restart (or by the replica that takes the channel over).
+    Interrupted,
 }
 
 /// Retries in a row after a dropped connection before the normal backoff applies, and their pause.
@@ -48,6 +52,8 @@ pub struct Dispatcher {
     sinks: Arc<Sinks>,
     retry: RetryConfig,
     redact: Vec<String>,
+    /// True once the service stops: actions waiting to retry give up (`Interrupted`) instead of holding the stop.
+    stopping: tokio::sync::watch::Sender<bool>,
 }
 
 pub fn now_ms() -> u64 {
@@ -100,7 +106,29 @@ fn redact_action(action: &mut Action, fields: &[String]) {
 
 impl Dispatcher {
     pub fn new(sinks: Arc<Sinks>, retry: RetryConfig, redact: Vec<String>) -> Self {
-        Dispatcher { sinks, retry, redact }
+        Dispatcher {
+            sinks,
+            retry,
+            redact,
+            stopping: tokio::sync::watch::Sender::new(false),
+        }
+    }
+
+    /// The service is stopping: retries waiting from now on give up, and the events they belong to stay unsettled.
+    pub fn stop(&self) {
+        self.stopping.send_replace(true);
+    }
+
+    /// Waits `d` before a retry; false when the service began stopping meanwhile (or had already).
+    async fn pause(&self, d: Duration) -> bool {
+        let mut stopping = self.stopping.subscribe();
+        if *stopping.borrow() {
+            return false;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(d) => true,
+            _ = stopping.wait_for(|s| *s) => false,
+        }
     }
 
     /// Runs every action of the plan in order; returns how each ended.
@@ -110,6 +138,9 @@ impl Dispatcher {
         for action in &plan.actions {
             let result = if fence.is_some_and(Fence::is_lost) {
                 ActionResult::Abandoned
+            } else if results.contains(&ActionResult::Interrupted) {
+                // A record's actions run in order: none after one that did not finish.
+                ActionResult::Interrupted
             } else {
                 self.run_action(&plan.rules_version, event, action, fence).await
             };
@@ -271,15 +302,23 @@ impl Dispatcher {
                         tracing::warn!(sink = %action.sink, route = %action.route, event_id = %event.id, attempt = attempts, error = %err, "Sink call failed; retrying.");
                         // A dropped connection is being replaced as we speak: retry on the new one at once (a few
                         // times in a row at most), rather than after a pause in which it may drop again.
-                        if matches!(err, SinkError::Dropped(_)) && quick_retries < QUICK_RETRIES {
+                        let pause = if matches!(err, SinkError::Dropped(_)) && quick_retries < QUICK_RETRIES {
                             quick_retries += 1;
-                            tokio::time::sleep(jitter(QUICK_RETRY)).await;
+                            QUICK_RETRY
+                        } else {
+                            quick_retries = 0;
+                            let pause = backoff;
+                            backoff = (backoff * 2).min(max_backoff);
+                            pause
+                        };
+                        if self.pause(jitter(pause)).await {
                             continue;
                         }
-                        quick_retries = 0;
-                        tokio::time::sleep(jitter(backoff)).await;
-                        backoff = (backoff * 2).min(max_backoff);
-                        continue;
+                        tracing::warn!(sink = %action.sink, route = %action.route, event_id = %event.id, attempt = attempts, error = %err, "Stopping: the action is not retried here; the event stays unsettled and is redelivered.");
+                        if let (Some(key), Some(t)) = (key, &token) {
+                            let _ = idem.release(&action.sink, key, t).await;
+                        }
+                        return Ok(ActionResult::Interrupted);
                     }
                     if let (Some(key), Some(t)) = (key, &token) {
                         // Best effort: if Redis is down the lease simply expires.

@@ -51,6 +51,9 @@ pub struct Stats {
     pub settled: u64,
     /// Deliveries given up because this replica lost the channel lease they came under (another one redelivers).
     pub abandoned: u64,
+    /// Deliveries left unsettled because the service stopped while one of their actions waited to retry (counted when
+    /// they end; they and the deliveries after them are not settled in this run).
+    pub interrupted: u64,
 }
 
 impl Stats {
@@ -142,6 +145,7 @@ impl Pipeline {
         let mut deadline = tokio::time::Instant::now() + Duration::from_secs(86_400 * 365);
         if stopping {
             deadline = tokio::time::Instant::now() + self.shutdown_timeout;
+            self.dispatcher.stop();
         }
         let mut tick = tokio::time::interval(COMMIT_EVERY);
         loop {
@@ -153,9 +157,15 @@ impl Pipeline {
                 Some(done) = settled_rx.recv() => {
                     in_flight -= 1;
                     metrics::gauge!(m::EVENTS_IN_FLIGHT).set(in_flight as f64);
+                    // Counted now: an interrupted delivery never leaves `waiting`.
+                    stats.interrupted += done.stats.interrupted;
                     waiting.insert(done.seq, done);
-                    // Settle in delivery order: print, count, and move the position past each.
-                    while let Some(done) = waiting.remove(&next_settle) {
+                    // Settle in delivery order: print, count, and move the position past each. An interrupted delivery
+                    // (the service is stopping) never settles: the position stays before it, and nothing after it
+                    // settles in this run.
+                    while waiting.get(&next_settle).is_some_and(|d| d.stats.interrupted == 0)
+                        && let Some(done) = waiting.remove(&next_settle)
+                    {
                         if !done.output.is_empty() {
                             print!("{}", done.output);
                         }
@@ -183,6 +193,7 @@ impl Pipeline {
                 changed = shutdown.changed(), if !stopping && !shutdown_gone => match changed {
                     Ok(()) if *shutdown.borrow() => {
                         stopping = true;
+                        self.dispatcher.stop();
                         deadline = tokio::time::Instant::now() + self.shutdown_timeout;
                         tracing::info!(in_flight, "Stopped reading the source; settling the events in flight.");
                     }
@@ -328,7 +339,7 @@ impl Pipeline {
             let work = AssertUnwindSafe(this.handle(delivery, needs, &rules, fence.as_deref()).instrument(span))
                 .catch_unwind()
                 .await;
-            let abandoned = matches!(&work, Ok((_, stats)) if stats.abandoned > 0);
+            let abandoned = matches!(&work, Ok((_, stats)) if stats.abandoned > 0 || stats.interrupted > 0);
             if let Some(channel) = settles
                 && !abandoned
             {
@@ -450,9 +461,10 @@ impl Pipeline {
                         ActionResult::Shadow => stats.shadow += 1,
                         ActionResult::DeadLettered { .. } => stats.dead_letters += 1,
                         ActionResult::Abandoned => stats.abandoned = 1,
+                        ActionResult::Interrupted => stats.interrupted = 1,
                     }
                 }
-                if stats.abandoned > 0 {
+                if stats.abandoned > 0 || stats.interrupted > 0 {
                     stats.settled = 0;
                 }
                 for d in plan.decisions.iter().filter(|d| d.outcome == Outcome::Then) {
@@ -548,6 +560,7 @@ fn render_plan(event: &Event, position: &str, plan: &Plan, results: &[ActionResu
                 }
                 ActionResult::DeadLettered { reason } => format!("dead-lettered: {reason}"),
                 ActionResult::Abandoned => "abandoned: the channel lease moved to another replica".to_string(),
+                ActionResult::Interrupted => "interrupted: stopping; redelivered after the restart".to_string(),
             };
             let _ = writeln!(out, "    -> {}  [{status}]", action.summary());
         }

@@ -320,3 +320,101 @@ routes:
     assert!(logs.contains("address changed"), "{logs}");
     assert!(!logs.contains("Secret Lane"), "{logs}");
 }
+
+/// A stop while an action waits to retry (here: its idempotency key is leased by a crashed holder, 30 s to go) does
+/// not wait for it: the run ends at once, that event stays unsettled and its position unstored (events after it too),
+/// and the next run delivers it again and enqueues its job once the lease is gone.
+#[tokio::test]
+async fn a_stop_does_not_wait_for_retries_and_leaves_their_events_unsettled() {
+    use std::time::{Duration, Instant};
+    use switchyard::checkpoint::{CheckpointStore, offset_of};
+    use switchyard::config::LoadedConfig;
+    use switchyard::service::Service;
+    use switchyard::sources::jsonl::JsonlSource;
+
+    let h = Harness::new("stop-retry");
+    let approve = |n: u32| {
+        let id = h.order(n);
+        h.approval(
+            &format!("a{n}"),
+            std::slice::from_ref(&id),
+            Some("Approved"),
+            records(&[h.record(n, None)]),
+        )
+    };
+    let (first, blocked, last) = (approve(1), approve(2), approve(3));
+    let first_len = format!("{first}\n").len() as u64;
+    let path = h.write_events("events.jsonl", &[first, blocked.clone(), last]);
+    // A crashed holder's in-progress lease on the second approval's key.
+    let key = format!(
+        "{}idem:enqueue-provisioning:activation-{}-{}",
+        h.key_prefix(),
+        h.order(2),
+        blocked["header"]["commit_timestamp"]
+    );
+    let mut conn = h.redis().await;
+    let _: () = redis::cmd("SET")
+        .arg(&key)
+        .arg("lease:crashed:0:0")
+        .arg("PX")
+        .arg(30_000)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let text = h.config(&path, "").replace("jsonl: {", "jsonl: { follow: true,")
+        + "delivery: { retry: { initial_backoff_ms: 50, max_backoff_ms: 200 } }\n";
+    let config_path = h.dir.path().join("config.yaml");
+    let run = async |text: &str| {
+        let loaded = LoadedConfig::parse(&config_path, text, &|_| None).unwrap();
+        let service = Service::start(loaded, false).await.unwrap();
+        let (stop, shutdown) = tokio::sync::watch::channel(false);
+        (service, stop, shutdown)
+    };
+
+    let (service, stop, shutdown) = run(&text).await;
+    let service = std::sync::Arc::new(service);
+    let running = tokio::spawn({
+        let service = service.clone();
+        async move { service.run(shutdown).await.unwrap() }
+    });
+    // The first and third approvals are enqueued; the second waits for the foreign lease.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while h.jobs().await.len() < 2 {
+        assert!(Instant::now() < deadline, "jobs: {:?}", h.jobs().await);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let stopped_at = Instant::now();
+    stop.send(true).unwrap();
+    let stats = tokio::time::timeout(Duration::from_secs(5), running)
+        .await
+        .expect("the stop does not wait for the lease to expire")
+        .unwrap();
+    assert!(stopped_at.elapsed() < Duration::from_secs(5));
+    assert_eq!(stats.interrupted, 1, "{stats:?}");
+    assert_eq!(stats.settled, 1, "only the first settles in order: {stats:?}");
+    assert_eq!(stats.dead_letters, 0, "{stats:?}");
+    assert!(h.dead_letters().await.is_empty());
+    let store = CheckpointStore::redis(
+        redis::aio::ConnectionManager::new(redis::Client::open(common::redis_url()).unwrap())
+            .await
+            .unwrap(),
+        &h.key_prefix(),
+    );
+    let stored = store.get(&JsonlSource::key_for(&path)).await.unwrap();
+    assert_eq!(
+        stored.as_deref().and_then(offset_of),
+        Some(first_len),
+        "the position stays before the second"
+    );
+
+    // The crashed holder's lease expires (deleted here); the next run redelivers the second and the third.
+    let _: () = redis::cmd("DEL").arg(&key).query_async(&mut conn).await.unwrap();
+    let (service, stop, shutdown) = run(&text.replace("follow: true,", "")).await;
+    let stats = service.run(shutdown).await.unwrap();
+    drop(stop);
+    assert_eq!(stats.events, 2, "{stats:?}");
+    assert_eq!(stats.skipped, 1, "the third was done before: {stats:?}");
+    let jobs = h.jobs().await;
+    assert_eq!(jobs.len(), 3, "{jobs:?}");
+}
