@@ -304,21 +304,15 @@ async fn readyz_turns_503_with_a_reason_when_a_sinks_redis_goes_away_and_metrics
         records(&[h.record(1, None)]),
     );
     let events = h.write_events("events.jsonl", &[approval.clone(), approval]);
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
+    let (port, text) = h.followed_with_http(&events);
     // The cache sink on its own Redis (through the proxy); everything else on the main one.
-    let text = h
-        .config(&events, &format!("http: {{ listen: \"127.0.0.1:{port}\" }}\n"))
-        .replace("jsonl: {", "jsonl: { follow: true,")
-        .replace(
-            "invalidate-cache: { kind: cache-invalidate }",
-            &format!(
-                "invalidate-cache: {{ kind: cache-invalidate, redis: {{ url: \"redis://{}\", command_timeout_ms: 500 }} }}",
-                cache_redis.addr
-            ),
-        );
+    let text = text.replace(
+        "invalidate-cache: { kind: cache-invalidate }",
+        &format!(
+            "invalidate-cache: {{ kind: cache-invalidate, redis: {{ url: \"redis://{}\", command_timeout_ms: 500 }} }}",
+            cache_redis.addr
+        ),
+    );
     switchyard::metrics::install();
     let service = start(&h, &text).await.unwrap();
     let (stop, shutdown) = tokio::sync::watch::channel(false);
@@ -716,13 +710,7 @@ async fn readyz_pings_the_redis_a_config_reload_gave_a_sink() {
     let h = Harness::new("readyz-reload");
     let cache_redis = Proxy::start().await;
     let events = h.write_events("events.jsonl", &[]);
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
-    let text = h
-        .config(&events, &format!("http: {{ listen: \"127.0.0.1:{port}\" }}\n"))
-        .replace("jsonl: {", "jsonl: { follow: true,");
+    let (port, text) = h.followed_with_http(&events);
     let path = h.dir.path().join("config.yaml");
     std::fs::write(&path, &text).unwrap();
     let service = Arc::new(start(&h, &text).await.unwrap());

@@ -221,13 +221,7 @@ async fn healthz_and_metrics_are_served_while_running() {
         "events.jsonl",
         &[h.approval("a", std::slice::from_ref(&id), None, records(&[h.record(1, None)]))],
     );
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
-    let text = h
-        .config(&events, &format!("http: {{ listen: \"127.0.0.1:{port}\" }}\n"))
-        .replace("jsonl: {", "jsonl: { follow: true,");
+    let (port, text) = h.followed_with_http(&events);
     let loaded = switchyard::config::LoadedConfig::parse(&h.dir.path().join("c.yaml"), &text, &|_| None).unwrap();
     switchyard::metrics::install();
     let service = switchyard::service::Service::start(loaded, false).await.unwrap();
@@ -361,8 +355,10 @@ async fn a_stop_does_not_wait_for_retries_and_leaves_their_events_unsettled() {
         .query_async(&mut conn)
         .await
         .unwrap();
-    let text = h.config(&path, "").replace("jsonl: {", "jsonl: { follow: true,")
-        + "delivery: { retry: { initial_backoff_ms: 50, max_backoff_ms: 200 } }\n";
+    let text = h.followed(
+        &path,
+        "delivery: { retry: { initial_backoff_ms: 50, max_backoff_ms: 200 } }\n",
+    );
     let config_path = h.dir.path().join("config.yaml");
     let run = async |text: &str| {
         let loaded = LoadedConfig::parse(&config_path, text, &|_| None).unwrap();

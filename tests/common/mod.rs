@@ -96,6 +96,20 @@ impl Harness {
         self.config_with_rules(events, &repo().join("rules"), extra)
     }
 
+    /// Like `config`, with the events file followed: the service keeps running past its end until it is stopped.
+    pub fn followed(&self, events: &Path, extra: &str) -> String {
+        self.config(events, extra).replace("jsonl: {", "jsonl: { follow: true,")
+    }
+
+    /// Like `followed`, with an HTTP listener on a free loopback port (returned).
+    pub fn followed_with_http(&self, events: &Path) -> (u16, String) {
+        let port = free_port();
+        (
+            port,
+            self.followed(events, &format!("http: {{ listen: \"127.0.0.1:{port}\" }}\n")),
+        )
+    }
+
     /// Like `config`, with the given rules file or folder.
     pub fn config_with_rules(&self, events: &Path, rules: &Path, extra: &str) -> String {
         format!(
