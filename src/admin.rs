@@ -43,15 +43,34 @@ pub async fn checkpoint(service: &Service, op: CheckpointOp, out: &mut impl Writ
                     unhex(&value).ok_or_else(|| AdminError::Usage(format!("`{value}` is not hex bytes or offset:N")))?
                 }
             };
+            refuse_while_leased(service, &key).await?;
             store.set(&key, &bytes).await?;
             let _ = writeln!(out, "{key}\t{}", describe(&key, &bytes));
         }
         CheckpointOp::Reset { key } => {
+            refuse_while_leased(service, &key).await?;
             store.reset(&key).await?;
             let _ = writeln!(out, "{key}\treset");
         }
     }
     Ok(())
+}
+
+/// A position moved while a replica holds its channel's lease would be overwritten by that replica's next commit
+/// (its fenced writes still pass): refuse, and say who holds it.
+async fn refuse_while_leased(service: &Service, key: &str) -> Result<(), AdminError> {
+    let Some(leases) = &service.leases else {
+        return Ok(());
+    };
+    match leases.holder(key).await? {
+        Some((instance, left)) => Err(AdminError::Usage(format!(
+            "`{key}` is in use: replica `{instance}` holds its lease ({} ms left unless renewed), and its next \
+             commit would overwrite this position; stop every replica of this config first (SIGTERM hands the \
+             lease back at once), then try again",
+            left.as_millis()
+        ))),
+        None => Ok(()),
+    }
 }
 
 fn summary(id: &str, letter: &Value) -> String {

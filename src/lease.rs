@@ -147,6 +147,24 @@ impl Leases {
         crate::metrics::set_role(role);
     }
 
+    /// Who holds the lease of `key` now (its instance name), and for how much longer unless renewed; `None` when
+    /// nobody does.
+    pub async fn holder(&self, key: &str) -> Result<Option<(String, Duration)>, SinkError> {
+        let mut conn = self.conn.clone();
+        let (value, ttl_ms): (Option<String>, i64) = redis::pipe()
+            .cmd("GET")
+            .arg(self.lease_key(key))
+            .cmd("PTTL")
+            .arg(self.lease_key(key))
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| SinkError::from_redis(&e))?;
+        Ok(value.map(|v| {
+            let instance = v.rsplit_once(' ').map_or(v.as_str(), |(name, _)| name).to_string();
+            (instance, Duration::from_millis(ttl_ms.max(0) as u64))
+        }))
+    }
+
     /// Takes the lease of `key` if nobody else holds it.
     pub async fn try_acquire(&self, key: &Arc<str>) -> Result<Option<Arc<Fence>>, SinkError> {
         let mut conn = self.conn.clone();

@@ -545,3 +545,56 @@ async fn writes_under_a_stale_fencing_token_are_refused_by_redis() {
     assert!(again.token > new.token);
     assert!(!store.set_fenced(&key, b"\x00\x06", Some(&new)).await.unwrap());
 }
+
+/// `switchyard checkpoint set|reset` refuses while a replica holds the channel's lease (its next fenced commit would
+/// overwrite the position), naming the holder; once the lease is handed back, the position moves.
+#[tokio::test]
+async fn checkpoint_set_refuses_while_a_replica_holds_the_channel() {
+    use std::sync::Arc;
+    use switchyard::admin::{AdminError, checkpoint};
+    use switchyard::cli::CheckpointOp;
+    use switchyard::config::LoadedConfig;
+    use switchyard::lease::Leases;
+    use switchyard::service::Service;
+
+    let h = Harness::new("ha-admin");
+    let events = h.write_events("events.jsonl", &[]);
+    let text = h.config(&events, "lease: { enabled: true, ttl_ms: 5000 }\n");
+    let loaded = LoadedConfig::parse(&h.dir.path().join("config.yaml"), &text, &|_| None).unwrap();
+    let admin = Service::start(loaded, false).await.unwrap();
+    let conn = redis::aio::ConnectionManager::new(redis::Client::open(redis_url()).unwrap())
+        .await
+        .unwrap();
+    let replica = Leases::new(conn, &h.key_prefix(), "replica-a".into(), Duration::from_secs(5));
+    let key: Arc<str> = Arc::from(CHANNEL_KEY);
+    let fence = replica.try_acquire(&key).await.unwrap().expect("the lease is free");
+    let set = || CheckpointOp::Set {
+        key: CHANNEL_KEY.into(),
+        value: "00000000000003e8".into(),
+    };
+    let mut out = Vec::new();
+    for op in [
+        set(),
+        CheckpointOp::Reset {
+            key: CHANNEL_KEY.into(),
+        },
+    ] {
+        let refused = checkpoint(&admin, op, &mut out).await;
+        let Err(AdminError::Usage(message)) = refused else {
+            panic!("not refused: {refused:?}")
+        };
+        assert!(message.contains("replica `replica-a` holds its lease"), "{message}");
+    }
+    assert_eq!(
+        admin.sinks.checkpoints.get(CHANNEL_KEY).await.unwrap(),
+        None,
+        "nothing written"
+    );
+
+    replica.release(&fence).await;
+    checkpoint(&admin, set(), &mut out).await.unwrap();
+    assert_eq!(
+        admin.sinks.checkpoints.get(CHANNEL_KEY).await.unwrap(),
+        Some(vec![0, 0, 0, 0, 0, 0, 3, 0xe8])
+    );
+}
