@@ -297,7 +297,8 @@ impl Dispatcher {
                     metrics::counter!(m::SINK_CALLS, "sink" => action.sink.clone(), "result" => "error").increment(1);
                     let kind = if err.is_transient() { "transient" } else { "permanent" };
                     metrics::counter!(m::SINK_ERRORS, "sink" => action.sink.clone(), "kind" => kind).increment(1);
-                    if err.is_transient() && started.elapsed() + backoff < budget {
+                    let retry = err.is_transient() && started.elapsed() + backoff < budget;
+                    if retry {
                         metrics::counter!(m::SINK_RETRIES, "sink" => action.sink.clone()).increment(1);
                         tracing::warn!(sink = %action.sink, route = %action.route, event_id = %event.id, attempt = attempts, error = %err, "Sink call failed; retrying.");
                         // A dropped connection is being replaced as we speak: retry on the new one at once (a few
@@ -315,14 +316,14 @@ impl Dispatcher {
                             continue;
                         }
                         tracing::warn!(sink = %action.sink, route = %action.route, event_id = %event.id, attempt = attempts, error = %err, "Stopping: the action is not retried here; the event stays unsettled and is redelivered.");
-                        if let (Some(key), Some(t)) = (key, &token) {
-                            let _ = idem.release(&action.sink, key, t).await;
-                        }
-                        return Ok(ActionResult::Interrupted);
                     }
                     if let (Some(key), Some(t)) = (key, &token) {
                         // Best effort: if Redis is down the lease simply expires.
                         let _ = idem.release(&action.sink, key, t).await;
+                    }
+                    // A retry that did not happen: the service is stopping.
+                    if retry {
+                        return Ok(ActionResult::Interrupted);
                     }
                     return Err((err, attempts));
                 }

@@ -151,11 +151,12 @@ impl Leases {
     /// nobody does.
     pub async fn holder(&self, key: &str) -> Result<Option<(String, Duration)>, SinkError> {
         let mut conn = self.conn.clone();
+        let lease = self.lease_key(key);
         let (value, ttl_ms): (Option<String>, i64) = redis::pipe()
             .cmd("GET")
-            .arg(self.lease_key(key))
+            .arg(&lease)
             .cmd("PTTL")
-            .arg(self.lease_key(key))
+            .arg(&lease)
             .query_async(&mut conn)
             .await
             .map_err(|e| SinkError::from_redis(&e))?;

@@ -339,9 +339,10 @@ impl Pipeline {
             let work = AssertUnwindSafe(this.handle(delivery, needs, &rules, fence.as_deref()).instrument(span))
                 .catch_unwind()
                 .await;
-            let abandoned = matches!(&work, Ok((_, stats)) if stats.abandoned > 0 || stats.interrupted > 0);
+            // Abandoned and interrupted deliveries do not settle here.
+            let unsettled = matches!(&work, Ok((_, stats)) if stats.settled == 0);
             if let Some(channel) = settles
-                && !abandoned
+                && !unsettled
             {
                 metrics::counter!(m::EVENTS_SETTLED, "channel" => channel).increment(1);
             }

@@ -103,6 +103,11 @@ impl RedisCheck {
         }
     }
 
+    /// The check name of a sink's own Redis.
+    pub fn sink_name(sink: &str) -> String {
+        format!("sink {sink}")
+    }
+
     /// PING within the command timeout; the error says why not.
     pub async fn ping(&self) -> Result<(), String> {
         let mut conn = self.conn.clone();

@@ -310,7 +310,7 @@ impl Sinks {
             .redis_checks
             .load()
             .iter()
-            .filter(|c| !names.iter().any(|n| c.name == format!("sink {n}")))
+            .filter(|c| !names.iter().any(|n| c.name == RedisCheck::sink_name(n)))
             .cloned()
             .collect();
         all.extend(checks);
@@ -344,7 +344,7 @@ impl Built<'_> {
                 None => {
                     let conn = connection::connect(loaded, e).await?;
                     self.redis_checks
-                        .push(RedisCheck::new(format!("sink {name}"), e, conn.clone()));
+                        .push(RedisCheck::new(RedisCheck::sink_name(name), e, conn.clone()));
                     self.connections.insert(e.url.expose().to_string(), conn.clone());
                     conn
                 }
