@@ -16,11 +16,11 @@ use common::{encode, event_mix, native_decide, registry};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use futures_util::StreamExt;
 use serde_json::Value;
+use switchyard::app::service::Service;
 use switchyard::config::LoadedConfig;
-use switchyard::dispatch::ActionResult;
+use switchyard::delivery::dispatch::ActionResult;
 use switchyard::event::{Event, EventKind};
 use switchyard::plan::Op;
-use switchyard::service::Service;
 use switchyard::sources::pubsub::avro::SchemaRegistry;
 
 /// Events per delivered batch: the Pub/Sub API's maximum per fetch.
@@ -309,7 +309,7 @@ fn benches(c: &mut Criterion) {
     for (name, split) in ["engine", "native (b)"].into_iter().zip(&splits) {
         split.print(name);
     }
-    if let Some((writes, calls)) = bench.service.pipeline.sinks.idempotency.write_stats()
+    if let Some((writes, calls)) = bench.service.stores.idempotency.write_stats()
         && calls > 0
     {
         eprintln!(

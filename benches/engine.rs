@@ -12,8 +12,8 @@ use std::time::Duration;
 use common::CpuTime;
 use common::{Extra, assert_same_decisions, encode, event_mix, native_decide, records_for, registry, rules};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use switchyard::authoring::testing::decide;
 use switchyard::router;
-use switchyard::rules::testing::decide;
 
 /// Events per iteration: enough to cover the mix many times over, few enough for quick samples.
 const EVENTS: usize = 1000;

@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 
 use crate::config::{AuthFlow, SalesforceConfig, Secret};
-use crate::metrics as m;
+use crate::obs::metrics as m;
 
 /// A token request or userinfo call takes at most this long.
 const HTTP_TIMEOUT: Duration = Duration::from_secs(30);

@@ -4,18 +4,18 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::Parser;
-use switchyard::cli::{Cli, Command, ExplainFormat, ProblemFormat, SchemaKind};
+use switchyard::app::cli::{Cli, Command, ExplainFormat, ProblemFormat, SchemaKind};
+use switchyard::app::service::{Service, StartError};
 use switchyard::config::LoadedConfig;
 use switchyard::diag::{Problem, Severity};
 use switchyard::event::Event;
 use switchyard::rules::load::RuleEnv;
-use switchyard::service::{Service, StartError};
 use tokio::sync::watch;
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    switchyard::logging::init(cli.log_format);
+    switchyard::obs::logging::init(cli.log_format);
     match cli.command {
         Command::Run { config, no_watch } => run(config, no_watch).await,
         Command::Validate {
@@ -69,30 +69,34 @@ async fn main() -> ExitCode {
         }
         Command::Checkpoint { config, op } => {
             admin(config, |service, out| {
-                Box::pin(async move { switchyard::admin::checkpoint(service, op, out).await.map(|()| true) })
+                Box::pin(async move {
+                    switchyard::app::admin::checkpoint(service, op, out)
+                        .await
+                        .map(|()| true)
+                })
             })
             .await
         }
         Command::DeadLetter { config, op } => {
             admin(config, |service, out| {
-                Box::pin(async move { switchyard::admin::dead_letter(service, op, out).await })
+                Box::pin(async move { switchyard::app::admin::dead_letter(service, op, out).await })
             })
             .await
         }
         Command::Schema { kind } => {
             let schema = match kind {
-                SchemaKind::Rules => switchyard::schema::rules_schema(),
-                SchemaKind::Config => switchyard::schema::config_schema(),
-                SchemaKind::Tests => switchyard::schema::tests_schema(),
+                SchemaKind::Rules => switchyard::authoring::schema::rules_schema(),
+                SchemaKind::Config => switchyard::authoring::schema::config_schema(),
+                SchemaKind::Tests => switchyard::authoring::schema::tests_schema(),
             };
-            print!("{}", switchyard::schema::pretty(&schema));
+            print!("{}", switchyard::authoring::schema::pretty(&schema));
             ExitCode::SUCCESS
         }
     }
 }
 
 async fn run(config: Option<PathBuf>, no_watch: bool) -> ExitCode {
-    switchyard::metrics::install();
+    switchyard::obs::metrics::install();
     let (embedded, loaded) = match &config {
         Some(path) => (false, LoadedConfig::load(path)),
         None => (true, LoadedConfig::demo()),
@@ -155,7 +159,7 @@ async fn run(config: Option<PathBuf>, no_watch: bool) -> ExitCode {
 }
 
 type AdminFuture<'a> =
-    std::pin::Pin<Box<dyn std::future::Future<Output = Result<bool, switchyard::admin::AdminError>> + 'a>>;
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<bool, switchyard::app::admin::AdminError>> + 'a>>;
 
 /// Loads the config and connects its stores, then runs one operator command.
 async fn admin<F>(config: Option<PathBuf>, command: F) -> ExitCode
@@ -222,7 +226,7 @@ fn validate(paths: Vec<PathBuf>, config: Option<PathBuf>, avro: Option<PathBuf>,
         (true, false) => config_paths,
         (true, true) => vec![PathBuf::from("rules")],
     };
-    let loaded = switchyard::rules::validate::validate(&paths, &env, avro.as_deref());
+    let loaded = switchyard::authoring::validate::validate(&paths, &env, avro.as_deref());
     problems.extend(loaded.problems);
     report(&problems, format);
     let errors = problems.iter().filter(|p| p.severity == Severity::Error).count();
@@ -251,12 +255,12 @@ fn test(paths: Vec<PathBuf>) -> ExitCode {
     } else {
         paths
     };
-    let files = switchyard::rules::testing::find_test_files(&paths);
+    let files = switchyard::authoring::testing::find_test_files(&paths);
     if files.is_empty() {
         eprintln!("{}: no *.test.yaml files found", display_paths(&paths));
         return ExitCode::FAILURE;
     }
-    let report = switchyard::rules::testing::run(&files);
+    let report = switchyard::authoring::testing::run(&files);
     for p in &report.problems {
         println!("{p}");
     }
@@ -361,7 +365,7 @@ fn explain(event: PathBuf, rules: Vec<PathBuf>, config: Option<PathBuf>, format:
     let mut all = Vec::new();
     for (n, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
         match Event::from_json(line) {
-            Ok(e) => all.push(switchyard::explain::explain(&rules, &e)),
+            Ok(e) => all.push(switchyard::authoring::explain::explain(&rules, &e)),
             Err(err) => {
                 eprintln!("{}:{}: not an event: {err}", event.display(), n + 1);
                 return ExitCode::FAILURE;
@@ -369,7 +373,9 @@ fn explain(event: PathBuf, rules: Vec<PathBuf>, config: Option<PathBuf>, format:
         }
     }
     match format {
-        ExplainFormat::Text => all.iter().for_each(|x| print!("{}", switchyard::explain::to_text(x))),
+        ExplainFormat::Text => all
+            .iter()
+            .for_each(|x| print!("{}", switchyard::authoring::explain::to_text(x))),
         ExplainFormat::Json => println!("{}", serde_json::to_string_pretty(&all).unwrap_or_default()),
     }
     ExitCode::SUCCESS
@@ -404,7 +410,7 @@ fn replay(events: PathBuf, rules: Vec<PathBuf>, against: Vec<PathBuf>, config: O
     };
     let mut out = std::io::stdout().lock();
     let name = events.display().to_string();
-    let report = match switchyard::replay::replay(file, &name, &new, old.as_ref(), &mut out, &mut progress) {
+    let report = match switchyard::authoring::replay::replay(file, &name, &new, old.as_ref(), &mut out, &mut progress) {
         Ok(report) => report,
         Err(e) => {
             eprintln!("switchyard: {e}");
@@ -478,11 +484,11 @@ fn github_path(path: &Path) -> String {
 async fn record(
     config: PathBuf,
     out: PathBuf,
-    from: Option<switchyard::cli::RecordFrom>,
+    from: Option<switchyard::app::cli::RecordFrom>,
     max_events: Option<u64>,
     redact: Vec<String>,
 ) -> ExitCode {
-    use switchyard::cli::RecordFrom;
+    use switchyard::app::cli::RecordFrom;
     use switchyard::config::ReplayStart;
     let mut loaded = match LoadedConfig::load(&config) {
         Ok(loaded) => loaded,
@@ -514,7 +520,7 @@ async fn record(
         wait_for_signal().await;
         stop.send_replace(true);
     });
-    match switchyard::record::record(&service, &out, &redact, max_events, shutdown).await {
+    match switchyard::app::record::record(&service, &out, &redact, max_events, shutdown).await {
         Ok(done) => {
             eprintln!(
                 "switchyard: recorded {} event(s) to {} ({} undecodable skipped)",

@@ -1,11 +1,11 @@
-//! A Plan: the actions the router decided for one event, rendered and ready for the dispatcher.
+//! A Plan: the actions the router decided for one event, rendered and ready for the dispatcher. Also what a
+//! rendered action carries (log levels, BullMQ job options), so that rules, sinks and config all read them
+//! from here without importing one another.
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
-
-use crate::config::JobOptions;
-use crate::rules::LogLevel;
 
 /// One rendered action.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -160,6 +160,115 @@ pub fn job_id_for(key: &str) -> String {
         let hex: String = digest.iter().take(16).map(|b| format!("{b:02x}")).collect();
         format!("sy-{hex}")
     }
+}
+
+/// Log levels for the `log` sink.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum LogLevel {
+    /// Something failed and needs a person.
+    Error,
+    /// Something unusual an operator should see.
+    Warn,
+    /// The normal level for decisions worth keeping.
+    #[default]
+    Info,
+    /// Detail for troubleshooting; hidden unless `RUST_LOG` asks for it.
+    Debug,
+}
+
+/// BullMQ job options.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct JobOptions {
+    /// Attempts before the worker gives the job up.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(example = 5)]
+    pub attempts: Option<u32>,
+    /// Backoff between the worker's attempts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(example = serde_json::json!({"type": "exponential", "delay": 1000}))]
+    pub backoff: Option<Backoff>,
+    /// Delay in milliseconds before the job can run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(example = 0)]
+    pub delay: Option<u64>,
+    /// Priority (1 is the highest; unset: no priority).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(example = 1)]
+    pub priority: Option<u32>,
+    /// Which completed jobs BullMQ keeps: a count (`1000`), `{age: seconds, count: n}`, or `true` (remove at
+    /// once). Unset: keep all. While a job is kept, re-adding its id is a no-op (BullMQ's dedupe).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(example = serde_json::json!({"age": 86400, "count": 1000}))]
+    pub remove_on_complete: Option<KeepJobs>,
+    /// Which failed jobs BullMQ keeps, in the same forms as `remove_on_complete`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(example = serde_json::json!({"age": 604800}))]
+    pub remove_on_fail: Option<KeepJobs>,
+}
+
+/// BullMQ's `removeOnComplete` / `removeOnFail`.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[serde(untagged)]
+pub enum KeepJobs {
+    /// `true`: remove the job as soon as it finishes; `false`: keep it.
+    Remove(bool),
+    /// Keep at most this many jobs.
+    Count(usize),
+    /// Keep jobs younger than `age` seconds and/or at most `count` of them.
+    Limits(KeepLimits),
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct KeepLimits {
+    /// Maximum age in seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(example = 86400)]
+    pub age: Option<u64>,
+    /// Maximum count.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(example = 1000)]
+    pub count: Option<usize>,
+}
+
+impl JobOptions {
+    /// `self` with every key `over` sets replaced.
+    pub fn merged(&self, over: &JobOptions) -> JobOptions {
+        JobOptions {
+            attempts: over.attempts.or(self.attempts),
+            backoff: over.backoff.clone().or_else(|| self.backoff.clone()),
+            delay: over.delay.or(self.delay),
+            priority: over.priority.or(self.priority),
+            remove_on_complete: over
+                .remove_on_complete
+                .clone()
+                .or_else(|| self.remove_on_complete.clone()),
+            remove_on_fail: over.remove_on_fail.clone().or_else(|| self.remove_on_fail.clone()),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Backoff {
+    /// `fixed` or `exponential`.
+    #[serde(rename = "type")]
+    #[schemars(example = &"exponential")]
+    pub kind: BackoffKind,
+    /// Base delay in milliseconds.
+    #[schemars(example = 1000)]
+    pub delay: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum BackoffKind {
+    /// The same delay before every retry.
+    Fixed,
+    /// The delay doubles on every retry.
+    Exponential,
 }
 
 #[cfg(test)]

@@ -6,11 +6,11 @@
 
 use proptest::prelude::*;
 use serde_json::{Value, json};
+use switchyard::authoring::testing::decide;
 use switchyard::event::Event;
 use switchyard::router;
 use switchyard::rules::RuleSet;
 use switchyard::rules::load::{RuleEnv, RuleSource, compile};
-use switchyard::rules::testing::decide;
 
 const VARS: &str = r#"
 vars:

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use common::{Harness, records, redis_url, repo};
 use serde_json::{Value, json};
+use switchyard::app::service::{Service, StartError};
 use switchyard::config::LoadedConfig;
-use switchyard::service::{Service, StartError};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const PROVISION_TO_STREAM: &str = r#"
@@ -313,7 +313,7 @@ async fn readyz_turns_503_with_a_reason_when_a_sinks_redis_goes_away_and_metrics
             cache_redis.addr
         ),
     );
-    switchyard::metrics::install();
+    switchyard::obs::metrics::install();
     let service = start(&h, &text).await.unwrap();
     let (stop, shutdown) = tokio::sync::watch::channel(false);
     let running = tokio::spawn(async move { service.run(shutdown).await.map(|s| s.events) });
@@ -475,7 +475,7 @@ fn metric_names(text: &str) -> std::collections::BTreeSet<String> {
 
 #[test]
 fn alerts_and_dashboard_use_only_metrics_that_exist() {
-    let exported = metric_names(&std::fs::read_to_string(repo().join("src/metrics.rs")).unwrap());
+    let exported = metric_names(&std::fs::read_to_string(repo().join("src/obs/metrics.rs")).unwrap());
     // Recorded by the Pub/Sub source and the REST enricher (their own modules).
     let source_and_enricher = [
         "switchyard_source_reconnects_total",

@@ -223,8 +223,8 @@ async fn healthz_and_metrics_are_served_while_running() {
     );
     let (port, text) = h.followed_with_http(&events);
     let loaded = switchyard::config::LoadedConfig::parse(&h.dir.path().join("c.yaml"), &text, &|_| None).unwrap();
-    switchyard::metrics::install();
-    let service = switchyard::service::Service::start(loaded, false).await.unwrap();
+    switchyard::obs::metrics::install();
+    let service = switchyard::app::service::Service::start(loaded, false).await.unwrap();
     let (stop, shutdown) = tokio::sync::watch::channel(false);
     let running = tokio::spawn(async move { service.run(shutdown).await.map(|s| s.events) });
     let addr = format!("127.0.0.1:{port}");
@@ -321,10 +321,10 @@ routes:
 #[tokio::test]
 async fn a_stop_does_not_wait_for_retries_and_leaves_their_events_unsettled() {
     use std::time::{Duration, Instant};
-    use switchyard::checkpoint::{CheckpointStore, offset_of};
+    use switchyard::app::service::Service;
     use switchyard::config::LoadedConfig;
-    use switchyard::service::Service;
     use switchyard::sources::jsonl::JsonlSource;
+    use switchyard::state::checkpoint::{CheckpointStore, offset_of};
 
     let h = Harness::new("stop-retry");
     let approve = |n: u32| {

@@ -9,12 +9,13 @@ use apache_avro::writer::datum::GenericDatumWriter;
 use serde_json::Value as Json;
 use switchyard::emulator::{self, EmulatorHandle, EmulatorOptions, FULFILMENT_CHANNEL, Fault, ORDER_CHANNEL};
 use switchyard::event::Event;
+use switchyard::hex::decode as replay_id_from_hex;
 use switchyard::sources::pubsub::avro::{CompiledSchema, DecodeError, RawEvent, SchemaRegistry};
 use switchyard::sources::pubsub::proto::pub_sub_client::PubSubClient;
 use switchyard::sources::pubsub::proto::{
     FetchRequest, FetchResponse, ProducerEvent, PublishRequest, ReplayPreset, SchemaRequest, TopicRequest,
 };
-use switchyard::sources::pubsub::{MAX_MESSAGE_BYTES, MAX_OUTSTANDING, error_codes, headers, replay_id_from_hex};
+use switchyard::sources::pubsub::{MAX_MESSAGE_BYTES, MAX_OUTSTANDING, error_codes, headers};
 use tokio::sync::mpsc;
 use tokio::time::timeout;
 use tokio_stream::wrappers::ReceiverStream;

@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 
 use common::{Harness, records};
 use serde_json::json;
+use switchyard::app::service::Service;
 use switchyard::config::LoadedConfig;
-use switchyard::pipeline::Stats;
-use switchyard::service::Service;
+use switchyard::delivery::pipeline::Stats;
 
 fn rules(prefix: &str) -> String {
     format!(

@@ -469,10 +469,10 @@ async fn rolling_restart_of_both_replicas_under_load_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn writes_under_a_stale_fencing_token_are_refused_by_redis() {
     use std::sync::Arc;
-    use switchyard::checkpoint::CheckpointStore;
-    use switchyard::idempotency::{Claim, Idempotency, Ttls};
-    use switchyard::lease::Leases;
-    use switchyard::sinks::SinkError;
+    use switchyard::failure::Failure;
+    use switchyard::state::checkpoint::CheckpointStore;
+    use switchyard::state::idempotency::{Claim, Idempotency, Ttls};
+    use switchyard::state::lease::Leases;
 
     let h = Harness::new("ha-fence");
     let conn = redis::aio::ConnectionManager::new(redis::Client::open(redis_url()).unwrap())
@@ -510,9 +510,9 @@ async fn writes_under_a_stale_fencing_token_are_refused_by_redis() {
     assert_eq!(store.get(&key).await.unwrap().as_deref(), Some(&b"\x00\x01"[..]));
     assert!(old.is_lost(), "a refused write tells the old holder it lost the lease");
     let claim = idem.claim("enqueue-provisioning", "k1", None, Some(&old)).await;
-    assert!(matches!(claim, Err(SinkError::Fenced(_))), "{claim:?}");
+    assert!(matches!(claim, Err(Failure::Fenced(_))), "{claim:?}");
     let done = idem.complete("enqueue-provisioning", "k2", Some(&old)).await;
-    assert!(matches!(done, Err(SinkError::Fenced(_))), "{done:?}");
+    assert!(matches!(done, Err(Failure::Fenced(_))), "{done:?}");
     assert!(
         !h.key_exists(&format!("{}idem:enqueue-provisioning:k2", h.key_prefix()))
             .await
@@ -551,11 +551,11 @@ async fn writes_under_a_stale_fencing_token_are_refused_by_redis() {
 #[tokio::test]
 async fn checkpoint_set_refuses_while_a_replica_holds_the_channel() {
     use std::sync::Arc;
-    use switchyard::admin::{AdminError, checkpoint};
-    use switchyard::cli::CheckpointOp;
+    use switchyard::app::admin::{AdminError, checkpoint};
+    use switchyard::app::cli::CheckpointOp;
+    use switchyard::app::service::Service;
     use switchyard::config::LoadedConfig;
-    use switchyard::lease::Leases;
-    use switchyard::service::Service;
+    use switchyard::state::lease::Leases;
 
     let h = Harness::new("ha-admin");
     let events = h.write_events("events.jsonl", &[]);
@@ -586,7 +586,7 @@ async fn checkpoint_set_refuses_while_a_replica_holds_the_channel() {
         assert!(message.contains("replica `replica-a` holds its lease"), "{message}");
     }
     assert_eq!(
-        admin.sinks.checkpoints.get(CHANNEL_KEY).await.unwrap(),
+        admin.stores.checkpoints.get(CHANNEL_KEY).await.unwrap(),
         None,
         "nothing written"
     );
@@ -594,7 +594,7 @@ async fn checkpoint_set_refuses_while_a_replica_holds_the_channel() {
     replica.release(&fence).await;
     checkpoint(&admin, set(), &mut out).await.unwrap();
     assert_eq!(
-        admin.sinks.checkpoints.get(CHANNEL_KEY).await.unwrap(),
+        admin.stores.checkpoints.get(CHANNEL_KEY).await.unwrap(),
         Some(vec![0, 0, 0, 0, 0, 0, 3, 0xe8])
     );
 }

@@ -7,12 +7,12 @@ use std::time::Duration;
 
 use common::{Harness, repo};
 use serde_json::json;
+use switchyard::app::service::Service;
 use switchyard::auth::{Auth, AuthError};
 use switchyard::config::{LoadedConfig, SalesforceConfig, Secret};
 use switchyard::emulator::{self, EmulatorHandle, EmulatorOptions, Fault, OAuthSettings};
 use switchyard::enrich::Enricher;
 use switchyard::event::Event;
-use switchyard::service::Service;
 use switchyard::sources::pubsub::{self, headers};
 
 const SECRET: &str = "s3cr3t-client-secret-do-not-print";

@@ -8,13 +8,13 @@ use std::time::Duration;
 
 use common::{Harness, records, redis_url, repo};
 use serde_json::{Value, json};
-use switchyard::checkpoint::CheckpointStore;
+use switchyard::app::service::Service;
 use switchyard::config::LoadedConfig;
+use switchyard::delivery::pipeline::Stats;
 use switchyard::emulator::{self, EmulatorHandle, EmulatorOptions, Fault};
 use switchyard::event::Event;
-use switchyard::pipeline::Stats;
-use switchyard::service::Service;
 use switchyard::sources::pubsub::subscriber::{ChannelState, checkpoint_key};
+use switchyard::state::checkpoint::CheckpointStore;
 use tokio::sync::watch;
 
 struct Running {

@@ -16,8 +16,8 @@ use common::{Harness, redis_url};
 use hmac::{Hmac, Mac};
 use serde_json::{Value, json};
 use sha2::Sha256;
+use switchyard::app::service::Service;
 use switchyard::config::LoadedConfig;
-use switchyard::service::Service;
 
 const TOKEN: &str = "tok-3c9f1e-never-printed";
 const SIGNING_SECRET: &str = "whsec-7d1b0a-never-printed";

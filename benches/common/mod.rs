@@ -7,12 +7,13 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use serde_json::{Map, Value, json};
-use switchyard::config::JobOptions;
 use switchyard::event::{ChangeType, Event, EventKind, OVERFLOW_PLACEHOLDER_ID};
+use switchyard::plan::JobOptions;
+use switchyard::plan::LogLevel;
 use switchyard::plan::{Action, Op, job_id_for};
 use switchyard::router::Records;
+use switchyard::rules::RuleSet;
 use switchyard::rules::load::{self, RuleEnv, RuleSource};
-use switchyard::rules::{LogLevel, RuleSet};
 use switchyard::sources::pubsub::avro::{CompiledSchema, RawEvent, SchemaRegistry};
 
 pub const ORDER_CHANNEL: &str = "/data/OrderChangeEvent";

@@ -90,7 +90,7 @@ async fn token(State(shared): State<Arc<Shared>>, Form(form): Form<HashMap<Strin
         "instance_url": base,
         "id": format!("{base}/id/{}/{}", oauth.org_id, oauth.user_id),
         "token_type": "Bearer",
-        "issued_at": crate::dispatch::now_ms().to_string(),
+        "issued_at": crate::clock::now_ms().to_string(),
         "signature": "ZW11bGF0b3I=",
         "scope": "api",
     }))

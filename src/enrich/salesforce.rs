@@ -8,10 +8,10 @@ use serde_json::{Map, Value};
 use tokio::sync::Semaphore;
 
 use crate::auth::{Auth, AuthError, describe};
+use crate::clock::jitter;
 use crate::config::{RestConfig, SalesforceConfig};
-use crate::dispatch::jitter;
 use crate::event::RecordFields;
-use crate::metrics as m;
+use crate::obs::metrics as m;
 use crate::router::EnrichRequest;
 
 /// Retry pauses double up to this.

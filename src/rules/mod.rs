@@ -6,8 +6,6 @@ pub mod model;
 pub mod native;
 pub mod reads;
 pub mod template;
-pub mod testing;
-pub mod validate;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -15,9 +13,10 @@ use std::path::PathBuf;
 use rhai::{AST, Engine, Scope};
 use serde_json::{Map, Value};
 
-use crate::config::{JobOptions, Mode, SinkKind};
+use crate::config::{Mode, SinkKind};
+use crate::plan::{JobOptions, LogLevel};
 
-pub use model::{EnrichSpec, LogLevel};
+pub use model::EnrichSpec;
 use template::{Template, ValueTemplate};
 
 /// The variables every predicate sees (besides the rules' `vars`).

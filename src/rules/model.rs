@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use serde_saphyr::Spanned;
 
-use crate::config::JobOptions;
+use crate::plan::{JobOptions, LogLevel};
 
 /// A switchyard rules file: routes that map change events to actions.
 #[derive(Debug, Deserialize, JsonSchema)]
@@ -179,19 +179,4 @@ pub struct PublishSpec {
     /// The message (template).
     #[schemars(with = "String", example = &"{{record_id}}")]
     pub message: Spanned<String>,
-}
-
-/// Log levels for the `log` sink.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum LogLevel {
-    /// Something failed and needs a person.
-    Error,
-    /// Something unusual an operator should see.
-    Warn,
-    /// The normal level for decisions worth keeping.
-    #[default]
-    Info,
-    /// Detail for troubleshooting; hidden unless `RUST_LOG` asks for it.
-    Debug,
 }

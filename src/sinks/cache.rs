@@ -4,7 +4,9 @@ use std::sync::Arc;
 
 use redis::aio::ConnectionManager;
 
-use super::{MemoryBackend, SinkError, SinkOutcome};
+use super::SinkOutcome;
+use crate::failure::Failure;
+use crate::state::MemoryBackend;
 
 /// Keys asked of SCAN per round trip: large enough to walk a big keyspace quickly, small enough that
 /// one SCAN never blocks Redis noticeably.
@@ -29,11 +31,11 @@ impl CacheSink {
         keys: &[String],
         patterns: &[String],
         publish: Option<&(String, String)>,
-    ) -> Result<SinkOutcome, SinkError> {
+    ) -> Result<SinkOutcome, Failure> {
         match self {
             CacheSink::Redis(conn) => {
                 let mut conn = conn.clone();
-                let redis_err = |e: redis::RedisError| SinkError::from_redis(&e);
+                let redis_err = |e: redis::RedisError| Failure::from_redis(&e);
                 if !keys.is_empty() {
                     redis::cmd("UNLINK")
                         .arg(keys)

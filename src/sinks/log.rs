@@ -2,9 +2,10 @@
 
 use serde_json::{Map, Value};
 
-use super::{ActionCx, SinkError, SinkOutcome};
+use super::{ActionCx, SinkOutcome};
+use crate::failure::Failure;
 use crate::plan::Action;
-use crate::rules::LogLevel;
+use crate::plan::LogLevel;
 
 /// Writes one tracing event per action; `redact` names fields shown as `***`.
 pub struct LogSink {
@@ -19,7 +20,7 @@ impl LogSink {
         message: &str,
         fields: &Map<String, Value>,
         cx: &ActionCx<'_>,
-    ) -> Result<SinkOutcome, SinkError> {
+    ) -> Result<SinkOutcome, Failure> {
         let record_id = action.record_id.as_deref().unwrap_or("");
         let mut fields = fields.clone();
         for f in &self.redact {

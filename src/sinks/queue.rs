@@ -9,9 +9,11 @@ use arc_swap::ArcSwap;
 use redis::aio::ConnectionManager;
 use serde_json::Value;
 
-use super::memory::MemoryJob;
-use super::{BuildError, MemoryBackend, SinkError, SinkOutcome};
-use crate::config::{BackoffKind, JobOptions, KeepJobs, LoadedConfig, QueueSinkConfig, RedisEndpoint};
+use super::{BuildError, SinkOutcome};
+use crate::config::{LoadedConfig, QueueSinkConfig, RedisEndpoint};
+use crate::failure::Failure;
+use crate::plan::{BackoffKind, JobOptions, KeepJobs};
+use crate::state::{ConnectError, MemoryBackend, MemoryJob, redact_url};
 
 /// Who a job is for: written into stream entries (BullMQ jobs carry what the rule put in `job`).
 pub struct EntryMeta<'a> {
@@ -38,12 +40,12 @@ fn keep_jobs(keep: &KeepJobs) -> bullmq::types::RemoveOnFinish {
 
 /// BullMQ's errors: its connection closing (a dropped or killed connection) and rate limiting pass; a
 /// script or serialization error does not.
-fn classify(err: &bullmq::Error) -> SinkError {
+fn classify(err: &bullmq::Error) -> Failure {
     match err {
-        bullmq::Error::Redis(r) => SinkError::from_redis(r),
-        bullmq::Error::ConnectionClosed => SinkError::Dropped(err.to_string()),
-        bullmq::Error::RateLimited { .. } => SinkError::Transient(err.to_string()),
-        other => SinkError::Permanent(other.to_string()),
+        bullmq::Error::Redis(r) => Failure::from_redis(r),
+        bullmq::Error::ConnectionClosed => Failure::Dropped(err.to_string()),
+        bullmq::Error::RateLimited { .. } => Failure::Transient(err.to_string()),
+        other => Failure::Permanent(other.to_string()),
     }
 }
 
@@ -78,7 +80,7 @@ impl Reopen {
         let open = bullmq::Queue::with_options(&self.name, self.options.clone());
         match tokio::time::timeout(self.connect_timeout, open).await {
             Ok(Ok(queue)) => Ok(queue),
-            Ok(Err(e)) => Err(super::redact_url(&e.to_string())),
+            Ok(Err(e)) => Err(redact_url(&e.to_string())),
             Err(_) => Err(format!(
                 "no connection to {} within {} ms",
                 self.url,
@@ -141,12 +143,12 @@ impl QueueSink {
         endpoint: &RedisEndpoint,
     ) -> Result<QueueSink, BuildError> {
         let options = bullmq::QueueOptions::new()
-            .connection(super::connection::bullmq_options(loaded, endpoint)?)
+            .connection(bullmq_options(loaded, endpoint)?)
             .prefix(config.prefix.clone());
         let reopen = Box::new(Reopen {
             name: config.queue.clone(),
             options,
-            url: super::redact_url(endpoint.url.expose()),
+            url: redact_url(endpoint.url.expose()),
             connect_timeout: Duration::from_millis(endpoint.connect_timeout_ms),
             failures: AtomicU32::new(0),
             lock: tokio::sync::Mutex::new(()),
@@ -198,7 +200,7 @@ impl QueueSink {
         data: &Value,
         options: &JobOptions,
         meta: &EntryMeta<'_>,
-    ) -> Result<SinkOutcome, SinkError> {
+    ) -> Result<SinkOutcome, Failure> {
         let options = self.defaults.merged(options);
         match &self.backend {
             Backend::Stream { conn, max_len } => {
@@ -228,10 +230,10 @@ impl QueueSink {
                     .arg("correlation_id")
                     .arg(meta.correlation_id.unwrap_or(""))
                     .arg("at_ms")
-                    .arg(crate::dispatch::now_ms())
+                    .arg(crate::clock::now_ms())
                     .query_async::<String>(&mut conn)
                     .await
-                    .map_err(|e| SinkError::from_redis(&e))?;
+                    .map_err(|e| Failure::from_redis(&e))?;
                 Ok(SinkOutcome::Done)
             }
             Backend::Bullmq { queue, timeout, reopen } => {
@@ -270,7 +272,7 @@ impl QueueSink {
                         }
                         Err(classify(&e))
                     }
-                    Err(_) => Err(SinkError::Transient(format!(
+                    Err(_) => Err(Failure::Transient(format!(
                         "no reply from Redis within {} ms",
                         timeout.as_millis()
                     ))),
@@ -289,4 +291,20 @@ impl QueueSink {
             }
         }
     }
+}
+
+/// The BullMQ connection options for `endpoint` (URL with credentials, private CA).
+pub fn bullmq_options(
+    loaded: &LoadedConfig,
+    endpoint: &RedisEndpoint,
+) -> Result<bullmq::options::RedisConnectionOptions, ConnectError> {
+    let mut options = bullmq::options::RedisConnectionOptions::new().url(endpoint.url.expose());
+    if let Some(pem) = crate::state::root_cert(loaded, endpoint)? {
+        options = options.tls_certs(bullmq::options::TlsCerts {
+            root_cert: Some(pem),
+            client_cert: None,
+            client_key: None,
+        });
+    }
+    Ok(options)
 }

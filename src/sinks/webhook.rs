@@ -13,8 +13,9 @@ use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue, USER_AGE
 use serde_json::Value;
 use sha2::Sha256;
 
-use super::{BuildError, SinkError, SinkOutcome};
+use super::{BuildError, SinkOutcome};
 use crate::config::WebhookSinkConfig;
+use crate::failure::Failure;
 
 pub const SIGNATURE_HEADER: &str = "x-switchyard-signature";
 pub const TIMESTAMP_HEADER: &str = "x-switchyard-timestamp";
@@ -79,8 +80,8 @@ impl WebhookSink {
         idempotency_key: Option<&str>,
         body: &Value,
         headers: &[(String, String)],
-    ) -> Result<SinkOutcome, SinkError> {
-        let body = serde_json::to_vec(body).map_err(|e| SinkError::Permanent(e.to_string()))?;
+    ) -> Result<SinkOutcome, Failure> {
+        let body = serde_json::to_vec(body).map_err(|e| Failure::Permanent(e.to_string()))?;
         let mut request = self
             .client
             .post(self.url.clone())
@@ -111,21 +112,21 @@ impl WebhookSink {
         let excerpt: String = text.chars().take(ERROR_BODY_CHARS).collect();
         let message = format!("webhook `{}` answered HTTP {status}: {excerpt}", self.name);
         if transient_status(status) {
-            Err(SinkError::Transient(message))
+            Err(Failure::Transient(message))
         } else {
-            Err(SinkError::Permanent(message))
+            Err(Failure::Permanent(message))
         }
     }
 
     /// Timeouts, refused and dropped connections can pass; a request that cannot be built cannot.
-    fn classify(&self, err: reqwest::Error) -> SinkError {
+    fn classify(&self, err: reqwest::Error) -> Failure {
         let builder = err.is_builder();
         // The URL may carry a token in its query: never put it in a message.
         let message = format!("webhook `{}`: {}", self.name, err.without_url());
         if builder {
-            SinkError::Permanent(message)
+            Failure::Permanent(message)
         } else {
-            SinkError::Transient(message)
+            Failure::Transient(message)
         }
     }
 }

@@ -9,9 +9,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{Value, json};
+use switchyard::app::service::Service;
 use switchyard::config::LoadedConfig;
-use switchyard::pipeline::Stats;
-use switchyard::service::Service;
+use switchyard::delivery::pipeline::Stats;
 use tokio::sync::watch;
 
 pub fn redis_url() -> String {

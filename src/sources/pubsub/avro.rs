@@ -18,7 +18,6 @@ use serde::de::{Deserialize, Deserializer, EnumAccess, MapAccess, SeqAccess, Var
 use serde_json::{Map, Value as Json};
 
 use super::bitmap::{self, BitmapError, FieldLayout, FieldSlot};
-use super::replay_id_to_hex;
 use crate::event::{ChangeHeader, ChangeType, Event, EventError, EventKind};
 
 /// Name of the header field every CDC schema starts with; platform-event schemas have none.
@@ -316,7 +315,7 @@ impl CompiledSchema {
                 record: Default::default(),
             }
         };
-        event.replay_id = Some(replay_id_to_hex(raw.replay_id));
+        event.replay_id = Some(crate::hex::encode(raw.replay_id));
         event.schema_id = Some(raw.schema_id.to_owned());
         event.normalize()?;
         Ok(event)
@@ -673,7 +672,7 @@ impl<'de> Visitor<'de> for ToJson {
         Ok(Json::String(v))
     }
     fn visit_bytes<E>(self, v: &[u8]) -> Result<Json, E> {
-        Ok(Json::String(replay_id_to_hex(v)))
+        Ok(Json::String(crate::hex::encode(v)))
     }
     fn visit_unit<E>(self) -> Result<Json, E> {
         Ok(Json::Null)

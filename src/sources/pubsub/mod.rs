@@ -43,40 +43,6 @@ pub mod error_codes {
     pub const UNIMPLEMENTED: &str = "sfdc.platform.eventbus.grpc.service.unimplemented";
 }
 
-/// Replay ids are opaque bytes; the JSONL form and the logs show them as lowercase hex.
-pub fn replay_id_to_hex(bytes: &[u8]) -> String {
-    use std::fmt::Write as _;
-    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut out, b| {
-        let _ = write!(out, "{b:02x}");
-        out
-    })
-}
-
-/// The inverse of [`replay_id_to_hex`]; `None` for anything that is not an even number of hex digits.
-pub fn replay_id_from_hex(hex: &str) -> Option<Vec<u8>> {
-    if !hex.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..hex.len())
-        .step_by(2)
-        .map(|i| hex.get(i..i + 2).and_then(|pair| u8::from_str_radix(pair, 16).ok()))
-        .collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn replay_ids_round_trip_through_hex() {
-        let bytes = 1000u64.to_be_bytes();
-        assert_eq!(replay_id_to_hex(&bytes), "00000000000003e8");
-        assert_eq!(replay_id_from_hex("00000000000003E8").as_deref(), Some(&bytes[..]));
-        assert_eq!(replay_id_from_hex("abc"), None);
-        assert_eq!(replay_id_from_hex("zz"), None);
-    }
-}
-
 /// HTTP/2 PING interval and timeout: a half-open connection (NAT, a dead peer) is noticed within a minute
 /// instead of after the OS's TCP timeout, which can be hours (reference §3.2).
 const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);

@@ -19,14 +19,14 @@ use tonic::Code;
 
 use super::avro::{RawEvent, SchemaRegistry};
 use super::proto::{FetchRequest, FetchResponse, ReplayPreset as WirePreset, SchemaRequest};
-use super::{error_codes, headers, replay_id_to_hex};
+use super::{error_codes, headers};
 use crate::auth::{Auth, AuthError, Credentials};
-use crate::checkpoint::CheckpointStore;
+use crate::clock::jitter;
 use crate::config::{Mode, PubsubConfig, ReplayPreset, ReplayStart};
-use crate::dispatch::jitter;
-use crate::lease::{Fence, Leases};
-use crate::metrics as m;
+use crate::obs::metrics as m;
 use crate::sources::{Delivery, Sourced};
+use crate::state::checkpoint::CheckpointStore;
+use crate::state::lease::{Fence, Leases};
 
 /// How long a channel stopped by a reload waits for its events in flight to settle before it releases its lease.
 const DRAIN_LIMIT: Duration = Duration::from_secs(30);
@@ -126,7 +126,7 @@ pub struct Subscription {
     pub config: PubsubConfig,
     pub auth: Arc<Auth>,
     pub checkpoints: CheckpointStore,
-    /// The channel leases, when replicas coordinate (see [`crate::lease`]).
+    /// The channel leases, when replicas coordinate (see [`crate::state::lease`]).
     pub leases: Option<Arc<Leases>>,
 }
 
@@ -589,7 +589,7 @@ impl ChannelTask {
                 };
                 match stored {
                     Some(bytes) if !bytes.is_empty() => {
-                        tracing::info!(channel = %self.channel, replay_id = %replay_id_to_hex(&bytes), "Resuming after the stored position.");
+                        tracing::info!(channel = %self.channel, replay_id = %crate::hex::encode(&bytes), "Resuming after the stored position.");
                         Resume::After(bytes)
                     }
                     _ => {
@@ -781,7 +781,7 @@ impl ChannelTask {
         creds: &Arc<Credentials>,
         consumer: &super::proto::ConsumerEvent,
     ) -> Result<Delivery, Failure> {
-        let position = format!("{}@{}", self.channel, replay_id_to_hex(&consumer.replay_id));
+        let position = format!("{}@{}", self.channel, crate::hex::encode(&consumer.replay_id));
         let end = consumer.replay_id.clone();
         let malformed = |error: String| {
             let (id, schema, size) = consumer

@@ -11,18 +11,20 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::{Value, json};
 use tokio::sync::watch;
 
-use crate::metrics as m;
-use crate::reload::Reloader;
-use crate::sinks::RedisCheck;
+use crate::app::reload::Reloader;
+use crate::obs::metrics as m;
 use crate::sources::pubsub::subscriber::{ChannelState, ChannelStatus};
+use crate::state::RedisCheck;
 
 /// What the listener serves from.
 #[derive(Clone)]
 pub struct AppState {
     pub reloader: Arc<Reloader>,
     pub metrics: PrometheusHandle,
-    /// The Redis servers `/readyz` PINGs (none without Redis), as the last config reload left them.
-    pub redis: Arc<ArcSwap<Vec<RedisCheck>>>,
+    /// The main Redis `/readyz` PINGs (none without Redis).
+    pub main_redis: Option<RedisCheck>,
+    /// The sinks' own Redis servers `/readyz` PINGs too, as the last config reload left them.
+    pub sink_redis: Arc<ArcSwap<Vec<RedisCheck>>>,
     /// The Pub/Sub channels and their states (none with a JSONL source).
     pub channels: Arc<std::sync::Mutex<Vec<Arc<ChannelStatus>>>>,
 }
@@ -40,8 +42,9 @@ pub fn router(state: AppState) -> Router {
 /// Ready when the config and rules are loaded (they are, or the process would not serve) and every
 /// configured Redis answers PING within its command timeout; 503 with the reasons otherwise.
 async fn readyz(State(state): State<AppState>) -> (axum::http::StatusCode, Json<Value>) {
-    let checks = state.redis.load_full();
-    let pings = futures_util::future::join_all(checks.iter().map(|check| async move {
+    let sinks = state.sink_redis.load_full();
+    let checks: Vec<&RedisCheck> = state.main_redis.iter().chain(sinks.iter()).collect();
+    let pings = futures_util::future::join_all(checks.iter().map(|&check| async move {
         let result = check.ping().await;
         metrics::gauge!(m::REDIS_UP, "redis" => check.name.clone()).set(if result.is_ok() { 1.0 } else { 0.0 });
         (check, result)

@@ -7,6 +7,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::diag::{Problem, Problems};
+use crate::plan::JobOptions;
 
 mod salesforce;
 pub use salesforce::{
@@ -15,7 +16,7 @@ pub use salesforce::{
 };
 
 /// The config of the embedded demo (`switchyard run` with no `--config`).
-pub const DEMO_CONFIG: &str = include_str!("../examples/demo.yaml");
+pub const DEMO_CONFIG: &str = include_str!("../../examples/demo.yaml");
 /// Where the embedded demo config pretends to live, so its relative paths resolve.
 pub const DEMO_CONFIG_PATH: &str = "examples/demo.yaml";
 
@@ -669,100 +670,6 @@ pub enum QueueFormat {
     Stream,
 }
 
-/// BullMQ job options.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct JobOptions {
-    /// Attempts before the worker gives the job up.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(example = 5)]
-    pub attempts: Option<u32>,
-    /// Backoff between the worker's attempts.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(example = serde_json::json!({"type": "exponential", "delay": 1000}))]
-    pub backoff: Option<Backoff>,
-    /// Delay in milliseconds before the job can run.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(example = 0)]
-    pub delay: Option<u64>,
-    /// Priority (1 is the highest; unset: no priority).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(example = 1)]
-    pub priority: Option<u32>,
-    /// Which completed jobs BullMQ keeps: a count (`1000`), `{age: seconds, count: n}`, or `true` (remove at
-    /// once). Unset: keep all. While a job is kept, re-adding its id is a no-op (BullMQ's dedupe).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(example = serde_json::json!({"age": 86400, "count": 1000}))]
-    pub remove_on_complete: Option<KeepJobs>,
-    /// Which failed jobs BullMQ keeps, in the same forms as `remove_on_complete`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(example = serde_json::json!({"age": 604800}))]
-    pub remove_on_fail: Option<KeepJobs>,
-}
-
-/// BullMQ's `removeOnComplete` / `removeOnFail`.
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
-#[serde(untagged)]
-pub enum KeepJobs {
-    /// `true`: remove the job as soon as it finishes; `false`: keep it.
-    Remove(bool),
-    /// Keep at most this many jobs.
-    Count(usize),
-    /// Keep jobs younger than `age` seconds and/or at most `count` of them.
-    Limits(KeepLimits),
-}
-
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct KeepLimits {
-    /// Maximum age in seconds.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(example = 86400)]
-    pub age: Option<u64>,
-    /// Maximum count.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(example = 1000)]
-    pub count: Option<usize>,
-}
-
-impl JobOptions {
-    /// `self` with every key `over` sets replaced.
-    pub fn merged(&self, over: &JobOptions) -> JobOptions {
-        JobOptions {
-            attempts: over.attempts.or(self.attempts),
-            backoff: over.backoff.clone().or_else(|| self.backoff.clone()),
-            delay: over.delay.or(self.delay),
-            priority: over.priority.or(self.priority),
-            remove_on_complete: over
-                .remove_on_complete
-                .clone()
-                .or_else(|| self.remove_on_complete.clone()),
-            remove_on_fail: over.remove_on_fail.clone().or_else(|| self.remove_on_fail.clone()),
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct Backoff {
-    /// `fixed` or `exponential`.
-    #[serde(rename = "type")]
-    #[schemars(example = &"exponential")]
-    pub kind: BackoffKind,
-    /// Base delay in milliseconds.
-    #[schemars(example = 1000)]
-    pub delay: u64,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
-#[serde(rename_all = "kebab-case")]
-pub enum BackoffKind {
-    /// The same delay before every retry.
-    Fixed,
-    /// The delay doubles on every retry.
-    Exponential,
-}
-
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CacheSinkConfig {
@@ -1183,6 +1090,7 @@ pub fn substitute_env(path: &Path, text: &str, env: &dyn Fn(&str) -> Option<Stri
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::plan::{KeepJobs, KeepLimits};
 
     fn env(name: &str) -> Option<String> {
         match name {

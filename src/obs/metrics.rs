@@ -8,11 +8,6 @@ use std::sync::OnceLock;
 use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
-use crate::config::Config;
-use crate::event::Event;
-use crate::plan::{Outcome, Plan};
-use crate::rules::RuleSet;
-
 pub const EVENTS: &str = "switchyard_events_total";
 pub const EVENTS_SETTLED: &str = "switchyard_events_settled_total";
 pub const EVENTS_MALFORMED: &str = "switchyard_events_malformed_total";
@@ -165,74 +160,4 @@ pub fn set_role(role: &str) {
     ACTIVE.store(active, std::sync::atomic::Ordering::Relaxed);
     metrics::gauge!(ROLE, "role" => "active").set(if active { 1.0 } else { 0.0 });
     metrics::gauge!(ROLE, "role" => "standby").set(if active { 0.0 } else { 1.0 });
-}
-
-/// Creates the per-route, per-sink and per-channel series at zero, so a scrape shows every series
-/// before the first event (and alerts on `increase()` see the first one).
-pub fn register(config: &Config, rules: &RuleSet) {
-    set_role(if config.leases_enabled() { "standby" } else { "active" });
-    for channel in rules.live_channels() {
-        let channel = channel.to_string();
-        metrics::counter!(EVENTS, "channel" => channel.clone()).increment(0);
-        metrics::counter!(EVENTS_SETTLED, "channel" => channel.clone()).increment(0);
-        metrics::counter!(EVENTS_UNMATCHED, "channel" => channel).increment(0);
-    }
-    for route in &rules.routes {
-        if rules.candidates(&route.channel).is_empty() {
-            continue;
-        }
-        for name in [
-            ROUTE_EVALUATED,
-            ROUTE_MATCHED,
-            ROUTE_FIRED,
-            ROUTE_SHADOW,
-            ROUTE_FAILED,
-            DEAD_LETTERS,
-        ] {
-            metrics::counter!(name, "route" => route.name.clone()).increment(0);
-        }
-    }
-    for sink in config.sinks.keys() {
-        for result in ["ok", "error"] {
-            metrics::counter!(SINK_CALLS, "sink" => sink.clone(), "result" => result).increment(0);
-        }
-        for kind in ["transient", "permanent"] {
-            metrics::counter!(SINK_ERRORS, "sink" => sink.clone(), "kind" => kind).increment(0);
-        }
-        metrics::counter!(SINK_RETRIES, "sink" => sink.clone()).increment(0);
-        metrics::counter!(IDEMPOTENT_SKIPS, "sink" => sink.clone()).increment(0);
-    }
-    for result in ["ok", "unchanged", "error"] {
-        metrics::counter!(RULES_RELOADS, "result" => result).increment(0);
-    }
-    metrics::counter!(EVENTS_MALFORMED).increment(0);
-    metrics::counter!(CHECKPOINT_COMMITS).increment(0);
-    metrics::counter!(CHECKPOINT_ERRORS).increment(0);
-    metrics::counter!(CHECKPOINT_FENCED).increment(0);
-}
-
-/// Counts the `when` evaluations of one event: every live route of its channel, once per record (phase
-/// one evaluates them all; `stop` only cuts phase two).
-pub fn record_evaluated(rules: &RuleSet, event: &Event) {
-    let units = if event.header.is_some() {
-        event.record_ids().len() as u64
-    } else {
-        1
-    };
-    for &i in rules.candidates(&event.channel) {
-        metrics::counter!(ROUTE_EVALUATED, "route" => rules.routes[i].name.clone()).increment(units);
-    }
-}
-
-/// Counts what the router decided: matched, then fired, shadow or failed.
-pub fn record_decisions(plan: &Plan) {
-    for d in &plan.decisions {
-        metrics::counter!(ROUTE_MATCHED, "route" => d.route.clone()).increment(1);
-        match &d.outcome {
-            Outcome::Then if d.shadow => metrics::counter!(ROUTE_SHADOW, "route" => d.route.clone()).increment(1),
-            Outcome::Then => metrics::counter!(ROUTE_FIRED, "route" => d.route.clone()).increment(1),
-            Outcome::Else => {}
-            Outcome::Failed(_) => metrics::counter!(ROUTE_FAILED, "route" => d.route.clone()).increment(1),
-        }
-    }
 }

@@ -6,10 +6,10 @@ use std::fmt::Write as _;
 use serde::Serialize;
 use serde_json::{Map, Value};
 
+use crate::authoring::testing::{action_json, decide};
 use crate::event::Event;
 use crate::plan::Outcome;
 use crate::router::{self, ClauseValue};
-use crate::rules::testing::{action_json, decide};
 use crate::rules::{Predicate, Route, RuleSet};
 
 /// A predicate's value and its top-level clauses.

@@ -10,15 +10,15 @@ use std::time::Duration;
 
 use redis::aio::ConnectionManager;
 
-use crate::lease::Fence;
-use crate::sinks::SinkError;
+use crate::failure::Failure;
+use crate::state::lease::Fence;
 
 /// Stores a position (`KEYS[1]`, `ARGV[1]`) unless the channel lease's fencing counter (`KEYS[2]`) moved past our
 /// token (`ARGV[2]`); 1 when stored. Compiled (hashed) once, like the idempotency scripts.
 static SET_FENCED: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
     redis::Script::new(&format!(
         r#"{}redis.call("SET", KEYS[1], ARGV[1]) return 1"#,
-        crate::lease::fence_guard(2)
+        crate::state::lease::fence_guard(2)
     ))
 });
 
@@ -40,25 +40,9 @@ pub enum CheckpointStore {
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
     #[error("checkpoint store: {0}")]
-    Store(#[from] SinkError),
+    Store(#[from] Failure),
     #[error("checkpoint file {path}: {message}")]
     File { path: PathBuf, message: String },
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// Parses lowercase or uppercase hex into bytes.
-pub fn unhex(text: &str) -> Option<Vec<u8>> {
-    let text = text.trim();
-    if !text.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..text.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
-        .collect()
 }
 
 impl CheckpointStore {
@@ -120,12 +104,14 @@ impl CheckpointStore {
                     .arg(format!("{prefix}{key}"))
                     .query_async(&mut conn)
                     .await
-                    .map_err(|e| SinkError::from_redis(&e))?;
+                    .map_err(|e| Failure::from_redis(&e))?;
                 Ok(value)
             }
             CheckpointStore::File { path, lock } => {
                 let _guard = lock.lock().expect("checkpoint file lock is never poisoned");
-                Ok(Self::read_file(path)?.get(key).and_then(|h| unhex(h)))
+                Ok(Self::read_file(path)?
+                    .get(key)
+                    .and_then(|h| crate::hex::decode(h.trim())))
             }
             CheckpointStore::Memory(map) => Ok(map.lock().expect("lock is never poisoned").get(key).cloned()),
         }
@@ -144,7 +130,7 @@ impl CheckpointStore {
         loop {
             match self.get(key).await {
                 Err(e) if keep_trying(&e) => {
-                    tokio::time::sleep(crate::dispatch::jitter(pause)).await;
+                    tokio::time::sleep(crate::clock::jitter(pause)).await;
                     pause = (pause * 2).min(max_pause);
                 }
                 read => return read,
@@ -161,13 +147,13 @@ impl CheckpointStore {
                     .arg(position)
                     .query_async::<()>(&mut conn)
                     .await
-                    .map_err(|e| SinkError::from_redis(&e))?;
+                    .map_err(|e| Failure::from_redis(&e))?;
                 Ok(())
             }
             CheckpointStore::File { path, lock } => {
                 let _guard = lock.lock().expect("checkpoint file lock is never poisoned");
                 let mut map = Self::read_file(path)?;
-                map.insert(key.to_string(), hex(position));
+                map.insert(key.to_string(), crate::hex::encode(position));
                 Self::write_file(path, &map)
             }
             CheckpointStore::Memory(map) => {
@@ -194,12 +180,12 @@ impl CheckpointStore {
                 let mut conn = conn.clone();
                 let stored: i64 = SET_FENCED
                     .key(format!("{prefix}{key}"))
-                    .key(crate::lease::fence_key(key_prefix, key))
+                    .key(crate::state::lease::fence_key(key_prefix, key))
                     .arg(position)
                     .arg(fence.token)
                     .invoke_async(&mut conn)
                     .await
-                    .map_err(|e| SinkError::from_redis(&e))?;
+                    .map_err(|e| Failure::from_redis(&e))?;
                 if stored != 1 {
                     fence.mark_lost();
                 }
@@ -217,7 +203,7 @@ impl CheckpointStore {
                     .arg(format!("{prefix}{key}"))
                     .query_async::<()>(&mut conn)
                     .await
-                    .map_err(|e| SinkError::from_redis(&e))?;
+                    .map_err(|e| Failure::from_redis(&e))?;
                 Ok(())
             }
             CheckpointStore::File { path, lock } => {
@@ -249,7 +235,7 @@ impl CheckpointStore {
                         .arg(500)
                         .query_async(&mut conn)
                         .await
-                        .map_err(|e| SinkError::from_redis(&e))?;
+                        .map_err(|e| Failure::from_redis(&e))?;
                     keys.extend(found);
                     if next == 0 {
                         break;
@@ -270,7 +256,7 @@ impl CheckpointStore {
                 let _guard = lock.lock().expect("checkpoint file lock is never poisoned");
                 Ok(Self::read_file(path)?
                     .into_iter()
-                    .filter_map(|(k, h)| Some((k, unhex(&h)?)))
+                    .filter_map(|(k, h)| Some((k, crate::hex::decode(h.trim())?)))
                     .collect())
             }
             CheckpointStore::Memory(map) => Ok(map
@@ -295,8 +281,8 @@ pub fn offset_of(bytes: &[u8]) -> Option<u64> {
 /// Renders a position for people: JSONL offsets as numbers, anything else as hex.
 pub fn describe(key: &str, bytes: &[u8]) -> String {
     match (key.starts_with("jsonl:"), offset_of(bytes)) {
-        (true, Some(offset)) => format!("byte offset {offset} (hex {})", hex(bytes)),
-        _ => hex(bytes),
+        (true, Some(offset)) => format!("byte offset {offset} (hex {})", crate::hex::encode(bytes)),
+        _ => crate::hex::encode(bytes),
     }
 }
 
@@ -318,7 +304,5 @@ mod tests {
         assert_eq!(store.list().await.unwrap().len(), 2);
         store.reset("jsonl:a").await.unwrap();
         assert_eq!(store.get("jsonl:a").await.unwrap(), None);
-        assert_eq!(unhex("00000000000003E8"), Some(vec![0, 0, 0, 0, 0, 0, 3, 0xe8]));
-        assert_eq!(unhex("abc"), None);
     }
 }

@@ -4,6 +4,8 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
+use crate::obs::logging::LogFormat;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "switchyard",
@@ -22,16 +24,6 @@ pub struct Cli {
     pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum)]
-pub enum LogFormat {
-    /// Text on a terminal, JSON elsewhere.
-    Auto,
-    /// Human-readable lines.
-    Text,
-    /// One JSON object per line, with every span field (event id, route, ...) at the top level.
-    Json,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]

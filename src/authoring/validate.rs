@@ -5,14 +5,14 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
-use super::load::{self, RuleEnv};
-use super::template::Root;
 use super::testing::{LoadedTests, find_test_files};
-use super::{ActionTemplate, Predicate, RuleSet, suggest};
 use crate::config::Mode;
 use crate::diag::{Problem, Severity};
 use crate::event::HeaderMember;
 use crate::router;
+use crate::rules::load::{self, RuleEnv};
+use crate::rules::template::Root;
+use crate::rules::{ActionTemplate, Predicate, RuleSet, suggest};
 
 /// Helpers whose first argument is a field name.
 const FIELD_HELPERS: &[&str] = &["changed", "became", "nulled"];
@@ -95,7 +95,7 @@ fn never_fire(rules: &RuleSet, env: &RuleEnv, mode: Mode, problems: &mut Vec<Pro
 
 /// Test files next to the rules: in each folder named, or beside each file named.
 fn fixture_files(paths: &[PathBuf]) -> Vec<PathBuf> {
-    find_test_files(&super::load::folders_of(paths))
+    find_test_files(&load::folders_of(paths))
 }
 
 fn dry_run(rules: &RuleSet, paths: &[PathBuf], problems: &mut Vec<Problem>) {
@@ -313,7 +313,7 @@ fn field_refs(src: &str, vars: &serde_json::Map<String, serde_json::Value>) -> V
     refs
 }
 
-fn predicates(route: &super::Route) -> impl Iterator<Item = (&'static str, &Predicate)> {
+fn predicates(route: &crate::rules::Route) -> impl Iterator<Item = (&'static str, &Predicate)> {
     std::iter::once(("when", &route.when)).chain(route.guard.iter().map(|g| ("guard", g)))
 }
 
@@ -351,7 +351,7 @@ fn header_fields(rules: &RuleSet, problems: &mut Vec<Problem>) {
 fn unknown<'a>(
     what: &str,
     name: &str,
-    route: &super::Route,
+    route: &crate::rules::Route,
     clause: &str,
     known: impl IntoIterator<Item = &'a str>,
 ) -> String {
@@ -361,7 +361,7 @@ fn unknown<'a>(
     format!("route `{}`: `{clause}` reads unknown {what} `{name}`{hint}", route.name)
 }
 
-fn template_paths(route: &super::Route) -> Vec<(&ActionTemplate, &super::template::Path)> {
+fn template_paths(route: &crate::rules::Route) -> Vec<(&ActionTemplate, &crate::rules::template::Path)> {
     let mut out = Vec::new();
     for action in route.then.iter().chain(&route.otherwise) {
         let templates = action.params.templates();

@@ -17,7 +17,16 @@ use tracing_subscriber::fmt::time::{FormatTime, SystemTime};
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, FormattedFields};
 use tracing_subscriber::registry::LookupSpan;
 
-use crate::cli::LogFormat;
+/// The log format on standard error (`--log-format`).
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Text on a terminal, JSON elsewhere.
+    Auto,
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, with every span field (event id, route, ...) at the top level.
+    Json,
+}
 
 /// Whether `format` means JSON here: `auto` picks text when standard error is a terminal.
 pub fn is_json(format: LogFormat) -> bool {

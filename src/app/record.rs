@@ -7,9 +7,9 @@ use std::path::Path;
 
 use tokio::sync::watch;
 
-use crate::dispatch::redact_event;
+use crate::app::service::Service;
+use crate::delivery::dispatch::redact_event;
 use crate::router;
-use crate::service::Service;
 use crate::sources::{Delivery, Source};
 
 #[derive(Debug, thiserror::Error)]
@@ -19,7 +19,7 @@ pub enum RecordError {
     #[error("cannot write {path}: {source}")]
     Write { path: String, source: std::io::Error },
     #[error(transparent)]
-    Start(#[from] crate::service::StartError),
+    Start(#[from] crate::app::service::StartError),
 }
 
 /// What a recording wrote.

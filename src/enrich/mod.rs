@@ -8,7 +8,7 @@ use std::sync::Arc;
 pub use salesforce::SalesforceEnricher;
 
 use crate::event::Event;
-use crate::metrics as m;
+use crate::obs::metrics as m;
 use crate::router::{EnrichRequest, Records};
 
 /// Where records come from. `Recorded` replays the event's own `record` map, which keeps `run` on

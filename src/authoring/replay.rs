@@ -6,10 +6,10 @@ use std::io::{BufRead, Write};
 
 use serde_json::{Map, Value};
 
+use crate::authoring::testing::{action_json, decide};
 use crate::event::Event;
 use crate::plan::{Outcome, Plan};
 use crate::rules::RuleSet;
-use crate::rules::testing::{action_json, decide};
 
 /// Totals of a replay.
 #[derive(Debug, Default, PartialEq, Eq)]

@@ -11,7 +11,7 @@
 //! started to match the new mode and channels, each mode resuming from its own stored position. Settings that need
 //! a restart (the HTTP listener, Redis, credentials, ...) are reported in the outcome, never silently ignored.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -19,13 +19,14 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use serde::Serialize;
 
+use crate::authoring::validate::validate;
+use crate::clock::now_ms;
 use crate::config::{Config, LoadedConfig};
+use crate::delivery::counters::RouteCounters;
 use crate::diag::{Problem, Severity};
-use crate::dispatch::now_ms;
-use crate::metrics as m;
+use crate::obs::metrics as m;
 use crate::rules::RuleSet;
 use crate::rules::load::RuleEnv;
-use crate::rules::validate::validate;
 use crate::sinks::Sinks;
 use crate::sources::pubsub::subscriber::Subscriptions;
 
@@ -49,31 +50,6 @@ pub struct ReloadOutcome {
     /// Config changes that take effect only after a restart (the running process keeps the old values).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub restart_required: Vec<String>,
-}
-
-/// Per-route counters shown at `/rules`.
-#[derive(Debug, Default)]
-pub struct RouteCounters {
-    inner: Mutex<HashMap<String, (u64, u64)>>,
-}
-
-impl RouteCounters {
-    /// A route's `when` held (and, with `fired`, its `then` ran).
-    pub fn record(&self, route: &str, fired: bool) {
-        let mut map = self.inner.lock().expect("counter lock is never poisoned");
-        let entry = map.entry(route.to_string()).or_default();
-        entry.0 += 1;
-        entry.1 += u64::from(fired);
-    }
-
-    pub fn get(&self, route: &str) -> (u64, u64) {
-        self.inner
-            .lock()
-            .expect("counter lock is never poisoned")
-            .get(route)
-            .copied()
-            .unwrap_or_default()
-    }
 }
 
 pub struct Reloader {

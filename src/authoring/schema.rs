@@ -14,7 +14,7 @@ pub fn config_schema() -> Value {
 }
 
 pub fn tests_schema() -> Value {
-    serde_json::to_value(schemars::schema_for!(crate::rules::testing::TestFile)).expect("a schema is always JSON")
+    serde_json::to_value(schemars::schema_for!(crate::authoring::testing::TestFile)).expect("a schema is always JSON")
 }
 
 /// The schema as checked in under `schemas/` (pretty, with a final newline).

@@ -19,19 +19,20 @@ use futures_util::FutureExt;
 use tokio::sync::{mpsc, watch};
 use tracing::Instrument;
 
-use crate::checkpoint::CheckpointStore;
 use crate::config::{Config, OnUnmatched};
-use crate::dispatch::{ActionResult, Dispatcher, now_ms, redact_event};
+use crate::delivery::counters::{self, RouteCounters};
+use crate::delivery::dispatch::{ActionResult, Dispatcher, now_ms, redact_event};
 use crate::enrich::Enricher;
 use crate::event::Event;
-use crate::lease::Fence;
-use crate::metrics as m;
+use crate::obs::metrics as m;
 use crate::plan::{Op, Outcome, Plan};
 use crate::router::{self, Needs};
 use crate::rules::RuleSet;
-use crate::sinks::{DeadLetter, Sinks};
+use crate::sinks::Sinks;
 use crate::sources::Delivery;
 use crate::sources::{Source, Sourced};
+use crate::state::lease::Fence;
+use crate::state::{CheckpointStore, DeadLetter, MemoryBackend, Stores};
 
 /// How often a moved position is written to the checkpoint store (and at the end of every run).
 const COMMIT_EVERY: Duration = Duration::from_millis(200);
@@ -79,14 +80,14 @@ pub struct Pipeline {
     pub rules: Arc<ArcSwap<RuleSet>>,
     pub enricher: Enricher,
     pub dispatcher: Dispatcher,
-    pub sinks: Arc<Sinks>,
+    pub stores: Arc<Stores>,
     pub on_unmatched: OnUnmatched,
     pub print_decisions: bool,
     pub concurrency: usize,
     pub shutdown_timeout: Duration,
     pub redact: Vec<String>,
     /// Per-route counters for `/rules`.
-    pub counters: Arc<crate::reload::RouteCounters>,
+    pub counters: Arc<RouteCounters>,
     /// Events and malformed inputs settled so far, for whoever waits on progress.
     pub settled: watch::Sender<u64>,
 }
@@ -105,12 +106,23 @@ struct Settled {
 }
 
 impl Pipeline {
-    pub fn new(config: &Config, rules: Arc<ArcSwap<RuleSet>>, sinks: Arc<Sinks>, enricher: Enricher) -> Self {
+    pub fn new(
+        config: &Config,
+        rules: Arc<ArcSwap<RuleSet>>,
+        stores: Arc<Stores>,
+        sinks: Arc<Sinks>,
+        enricher: Enricher,
+    ) -> Self {
         Pipeline {
             rules,
             enricher,
-            dispatcher: Dispatcher::new(sinks.clone(), config.delivery.retry.clone(), config.redact.clone()),
-            sinks,
+            dispatcher: Dispatcher::new(
+                stores.clone(),
+                sinks,
+                config.delivery.retry.clone(),
+                config.redact.clone(),
+            ),
+            stores,
             on_unmatched: config.on_unmatched,
             print_decisions: config.print_decisions,
             concurrency: config.delivery.concurrency.max(1),
@@ -277,7 +289,7 @@ impl Pipeline {
     }
 
     pub fn checkpoints(&self) -> &CheckpointStore {
-        &self.sinks.checkpoints
+        &self.stores.checkpoints
     }
 
     /// Starts one delivery's task after the earlier deliveries touching the same records.
@@ -441,13 +453,13 @@ impl Pipeline {
             ) => {
                 stats.events += 1;
                 metrics::counter!(m::EVENTS, "channel" => event.channel.clone()).increment(1);
-                m::record_evaluated(rules, &event);
+                counters::record_evaluated(rules, &event);
                 if !needs.matched() {
                     self.unmatched(rules, &event, &position, &mut stats, &mut out).await;
                     return (out, stats);
                 }
                 let plan = self.finish(rules, &mut event, needs).await;
-                m::record_decisions(&plan);
+                counters::record_decisions(&plan);
                 for d in &plan.decisions {
                     self.counters.record(&d.route, d.outcome == Outcome::Then);
                     if matches!(d.outcome, Outcome::Failed(_)) {
@@ -571,7 +583,7 @@ fn render_plan(event: &Event, position: &str, plan: &Plan, results: &[ActionResu
 
 impl Stats {
     /// The summary printed when a finite source ends.
-    pub fn print_summary(&self, sinks: &Sinks) {
+    pub fn print_summary(&self, memory: Option<&MemoryBackend>) {
         println!();
         println!(
             "Summary: {} events ({} malformed), {} matched no route, {} dead letters, {} skipped as already done, {} shadow actions",
@@ -588,7 +600,7 @@ impl Stats {
         for (sink, n) in &self.actions_done {
             println!("  sink {sink}: {n} action(s) done");
         }
-        if let Some(memory) = &sinks.memory {
+        if let Some(memory) = memory {
             // Sorted by id: events on different records are enqueued concurrently, in no fixed order.
             let mut jobs = memory.jobs();
             jobs.sort_by(|a, b| (&a.queue, &a.id).cmp(&(&b.queue, &b.id)));

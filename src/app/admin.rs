@@ -4,25 +4,25 @@ use std::io::Write;
 
 use serde_json::Value;
 
-use crate::checkpoint::{describe, offset_bytes, unhex};
-use crate::cli::{CheckpointOp, DeadLetterOp};
-use crate::dispatch::ActionResult;
+use crate::app::cli::{CheckpointOp, DeadLetterOp};
+use crate::app::service::Service;
+use crate::delivery::dispatch::ActionResult;
 use crate::plan::{Action, Op};
-use crate::service::Service;
-use crate::sinks::DeadLetter;
+use crate::state::DeadLetter;
+use crate::state::checkpoint::{describe, offset_bytes};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AdminError {
     #[error("{0}")]
     Usage(String),
     #[error(transparent)]
-    Checkpoint(#[from] crate::checkpoint::CheckpointError),
+    Checkpoint(#[from] crate::state::checkpoint::CheckpointError),
     #[error(transparent)]
-    Store(#[from] crate::sinks::SinkError),
+    Store(#[from] crate::failure::Failure),
 }
 
 pub async fn checkpoint(service: &Service, op: CheckpointOp, out: &mut impl Write) -> Result<(), AdminError> {
-    let store = &service.sinks.checkpoints;
+    let store = &service.stores.checkpoints;
     match op {
         CheckpointOp::Show => {
             let all = store.list().await?;
@@ -39,9 +39,8 @@ pub async fn checkpoint(service: &Service, op: CheckpointOp, out: &mut impl Writ
                     n.parse()
                         .map_err(|_| AdminError::Usage(format!("`{n}` is not a byte offset")))?,
                 ),
-                None => {
-                    unhex(&value).ok_or_else(|| AdminError::Usage(format!("`{value}` is not hex bytes or offset:N")))?
-                }
+                None => crate::hex::decode(value.trim())
+                    .ok_or_else(|| AdminError::Usage(format!("`{value}` is not hex bytes or offset:N")))?,
             };
             refuse_while_leased(service, &key).await?;
             store.set(&key, &bytes).await?;
@@ -59,7 +58,7 @@ pub async fn checkpoint(service: &Service, op: CheckpointOp, out: &mut impl Writ
 /// A position moved while a replica holds its channel's lease would be overwritten by that replica's next commit
 /// (its fenced writes still pass): refuse, and say who holds it.
 async fn refuse_while_leased(service: &Service, key: &str) -> Result<(), AdminError> {
-    let Some(leases) = &service.leases else {
+    let Some(leases) = &service.stores.leases else {
         return Ok(());
     };
     match leases.holder(key).await? {
@@ -85,7 +84,7 @@ fn summary(id: &str, letter: &Value) -> String {
 }
 
 pub async fn dead_letter(service: &Service, op: DeadLetterOp, out: &mut impl Write) -> Result<bool, AdminError> {
-    let store = &service.sinks.dead_letters;
+    let store = &service.stores.dead_letters;
     let all = store.list().await?;
     let pick = |ids: &[String], every: bool| -> Result<Vec<(String, Value)>, AdminError> {
         if every {
@@ -166,7 +165,7 @@ async fn retry_one(service: &Service, id: &str, value: Value, out: &mut impl Wri
     // The old entry goes either way: a new failure was written as a new dead letter. An interrupted action (the
     // command was stopped mid-retry) wrote none, so its entry stays.
     if ok != Retried::Interrupted {
-        service.sinks.dead_letters.delete(&[id.to_string()]).await?;
+        service.stores.dead_letters.delete(&[id.to_string()]).await?;
     }
     Ok(ok == Retried::Done)
 }

@@ -11,9 +11,9 @@ use std::time::{Duration, Instant};
 use redis::aio::ConnectionManager;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::lease::Fence;
-use crate::metrics as m;
-use crate::sinks::SinkError;
+use crate::failure::Failure;
+use crate::obs::metrics as m;
+use crate::state::lease::Fence;
 
 /// The value a done marker holds.
 const DONE: &str = "done";
@@ -48,7 +48,7 @@ for i = 1, #KEYS / 2 do
   end
 end
 return out"#,
-        refused = crate::lease::fence_refused("counter", "token")
+        refused = crate::state::lease::fence_refused("counter", "token")
     ))
 });
 /// The most marker writes sent in one script call (a few hundred microseconds of Redis time at most).
@@ -108,15 +108,15 @@ pub fn new_token() -> String {
     )
 }
 
-fn redis_err(e: redis::RedisError) -> SinkError {
-    SinkError::from_redis(&e)
+fn redis_err(e: redis::RedisError) -> Failure {
+    Failure::from_redis(&e)
 }
 
-fn fenced(fence: Option<&Fence>) -> SinkError {
+fn fenced(fence: Option<&Fence>) -> Failure {
     if let Some(f) = fence {
         f.mark_lost();
     }
-    SinkError::Fenced(format!(
+    Failure::Fenced(format!(
         "another replica holds the lease of `{}` (our token {} is stale)",
         fence.map_or("?", |f| &f.key),
         fence.map_or(0, |f| f.token)
@@ -161,14 +161,14 @@ impl Idempotency {
     }
 
     /// Takes the lease for (sink, key), or says why not. `held` is a token this caller already holds; `fence` the
-    /// channel lease the event came under (a claim from a replica that lost it is refused: [`SinkError::Fenced`]).
+    /// channel lease the event came under (a claim from a replica that lost it is refused: [`Failure::Fenced`]).
     pub async fn claim(
         &self,
         sink: &str,
         key: &str,
         held: Option<&str>,
         fence: Option<&Fence>,
-    ) -> Result<Claim, SinkError> {
+    ) -> Result<Claim, Failure> {
         match self {
             Idempotency::Redis {
                 marks,
@@ -205,7 +205,7 @@ impl Idempotency {
     }
 
     /// Extends our lease while a call runs.
-    pub async fn renew(&self, sink: &str, key: &str, token: &str) -> Result<(), SinkError> {
+    pub async fn renew(&self, sink: &str, key: &str, token: &str) -> Result<(), Failure> {
         match self {
             Idempotency::Redis { conn, prefix, ttls, .. } => {
                 let mut conn = conn.clone();
@@ -232,7 +232,7 @@ impl Idempotency {
 
     /// Marks the action done: later deliveries of the same key skip it for the done TTL. Under a channel lease the
     /// marker carries its fencing token, and a replica that lost the lease cannot write it.
-    pub async fn complete(&self, sink: &str, key: &str, fence: Option<&Fence>) -> Result<(), SinkError> {
+    pub async fn complete(&self, sink: &str, key: &str, fence: Option<&Fence>) -> Result<(), Failure> {
         match self {
             Idempotency::Redis {
                 marks,
@@ -268,7 +268,7 @@ impl Idempotency {
     }
 
     /// Gives the lease up after a failure, so the next delivery (or a dead-letter retry) can run it.
-    pub async fn release(&self, sink: &str, key: &str, token: &str) -> Result<(), SinkError> {
+    pub async fn release(&self, sink: &str, key: &str, token: &str) -> Result<(), Failure> {
         match self {
             Idempotency::Redis { conn, prefix, .. } => {
                 let mut conn = conn.clone();
@@ -317,7 +317,7 @@ impl Mark {
     fn new(kind: MarkKind, key: String, value: String, ttl: Duration, key_prefix: &str, fence: Option<&Fence>) -> Mark {
         Mark {
             kind,
-            counter: fence.map_or_else(|| key.clone(), |f| crate::lease::fence_key(key_prefix, &f.key)),
+            counter: fence.map_or_else(|| key.clone(), |f| crate::state::lease::fence_key(key_prefix, &f.key)),
             key,
             value,
             ttl_ms: ttl.as_millis() as u64,
@@ -326,7 +326,7 @@ impl Mark {
     }
 }
 
-type Reply = oneshot::Sender<Result<i64, SinkError>>;
+type Reply = oneshot::Sender<Result<i64, Failure>>;
 
 /// Writes claims and done markers for every dispatcher task of the process, batching the writes that wait at the
 /// same moment into one script call (one round trip, one command for Redis) instead of one call each: the events of a
@@ -349,9 +349,9 @@ impl MarkWriter {
         MarkWriter { tx, stats }
     }
 
-    async fn write(&self, mark: Mark) -> Result<i64, SinkError> {
+    async fn write(&self, mark: Mark) -> Result<i64, Failure> {
         let (reply, answer) = oneshot::channel();
-        let stopped = || SinkError::Transient("the idempotency marker writer has stopped (shutting down)".into());
+        let stopped = || Failure::Transient("the idempotency marker writer has stopped (shutting down)".into());
         self.tx.send((mark, reply)).map_err(|_| stopped())?;
         answer.await.unwrap_or_else(|_| Err(stopped()))
     }
@@ -405,12 +405,12 @@ impl MarkWriter {
         }
         let answer = match call.invoke_async::<Vec<i64>>(&mut conn).await {
             Ok(codes) if codes.len() == batch.len() => Ok(codes),
-            Ok(codes) => Err(SinkError::Permanent(format!(
+            Ok(codes) => Err(Failure::Permanent(format!(
                 "the marker script answered {} results for {} writes",
                 codes.len(),
                 batch.len()
             ))),
-            Err(e) => Err(SinkError::from_redis(&e)),
+            Err(e) => Err(Failure::from_redis(&e)),
         };
         match answer {
             Ok(codes) => {

@@ -19,7 +19,7 @@ use std::time::Duration;
 use redis::aio::ConnectionManager;
 use tokio::sync::watch;
 
-use crate::sinks::SinkError;
+use crate::failure::Failure;
 
 /// Takes the lease when it is free or held under our own instance name (our previous life), with a new token.
 const ACQUIRE: &str = r#"
@@ -144,12 +144,12 @@ impl Leases {
         let n = held.len();
         self.holding.send_if_modified(|h| std::mem::replace(h, n) != n);
         let role = if n > 0 { "active" } else { "standby" };
-        crate::metrics::set_role(role);
+        crate::obs::metrics::set_role(role);
     }
 
     /// Who holds the lease of `key` now (its instance name), and for how much longer unless renewed; `None` when
     /// nobody does.
-    pub async fn holder(&self, key: &str) -> Result<Option<(String, Duration)>, SinkError> {
+    pub async fn holder(&self, key: &str) -> Result<Option<(String, Duration)>, Failure> {
         let mut conn = self.conn.clone();
         let lease = self.lease_key(key);
         let (value, ttl_ms): (Option<String>, i64) = redis::pipe()
@@ -159,7 +159,7 @@ impl Leases {
             .arg(&lease)
             .query_async(&mut conn)
             .await
-            .map_err(|e| SinkError::from_redis(&e))?;
+            .map_err(|e| Failure::from_redis(&e))?;
         Ok(value.map(|v| {
             let instance = v.rsplit_once(' ').map_or(v.as_str(), |(name, _)| name).to_string();
             (instance, Duration::from_millis(ttl_ms.max(0) as u64))
@@ -167,7 +167,7 @@ impl Leases {
     }
 
     /// Takes the lease of `key` if nobody else holds it.
-    pub async fn try_acquire(&self, key: &Arc<str>) -> Result<Option<Arc<Fence>>, SinkError> {
+    pub async fn try_acquire(&self, key: &Arc<str>) -> Result<Option<Arc<Fence>>, Failure> {
         let mut conn = self.conn.clone();
         let token: i64 = redis::Script::new(ACQUIRE)
             .key(self.lease_key(key))
@@ -176,7 +176,7 @@ impl Leases {
             .arg(self.ttl.as_millis() as u64)
             .invoke_async(&mut conn)
             .await
-            .map_err(|e| SinkError::from_redis(&e))?;
+            .map_err(|e| Failure::from_redis(&e))?;
         if token <= 0 {
             return Ok(None);
         }
@@ -188,7 +188,7 @@ impl Leases {
     }
 
     /// Extends the lease; `Ok(false)` when it is no longer ours.
-    pub async fn renew(&self, fence: &Fence) -> Result<bool, SinkError> {
+    pub async fn renew(&self, fence: &Fence) -> Result<bool, Failure> {
         let Some(value) = self.value_of(fence) else {
             return Ok(false);
         };
@@ -199,7 +199,7 @@ impl Leases {
             .arg(self.ttl.as_millis() as u64)
             .invoke_async(&mut conn)
             .await
-            .map_err(|e| SinkError::from_redis(&e))?;
+            .map_err(|e| Failure::from_redis(&e))?;
         Ok(renewed == 1)
     }
 
@@ -249,7 +249,7 @@ impl Leases {
                 .await;
             match released {
                 Ok(_) => {
-                    metrics::counter!(crate::metrics::LEASE_CHANGES, "channel" => key.to_string(), "event" => "released")
+                    metrics::counter!(crate::obs::metrics::LEASE_CHANGES, "channel" => key.to_string(), "event" => "released")
                         .increment(1);
                     tracing::info!(%key, "Lease released; a standby replica takes over.");
                 }

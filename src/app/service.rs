@@ -6,25 +6,25 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use tokio::sync::watch;
 
+use crate::app::reload::Reloader;
 use crate::auth::Auth;
-use crate::checkpoint::CheckpointStore;
 use crate::config::{EnricherKind, LoadedConfig, SourceKind};
+use crate::delivery::counters::{self, RouteCounters};
+use crate::delivery::pipeline::{Pipeline, Stats};
 use crate::diag::{Problem, Problems, Severity};
 use crate::enrich::{Enricher, SalesforceEnricher};
-use crate::lease::Leases;
-use crate::metrics as m;
-use crate::pipeline::{Pipeline, Stats};
-use crate::reload::{Reloader, RouteCounters};
+use crate::obs::metrics as m;
 use crate::rules::RuleSet;
 use crate::rules::load::{self, RuleEnv, RuleSource};
 use crate::sinks::{BuildError, Sinks};
 use crate::sources::Source;
 use crate::sources::jsonl::JsonlSource;
 use crate::sources::pubsub::subscriber::{PubsubSource, Subscription};
+use crate::state::{ConnectError, Stores};
 
 /// The rules and events the embedded demo runs, so `switchyard run` works from any directory.
-const DEMO_RULES: &str = include_str!("../rules/orders.yaml");
-const DEMO_EVENTS: &str = include_str!("../examples/events/order-lifecycle.jsonl");
+const DEMO_RULES: &str = include_str!("../../rules/orders.yaml");
+const DEMO_EVENTS: &str = include_str!("../../examples/events/order-lifecycle.jsonl");
 
 /// How long a start waits for the checkpoint store to answer before it fails.
 const STORED_POSITION_PATIENCE: std::time::Duration = std::time::Duration::from_secs(30);
@@ -34,11 +34,13 @@ pub enum StartError {
     #[error("{0}")]
     Invalid(Problems),
     #[error(transparent)]
+    Stores(#[from] ConnectError),
+    #[error(transparent)]
     Sinks(#[from] BuildError),
     #[error("cannot open the event source {path}: {source}")]
     Source { path: PathBuf, source: std::io::Error },
     #[error("cannot read the stored position: {0}")]
-    Checkpoint(crate::checkpoint::CheckpointError),
+    Checkpoint(crate::state::checkpoint::CheckpointError),
     #[error("the in-process emulator: {0}")]
     Emulator(#[from] crate::emulator::EmulatorError),
     #[error(transparent)]
@@ -52,6 +54,8 @@ pub struct Service {
     /// Whether this is the embedded demo (rules and events compiled into the binary).
     pub embedded: bool,
     pub rules: Arc<ArcSwap<RuleSet>>,
+    /// Dead letters, idempotency markers, positions, leases: built once, shared by everything below.
+    pub stores: Arc<Stores>,
     pub sinks: Arc<Sinks>,
     pub pipeline: Arc<Pipeline>,
     /// Reloads the rules (file watch, SIGHUP, `POST /reload`).
@@ -66,8 +70,6 @@ pub struct Service {
     pub emulator: Option<(crate::emulator::EmulatorHandle, Vec<EmulatorInput>)>,
     /// The running Pub/Sub channels (for `/healthz`, tests).
     pub channels: Arc<std::sync::Mutex<Vec<Arc<crate::sources::pubsub::subscriber::ChannelStatus>>>>,
-    /// The channel leases, when replicas coordinate through Redis (`lease`).
-    pub leases: Option<Arc<Leases>>,
 }
 
 /// One line of the `emulator` source's events file.
@@ -92,7 +94,7 @@ impl Service {
             )
         } else {
             // The same path as every reload: compile, check, dry-run on the fixtures.
-            let checked = crate::rules::validate::validate(&config.rule_paths(), &env, None);
+            let checked = crate::authoring::validate::validate(&config.rule_paths(), &env, None);
             load::Loaded {
                 ruleset: checked.ruleset,
                 problems: checked.problems,
@@ -112,8 +114,9 @@ impl Service {
         tracing::info!(rules_version = %ruleset.version, routes = ruleset.routes.len(), mode = config.config.mode.as_str(), "Rules loaded.");
         metrics::gauge!(m::RULES_VERSION, "version" => ruleset.version.clone()).set(1.0);
         let rules = Arc::new(ArcSwap::from_pointee(ruleset));
-        let sinks = Arc::new(Sinks::build(&config).await?);
-        m::register(&config.config, &rules.load());
+        let stores = Arc::new(Stores::build(&config).await?);
+        let sinks = Arc::new(Sinks::build(&config, &stores).await?);
+        counters::register(&config.config, &rules.load());
         let counters = Arc::new(RouteCounters::default());
         let c = &config.config;
         // The `emulator` source brings its own org: an in-process emulator on loopback, and credentials for it.
@@ -142,20 +145,7 @@ impl Service {
                 Enricher::Salesforce(Arc::new(SalesforceEnricher::new(auth.clone(), sf)?))
             }
         };
-        let leases = match &sinks.checkpoints {
-            CheckpointStore::Redis { conn, key_prefix, .. } if c.leases_enabled() => {
-                let instance = c.instance_name();
-                tracing::info!(%instance, ttl_ms = c.lease.ttl_ms, "Channel leases on: one replica subscribes to each channel.");
-                Some(Arc::new(Leases::new(
-                    conn.clone(),
-                    key_prefix,
-                    instance,
-                    std::time::Duration::from_millis(c.lease.ttl_ms),
-                )))
-            }
-            _ => None,
-        };
-        let mut pipeline = Pipeline::new(&config.config, rules.clone(), sinks.clone(), enricher);
+        let mut pipeline = Pipeline::new(&config.config, rules.clone(), stores.clone(), sinks.clone(), enricher);
         pipeline.counters = counters.clone();
         let mut reloader = Reloader::new(rules.clone(), counters, config.rule_paths(), env);
         // With a config file on disk, a reload re-reads it and applies what can change live.
@@ -167,6 +157,7 @@ impl Service {
             config,
             embedded,
             rules,
+            stores,
             sinks,
             pipeline: Arc::new(pipeline),
             reloader,
@@ -175,7 +166,6 @@ impl Service {
             auth,
             emulator,
             channels: Arc::default(),
-            leases,
         })
     }
 
@@ -193,7 +183,10 @@ impl Service {
                 let path = self.config.resolve(&jsonl.path);
                 let key = JsonlSource::key_for(&path);
                 let stored = self.stored_position(&key).await?;
-                let start = stored.as_deref().and_then(crate::checkpoint::offset_of).unwrap_or(0);
+                let start = stored
+                    .as_deref()
+                    .and_then(crate::state::checkpoint::offset_of)
+                    .unwrap_or(0);
                 if start > 0 {
                     tracing::info!(%key, offset = start, "Resuming the source from its stored position.");
                 }
@@ -208,15 +201,15 @@ impl Service {
     /// under us) is retried for a while, as every other Redis call is, before the start gives up.
     async fn stored_position(&self, key: &str) -> Result<Option<Vec<u8>>, StartError> {
         let started = std::time::Instant::now();
-        let patient = |e: &crate::checkpoint::CheckpointError| {
-            let transient = matches!(e, crate::checkpoint::CheckpointError::Store(e) if e.is_transient());
+        let patient = |e: &crate::state::checkpoint::CheckpointError| {
+            let transient = matches!(e, crate::state::checkpoint::CheckpointError::Store(e) if e.is_transient());
             let retry = transient && started.elapsed() < STORED_POSITION_PATIENCE;
             if retry {
                 tracing::warn!(%key, error = %e, "Cannot read the stored position yet; retrying.");
             }
             retry
         };
-        self.sinks
+        self.stores
             .checkpoints
             .get_retrying(key, std::time::Duration::from_secs(2), patient)
             .await
@@ -251,8 +244,8 @@ impl Service {
                 mode: c.mode,
                 config: pubsub,
                 auth,
-                checkpoints: self.sinks.checkpoints.clone(),
-                leases: self.leases.clone(),
+                checkpoints: self.stores.checkpoints.clone(),
+                leases: self.stores.leases.clone(),
             },
             &channels,
             c.delivery.concurrency,
@@ -302,13 +295,14 @@ impl Service {
         };
         let http = match &self.config.config.http {
             Some(http) => {
-                let state = crate::http::AppState {
+                let state = crate::app::http::AppState {
                     reloader: self.reloader.clone(),
                     metrics: m::install(),
-                    redis: self.sinks.redis_checks.clone(),
+                    main_redis: self.stores.redis_check(),
+                    sink_redis: self.sinks.redis_checks.clone(),
                     channels: self.channels.clone(),
                 };
-                let (addr, task) = crate::http::serve(&http.listen, state, shutdown.clone())
+                let (addr, task) = crate::app::http::serve(&http.listen, state, shutdown.clone())
                     .await
                     .map_err(|source| StartError::Http {
                         listen: http.listen.clone(),
@@ -326,14 +320,14 @@ impl Service {
             () = feeding => pipeline.await,
         };
         // Graceful handover: the last settled positions are stored, so a standby may take over from them now.
-        if let Some(leases) = &self.leases {
+        if let Some(leases) = &self.stores.leases {
             leases.release_all().await;
         }
         if let Some(task) = http {
             task.abort();
         }
         if self.config.config.print_decisions {
-            stats.print_summary(&self.sinks);
+            stats.print_summary(self.stores.memory.as_deref());
         }
         Ok(stats)
     }

@@ -840,7 +840,7 @@ mod context_tests {
     use super::*;
     use crate::rules::reads::Fields;
 
-    const EVENTS: &str = include_str!("../examples/events/order-lifecycle.jsonl");
+    const EVENTS: &str = include_str!("../../examples/events/order-lifecycle.jsonl");
 
     fn json(d: &Dynamic) -> Value {
         rhai::serde::from_dynamic(d).expect("context values convert back to JSON")

@@ -6,8 +6,9 @@ use redis::aio::ConnectionManager;
 use serde::Serialize;
 use serde_json::Value;
 
-use super::{MemoryBackend, SinkError};
+use super::MemoryBackend;
 use crate::event::Event;
+use crate::failure::Failure;
 use crate::plan::Action;
 
 /// One dead letter.
@@ -51,8 +52,8 @@ impl DeadLetters {
         DeadLetters::Memory(memory)
     }
 
-    pub async fn write(&self, letter: &DeadLetter) -> Result<(), SinkError> {
-        let entry = serde_json::to_value(letter).map_err(|e| SinkError::Permanent(e.to_string()))?;
+    pub async fn write(&self, letter: &DeadLetter) -> Result<(), Failure> {
+        let entry = serde_json::to_value(letter).map_err(|e| Failure::Permanent(e.to_string()))?;
         match self {
             DeadLetters::Redis { conn, key, max_len } => {
                 let mut conn = conn.clone();
@@ -66,7 +67,7 @@ impl DeadLetters {
                     .arg(entry.to_string())
                     .query_async::<String>(&mut conn)
                     .await
-                    .map_err(|e| SinkError::from_redis(&e))?;
+                    .map_err(|e| Failure::from_redis(&e))?;
                 Ok(())
             }
             DeadLetters::Memory(memory) => {
@@ -81,7 +82,7 @@ impl DeadLetters {
     }
 
     /// Every stored dead letter with its id, oldest first.
-    pub async fn list(&self) -> Result<Vec<(String, Value)>, SinkError> {
+    pub async fn list(&self) -> Result<Vec<(String, Value)>, Failure> {
         match self {
             DeadLetters::Redis { conn, key, .. } => {
                 let mut conn = conn.clone();
@@ -91,7 +92,7 @@ impl DeadLetters {
                     .arg("+")
                     .query_async(&mut conn)
                     .await
-                    .map_err(|e| SinkError::from_redis(&e))?;
+                    .map_err(|e| Failure::from_redis(&e))?;
                 Ok(entries
                     .into_iter()
                     .filter_map(|(id, fields)| {
@@ -110,7 +111,7 @@ impl DeadLetters {
     }
 
     /// Removes dead letters by id; returns how many were removed.
-    pub async fn delete(&self, ids: &[String]) -> Result<usize, SinkError> {
+    pub async fn delete(&self, ids: &[String]) -> Result<usize, Failure> {
         match self {
             DeadLetters::Redis { conn, key, .. } => {
                 if ids.is_empty() {
@@ -122,7 +123,7 @@ impl DeadLetters {
                     .arg(ids)
                     .query_async(&mut conn)
                     .await
-                    .map_err(|e| SinkError::from_redis(&e))?;
+                    .map_err(|e| Failure::from_redis(&e))?;
                 Ok(n)
             }
             DeadLetters::Memory(memory) => {

@@ -10,11 +10,13 @@ use tracing::Instrument;
 
 use crate::config::RetryConfig;
 use crate::event::Event;
-use crate::idempotency::Claim;
-use crate::lease::Fence;
-use crate::metrics as m;
+use crate::failure::Failure;
+use crate::obs::metrics as m;
 use crate::plan::{Action, Op, Plan};
-use crate::sinks::{ActionCx, DeadLetter, Sink, SinkError, Sinks};
+use crate::sinks::{ActionCx, Sink, Sinks};
+use crate::state::idempotency::Claim;
+use crate::state::lease::Fence;
+use crate::state::{DeadLetter, Stores};
 
 /// A dead letter that cannot be written (its store is down) is retried at this pace, forever: the
 /// event stays unsettled meanwhile, so its position is not committed and the source stops being read
@@ -49,6 +51,7 @@ const QUICK_RETRIES: u32 = 3;
 const QUICK_RETRY: Duration = Duration::from_millis(10);
 
 pub struct Dispatcher {
+    stores: Arc<Stores>,
     sinks: Arc<Sinks>,
     retry: RetryConfig,
     redact: Vec<String>,
@@ -105,8 +108,9 @@ fn redact_action(action: &mut Action, fields: &[String]) {
 }
 
 impl Dispatcher {
-    pub fn new(sinks: Arc<Sinks>, retry: RetryConfig, redact: Vec<String>) -> Self {
+    pub fn new(stores: Arc<Stores>, sinks: Arc<Sinks>, retry: RetryConfig, redact: Vec<String>) -> Self {
         Dispatcher {
+            stores,
             sinks,
             retry,
             redact,
@@ -197,7 +201,7 @@ impl Dispatcher {
         };
         match self.attempt(&sink, rules_version, event, action, fence).await {
             Ok(result) => result,
-            Err((SinkError::Fenced(e), _)) => {
+            Err((Failure::Fenced(e), _)) => {
                 tracing::warn!(sink = %action.sink, route = %action.route, event_id = %event.id, error = %e, "Action abandoned: the channel lease moved to another replica, which redelivers the event.");
                 ActionResult::Abandoned
             }
@@ -220,26 +224,26 @@ impl Dispatcher {
         event: &Event,
         action: &Action,
         fence: Option<&Fence>,
-    ) -> Result<ActionResult, (SinkError, u32)> {
+    ) -> Result<ActionResult, (Failure, u32)> {
         let key = match &action.op {
             Op::Enqueue { idempotency_key, .. } => Some(idempotency_key.as_str()),
             Op::Webhook { idempotency_key, .. } => idempotency_key.as_deref(),
             _ => None,
         };
-        let idem = &self.sinks.idempotency;
+        let idem = &self.stores.idempotency;
         let cx = ActionCx { event, rules_version };
         let started = Instant::now();
         let budget = Duration::from_millis(self.retry.budget_ms);
         let mut backoff = Duration::from_millis(self.retry.initial_backoff_ms.max(1));
         let max_backoff = Duration::from_millis(self.retry.max_backoff_ms.max(1));
         // One token per keyed action: a claim whose reply was lost is recognised as ours on the next attempt.
-        let own_token = key.map(|_| crate::idempotency::new_token());
+        let own_token = key.map(|_| crate::state::idempotency::new_token());
         let mut token: Option<String> = None;
         let mut attempts = 0;
         let mut quick_retries = 0;
         loop {
             attempts += 1;
-            let step: Result<Option<ActionResult>, SinkError> = async {
+            let step: Result<Option<ActionResult>, Failure> = async {
                 if let Some(key) = key {
                     match idem
                         .claim(&action.sink, key, own_token.as_deref(), fence)
@@ -249,7 +253,7 @@ impl Dispatcher {
                         Claim::Done => return Ok(Some(ActionResult::Skipped)),
                         // Another holder (a crashed process whose lease has not expired, or a concurrent
                         // delivery of the same key): wait for it like for a transient error.
-                        Claim::Busy => return Err(SinkError::Transient(format!("idempotency key `{key}` is leased by another holder"))),
+                        Claim::Busy => return Err(Failure::Transient(format!("idempotency key `{key}` is leased by another holder"))),
                         Claim::Acquired(t) => token = Some(t),
                     }
                 }
@@ -303,7 +307,7 @@ impl Dispatcher {
                         tracing::warn!(sink = %action.sink, route = %action.route, event_id = %event.id, attempt = attempts, error = %err, "Sink call failed; retrying.");
                         // A dropped connection is being replaced as we speak: retry on the new one at once (a few
                         // times in a row at most), rather than after a pause in which it may drop again.
-                        let pause = if matches!(err, SinkError::Dropped(_)) && quick_retries < QUICK_RETRIES {
+                        let pause = if matches!(err, Failure::Dropped(_)) && quick_retries < QUICK_RETRIES {
                             quick_retries += 1;
                             QUICK_RETRY
                         } else {
@@ -354,14 +358,14 @@ impl Dispatcher {
     pub async fn park(&self, letter: DeadLetter) {
         metrics::counter!(m::DEAD_LETTERS, "route" => letter.route.clone().unwrap_or_default()).increment(1);
         loop {
-            match self.sinks.dead_letters.write(&letter).await {
+            match self.stores.dead_letters.write(&letter).await {
                 Ok(()) => return,
-                Err(SinkError::Permanent(e) | SinkError::Fenced(e)) => {
+                Err(Failure::Permanent(e) | Failure::Fenced(e)) => {
                     // Cannot happen for well-formed letters; the log line then carries the whole letter.
                     tracing::error!(error = %e, letter = %serde_json::to_string(&letter).unwrap_or_default(), "Dead letter could not be stored.");
                     return;
                 }
-                Err(SinkError::Transient(e) | SinkError::Dropped(e)) => {
+                Err(Failure::Transient(e) | Failure::Dropped(e)) => {
                     tracing::warn!(error = %e, event_id = ?letter.event_id, "Dead-letter store unavailable; holding the event and retrying.");
                     tokio::time::sleep(DEAD_LETTER_RETRY).await;
                 }

@@ -11,13 +11,13 @@ use serde::Deserialize;
 use serde_json::{Map, Value, json};
 use serde_saphyr::Spanned;
 
-use super::RuleSet;
-use super::load::{self, RuleEnv};
 use crate::config::{LoadedConfig, Mode};
 use crate::diag::{Problem, Severity};
 use crate::event::Event;
 use crate::plan::{Action, Op, Outcome, Plan};
 use crate::router;
+use crate::rules::RuleSet;
+use crate::rules::load::{self, RuleEnv};
 
 /// A rule test file: cases of events and the actions the rules must decide for them.
 #[derive(Debug, Deserialize, JsonSchema)]
