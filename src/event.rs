@@ -215,6 +215,21 @@ pub enum EventError {
 }
 
 impl Event {
+    /// Replaces the named payload and record fields by `***` (the config's `redact`): what dead letters, `record`
+    /// and logs keep of an event.
+    pub fn redact(&mut self, fields: &[String]) {
+        for f in fields {
+            if let Some(v) = self.fields.get_mut(f) {
+                *v = Value::from("***");
+            }
+            for record in self.record.values_mut().flatten() {
+                if let Some(v) = record.get_mut(f) {
+                    *v = Value::from("***");
+                }
+            }
+        }
+    }
+
     /// Parses and checks one JSONL line.
     pub fn from_json(line: &str) -> Result<Self, EventError> {
         let mut event: Event = serde_json::from_str(line)?;

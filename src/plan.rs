@@ -55,6 +55,35 @@ pub enum Op {
 }
 
 impl Action {
+    /// The key the dispatcher guards this action with (queue and webhook actions that have one).
+    pub fn idempotency_key(&self) -> Option<&str> {
+        match &self.op {
+            Op::Enqueue { idempotency_key, .. } => Some(idempotency_key),
+            Op::Webhook { idempotency_key, .. } => idempotency_key.as_deref(),
+            _ => None,
+        }
+    }
+
+    /// Replaces the named job data, webhook body and log fields by `***` (the config's `redact`).
+    pub fn redact(&mut self, names: &[String]) {
+        let map = match &mut self.op {
+            Op::Log { fields, .. } => fields,
+            Op::Enqueue {
+                data: Value::Object(data),
+                ..
+            }
+            | Op::Webhook {
+                body: Value::Object(data),
+                ..
+            } => data,
+            _ => return,
+        };
+        for f in names {
+            if let Some(v) = map.get_mut(f) {
+                *v = Value::from("***");
+            }
+        }
+    }
     /// The correlation id the rule put into the job data, webhook body or log fields (`correlationId` or
     /// `correlation_id`), for log lines and stream entries.
     pub fn correlation_id(&self) -> Option<&str> {

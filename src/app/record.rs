@@ -8,7 +8,6 @@ use std::path::Path;
 use tokio::sync::watch;
 
 use crate::app::service::Service;
-use crate::delivery::dispatch::redact_event;
 use crate::router;
 use crate::sources::{Delivery, Source};
 
@@ -75,7 +74,7 @@ pub async fn record(
                         }
                     }
                 }
-                redact_event(&mut event, redact);
+                event.redact(redact);
                 let line = serde_json::to_string(&event).expect("an Event always serializes");
                 writeln!(file, "{line}").map_err(failed)?;
                 file.flush().map_err(failed)?;

@@ -3,20 +3,19 @@
 //! marked done after success; permanent errors and exhausted budgets are dead-lettered. Nothing is dropped.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use serde_json::Value;
 use tracing::Instrument;
 
+use crate::clock::jitter;
 use crate::config::RetryConfig;
 use crate::event::Event;
 use crate::failure::Failure;
 use crate::obs::metrics as m;
 use crate::plan::{Action, Op, Plan};
 use crate::sinks::{ActionCx, Sink, Sinks};
-use crate::state::idempotency::Claim;
 use crate::state::lease::Fence;
-use crate::state::{DeadLetter, Stores};
+use crate::state::{Claim, DeadLetter, Idempotency, Stores};
 
 /// A dead letter that cannot be written (its store is down) is retried at this pace, forever: the
 /// event stays unsettled meanwhile, so its position is not committed and the source stops being read
@@ -57,54 +56,6 @@ pub struct Dispatcher {
     redact: Vec<String>,
     /// True once the service stops: actions waiting to retry give up (`Interrupted`) instead of holding the stop.
     stopping: tokio::sync::watch::Sender<bool>,
-}
-
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
-/// Replaces the named payload and record fields (and log-sink fields) by `***`.
-pub fn redact_event(event: &mut Event, fields: &[String]) {
-    for f in fields {
-        if let Some(v) = event.fields.get_mut(f) {
-            *v = Value::from("***");
-        }
-        for record in event.record.values_mut().flatten() {
-            if let Some(v) = record.get_mut(f) {
-                *v = Value::from("***");
-            }
-        }
-    }
-}
-
-fn redact_action(action: &mut Action, fields: &[String]) {
-    match &mut action.op {
-        Op::Log { fields: log_fields, .. } => {
-            for f in fields {
-                if let Some(v) = log_fields.get_mut(f) {
-                    *v = Value::from("***");
-                }
-            }
-        }
-        Op::Enqueue {
-            data: Value::Object(data),
-            ..
-        }
-        | Op::Webhook {
-            body: Value::Object(data),
-            ..
-        } => {
-            for f in fields {
-                if let Some(v) = data.get_mut(f) {
-                    *v = Value::from("***");
-                }
-            }
-        }
-        _ => {}
-    }
 }
 
 impl Dispatcher {
@@ -199,7 +150,8 @@ impl Dispatcher {
                 .await;
             return ActionResult::DeadLettered { reason };
         };
-        match self.attempt(&sink, rules_version, event, action, fence).await {
+        let cx = ActionCx { event, rules_version };
+        match self.attempt(&sink, action, &cx, fence).await {
             Ok(result) => result,
             Err((Failure::Fenced(e), _)) => {
                 tracing::warn!(sink = %action.sink, route = %action.route, event_id = %event.id, error = %e, "Action abandoned: the channel lease moved to another replica, which redelivers the event.");
@@ -215,143 +167,84 @@ impl Dispatcher {
         }
     }
 
-    /// Claims the idempotency lease (when the action has a key), calls the sink, marks it done. Retries
-    /// transient errors of any of these steps within the budget.
+    /// Runs the action under its idempotency guard, retrying transient failures of any step (claim, call, done
+    /// marker) with backoff within the budget. Ends `Done`, `Skipped` (done before) or `Interrupted` (the service
+    /// stopped while a retry waited); otherwise the failure that ends it and the attempts made.
     async fn attempt(
         &self,
         sink: &Sink,
-        rules_version: &str,
-        event: &Event,
         action: &Action,
+        cx: &ActionCx<'_>,
         fence: Option<&Fence>,
     ) -> Result<ActionResult, (Failure, u32)> {
-        let key = match &action.op {
-            Op::Enqueue { idempotency_key, .. } => Some(idempotency_key.as_str()),
-            Op::Webhook { idempotency_key, .. } => idempotency_key.as_deref(),
-            _ => None,
-        };
-        let idem = &self.stores.idempotency;
-        let cx = ActionCx { event, rules_version };
-        let started = Instant::now();
-        let budget = Duration::from_millis(self.retry.budget_ms);
-        let mut backoff = Duration::from_millis(self.retry.initial_backoff_ms.max(1));
-        let max_backoff = Duration::from_millis(self.retry.max_backoff_ms.max(1));
-        // One token per keyed action: a claim whose reply was lost is recognised as ours on the next attempt.
-        let own_token = key.map(|_| crate::state::idempotency::new_token());
-        let mut token: Option<String> = None;
-        let mut attempts = 0;
-        let mut quick_retries = 0;
+        let mut guard = Guard::new(&self.stores.idempotency, action, fence);
+        let mut retry = Retry::new(&self.retry);
         loop {
-            attempts += 1;
-            let step: Result<Option<ActionResult>, Failure> = async {
-                if let Some(key) = key {
-                    match idem
-                        .claim(&action.sink, key, own_token.as_deref(), fence)
-                        .await
-                        .map_err(|e| e.context("idempotency claim"))?
-                    {
-                        Claim::Done => return Ok(Some(ActionResult::Skipped)),
-                        // Another holder (a crashed process whose lease has not expired, or a concurrent
-                        // delivery of the same key): wait for it like for a transient error.
-                        Claim::Busy => return Err(Failure::Transient(format!("idempotency key `{key}` is leased by another holder"))),
-                        Claim::Acquired(t) => token = Some(t),
-                    }
-                }
-                let call = async {
-                    let started = Instant::now();
-                    let result = sink.run(action, &cx).await;
-                    metrics::histogram!(m::SINK_DURATION, "sink" => action.sink.clone())
-                        .record(started.elapsed().as_secs_f64());
-                    result
-                };
-                let outcome = match (key, &token) {
-                    // Renew the lease while the call runs, at a third of its lifetime.
-                    (Some(key), Some(t)) => {
-                        let renew_every = idem.ttls().lease / 3;
-                        tokio::pin!(call);
-                        loop {
-                            tokio::select! {
-                                r = &mut call => break r,
-                                _ = tokio::time::sleep(renew_every) => { let _ = idem.renew(&action.sink, key, t).await; }
-                            }
-                        }
-                    }
-                    _ => call.await,
-                };
-                outcome?;
-                if let Some(key) = key {
-                    idem.complete(&action.sink, key, fence)
-                        .await
-                        .map_err(|e| e.context("done marker"))?;
-                }
-                Ok(None)
-            }
-            .await;
-            match step {
-                Ok(Some(result)) => {
-                    metrics::counter!(m::IDEMPOTENT_SKIPS, "sink" => action.sink.clone()).increment(1);
-                    tracing::debug!(sink = %action.sink, event_id = %event.id, "Action already done for its idempotency key; skipped.");
-                    return Ok(result);
-                }
-                Ok(None) => {
+            let err = match self.try_once(sink, action, cx, &mut guard).await {
+                Ok(Ran::Called) => {
                     metrics::counter!(m::SINK_CALLS, "sink" => action.sink.clone(), "result" => "ok").increment(1);
-                    return Ok(ActionResult::Done { attempts });
+                    return Ok(ActionResult::Done {
+                        attempts: retry.attempts,
+                    });
                 }
-                Err(err) => {
-                    metrics::counter!(m::SINK_CALLS, "sink" => action.sink.clone(), "result" => "error").increment(1);
-                    let kind = if err.is_transient() { "transient" } else { "permanent" };
-                    metrics::counter!(m::SINK_ERRORS, "sink" => action.sink.clone(), "kind" => kind).increment(1);
-                    let retry = err.is_transient() && started.elapsed() + backoff < budget;
-                    if retry {
-                        metrics::counter!(m::SINK_RETRIES, "sink" => action.sink.clone()).increment(1);
-                        tracing::warn!(sink = %action.sink, route = %action.route, event_id = %event.id, attempt = attempts, error = %err, "Sink call failed; retrying.");
-                        // A dropped connection is being replaced as we speak: retry on the new one at once (a few
-                        // times in a row at most), rather than after a pause in which it may drop again.
-                        let pause = if matches!(err, Failure::Dropped(_)) && quick_retries < QUICK_RETRIES {
-                            quick_retries += 1;
-                            QUICK_RETRY
-                        } else {
-                            quick_retries = 0;
-                            let pause = backoff;
-                            backoff = (backoff * 2).min(max_backoff);
-                            pause
-                        };
-                        if self.pause(jitter(pause)).await {
-                            continue;
-                        }
-                        tracing::warn!(sink = %action.sink, route = %action.route, event_id = %event.id, attempt = attempts, error = %err, "Stopping: the action is not retried here; the event stays unsettled and is redelivered.");
-                    }
-                    if let (Some(key), Some(t)) = (key, &token) {
-                        // Best effort: if Redis is down the lease simply expires.
-                        let _ = idem.release(&action.sink, key, t).await;
-                    }
-                    // A retry that did not happen: the service is stopping.
-                    if retry {
-                        return Ok(ActionResult::Interrupted);
-                    }
-                    return Err((err, attempts));
+                Ok(Ran::AlreadyDone) => {
+                    metrics::counter!(m::IDEMPOTENT_SKIPS, "sink" => action.sink.clone()).increment(1);
+                    tracing::debug!(sink = %action.sink, event_id = %cx.event.id, "Action already done for its idempotency key; skipped.");
+                    return Ok(ActionResult::Skipped);
                 }
+                Err(err) => err,
+            };
+            metrics::counter!(m::SINK_CALLS, "sink" => action.sink.clone(), "result" => "error").increment(1);
+            let kind = if err.is_transient() { "transient" } else { "permanent" };
+            metrics::counter!(m::SINK_ERRORS, "sink" => action.sink.clone(), "kind" => kind).increment(1);
+            let pause = retry.pause_after(&err);
+            if let Some(pause) = pause {
+                metrics::counter!(m::SINK_RETRIES, "sink" => action.sink.clone()).increment(1);
+                tracing::warn!(sink = %action.sink, route = %action.route, event_id = %cx.event.id, attempt = retry.attempts, error = %err, "Sink call failed; retrying.");
+                if self.pause(pause).await {
+                    retry.attempts += 1;
+                    continue;
+                }
+                tracing::warn!(sink = %action.sink, route = %action.route, event_id = %cx.event.id, attempt = retry.attempts, error = %err, "Stopping: the action is not retried here; the event stays unsettled and is redelivered.");
             }
+            guard.release().await;
+            // A retry that did not happen: the service is stopping.
+            return match pause {
+                Some(_) => Ok(ActionResult::Interrupted),
+                None => Err((err, retry.attempts)),
+            };
         }
+    }
+
+    /// One attempt: claim (when keyed), call the sink while the claim is renewed, mark done.
+    async fn try_once(
+        &self,
+        sink: &Sink,
+        action: &Action,
+        cx: &ActionCx<'_>,
+        guard: &mut Guard<'_>,
+    ) -> Result<Ran, Failure> {
+        if guard.claim().await? == Claimed::AlreadyDone {
+            return Ok(Ran::AlreadyDone);
+        }
+        let call = async {
+            let started = Instant::now();
+            let result = sink.run(action, cx).await;
+            metrics::histogram!(m::SINK_DURATION, "sink" => action.sink.clone())
+                .record(started.elapsed().as_secs_f64());
+            result
+        };
+        guard.renewing(call).await?;
+        guard.complete().await?;
+        Ok(Ran::Called)
     }
 
     fn letter(&self, rules_version: &str, event: &Event, action: &Action, reason: String, attempts: u32) -> DeadLetter {
         let mut event = event.clone();
         let mut action = action.clone();
-        redact_event(&mut event, &self.redact);
-        redact_action(&mut action, &self.redact);
-        DeadLetter {
-            at_ms: now_ms(),
-            reason,
-            rules_version: Some(rules_version.to_string()),
-            event_id: Some(event.id.clone()),
-            route: Some(action.route.clone()),
-            record_id: action.record_id.clone(),
-            action: Some(action),
-            attempts,
-            event: Some(event),
-            raw: None,
-        }
+        event.redact(&self.redact);
+        action.redact(&self.redact);
+        DeadLetter::of_action(rules_version, event, action, reason, attempts)
     }
 
     /// Writes a dead letter, retrying while the store is unreachable.
@@ -374,11 +267,139 @@ impl Dispatcher {
     }
 }
 
-/// Up to +25% of `d`, so that many retrying callers do not hit a recovering Redis in lockstep.
-pub(crate) fn jitter(d: Duration) -> Duration {
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|t| t.subsec_nanos())
-        .unwrap_or(0) as u64;
-    d + Duration::from_millis(nanos % (d.as_millis() as u64 / 4 + 1))
+/// What one attempt did.
+enum Ran {
+    /// The sink was called and succeeded (and the done marker is written, when keyed).
+    Called,
+    /// The idempotency key was marked done by an earlier delivery: not called.
+    AlreadyDone,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Claimed {
+    /// Ours to run (or the action has no key).
+    Held,
+    AlreadyDone,
+}
+
+/// The idempotency guard of one keyed action across its attempts: claim the key before the call, renew the claim
+/// while the call runs, mark done after it, release after a failure. An action without a key passes every step.
+struct Guard<'a> {
+    idem: &'a Idempotency,
+    sink: &'a str,
+    key: Option<&'a str>,
+    fence: Option<&'a Fence>,
+    /// One token per keyed action: a claim whose reply was lost is recognised as ours on the next attempt.
+    own_token: Option<String>,
+    /// The token of the claim we hold now.
+    held: Option<String>,
+}
+
+impl<'a> Guard<'a> {
+    fn new(idem: &'a Idempotency, action: &'a Action, fence: Option<&'a Fence>) -> Self {
+        let key = action.idempotency_key();
+        Guard {
+            idem,
+            sink: &action.sink,
+            key,
+            fence,
+            own_token: key.map(|_| crate::state::idempotency::new_token()),
+            held: None,
+        }
+    }
+
+    async fn claim(&mut self) -> Result<Claimed, Failure> {
+        let Some(key) = self.key else {
+            return Ok(Claimed::Held);
+        };
+        let claim = self.idem.claim(self.sink, key, self.own_token.as_deref(), self.fence);
+        match claim.await.map_err(|e| e.context("idempotency claim"))? {
+            Claim::Done => Ok(Claimed::AlreadyDone),
+            // Another holder (a crashed process whose lease has not expired, or a concurrent delivery of the same
+            // key): wait for it like for a transient error.
+            Claim::Busy => Err(Failure::Transient(format!(
+                "idempotency key `{key}` is leased by another holder"
+            ))),
+            Claim::Acquired(token) => {
+                self.held = Some(token);
+                Ok(Claimed::Held)
+            }
+        }
+    }
+
+    /// Runs `call`, renewing the claim at a third of its lifetime meanwhile.
+    async fn renewing<T>(&self, call: impl Future<Output = T>) -> T {
+        let (Some(key), Some(token)) = (self.key, &self.held) else {
+            return call.await;
+        };
+        let renew_every = self.idem.ttls().lease / 3;
+        tokio::pin!(call);
+        loop {
+            tokio::select! {
+                r = &mut call => return r,
+                _ = tokio::time::sleep(renew_every) => { let _ = self.idem.renew(self.sink, key, token).await; }
+            }
+        }
+    }
+
+    async fn complete(&self) -> Result<(), Failure> {
+        match self.key {
+            Some(key) => self
+                .idem
+                .complete(self.sink, key, self.fence)
+                .await
+                .map_err(|e| e.context("done marker")),
+            None => Ok(()),
+        }
+    }
+
+    /// Gives a held claim up after a failure, so the next delivery (or a dead-letter retry) can run the action.
+    async fn release(&self) {
+        if let (Some(key), Some(token)) = (self.key, &self.held) {
+            // Best effort: if Redis is down the lease simply expires.
+            let _ = self.idem.release(self.sink, key, token).await;
+        }
+    }
+}
+
+/// The retry schedule of one action: exponential backoff with jitter within the time budget, and a few quick
+/// retries in a row after a dropped connection.
+struct Retry {
+    started: Instant,
+    budget: Duration,
+    backoff: Duration,
+    max_backoff: Duration,
+    attempts: u32,
+    quick_retries: u32,
+}
+
+impl Retry {
+    fn new(config: &RetryConfig) -> Self {
+        Retry {
+            started: Instant::now(),
+            budget: Duration::from_millis(config.budget_ms),
+            backoff: Duration::from_millis(config.initial_backoff_ms.max(1)),
+            max_backoff: Duration::from_millis(config.max_backoff_ms.max(1)),
+            attempts: 1,
+            quick_retries: 0,
+        }
+    }
+
+    /// The pause before the next attempt after `err`, or `None` when `err` ends the action (permanent, or the
+    /// budget would run out).
+    fn pause_after(&mut self, err: &Failure) -> Option<Duration> {
+        if !(err.is_transient() && self.started.elapsed() + self.backoff < self.budget) {
+            return None;
+        }
+        // A dropped connection is being replaced as we speak: retry on the new one at once (a few times in a row
+        // at most), rather than after a pause in which it may drop again.
+        if matches!(err, Failure::Dropped(_)) && self.quick_retries < QUICK_RETRIES {
+            self.quick_retries += 1;
+            return Some(jitter(QUICK_RETRY));
+        }
+        self.quick_retries = 0;
+        let pause = self.backoff;
+        self.backoff = (self.backoff * 2).min(self.max_backoff);
+        Some(jitter(pause))
+    }
 }

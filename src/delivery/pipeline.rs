@@ -21,7 +21,7 @@ use tracing::Instrument;
 
 use crate::config::{Config, OnUnmatched};
 use crate::delivery::counters::{self, RouteCounters};
-use crate::delivery::dispatch::{ActionResult, Dispatcher, now_ms, redact_event};
+use crate::delivery::dispatch::{ActionResult, Dispatcher};
 use crate::enrich::Enricher;
 use crate::event::Event;
 use crate::obs::metrics as m;
@@ -58,6 +58,26 @@ pub struct Stats {
 }
 
 impl Stats {
+    /// Counts how the actions of `plan` ended; an abandoned or interrupted one leaves the event unsettled.
+    fn count(&mut self, plan: &Plan, results: &[ActionResult]) {
+        for (action, result) in plan.actions.iter().zip(results) {
+            match result {
+                ActionResult::Done { .. } => *self.actions_done.entry(action.sink.clone()).or_default() += 1,
+                ActionResult::Skipped => self.skipped += 1,
+                ActionResult::Shadow => self.shadow += 1,
+                ActionResult::DeadLettered { .. } => self.dead_letters += 1,
+                ActionResult::Abandoned => self.abandoned = 1,
+                ActionResult::Interrupted => self.interrupted = 1,
+            }
+        }
+        if self.abandoned > 0 || self.interrupted > 0 {
+            self.settled = 0;
+        }
+        for d in plan.decisions.iter().filter(|d| d.outcome == Outcome::Then) {
+            *self.routes_fired.entry(d.route.clone()).or_default() += 1;
+        }
+    }
+
     fn merge(&mut self, other: Stats) {
         self.events += other.events;
         self.malformed += other.malformed;
@@ -94,6 +114,69 @@ pub struct Pipeline {
 
 /// Per checkpoint key: the position past the last settled delivery, and the lease it was settled under.
 type Positions = HashMap<Arc<str>, (Vec<u8>, Option<Arc<Fence>>)>;
+
+/// Finished deliveries, settled in delivery order, and where each checkpoint key stands.
+struct Ledger {
+    /// Finished deliveries waiting for the ones before them.
+    waiting: BTreeMap<u64, Settled>,
+    /// The sequence number of the next delivery to settle.
+    next: u64,
+    stats: Stats,
+    /// Per checkpoint key (a JSONL file, a Pub/Sub channel in one mode): the last settled and the last stored.
+    last_end: Positions,
+    committed: HashMap<Arc<str>, Vec<u8>>,
+}
+
+impl Default for Ledger {
+    fn default() -> Self {
+        Ledger {
+            waiting: BTreeMap::new(),
+            next: 1,
+            stats: Stats::default(),
+            last_end: HashMap::new(),
+            committed: HashMap::new(),
+        }
+    }
+}
+
+impl Ledger {
+    /// Takes one finished delivery and settles, in delivery order, every delivery now next in line: prints its
+    /// output, counts it, and moves its position past it. Returns the events settled. An interrupted delivery
+    /// (the service is stopping) never settles: the position stays before it, and nothing after it settles in this
+    /// run.
+    fn finished(&mut self, done: Settled) -> u64 {
+        // Counted now: an interrupted delivery never leaves `waiting`.
+        self.stats.interrupted += done.stats.interrupted;
+        self.waiting.insert(done.seq, done);
+        let mut delivered = 0;
+        while self.waiting.get(&self.next).is_some_and(|d| d.stats.interrupted == 0)
+            && let Some(done) = self.waiting.remove(&self.next)
+        {
+            if !done.output.is_empty() {
+                print!("{}", done.output);
+            }
+            // Events and malformed input count; position marks do not.
+            delivered += done.stats.settled;
+            let abandoned = done.stats.abandoned > 0;
+            self.stats.merge(done.stats);
+            if let Some(key) = done.key {
+                match done.fence {
+                    // Under a lease we lost, nothing moves the position any more: the new holder redelivers from
+                    // the stored one.
+                    Some(f) if abandoned || f.is_lost() => {
+                        f.mark_lost();
+                        self.last_end.remove(&key);
+                    }
+                    fence => {
+                        self.last_end.insert(key, (done.end, fence));
+                    }
+                }
+            }
+            self.next += 1;
+        }
+        delivered
+    }
+}
 
 /// One settled delivery, reported by its task.
 struct Settled {
@@ -147,66 +230,27 @@ impl Pipeline {
         });
         let (settled_tx, mut settled_rx) = mpsc::unbounded_channel::<Settled>();
         let mut tails: HashMap<String, watch::Receiver<bool>> = HashMap::new();
-        let mut waiting: BTreeMap<u64, Settled> = BTreeMap::new();
-        let mut stats = Stats::default();
-        let (mut seq, mut next_settle, mut in_flight) = (0u64, 1u64, 0usize);
+        let mut ledger = Ledger::default();
+        let (mut seq, mut in_flight) = (0u64, 0usize);
         let (mut source_done, mut stopping, mut shutdown_gone) = (false, *shutdown.borrow(), false);
-        // Per checkpoint key (a JSONL file, a Pub/Sub channel in one mode): the last settled and the last stored.
-        let mut last_end: Positions = HashMap::new();
-        let mut committed: HashMap<Arc<str>, Vec<u8>> = HashMap::new();
         let mut deadline = tokio::time::Instant::now() + Duration::from_secs(86_400 * 365);
         if stopping {
-            deadline = tokio::time::Instant::now() + self.shutdown_timeout;
-            self.dispatcher.stop();
+            deadline = self.begin_stop();
         }
         let mut tick = tokio::time::interval(COMMIT_EVERY);
-        loop {
-            if (source_done || stopping) && in_flight == 0 {
-                break;
-            }
+        while !((source_done || stopping) && in_flight == 0) {
             tokio::select! {
                 biased;
                 Some(done) = settled_rx.recv() => {
                     in_flight -= 1;
                     metrics::gauge!(m::EVENTS_IN_FLIGHT).set(in_flight as f64);
-                    // Counted now: an interrupted delivery never leaves `waiting`.
-                    stats.interrupted += done.stats.interrupted;
-                    waiting.insert(done.seq, done);
-                    // Settle in delivery order: print, count, and move the position past each. An interrupted delivery
-                    // (the service is stopping) never settles: the position stays before it, and nothing after it
-                    // settles in this run.
-                    while waiting.get(&next_settle).is_some_and(|d| d.stats.interrupted == 0)
-                        && let Some(done) = waiting.remove(&next_settle)
-                    {
-                        if !done.output.is_empty() {
-                            print!("{}", done.output);
-                        }
-                        // Events and malformed input count; position marks do not.
-                        let delivered = done.stats.settled;
-                        let abandoned = done.stats.abandoned > 0;
-                        stats.merge(done.stats);
-                        if let Some(key) = done.key {
-                            match done.fence {
-                                // Under a lease we lost, nothing moves the position any more: the new holder
-                                // redelivers from the stored one.
-                                Some(f) if abandoned || f.is_lost() => {
-                                    f.mark_lost();
-                                    last_end.remove(&key);
-                                }
-                                fence => {
-                                    last_end.insert(key, (done.end, fence));
-                                }
-                            }
-                        }
-                        next_settle += 1;
-                        self.settled.send_modify(|n| *n += delivered);
-                    }
+                    let delivered = ledger.finished(done);
+                    self.settled.send_modify(|n| *n += delivered);
                 }
                 changed = shutdown.changed(), if !stopping && !shutdown_gone => match changed {
                     Ok(()) if *shutdown.borrow() => {
                         stopping = true;
-                        self.dispatcher.stop();
-                        deadline = tokio::time::Instant::now() + self.shutdown_timeout;
+                        deadline = self.begin_stop();
                         tracing::info!(in_flight, "Stopped reading the source; settling the events in flight.");
                     }
                     Ok(()) => {}
@@ -227,17 +271,28 @@ impl Pipeline {
                     self.spawn(seq, delivery, &mut tails, settled_tx.clone());
                 }
                 _ = tick.tick() => {
-                    self.commit(&mut last_end, &mut committed).await;
+                    self.commit(&mut ledger).await;
                 }
             }
         }
         drop(deliveries);
         reader.abort();
-        // The last position must be stored before we exit: retry a failing store (a dropped connection)
-        // for up to the shutdown timeout.
+        self.commit_last(&mut ledger).await;
+        ledger.stats
+    }
+
+    /// The service is stopping: retries waiting from now on give up. Returns when the stop must be over.
+    fn begin_stop(&self) -> tokio::time::Instant {
+        self.dispatcher.stop();
+        tokio::time::Instant::now() + self.shutdown_timeout
+    }
+
+    /// The last position must be stored before we exit: retries a failing store (a dropped connection) for up to
+    /// the shutdown timeout.
+    async fn commit_last(&self, ledger: &mut Ledger) {
         let give_up = tokio::time::Instant::now() + self.shutdown_timeout;
         let mut pause = Duration::from_millis(50);
-        while !self.commit(&mut last_end, &mut committed).await {
+        while !self.commit(ledger).await {
             if tokio::time::Instant::now() + pause > give_up {
                 tracing::error!("The last settled position could not be stored; those events will be redelivered.");
                 break;
@@ -245,16 +300,15 @@ impl Pipeline {
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(Duration::from_secs(2));
         }
-        stats
     }
 
     /// Stores every settled position that moved; false when the store failed for one of them. A position whose
     /// channel lease was lost is not stored (and forgotten): fenced writes refuse it anyway.
-    async fn commit(&self, last_end: &mut Positions, committed: &mut HashMap<Arc<str>, Vec<u8>>) -> bool {
+    async fn commit(&self, ledger: &mut Ledger) -> bool {
         let mut ok = true;
         let mut refused = Vec::new();
-        for (key, (end, fence)) in last_end.iter() {
-            if committed.get(key) == Some(end) {
+        for (key, (end, fence)) in ledger.last_end.iter() {
+            if ledger.committed.get(key) == Some(end) {
                 continue;
             }
             if fence.as_ref().is_some_and(|f| f.is_lost()) {
@@ -264,7 +318,7 @@ impl Pipeline {
             match self.checkpoints().set_fenced(key, end, fence.as_deref()).await {
                 Ok(true) => {
                     metrics::counter!(m::CHECKPOINT_COMMITS).increment(1);
-                    committed.insert(key.clone(), end.clone());
+                    ledger.committed.insert(key.clone(), end.clone());
                 }
                 Ok(false) => {
                     metrics::counter!(m::CHECKPOINT_FENCED).increment(1);
@@ -283,7 +337,7 @@ impl Pipeline {
             }
         }
         for key in refused {
-            last_end.remove(&key);
+            ledger.last_end.remove(&key);
         }
         ok
     }
@@ -310,6 +364,33 @@ impl Pipeline {
             Delivery::Malformed { .. } | Delivery::Mark { .. } => None,
         };
         let keys = needs.as_ref().map(Needs::record_ids).unwrap_or_default();
+        let (done_tx, deps) = self.after(keys, tails);
+        let this = self.clone();
+        tokio::spawn(async move {
+            for mut dep in deps {
+                // An error means the earlier task is gone, which it only is once it has finished.
+                let _ = dep.wait_for(|done| *done).await;
+            }
+            let (output, stats) = this.deliver(seq, delivery, needs, &rules, fence.as_deref()).await;
+            let _ = done_tx.send(true);
+            let _ = settled.send(Settled {
+                seq,
+                key,
+                fence,
+                end,
+                output,
+                stats,
+            });
+        });
+    }
+
+    /// Orders a delivery touching `keys` after the unfinished deliveries that touch any of them: returns the sender
+    /// that marks it finished and what it waits for.
+    fn after(
+        &self,
+        keys: Vec<String>,
+        tails: &mut HashMap<String, watch::Receiver<bool>>,
+    ) -> (watch::Sender<bool>, Vec<watch::Receiver<bool>>) {
         let deps: Vec<watch::Receiver<bool>> = keys
             .iter()
             .filter_map(|k| tails.get(k))
@@ -323,78 +404,67 @@ impl Pipeline {
         if tails.len() > 4 * self.concurrency {
             tails.retain(|_, rx| !*rx.borrow());
         }
-        let this = self.clone();
-        tokio::spawn(async move {
-            for mut dep in deps {
-                // An error means the earlier task is gone, which it only is once it has finished.
-                let _ = dep.wait_for(|done| *done).await;
+        (done_tx, deps)
+    }
+
+    /// Handles one delivery in its span; a panic while handling it (a bug, never bad input) dead-letters the event.
+    async fn deliver(
+        &self,
+        seq: u64,
+        delivery: Delivery,
+        needs: Option<Needs>,
+        rules: &RuleSet,
+        fence: Option<&Fence>,
+    ) -> (String, Stats) {
+        // Kept for the dead letter should handling panic.
+        let copy = match &delivery {
+            Delivery::Event { event, .. } => Some((**event).clone()),
+            Delivery::Malformed { .. } | Delivery::Mark { .. } => None,
+        };
+        // Every line logged while the event is handled carries its id, channel and rules version.
+        // ERROR level, so that a `RUST_LOG=warn` filter keeps these fields on the warnings inside.
+        let span = tracing::error_span!(
+            "event",
+            event_id = copy.as_ref().map(|e| e.id.as_str()),
+            channel = copy.as_ref().map(|e| e.channel.as_str()),
+            rules_version = %rules.version,
+        );
+        // Events and malformed input settle; position marks are not deliveries of anything.
+        let settles = match &delivery {
+            Delivery::Event { event, .. } => Some(event.channel.clone()),
+            Delivery::Malformed { .. } => Some(String::new()),
+            Delivery::Mark { .. } => None,
+        };
+        let work = AssertUnwindSafe(self.handle(delivery, needs, rules, fence).instrument(span))
+            .catch_unwind()
+            .await;
+        // Abandoned and interrupted deliveries do not settle here.
+        let unsettled = matches!(&work, Ok((_, stats)) if stats.settled == 0);
+        if let Some(channel) = settles
+            && !unsettled
+        {
+            metrics::counter!(m::EVENTS_SETTLED, "channel" => channel).increment(1);
+        }
+        match work {
+            Ok(done) => done,
+            Err(_) => {
+                tracing::error!(seq, "Internal error while handling an event; it is dead-lettered.");
+                let reason = "internal error while handling the event (a switchyard bug; please report it)";
+                let event = copy.map(|mut e| {
+                    e.redact(&self.redact);
+                    e
+                });
+                self.dispatcher
+                    .park(DeadLetter::of_event(&rules.version, event, reason.into()))
+                    .await;
+                let stats = Stats {
+                    settled: 1,
+                    dead_letters: 1,
+                    ..Stats::default()
+                };
+                (String::new(), stats)
             }
-            // Kept for the dead letter should handling panic (a bug, never bad input).
-            let copy = match &delivery {
-                Delivery::Event { event, .. } => Some((**event).clone()),
-                Delivery::Malformed { .. } | Delivery::Mark { .. } => None,
-            };
-            // Every line logged while the event is handled carries its id, channel and rules version.
-            // ERROR level, so that a `RUST_LOG=warn` filter keeps these fields on the warnings inside.
-            let span = tracing::error_span!(
-                "event",
-                event_id = copy.as_ref().map(|e| e.id.as_str()),
-                channel = copy.as_ref().map(|e| e.channel.as_str()),
-                rules_version = %rules.version,
-            );
-            // Events and malformed input settle; position marks are not deliveries of anything.
-            let settles = match &delivery {
-                Delivery::Event { event, .. } => Some(event.channel.clone()),
-                Delivery::Malformed { .. } => Some(String::new()),
-                Delivery::Mark { .. } => None,
-            };
-            let work = AssertUnwindSafe(this.handle(delivery, needs, &rules, fence.as_deref()).instrument(span))
-                .catch_unwind()
-                .await;
-            // Abandoned and interrupted deliveries do not settle here.
-            let unsettled = matches!(&work, Ok((_, stats)) if stats.settled == 0);
-            if let Some(channel) = settles
-                && !unsettled
-            {
-                metrics::counter!(m::EVENTS_SETTLED, "channel" => channel).increment(1);
-            }
-            let (output, stats) = match work {
-                Ok(done) => done,
-                Err(_) => {
-                    tracing::error!(seq, "Internal error while handling an event; it is dead-lettered.");
-                    let letter = DeadLetter {
-                        at_ms: now_ms(),
-                        reason: "internal error while handling the event (a switchyard bug; please report it)".into(),
-                        rules_version: Some(rules.version.clone()),
-                        event_id: copy.as_ref().map(|e| e.id.clone()),
-                        route: None,
-                        record_id: None,
-                        action: None,
-                        attempts: 0,
-                        event: copy,
-                        raw: None,
-                    };
-                    this.dispatcher.park(letter).await;
-                    (
-                        String::new(),
-                        Stats {
-                            settled: 1,
-                            dead_letters: 1,
-                            ..Stats::default()
-                        },
-                    )
-                }
-            };
-            let _ = done_tx.send(true);
-            let _ = settled.send(Settled {
-                seq,
-                key,
-                fence,
-                end,
-                output,
-                stats,
-            });
-        });
+        }
     }
 
     /// Handles one delivery to the end; returns what to print (in order) and its counts.
@@ -430,66 +500,51 @@ impl Pipeline {
                 if self.print_decisions {
                     let _ = writeln!(out, "{position}: malformed event: {error} (dead-lettered)");
                 }
-                let letter = DeadLetter {
-                    at_ms: now_ms(),
-                    reason: format!("{position}: {error}"),
-                    rules_version: Some(rules.version.clone()),
-                    event_id: None,
-                    route: None,
-                    record_id: None,
-                    action: None,
-                    attempts: 0,
-                    event: None,
-                    raw: Some(raw),
-                };
+                let letter = DeadLetter::of_input(&rules.version, raw, format!("{position}: {error}"));
                 self.dispatcher.park(letter).await;
                 stats.dead_letters += 1;
             }
-            (
-                Delivery::Event {
-                    mut event, position, ..
-                },
-                Some(needs),
-            ) => {
-                stats.events += 1;
-                metrics::counter!(m::EVENTS, "channel" => event.channel.clone()).increment(1);
-                counters::record_evaluated(rules, &event);
-                if !needs.matched() {
-                    self.unmatched(rules, &event, &position, &mut stats, &mut out).await;
-                    return (out, stats);
-                }
-                let plan = self.finish(rules, &mut event, needs).await;
-                counters::record_decisions(&plan);
-                for d in &plan.decisions {
-                    self.counters.record(&d.route, d.outcome == Outcome::Then);
-                    if matches!(d.outcome, Outcome::Failed(_)) {
-                        tracing::warn!(route = %d.route, event_id = %event.id, record_id = ?d.record_id, rules_version = %rules.version, outcome = ?d.outcome, "Route failed; the event is dead-lettered for it.");
-                    }
-                }
-                let results = self.dispatcher.run(&plan, &event, fence).await;
-                for (action, result) in plan.actions.iter().zip(&results) {
-                    match result {
-                        ActionResult::Done { .. } => *stats.actions_done.entry(action.sink.clone()).or_default() += 1,
-                        ActionResult::Skipped => stats.skipped += 1,
-                        ActionResult::Shadow => stats.shadow += 1,
-                        ActionResult::DeadLettered { .. } => stats.dead_letters += 1,
-                        ActionResult::Abandoned => stats.abandoned = 1,
-                        ActionResult::Interrupted => stats.interrupted = 1,
-                    }
-                }
-                if stats.abandoned > 0 || stats.interrupted > 0 {
-                    stats.settled = 0;
-                }
-                for d in plan.decisions.iter().filter(|d| d.outcome == Outcome::Then) {
-                    *stats.routes_fired.entry(d.route.clone()).or_default() += 1;
-                }
-                if self.print_decisions {
-                    out.push_str(&render_plan(&event, &position, &plan, &results));
-                }
+            (Delivery::Event { event, position, .. }, Some(needs)) => {
+                self.handle_event(*event, &position, needs, rules, fence, &mut stats, &mut out)
+                    .await;
             }
             (Delivery::Event { .. }, None) => unreachable!("phase one runs for every event"),
         }
         (out, stats)
+    }
+
+    /// Decides one event (enriching what its routes need) and runs the plan.
+    #[allow(clippy::too_many_arguments)]
+    async fn handle_event(
+        &self,
+        mut event: Event,
+        position: &str,
+        needs: Needs,
+        rules: &RuleSet,
+        fence: Option<&Fence>,
+        stats: &mut Stats,
+        out: &mut String,
+    ) {
+        stats.events += 1;
+        metrics::counter!(m::EVENTS, "channel" => event.channel.clone()).increment(1);
+        counters::record_evaluated(rules, &event);
+        if !needs.matched() {
+            self.unmatched(rules, &event, position, stats, out).await;
+            return;
+        }
+        let plan = self.finish(rules, &mut event, needs).await;
+        counters::record_decisions(&plan);
+        for d in &plan.decisions {
+            self.counters.record(&d.route, d.outcome == Outcome::Then);
+            if matches!(d.outcome, Outcome::Failed(_)) {
+                tracing::warn!(route = %d.route, event_id = %event.id, record_id = ?d.record_id, rules_version = %rules.version, outcome = ?d.outcome, "Route failed; the event is dead-lettered for it.");
+            }
+        }
+        let results = self.dispatcher.run(&plan, &event, fence).await;
+        stats.count(&plan, &results);
+        if self.print_decisions {
+            out.push_str(&render_plan(&event, position, &plan, &results));
+        }
     }
 
     /// Reads the records routes asked for, keeps them with the event, and runs phase two.
@@ -524,19 +579,9 @@ impl Pipeline {
             }
             OnUnmatched::DeadLetter => {
                 let mut event = event.clone();
-                redact_event(&mut event, &self.redact);
-                let letter = DeadLetter {
-                    at_ms: now_ms(),
-                    reason: "no route matched the event (on_unmatched: dead-letter)".into(),
-                    rules_version: Some(rules.version.clone()),
-                    event_id: Some(event.id.clone()),
-                    route: None,
-                    record_id: None,
-                    action: None,
-                    attempts: 0,
-                    event: Some(event),
-                    raw: None,
-                };
+                event.redact(&self.redact);
+                let reason = "no route matched the event (on_unmatched: dead-letter)";
+                let letter = DeadLetter::of_event(&rules.version, Some(event), reason.into());
                 self.dispatcher.park(letter).await;
                 stats.dead_letters += 1;
             }

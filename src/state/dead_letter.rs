@@ -30,6 +30,54 @@ pub struct DeadLetter {
     pub raw: Option<String>,
 }
 
+impl DeadLetter {
+    /// One action that failed (or a `dead-letter` action): `dead-letter retry` runs the action again.
+    pub fn of_action(rules_version: &str, event: Event, action: Action, reason: String, attempts: u32) -> Self {
+        DeadLetter {
+            event_id: Some(event.id.clone()),
+            route: Some(action.route.clone()),
+            record_id: action.record_id.clone(),
+            action: Some(action),
+            attempts,
+            event: Some(event),
+            ..Self::new(rules_version, reason)
+        }
+    }
+
+    /// A whole event (no route matched it under `on_unmatched: dead-letter`, or handling it failed): `dead-letter
+    /// retry` delivers it again. `None` when even the event is gone.
+    pub fn of_event(rules_version: &str, event: Option<Event>, reason: String) -> Self {
+        DeadLetter {
+            event_id: event.as_ref().map(|e| e.id.clone()),
+            event,
+            ..Self::new(rules_version, reason)
+        }
+    }
+
+    /// Input that is not an event (a malformed line), kept as it was read.
+    pub fn of_input(rules_version: &str, raw: String, reason: String) -> Self {
+        DeadLetter {
+            raw: Some(raw),
+            ..Self::new(rules_version, reason)
+        }
+    }
+
+    fn new(rules_version: &str, reason: String) -> Self {
+        DeadLetter {
+            at_ms: crate::clock::now_ms(),
+            reason,
+            rules_version: Some(rules_version.to_string()),
+            event_id: None,
+            route: None,
+            record_id: None,
+            action: None,
+            attempts: 0,
+            event: None,
+            raw: None,
+        }
+    }
+}
+
 pub enum DeadLetters {
     Redis {
         conn: ConnectionManager,
