@@ -114,7 +114,7 @@ checkpoint: {{ store: memory }}
                     let mut event = self.registry.decode(&w.channel, &w.raw()).expect("decodes");
                     // The recorded enricher reads the records the event was recorded with.
                     event.record = recorded.record.clone();
-                    let plan = pipeline.decide(&rules, &mut event).await;
+                    let plan = pipeline.plan_enriched(&rules, &mut event).await;
                     let results = pipeline.dispatcher.run(&plan, &event, None).await;
                     for r in &results {
                         assert!(matches!(r, ActionResult::Done { .. }), "engine action not done: {r:?}");

@@ -12,7 +12,7 @@ use std::time::Duration;
 use common::CpuTime;
 use common::{Extra, assert_same_decisions, encode, event_mix, native_decide, records_for, registry, rules};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use switchyard::authoring::testing::decide;
+use switchyard::authoring::testing::plan_recorded;
 use switchyard::router;
 
 /// Events per iteration: enough to cover the mix many times over, few enough for quick samples.
@@ -29,8 +29,8 @@ fn benches(c: &mut Criterion<CpuTime>) {
     for (name, r) in [("+100 other channels", &other), ("+100 same channel", &same)] {
         for e in &events {
             assert_eq!(
-                decide(r, e).actions,
-                decide(&shipped, e).actions,
+                plan_recorded(r, e).actions,
+                plan_recorded(&shipped, e).actions,
                 "{name}: the extra routes never fire"
             );
         }
@@ -71,7 +71,7 @@ fn benches(c: &mut Criterion<CpuTime>) {
         g.bench_function(name, |b| {
             b.iter(|| {
                 for e in &events {
-                    black_box(decide(r, e));
+                    black_box(plan_recorded(r, e));
                 }
             })
         });

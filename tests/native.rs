@@ -6,7 +6,7 @@
 
 use proptest::prelude::*;
 use serde_json::{Value, json};
-use switchyard::authoring::testing::decide;
+use switchyard::authoring::testing::plan_recorded;
 use switchyard::event::Event;
 use switchyard::router;
 use switchyard::rules::RuleSet;
@@ -263,7 +263,7 @@ proptest! {
         let rhai = load(&text).without_native();
         prop_assert_eq!(rhai.native_count().0, 0);
         for e in &events {
-            let (n, r) = (decide(&native, e), decide(&rhai, e));
+            let (n, r) = (plan_recorded(&native, e), plan_recorded(&rhai, e));
             prop_assert_eq!(&n, &r, "rules:\n{}\nevent: {}", text, serde_json::to_string(e).unwrap());
             // The dry run (`switchyard validate`, rule tests) cross-checks the two and finds no disagreement.
             let disagreements: Vec<String> = router::dry_run(&native, e)

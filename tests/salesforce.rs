@@ -380,12 +380,12 @@ async fn salesforce_enricher_reaches_the_same_decisions_as_the_recorded_one() {
         }
         let rules = recorded.rules.load_full();
         let mut with_record = event.clone();
-        let expected = recorded.pipeline.decide(&rules, &mut with_record).await;
+        let expected = recorded.pipeline.plan_enriched(&rules, &mut with_record).await;
         let needed = switchyard::router::needs(&rules, &event).requests(&rules).len() as u64;
         let mut bare = event.clone();
         bare.record.clear();
         let before = emu.rest_reads();
-        let actual = rest.pipeline.decide(&rules, &mut bare).await;
+        let actual = rest.pipeline.plan_enriched(&rules, &mut bare).await;
         assert_eq!(emu.rest_reads() - before, needed, "{}: REST reads", event.id);
         assert_eq!(
             format!("{:?}", actual.decisions),
@@ -515,7 +515,7 @@ async fn rest_read_with_an_expired_token_renews_it_and_succeeds() {
             .to_string(),
     )
     .unwrap();
-    let plan = service.pipeline.decide(&rules, &mut first).await;
+    let plan = service.pipeline.plan_enriched(&rules, &mut first).await;
     assert!(
         plan.actions.iter().any(|a| a.sink == "enqueue-provisioning"),
         "{plan:?}"
@@ -526,7 +526,7 @@ async fn rest_read_with_an_expired_token_renews_it_and_succeeds() {
             .to_string(),
     )
     .unwrap();
-    let plan = service.pipeline.decide(&rules, &mut second).await;
+    let plan = service.pipeline.plan_enriched(&rules, &mut second).await;
     assert!(
         plan.actions.iter().any(|a| a.sink == "enqueue-provisioning"),
         "{plan:?}"

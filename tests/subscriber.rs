@@ -653,8 +653,8 @@ async fn record_writes_jsonl_that_replays_to_the_same_decisions() {
         let mut from_file = event.clone();
         let mut bare = event.clone();
         bare.record.clear();
-        let a = replayed.pipeline.decide(&rules, &mut from_file).await;
-        let b = live.pipeline.decide(&rules, &mut bare).await;
+        let a = replayed.pipeline.plan_enriched(&rules, &mut from_file).await;
+        let b = live.pipeline.plan_enriched(&rules, &mut bare).await;
         assert_eq!(
             format!("{:?}", a.decisions),
             format!("{:?}", b.decisions),

@@ -157,7 +157,7 @@ async fn retry_one(service: &Service, id: &str, value: Value, out: &mut impl Wri
         }
         // A failed route (or an unmatched event): the whole event again, under the current rules.
         None => {
-            let plan = service.pipeline.decide(&rules, &mut event).await;
+            let plan = service.pipeline.plan_enriched(&rules, &mut event).await;
             let results = dispatcher.run(&plan, &event, None).await;
             report(out, id, &plan.actions.into_iter().zip(results).collect::<Vec<_>>())
         }

@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 use serde::Serialize;
 use serde_json::{Map, Value};
 
-use crate::authoring::testing::{action_json, decide};
+use crate::authoring::testing::{action_json, plan_recorded};
 use crate::event::Event;
 use crate::plan::Outcome;
 use crate::router::{self, ClauseValue};
@@ -81,7 +81,7 @@ fn record_for(route: &Route, event: &Event, record_id: Option<&str>) -> Option<O
 
 /// Explains one event under `rules` (whose mode decides which routes are live).
 pub fn explain(rules: &RuleSet, event: &Event) -> Explanation {
-    let plan = decide(rules, event);
+    let plan = plan_recorded(rules, event);
     let mut routes = Vec::new();
     for (i, route) in rules.routes.iter().enumerate() {
         let channel_matches = route.channel == event.channel;

@@ -6,7 +6,7 @@ use std::io::{BufRead, Write};
 
 use serde_json::{Map, Value};
 
-use crate::authoring::testing::{action_json, decide};
+use crate::authoring::testing::{action_json, plan_recorded};
 use crate::event::Event;
 use crate::plan::{Outcome, Plan};
 use crate::rules::RuleSet;
@@ -85,7 +85,7 @@ pub fn replay(
         if report.events % 10_000 == 0 {
             progress(report.events);
         }
-        let plan = decide(new, &event);
+        let plan = plan_recorded(new, &event);
         for d in plan.decisions.iter().filter(|d| d.outcome == Outcome::Then) {
             count(&mut report.fired, &d.route);
         }
@@ -93,7 +93,7 @@ pub fn replay(
             count(&mut report.actions, &a.sink);
         }
         let Some(old) = old else { continue };
-        let before = decide(old, &event);
+        let before = plan_recorded(old, &event);
         let new_actions: Vec<Map<String, Value>> = plan.actions.iter().map(action_json).collect();
         let old_actions: Vec<Map<String, Value>> = before.actions.iter().map(action_json).collect();
         if new_actions == old_actions {

@@ -250,8 +250,8 @@ pub struct Report {
     pub problems: Vec<Problem>,
 }
 
-/// Decides one event with the recorded enricher: the same router the service runs.
-pub fn decide(rules: &RuleSet, event: &Event) -> Plan {
+/// Plans one event with the recorded enrichment (the event's `record` map): the same router the service runs.
+pub fn plan_recorded(rules: &RuleSet, event: &Event) -> Plan {
     let needs = router::needs(rules, event);
     let records = needs
         .requests(rules)
@@ -386,7 +386,7 @@ fn check_case(rules: &RuleSet, case: &TestCase, events: &[(Event, String)]) -> R
     let mut actions = Vec::new();
     let mut fired: BTreeMap<String, u64> = BTreeMap::new();
     for (event, _) in events {
-        let plan = decide(rules, event);
+        let plan = plan_recorded(rules, event);
         for d in &plan.decisions {
             if d.outcome == Outcome::Then {
                 *fired.entry(d.route.clone()).or_default() += 1;

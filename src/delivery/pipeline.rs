@@ -561,7 +561,7 @@ impl Pipeline {
     }
 
     /// Both router phases with the enrichment between them (for callers outside the stream).
-    pub async fn decide(&self, rules: &RuleSet, event: &mut Event) -> Plan {
+    pub async fn plan_enriched(&self, rules: &RuleSet, event: &mut Event) -> Plan {
         let needs = router::needs(rules, event);
         self.finish(rules, event, needs).await
     }

@@ -201,65 +201,12 @@ impl QueueSink {
         options: &JobOptions,
         meta: &EntryMeta<'_>,
     ) -> Result<SinkOutcome, Failure> {
-        let options = self.defaults.merged(options);
         match &self.backend {
-            Backend::Stream { conn, max_len } => {
-                let mut conn = conn.clone();
-                redis::cmd("XADD")
-                    .arg(&self.queue_name)
-                    .arg("MAXLEN")
-                    .arg("~")
-                    .arg(*max_len)
-                    .arg("*")
-                    .arg("job_id")
-                    .arg(job_id)
-                    .arg("name")
-                    .arg(&self.job_name)
-                    .arg("data")
-                    .arg(data.to_string())
-                    .arg("idempotency_key")
-                    .arg(meta.idempotency_key)
-                    .arg("event_id")
-                    .arg(meta.event_id)
-                    .arg("route")
-                    .arg(meta.route)
-                    .arg("record_id")
-                    .arg(meta.record_id.unwrap_or(""))
-                    .arg("rules_version")
-                    .arg(meta.rules_version)
-                    .arg("correlation_id")
-                    .arg(meta.correlation_id.unwrap_or(""))
-                    .arg("at_ms")
-                    .arg(crate::clock::now_ms())
-                    .query_async::<String>(&mut conn)
-                    .await
-                    .map_err(|e| Failure::from_redis(&e))?;
-                Ok(SinkOutcome::Done)
-            }
+            Backend::Stream { conn, max_len } => self.append(conn, *max_len, job_id, data, meta).await,
             Backend::Bullmq { queue, timeout, reopen } => {
+                let options = self.defaults.merged(options);
                 let current = queue.load_full();
-                let mut add = current.add(&self.job_name, data).job_id(job_id);
-                if let Some(n) = options.attempts {
-                    add = add.attempts(n);
-                }
-                if let Some(b) = &options.backoff {
-                    add = add.backoff(match b.kind {
-                        BackoffKind::Fixed => bullmq::types::BackoffStrategy::Fixed(b.delay),
-                        BackoffKind::Exponential => bullmq::types::BackoffStrategy::Exponential(b.delay),
-                    });
-                }
-                if let Some(ms) = options.delay {
-                    add = add.delay(Duration::from_millis(ms));
-                }
-                if let Some(p) = options.priority {
-                    add = add.priority(p);
-                }
-                if let Some(keep) = &options.remove_on_complete {
-                    add = add.remove_on_complete(keep_jobs(keep));
-                }
-                if let Some(keep) = &options.remove_on_fail {
-                    add = add.remove_on_fail(keep_jobs(keep));
-                }
+                let add = with_options(current.add(&self.job_name, data).job_id(job_id), &options);
                 // A timed-out add may still have happened: the retry re-adds the same job id, a no-op.
                 match tokio::time::timeout(*timeout, add).await {
                     Ok(Ok(_)) => {
@@ -291,6 +238,74 @@ impl QueueSink {
             }
         }
     }
+
+    /// A `format: stream` entry, with who it is for (see [`QueueFormat::Stream`](crate::config::QueueFormat)).
+    async fn append(
+        &self,
+        conn: &ConnectionManager,
+        max_len: usize,
+        job_id: &str,
+        data: &Value,
+        meta: &EntryMeta<'_>,
+    ) -> Result<SinkOutcome, Failure> {
+        let mut conn = conn.clone();
+        redis::cmd("XADD")
+            .arg(&self.queue_name)
+            .arg("MAXLEN")
+            .arg("~")
+            .arg(max_len)
+            .arg("*")
+            .arg("job_id")
+            .arg(job_id)
+            .arg("name")
+            .arg(&self.job_name)
+            .arg("data")
+            .arg(data.to_string())
+            .arg("idempotency_key")
+            .arg(meta.idempotency_key)
+            .arg("event_id")
+            .arg(meta.event_id)
+            .arg("route")
+            .arg(meta.route)
+            .arg("record_id")
+            .arg(meta.record_id.unwrap_or(""))
+            .arg("rules_version")
+            .arg(meta.rules_version)
+            .arg("correlation_id")
+            .arg(meta.correlation_id.unwrap_or(""))
+            .arg("at_ms")
+            .arg(crate::clock::now_ms())
+            .query_async::<String>(&mut conn)
+            .await
+            .map_err(|e| Failure::from_redis(&e))?;
+        Ok(SinkOutcome::Done)
+    }
+}
+
+/// A BullMQ add with the job options that are set.
+fn with_options<'a>(mut add: bullmq::AddJob<'a>, options: &JobOptions) -> bullmq::AddJob<'a> {
+    if let Some(n) = options.attempts {
+        add = add.attempts(n);
+    }
+    if let Some(b) = &options.backoff {
+        add = add.backoff(match b.kind {
+            BackoffKind::Fixed => bullmq::types::BackoffStrategy::Fixed(b.delay),
+            BackoffKind::Exponential => bullmq::types::BackoffStrategy::Exponential(b.delay),
+        });
+    }
+    if let Some(ms) = options.delay {
+        add = add.delay(Duration::from_millis(ms));
+    }
+    if let Some(p) = options.priority {
+        add = add.priority(p);
+    }
+    if let Some(keep) = &options.remove_on_complete {
+        add = add.remove_on_complete(keep_jobs(keep));
+    }
+    if let Some(keep) = &options.remove_on_fail {
+        add = add.remove_on_fail(keep_jobs(keep));
+    }
+    add
 }
 
 /// The BullMQ connection options for `endpoint` (URL with credentials, private CA).
