@@ -7,3 +7,17 @@ pub mod http;
 pub mod record;
 pub mod reload;
 pub mod service;
+
+use crate::config::Config;
+use crate::rules::RuleSet;
+
+/// The Pub/Sub channels to subscribe to: those with live routes in the configured mode, sorted; none when
+/// `source.pubsub.enabled` is false (SF_EVENTS_ENABLED=false). Start-up and every config reload use this one list.
+fn subscribed_channels(config: &Config, rules: &RuleSet) -> Vec<String> {
+    if !config.pubsub().enabled {
+        return Vec::new();
+    }
+    let mut live: Vec<String> = rules.live_channels().map(str::to_string).collect();
+    live.sort();
+    live
+}

@@ -52,6 +52,104 @@ pub struct ReloadOutcome {
     pub restart_required: Vec<String>,
 }
 
+impl ReloadOutcome {
+    /// A reload from `old_version` that has changed nothing yet.
+    fn from_version(old_version: &str) -> Self {
+        ReloadOutcome {
+            ok: true,
+            swapped: false,
+            old_version: old_version.to_string(),
+            new_version: None,
+            added: Vec::new(),
+            removed: Vec::new(),
+            changed: Vec::new(),
+            problems: Vec::new(),
+            applied: Vec::new(),
+            restart_required: Vec::new(),
+        }
+    }
+
+    /// The reload refused for `problems`: the old rules and config keep running.
+    fn failed(self, problems: Vec<String>) -> Self {
+        metrics::counter!(m::RULES_RELOADS, "result" => "error").increment(1);
+        ReloadOutcome {
+            ok: false,
+            problems,
+            ..self
+        }
+    }
+}
+
+/// Whether a config change is applied by a reload (rather than waiting for a restart).
+fn live_changes(c: &Config, n: &Config) -> bool {
+    c.mode != n.mode
+        || c.channels != n.channels
+        || c.sinks != n.sinks
+        || c.rules != n.rules
+        || c.pubsub().enabled != n.pubsub().enabled
+}
+
+/// Rebuilds the sinks whose settings changed; returns what was applied, or the problem that keeps the reload out.
+async fn apply_sinks(live: &LiveConfig, cur: &LoadedConfig, next: &LoadedConfig) -> Result<Vec<String>, String> {
+    let mut applied = Vec::new();
+    match live.sinks.rebuild(&cur.config, next).await {
+        Ok(names) if names.is_empty() => {}
+        Ok(names) => applied.push(format!("sinks rebuilt: {}", names.join(", "))),
+        Err(e) => return Err(format!("{}: error: {e}", cur.path.display())),
+    }
+    if cur.config.mode != next.config.mode {
+        applied.push(format!(
+            "mode: {} -> {}",
+            cur.config.mode.as_str(),
+            next.config.mode.as_str()
+        ));
+    }
+    if cur.config.channels != next.config.channels {
+        applied.push("channel aliases changed".to_string());
+    }
+    Ok(applied)
+}
+
+/// The routes added, removed and changed (by name, then by everything that decides what they do).
+fn route_changes(old: &RuleSet, new: &RuleSet) -> (Vec<String>, Vec<String>, Vec<String>) {
+    let before: BTreeMap<&str, String> = old.routes.iter().map(|r| (r.name.as_str(), fingerprint(r))).collect();
+    let after: BTreeMap<&str, String> = new.routes.iter().map(|r| (r.name.as_str(), fingerprint(r))).collect();
+    let added = after
+        .keys()
+        .filter(|k| !before.contains_key(*k))
+        .map(|k| k.to_string())
+        .collect();
+    let removed = before
+        .keys()
+        .filter(|k| !after.contains_key(*k))
+        .map(|k| k.to_string())
+        .collect();
+    let changed = after
+        .iter()
+        .filter(|(k, v)| before.get(*k).is_some_and(|b| b != *v))
+        .map(|(k, _)| k.to_string())
+        .collect();
+    (added, removed, changed)
+}
+
+impl LiveConfig {
+    /// Starts and stops Pub/Sub channels for the new config and rules; the line for `applied`, when any changed.
+    fn reconcile(&self, next: &LoadedConfig, rules: &RuleSet) -> Option<String> {
+        let subscriptions = self.subscriptions.lock().unwrap_or_else(|e| e.into_inner()).clone()?;
+        let channels = super::subscribed_channels(&next.config, rules);
+        let (started, stopped) = subscriptions.reconcile(next.config.mode, &channels);
+        if started.is_empty() && stopped.is_empty() {
+            return None;
+        }
+        tracing::info!(?started, ?stopped, "Subscriptions changed with the config.");
+        Some(format!(
+            "subscriptions started: [{}], stopped: [{}]",
+            started.join(", "),
+            stopped.join(", ")
+        ))
+    }
+}
+
 pub struct Reloader {
     pub rules: Arc<ArcSwap<RuleSet>>,
     pub counters: Arc<RouteCounters>,
@@ -223,41 +321,11 @@ impl Reloader {
 
     async fn reload_now(&self) -> ReloadOutcome {
         let old = self.rules.load_full();
-        let failed = |problems: Vec<String>| {
-            metrics::counter!(m::RULES_RELOADS, "result" => "error").increment(1);
-            ReloadOutcome {
-                ok: false,
-                swapped: false,
-                old_version: old.version.clone(),
-                new_version: None,
-                added: Vec::new(),
-                removed: Vec::new(),
-                changed: Vec::new(),
-                problems,
-                applied: Vec::new(),
-                restart_required: Vec::new(),
-            }
-        };
+        let outcome = ReloadOutcome::from_version(&old.version);
         // The config file first: a broken config keeps everything as it is.
-        let current = self
-            .live
-            .as_ref()
-            .map(|live| live.config.lock().unwrap_or_else(|e| e.into_inner()).clone());
-        let next = match &current {
-            Some(current) => {
-                let path = current.path.clone();
-                match tokio::task::spawn_blocking(move || LoadedConfig::load(&path)).await {
-                    Ok(Ok(next)) => Some(next),
-                    Ok(Err(problems)) => {
-                        for p in &problems.0 {
-                            tracing::error!(rules_version = %old.version, "Config not reloaded: {p}");
-                        }
-                        return failed(problems.0.iter().map(Problem::to_string).collect());
-                    }
-                    Err(e) => return failed(vec![format!("internal error while reading the config: {e}")]),
-                }
-            }
-            None => None,
+        let (current, next) = match self.read_config(&old.version).await {
+            Ok(configs) => configs,
+            Err(problems) => return outcome.failed(problems),
         };
         let (paths, env) = match &next {
             Some(next) => (next.rule_paths(), RuleEnv::from_config(next)),
@@ -270,146 +338,110 @@ impl Reloader {
             let (paths, env) = (paths.clone(), env.clone());
             match tokio::task::spawn_blocking(move || validate(&paths, &env, None)).await {
                 Ok(checked) => checked,
-                Err(e) => return failed(vec![format!("internal error while checking the rules: {e}")]),
+                Err(e) => return outcome.failed(vec![format!("internal error while checking the rules: {e}")]),
             }
         };
         let problems: Vec<String> = checked.problems.iter().map(Problem::to_string).collect();
         // What of the config changes live, and what waits for a restart.
-        let (live_changed, restart) = match (&self.live, &current, &next) {
-            (Some(live), Some(cur), Some(next)) => {
-                let (c, n) = (&cur.config, &next.config);
-                let changed = c.mode != n.mode
-                    || c.channels != n.channels
-                    || c.sinks != n.sinks
-                    || c.rules != n.rules
-                    || c.pubsub().enabled != n.pubsub().enabled;
-                (changed, restart_required(&live.started, n))
-            }
-            _ => (false, Vec::new()),
+        let configs = self.live.as_ref().zip(current.as_ref()).zip(next.as_ref());
+        let (live_changed, restart) = match configs {
+            Some(((live, cur), next)) => (
+                live_changes(&cur.config, &next.config),
+                restart_required(&live.started, &next.config),
+            ),
+            None => (false, Vec::new()),
         };
         for r in &restart {
             tracing::warn!("Config reload: {r}");
         }
-        match checked.ruleset {
+        let outcome = ReloadOutcome {
+            restart_required: restart,
+            ..outcome
+        };
+        let new = match checked.ruleset {
             None => {
                 for p in checked.problems.iter().filter(|p| p.severity == Severity::Error) {
                     tracing::error!(rules_version = %old.version, "Rules not reloaded: {p}");
                 }
-                ReloadOutcome {
-                    restart_required: restart,
-                    ..failed(problems)
-                }
+                return outcome.failed(problems);
             }
             Some(new) if new.version == old.version && !live_changed => {
                 metrics::counter!(m::RULES_RELOADS, "result" => "unchanged").increment(1);
                 tracing::debug!(rules_version = %old.version, "Rules files touched but unchanged.");
-                ReloadOutcome {
+                return ReloadOutcome {
                     ok: true,
-                    swapped: false,
-                    old_version: old.version.clone(),
                     new_version: Some(new.version),
-                    added: Vec::new(),
-                    removed: Vec::new(),
-                    changed: Vec::new(),
                     problems,
-                    applied: Vec::new(),
-                    restart_required: restart,
+                    ..outcome
+                };
+            }
+            Some(new) => new,
+        };
+        // Sinks before rules: the new rules may name a sink that only the new config has.
+        let mut applied = Vec::new();
+        if let Some(((live, cur), next)) = configs {
+            match apply_sinks(live, cur, next).await {
+                Ok(lines) => applied = lines,
+                Err(problem) => {
+                    tracing::error!(rules_version = %old.version, "Config not reloaded: a sink cannot be built: {problem}");
+                    return outcome.failed(vec![problem]);
                 }
             }
-            Some(new) => {
-                let mut applied = Vec::new();
-                // Sinks before rules: the new rules may name a sink that only the new config has.
-                if let (Some(live), Some(cur), Some(next)) = (&self.live, &current, &next) {
-                    match live.sinks.rebuild(&cur.config, next).await {
-                        Ok(names) if names.is_empty() => {}
-                        Ok(names) => applied.push(format!("sinks rebuilt: {}", names.join(", "))),
-                        Err(e) => {
-                            tracing::error!(rules_version = %old.version, error = %e, "Config not reloaded: a sink cannot be built.");
-                            return ReloadOutcome {
-                                restart_required: restart,
-                                ..failed(vec![format!("{}: error: {e}", cur.path.display())])
-                            };
-                        }
-                    }
-                    if cur.config.mode != next.config.mode {
-                        applied.push(format!(
-                            "mode: {} -> {}",
-                            cur.config.mode.as_str(),
-                            next.config.mode.as_str()
-                        ));
-                    }
-                    if cur.config.channels != next.config.channels {
-                        applied.push("channel aliases changed".to_string());
-                    }
+        }
+        let (added, removed, changed) = route_changes(&old, &new);
+        let new = self.swap(new, paths, env);
+        if let (Some(live), Some(next)) = (&self.live, next) {
+            applied.extend(live.reconcile(&next, &new));
+            *live.config.lock().unwrap_or_else(|e| e.into_inner()) = next;
+        }
+        metrics::counter!(m::RULES_RELOADS, "result" => "ok").increment(1);
+        metrics::gauge!(m::RULES_VERSION, "version" => old.version.clone()).set(0.0);
+        metrics::gauge!(m::RULES_VERSION, "version" => new.version.clone()).set(1.0);
+        tracing::info!(old = %old.version, new = %new.version, ?added, ?removed, ?changed, "Rules reloaded.");
+        ReloadOutcome {
+            ok: true,
+            swapped: true,
+            new_version: Some(new.version.clone()),
+            added,
+            removed,
+            changed,
+            problems,
+            applied,
+            ..outcome
+        }
+    }
+
+    /// Swaps the new rules in, with the paths and environment they were loaded from, and watches their folders.
+    fn swap(&self, new: RuleSet, paths: Vec<PathBuf>, env: RuleEnv) -> Arc<RuleSet> {
+        let new = Arc::new(new);
+        self.rules.store(new.clone());
+        *self.paths.lock().unwrap_or_else(|e| e.into_inner()) = paths;
+        *self.env.lock().unwrap_or_else(|e| e.into_inner()) = env;
+        self.rewatch();
+        self.state
+            .lock()
+            .expect("reload state lock is never poisoned")
+            .loaded_at_ms = now_ms();
+        new
+    }
+
+    /// The config as it runs now and as its file says now (both `None` without a config file); the file's problems
+    /// when it cannot be read.
+    async fn read_config(&self, version: &str) -> Result<(Option<LoadedConfig>, Option<LoadedConfig>), Vec<String>> {
+        let Some(live) = &self.live else {
+            return Ok((None, None));
+        };
+        let current = live.config.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let path = current.path.clone();
+        match tokio::task::spawn_blocking(move || LoadedConfig::load(&path)).await {
+            Ok(Ok(next)) => Ok((Some(current), Some(next))),
+            Ok(Err(problems)) => {
+                for p in &problems.0 {
+                    tracing::error!(rules_version = %version, "Config not reloaded: {p}");
                 }
-                let before: BTreeMap<&str, String> =
-                    old.routes.iter().map(|r| (r.name.as_str(), fingerprint(r))).collect();
-                let after: BTreeMap<&str, String> =
-                    new.routes.iter().map(|r| (r.name.as_str(), fingerprint(r))).collect();
-                let added: Vec<String> = after
-                    .keys()
-                    .filter(|k| !before.contains_key(*k))
-                    .map(|k| k.to_string())
-                    .collect();
-                let removed: Vec<String> = before
-                    .keys()
-                    .filter(|k| !after.contains_key(*k))
-                    .map(|k| k.to_string())
-                    .collect();
-                let changed: Vec<String> = after
-                    .iter()
-                    .filter(|(k, v)| before.get(*k).is_some_and(|b| b != *v))
-                    .map(|(k, _)| k.to_string())
-                    .collect();
-                let new_version = new.version.clone();
-                let new = Arc::new(new);
-                self.rules.store(new.clone());
-                *self.paths.lock().unwrap_or_else(|e| e.into_inner()) = paths;
-                *self.env.lock().unwrap_or_else(|e| e.into_inner()) = env;
-                self.rewatch();
-                if let (Some(live), Some(next)) = (&self.live, next) {
-                    let subscriptions = live.subscriptions.lock().unwrap_or_else(|e| e.into_inner()).clone();
-                    if let Some(subscriptions) = subscriptions {
-                        let channels: Vec<String> = if next.config.pubsub().enabled {
-                            let mut live: Vec<String> = new.live_channels().map(str::to_string).collect();
-                            live.sort();
-                            live
-                        } else {
-                            Vec::new()
-                        };
-                        let (started, stopped) = subscriptions.reconcile(next.config.mode, &channels);
-                        if !started.is_empty() || !stopped.is_empty() {
-                            tracing::info!(?started, ?stopped, "Subscriptions changed with the config.");
-                            applied.push(format!(
-                                "subscriptions started: [{}], stopped: [{}]",
-                                started.join(", "),
-                                stopped.join(", ")
-                            ));
-                        }
-                    }
-                    *live.config.lock().unwrap_or_else(|e| e.into_inner()) = next;
-                }
-                metrics::counter!(m::RULES_RELOADS, "result" => "ok").increment(1);
-                metrics::gauge!(m::RULES_VERSION, "version" => old.version.clone()).set(0.0);
-                metrics::gauge!(m::RULES_VERSION, "version" => new_version.clone()).set(1.0);
-                tracing::info!(old = %old.version, new = %new_version, ?added, ?removed, ?changed, "Rules reloaded.");
-                self.state
-                    .lock()
-                    .expect("reload state lock is never poisoned")
-                    .loaded_at_ms = now_ms();
-                ReloadOutcome {
-                    ok: true,
-                    swapped: true,
-                    old_version: old.version.clone(),
-                    new_version: Some(new_version),
-                    added,
-                    removed,
-                    changed,
-                    problems,
-                    applied,
-                    restart_required: restart,
-                }
+                Err(problems.0.iter().map(Problem::to_string).collect())
             }
+            Err(e) => Err(vec![format!("internal error while reading the config: {e}")]),
         }
     }
 

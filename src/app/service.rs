@@ -225,17 +225,12 @@ impl Service {
             Some((handle, _)) => handle.endpoint(),
             None => pubsub.endpoint.clone(),
         };
-        let channels: Vec<String> = if pubsub.enabled {
-            let rules = self.rules.load();
-            let mut live: Vec<String> = rules.live_channels().map(str::to_string).collect();
-            live.sort();
-            live
-        } else {
+        if !pubsub.enabled {
             tracing::warn!(
                 "Pub/Sub events are disabled (source.pubsub.enabled / SF_EVENTS_ENABLED); nothing is subscribed."
             );
-            Vec::new()
-        };
+        }
+        let channels = super::subscribed_channels(c, &self.rules.load());
         let auth = self.auth.clone().expect("validated: a pubsub source has credentials");
         tracing::info!(%endpoint, mode = c.mode.as_str(), channels = ?channels, auth = auth.flow_name(), "Subscribing.");
         let source = PubsubSource::start(
