@@ -211,21 +211,29 @@ async fn wait_for_signal() {
 
 fn validate(paths: Vec<PathBuf>, config: Option<PathBuf>, avro: Option<PathBuf>, format: ProblemFormat) -> ExitCode {
     let mut problems = Vec::new();
+    // A config that does not load reports its own problems only; the rules it names (when they can still be read
+    // from it) are then checked against the built-in channel and sink names.
     let (env, config_paths) = match &config {
         Some(path) => match LoadedConfig::load(path) {
-            Ok(loaded) => (RuleEnv::from_config(&loaded), loaded.rule_paths()),
+            Ok(loaded) => (RuleEnv::from_config(&loaded), Some(loaded.rule_paths())),
             Err(p) => {
                 problems.extend(p.0);
-                (RuleEnv::defaults(), Vec::new())
+                (RuleEnv::defaults(), Some(LoadedConfig::rule_paths_of_unloadable(path)))
             }
         },
-        None => (RuleEnv::defaults(), Vec::new()),
+        None => (RuleEnv::defaults(), None),
     };
-    let paths = match (paths.is_empty(), config_paths.is_empty()) {
+    let paths = match (paths.is_empty(), config_paths) {
         (false, _) => paths,
-        (true, false) => config_paths,
-        (true, true) => vec![PathBuf::from("rules")],
+        (true, Some(config_paths)) => config_paths,
+        (true, None) => vec![PathBuf::from("rules")],
     };
+    if paths.is_empty() {
+        // The config did not load, and names no rules that could be read from it.
+        report(&problems, format);
+        eprintln!("{}: {} error(s)", display_paths(config.as_slice()), problems.len());
+        return ExitCode::FAILURE;
+    }
     let loaded = switchyard::authoring::validate::validate(&paths, &env, avro.as_deref());
     problems.extend(loaded.problems);
     report(&problems, format);

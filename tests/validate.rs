@@ -171,3 +171,31 @@ fn switchyard_test_fails_with_a_readable_diff_on_a_wrong_expectation() {
     );
     assert!(text.trim_end().ends_with("passed, 1 failed"), "{text}");
 }
+
+/// A config that does not load reports its own problem at its key's line, and no second, confusing problem about
+/// rules the broken config was meant to name; the rules it names are still checked (against the built-in names).
+#[test]
+fn a_config_that_does_not_load_reports_only_its_own_problems_at_their_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("bad.yaml");
+    let rules = format!("{}/rules/", env!("CARGO_MANIFEST_DIR"));
+    std::fs::write(
+        &cfg,
+        format!("source: {{ kind: stdin }}\nchannels:\n  orders: /topic/Orders\nrules: [\"{rules}\"]\n"),
+    )
+    .unwrap();
+    let cfg = cfg.display().to_string();
+    let text = assert_reports(
+        &["validate", "--config", &cfg],
+        1,
+        &[&format!("{cfg}:3:3: error: channel `orders` is `/topic/Orders`")],
+    );
+    assert_eq!(text.lines().count(), 1, "only the config's own problem:\n{text}");
+    // Without any rules to read from it, still only the config's problem.
+    std::fs::write(dir.path().join("bad.yaml"), "source: { kind: nope }\n").unwrap();
+    let out = run(&["validate", "--config", &cfg]);
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text.lines().all(|l| l.starts_with(&cfg)), "{text}");
+    assert!(!text.contains("rules"), "{text}");
+}

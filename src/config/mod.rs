@@ -10,10 +10,12 @@ use crate::diag::{Problem, Problems};
 use crate::plan::JobOptions;
 
 mod salesforce;
+mod spans;
 pub use salesforce::{
     AuthFlow, DEFAULT_API_VERSION, DEFAULT_PUBSUB_ENDPOINT, MAX_BATCH_SIZE, PubsubConfig, ReplayConfig, ReplayPreset,
     ReplayStart, RestConfig, SalesforceConfig,
 };
+pub use spans::Spans;
 
 /// The config of the embedded demo (`switchyard run` with no `--config`).
 pub const DEMO_CONFIG: &str = include_str!("../../examples/demo.yaml");
@@ -800,6 +802,8 @@ pub const DEAD_LETTER_SINK: &str = "dead-letter";
 pub struct LoadedConfig {
     pub path: PathBuf,
     pub config: Config,
+    /// Where each key is in the file, for the problems found after parsing.
+    pub spans: Spans,
 }
 
 impl LoadedConfig {
@@ -825,7 +829,14 @@ impl LoadedConfig {
 
     /// Parses config text; `env` looks variables up (the real environment outside tests).
     pub fn parse(path: &Path, text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Self, Problems> {
+        // Places come from the file as written (a substituted value can shift the columns after it), or from the
+        // substituted text where only that is YAML.
+        let spans = match Spans::of(text) {
+            spans if spans == Spans::default() => None,
+            spans => Some(spans),
+        };
         let text = substitute_env(path, text, env)?;
+        let spans = spans.unwrap_or_else(|| Spans::of(&text));
         let mut config: Config =
             serde_saphyr::from_str(&text).map_err(|e| Problems(vec![Problem::from_yaml(path, &e)]))?;
         if let Some(mode) = env("SWITCHYARD_MODE") {
@@ -833,10 +844,11 @@ impl LoadedConfig {
                 "cdc" => Mode::Cdc,
                 "platform-event" => Mode::PlatformEvent,
                 other => {
+                    let (line, column) = spans.at(&["mode"]);
                     return Err(Problems(vec![Problem::error(
                         path,
-                        0,
-                        0,
+                        line,
+                        column,
                         format!("SWITCHYARD_MODE is `{other}`; expected `cdc` or `platform-event`"),
                     )]));
                 }
@@ -845,6 +857,7 @@ impl LoadedConfig {
         let loaded = LoadedConfig {
             path: path.to_path_buf(),
             config,
+            spans,
         };
         let problems = loaded.validate();
         if problems.is_empty() {
@@ -858,24 +871,35 @@ impl LoadedConfig {
     pub fn validate(&self) -> Vec<Problem> {
         let c = &self.config;
         let mut problems = Vec::new();
-        let err = |m: String| Problem::error(&self.path, 0, 0, m);
+        // A problem at the key it is about (or the nearest key above it that the file has).
+        let err = |at: &[&str], m: String| {
+            let (line, column) = self.spans.at(at);
+            Problem::error(&self.path, line, column, m)
+        };
         for (alias, channel) in &c.channels {
             if Mode::of_channel(channel).is_none() {
-                problems.push(err(format!(
+                problems.push(err(&["channels", alias], format!(
                     "channel `{alias}` is `{channel}`; a channel starts with /data/ (CDC) or /event/ (platform event)"
                 )));
             }
         }
         if c.sinks.contains_key(DEAD_LETTER_SINK) {
-            problems.push(err(format!(
-                "the sink name `{DEAD_LETTER_SINK}` is built in; choose another name"
-            )));
+            problems.push(err(
+                &["sinks", DEAD_LETTER_SINK],
+                format!("the sink name `{DEAD_LETTER_SINK}` is built in; choose another name"),
+            ));
         }
         if c.source.kind == SourceKind::Jsonl && c.source.jsonl.is_none() {
-            problems.push(err("source `jsonl` needs `source.jsonl.path`".into()));
+            problems.push(err(
+                &["source", "kind"],
+                "source `jsonl` needs `source.jsonl.path`".into(),
+            ));
         }
         if c.source.kind == SourceKind::Emulator && c.source.emulator.is_none() {
-            problems.push(err("source `emulator` needs `source.emulator.events`".into()));
+            problems.push(err(
+                &["source", "kind"],
+                "source `emulator` needs `source.emulator.events`".into(),
+            ));
         }
         // The in-process emulator brings its own credentials; everything else that talks to Salesforce needs them.
         let needs_salesforce = c.source.kind == SourceKind::Pubsub
@@ -883,120 +907,171 @@ impl LoadedConfig {
         match (&c.salesforce, needs_salesforce) {
             (Some(sf), true) => {
                 if let Err(e) = sf.flow() {
-                    problems.push(err(e));
+                    problems.push(err(&["salesforce"], e));
                 }
                 if sf.rest.concurrency == 0 || sf.rest.attempts == 0 {
+                    let at = if sf.rest.concurrency == 0 {
+                        "concurrency"
+                    } else {
+                        "attempts"
+                    };
                     problems.push(err(
-                        "`salesforce.rest.concurrency` and `attempts` must be at least 1".into()
+                        &["salesforce", "rest", at],
+                        "`salesforce.rest.concurrency` and `attempts` must be at least 1".into(),
                     ));
                 }
             }
             (None, true) if c.source.kind == SourceKind::Pubsub => problems.push(err(
+                &["source", "kind"],
                 "source `pubsub` needs the `salesforce` section (credentials)".into(),
             )),
             (None, true) => problems.push(err(
+                &["enricher"],
                 "`enricher: salesforce` needs the `salesforce` section (credentials)".into(),
             )),
             _ => {}
         }
         let pubsub = c.pubsub();
         if !(1..=MAX_BATCH_SIZE).contains(&pubsub.batch_size) {
-            problems.push(err(format!(
-                "`source.pubsub.batch_size` is {}; Salesforce allows 1 to {MAX_BATCH_SIZE} outstanding events",
-                pubsub.batch_size
-            )));
+            problems.push(err(
+                &["source", "pubsub", "batch_size"],
+                format!(
+                    "`source.pubsub.batch_size` is {}; Salesforce allows 1 to {MAX_BATCH_SIZE} outstanding events",
+                    pubsub.batch_size
+                ),
+            ));
         }
         if !(pubsub.endpoint.starts_with("https://") || pubsub.endpoint.starts_with("http://")) {
-            problems.push(err(format!(
-                "`source.pubsub.endpoint` is `{}`; write it as https://host:port (or http:// for loopback tests)",
-                pubsub.endpoint
-            )));
+            problems.push(err(
+                &["source", "pubsub", "endpoint"],
+                format!(
+                    "`source.pubsub.endpoint` is `{}`; write it as https://host:port (or http:// for loopback tests)",
+                    pubsub.endpoint
+                ),
+            ));
         }
         if c.rules.is_empty() {
-            problems.push(err("`rules` names no file or folder".into()));
+            problems.push(err(&["rules"], "`rules` names no file or folder".into()));
         }
         for (name, sink) in &c.sinks {
             if sink.redis().is_some() && c.redis.is_none() {
-                problems.push(err(format!(
+                problems.push(err(&["sinks", name, "redis"], format!(
                     "sink `{name}` has its own `redis`, but the main `redis` section is missing (idempotency markers, dead letters and positions live there)"
                 )));
             }
             match sink {
                 SinkConfig::Queue(q) if q.format == QueueFormat::Stream => {
                     if q.job_options != JobOptions::default() {
-                        problems.push(err(format!(
+                        problems.push(err(&["sinks", name, "job_options"], format!(
                             "sink `{name}`: `job_options` are BullMQ options; a `format: stream` queue does not take them"
                         )));
                     }
                     if q.max_len == 0 {
-                        problems.push(err(format!("sink `{name}`: `max_len` must be at least 1")));
+                        problems.push(err(
+                            &["sinks", name, "max_len"],
+                            format!("sink `{name}`: `max_len` must be at least 1"),
+                        ));
                     }
                 }
                 SinkConfig::Webhook(w) => {
                     let url = w.url.expose();
                     if !(url.starts_with("http://") || url.starts_with("https://")) {
-                        problems.push(err(format!(
-                            "sink `{name}`: the webhook `url` must start with http:// or https://"
-                        )));
+                        problems.push(err(
+                            &["sinks", name, "url"],
+                            format!("sink `{name}`: the webhook `url` must start with http:// or https://"),
+                        ));
                     }
                     if w.timeout_ms == 0 {
-                        problems.push(err(format!("sink `{name}`: `timeout_ms` must be at least 1")));
+                        problems.push(err(
+                            &["sinks", name, "timeout_ms"],
+                            format!("sink `{name}`: `timeout_ms` must be at least 1"),
+                        ));
                     }
                 }
                 _ => {}
             }
         }
-        let endpoints = c.redis.iter().map(|r| ("redis".to_string(), r.endpoint())).chain(
-            c.sinks
-                .iter()
-                .filter_map(|(n, s)| s.redis().map(|r| (format!("sink `{n}`: redis"), r.clone()))),
-        );
-        for (what, e) in endpoints {
+        let endpoints = c
+            .redis
+            .iter()
+            .map(|r| ("redis".to_string(), vec!["redis"], r.endpoint()))
+            .chain(c.sinks.iter().filter_map(|(n, s)| {
+                s.redis().map(|r| {
+                    (
+                        format!("sink `{n}`: redis"),
+                        vec!["sinks", n.as_str(), "redis"],
+                        r.clone(),
+                    )
+                })
+            }));
+        for (what, at, e) in endpoints {
+            let key = |k: &'static str| [at.as_slice(), &[k]].concat();
             let url = e.url.expose();
             if !["redis://", "rediss://", "redis+unix://", "unix://"]
                 .iter()
                 .any(|scheme| url.starts_with(scheme))
             {
-                problems.push(err(format!(
-                    "{what}: the URL must start with redis://, rediss:// (TLS) or redis+unix://"
-                )));
+                problems.push(err(
+                    &key("url"),
+                    format!("{what}: the URL must start with redis://, rediss:// (TLS) or redis+unix://"),
+                ));
             }
             if e.connect_timeout_ms == 0 || e.command_timeout_ms == 0 {
-                problems.push(err(format!(
-                    "{what}: `connect_timeout_ms` and `command_timeout_ms` must be at least 1"
-                )));
+                let zero = if e.connect_timeout_ms == 0 {
+                    "connect_timeout_ms"
+                } else {
+                    "command_timeout_ms"
+                };
+                problems.push(err(
+                    &key(zero),
+                    format!("{what}: `connect_timeout_ms` and `command_timeout_ms` must be at least 1"),
+                ));
             }
         }
         if c.lease.enabled == Some(true) {
             if c.redis.is_none() {
                 problems.push(err(
-                    "`lease.enabled` needs the `redis` section (the leases live there)".into()
+                    &["lease", "enabled"],
+                    "`lease.enabled` needs the `redis` section (the leases live there)".into(),
                 ));
             } else if !c.redis_positions() {
                 problems.push(err(
+                    &["lease", "enabled"],
                     "`lease.enabled` needs positions in Redis (`checkpoint.store: redis`): fenced writes go there"
                         .into(),
                 ));
             }
         }
         if c.lease.ttl_ms < 300 {
-            problems.push(err(format!(
-                "`lease.ttl_ms` is {}; at least 300 ms (it is renewed every third of it)",
-                c.lease.ttl_ms
-            )));
+            problems.push(err(
+                &["lease", "ttl_ms"],
+                format!(
+                    "`lease.ttl_ms` is {}; at least 300 ms (it is renewed every third of it)",
+                    c.lease.ttl_ms
+                ),
+            ));
         }
         if c.delivery.concurrency == 0 {
-            problems.push(err("`delivery.concurrency` must be at least 1".into()));
+            problems.push(err(
+                &["delivery", "concurrency"],
+                "`delivery.concurrency` must be at least 1".into(),
+            ));
         }
         match &c.checkpoint {
             Some(CheckpointConfig {
                 store: CheckpointStoreKind::File,
                 path: None,
-            }) => problems.push(err("`checkpoint.store: file` needs `checkpoint.path`".into())),
+            }) => problems.push(err(
+                &["checkpoint", "store"],
+                "`checkpoint.store: file` needs `checkpoint.path`".into(),
+            )),
             Some(CheckpointConfig {
                 store: CheckpointStoreKind::Redis,
                 ..
-            }) if c.redis.is_none() => problems.push(err("`checkpoint.store: redis` needs the `redis` section".into())),
+            }) if c.redis.is_none() => problems.push(err(
+                &["checkpoint", "store"],
+                "`checkpoint.store: redis` needs the `redis` section".into(),
+            )),
             _ => {}
         }
         problems
@@ -1015,6 +1090,32 @@ impl LoadedConfig {
 
     pub fn rule_paths(&self) -> Vec<PathBuf> {
         self.config.rules.iter().map(|p| self.resolve(p)).collect()
+    }
+
+    /// The `rules` a config file names, read leniently from a file that does not load (for `validate`, which then
+    /// still checks those rules against the built-in names); empty when even that cannot be read.
+    pub fn rule_paths_of_unloadable(path: &Path) -> Vec<PathBuf> {
+        #[derive(Deserialize)]
+        struct RulesOnly {
+            #[serde(default)]
+            rules: Vec<PathBuf>,
+        }
+        let Ok(text) = std::fs::read_to_string(path) else {
+            return Vec::new();
+        };
+        let text = substitute_env(path, &text, &|name| std::env::var(name).ok()).unwrap_or(text);
+        let rules = serde_saphyr::from_str::<RulesOnly>(&text)
+            .map(|r| r.rules)
+            .unwrap_or_default();
+        let placed = LoadedConfig {
+            path: path.to_path_buf(),
+            config: Config {
+                rules,
+                ..serde_saphyr::from_str("source: { kind: stdin }\nrules: [r]\n").expect("a minimal config parses")
+            },
+            spans: Spans::default(),
+        };
+        placed.rule_paths()
     }
 }
 
@@ -1091,6 +1192,47 @@ pub fn substitute_env(path: &Path, text: &str, env: &dyn Fn(&str) -> Option<Stri
 mod tests {
     use super::*;
     use crate::plan::{KeepJobs, KeepLimits};
+
+    /// Every problem found after parsing names the line and column of the key it is about.
+    #[test]
+    fn config_problems_point_at_their_keys() {
+        let text = "\
+source: { kind: jsonl, jsonl: { path: e.jsonl } }
+channels:
+  orders: /topic/Orders
+rules: [rules/]
+delivery:
+  concurrency: 0
+lease:
+  ttl_ms: 100
+checkpoint: { store: file }
+sinks:
+  hook:
+    kind: webhook
+    url: ftp://example.invalid/hook
+    timeout_ms: 0
+  cache:
+    kind: cache-invalidate
+    redis: { url: \"redis://127.0.0.1:6379\", connect_timeout_ms: 0 }
+";
+        let problems = LoadedConfig::parse(Path::new("c.yaml"), text, &|_| None).unwrap_err().0;
+        let at = |needle: &str| {
+            let p = problems
+                .iter()
+                .find(|p| p.message.contains(needle))
+                .unwrap_or_else(|| panic!("no problem says `{needle}`: {problems:#?}"));
+            (p.line, p.column)
+        };
+        assert_eq!(at("a channel starts with /data/"), (3, 3));
+        assert_eq!(at("`delivery.concurrency`"), (6, 3));
+        assert_eq!(at("`lease.ttl_ms` is 100"), (8, 3));
+        assert_eq!(at("`checkpoint.store: file` needs"), (9, 15));
+        assert_eq!(at("the webhook `url` must start"), (13, 5));
+        assert_eq!(at("sink `hook`: `timeout_ms`"), (14, 5));
+        assert_eq!(at("has its own `redis`, but the main"), (17, 5));
+        assert_eq!(at("sink `cache`: redis: `connect_timeout_ms`"), (17, 45));
+        assert!(problems.iter().all(|p| p.line > 0), "{problems:#?}");
+    }
 
     fn env(name: &str) -> Option<String> {
         match name {
