@@ -9,11 +9,20 @@ use serde::{Deserialize, Serialize};
 use crate::diag::{Problem, Problems};
 use crate::plan::JobOptions;
 
+mod env;
+mod redis;
 mod salesforce;
+mod sinks;
 mod spans;
+pub use env::{Secret, substitute_env};
+pub use redis::{RedisConfig, RedisEndpoint, RedisTls};
 pub use salesforce::{
     AuthFlow, DEFAULT_API_VERSION, DEFAULT_PUBSUB_ENDPOINT, MAX_BATCH_SIZE, PubsubConfig, ReplayConfig, ReplayPreset,
     ReplayStart, RestConfig, SalesforceConfig,
+};
+pub use sinks::{
+    CacheSinkConfig, DEAD_LETTER_SINK, LogSinkConfig, QueueFormat, QueueSinkConfig, SinkConfig, SinkKind,
+    WebhookSignature, WebhookSinkConfig, default_sinks,
 };
 pub use spans::Spans;
 
@@ -446,286 +455,6 @@ pub struct JsonlConfig {
     pub follow: bool,
 }
 
-/// The main Redis: idempotency markers, dead letters, positions, and every sink without its own `redis`.
-#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct RedisConfig {
-    /// Redis URL: `redis://[user:password@]host:port/db`, or `rediss://` for TLS. An ACL user goes before the
-    /// password (`redis://switchyard:${REDIS_PASSWORD}@redis:6379/0`). Its password never appears in logs or
-    /// errors.
-    #[schemars(with = "String", example = &"redis://127.0.0.1:6379")]
-    pub url: Secret,
-    /// Prefix of the keys switchyard itself writes (idempotency markers, dead letters, positions). Sink keys
-    /// are rendered by the rules.
-    #[serde(default = "default_key_prefix")]
-    #[schemars(example = &"switchyard:")]
-    pub key_prefix: String,
-    /// How long one connection attempt may take (TCP, TLS handshake, AUTH) before it counts as failed.
-    #[serde(default = "default_redis_connect_timeout_ms")]
-    #[schemars(example = 5000)]
-    pub connect_timeout_ms: u64,
-    /// How long one command may wait for its reply; past it the call fails as transient and is retried.
-    #[serde(default = "default_redis_command_timeout_ms")]
-    #[schemars(example = 5000)]
-    pub command_timeout_ms: u64,
-    /// TLS settings for a `rediss://` URL whose server certificate is not signed by a public CA.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(example = serde_json::json!({"ca_file": "/etc/switchyard/redis-ca.pem"}))]
-    pub tls: Option<RedisTls>,
-}
-
-impl RedisConfig {
-    /// The server this section names.
-    pub fn endpoint(&self) -> RedisEndpoint {
-        RedisEndpoint {
-            url: self.url.clone(),
-            connect_timeout_ms: self.connect_timeout_ms,
-            command_timeout_ms: self.command_timeout_ms,
-            tls: self.tls.clone(),
-        }
-    }
-}
-
-/// A Redis server of its own for one sink (BullMQ needs `maxmemory-policy noeviction`; a cache usually
-/// runs with an evicting policy, so the two often live on different servers).
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct RedisEndpoint {
-    /// Redis URL (`redis://`, or `rediss://` for TLS; `user:password@` for an ACL user).
-    #[schemars(with = "String", example = &"rediss://cache:${CACHE_REDIS_PASSWORD}@cache.internal:6380")]
-    pub url: Secret,
-    /// How long one connection attempt may take.
-    #[serde(default = "default_redis_connect_timeout_ms")]
-    #[schemars(example = 5000)]
-    pub connect_timeout_ms: u64,
-    /// How long one command may wait for its reply.
-    #[serde(default = "default_redis_command_timeout_ms")]
-    #[schemars(example = 5000)]
-    pub command_timeout_ms: u64,
-    /// TLS settings for a `rediss://` URL.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(example = serde_json::json!({"ca_file": "/etc/switchyard/redis-ca.pem"}))]
-    pub tls: Option<RedisTls>,
-}
-
-/// TLS for Redis (`rediss://`): the server certificate is checked against the system's public CAs, or
-/// against `ca_file` when it is set.
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct RedisTls {
-    /// A PEM file of the CA that signed the server certificate (relative to the config file).
-    #[schemars(example = &"/etc/switchyard/redis-ca.pem")]
-    pub ca_file: PathBuf,
-}
-
-fn default_redis_connect_timeout_ms() -> u64 {
-    5_000
-}
-fn default_redis_command_timeout_ms() -> u64 {
-    5_000
-}
-
-/// A string that holds a secret (a URL with a password): Debug and Display print a placeholder, so it
-/// cannot reach a log line, an error or a dead letter by accident. `expose()` is the one way to read it.
-#[derive(Clone, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(transparent)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(value: impl Into<String>) -> Self {
-        Secret(value.into())
-    }
-
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl std::fmt::Debug for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Secret(***)")
-    }
-}
-
-impl std::fmt::Display for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("***")
-    }
-}
-
-fn default_key_prefix() -> String {
-    "switchyard:".into()
-}
-
-/// A named sink. The kinds are closed: `queue`, `cache-invalidate`, `log`, `webhook`.
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
-#[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
-pub enum SinkConfig {
-    /// Enqueue a job: a BullMQ job a stock BullMQ/NestJS worker consumes, or a Redis Stream entry.
-    Queue(QueueSinkConfig),
-    /// UNLINK cache keys, and keys matching patterns (via SCAN), optionally PUBLISH a message.
-    CacheInvalidate(CacheSinkConfig),
-    /// Write one structured log line per action.
-    Log(LogSinkConfig),
-    /// POST the action's JSON body to a URL.
-    Webhook(WebhookSinkConfig),
-}
-
-impl SinkConfig {
-    pub fn kind(&self) -> SinkKind {
-        match self {
-            SinkConfig::Queue(_) => SinkKind::Queue,
-            SinkConfig::CacheInvalidate(_) => SinkKind::CacheInvalidate,
-            SinkConfig::Log(_) => SinkKind::Log,
-            SinkConfig::Webhook(_) => SinkKind::Webhook,
-        }
-    }
-
-    /// The sink's own Redis, when it has one.
-    pub fn redis(&self) -> Option<&RedisEndpoint> {
-        match self {
-            SinkConfig::Queue(q) => q.redis.as_ref(),
-            SinkConfig::CacheInvalidate(c) => c.redis.as_ref(),
-            SinkConfig::Log(_) | SinkConfig::Webhook(_) => None,
-        }
-    }
-
-    /// Whether the sink writes to Redis (its own, or the main one).
-    pub fn uses_redis(&self) -> bool {
-        matches!(self, SinkConfig::Queue(_) | SinkConfig::CacheInvalidate(_))
-    }
-}
-
-/// The kind of a sink, which decides the keys its actions take.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum SinkKind {
-    Queue,
-    CacheInvalidate,
-    Log,
-    Webhook,
-    DeadLetter,
-}
-
-impl SinkKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            SinkKind::Queue => "queue",
-            SinkKind::CacheInvalidate => "cache-invalidate",
-            SinkKind::Log => "log",
-            SinkKind::Webhook => "webhook",
-            SinkKind::DeadLetter => "dead-letter",
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct QueueSinkConfig {
-    /// `bullmq` (a BullMQ job) or `stream` (an XADD to the Redis Stream named by `queue`, for consumers
-    /// that are not BullMQ).
-    #[serde(default)]
-    #[schemars(example = &"bullmq")]
-    pub format: QueueFormat,
-    /// The BullMQ queue name; with `format: stream`, the stream's key as is.
-    #[schemars(example = &"provisioning")]
-    pub queue: String,
-    /// The BullMQ job name (with `format: stream`, the entry's `name` field).
-    #[schemars(example = &"provision-order")]
-    pub job_name: String,
-    /// The BullMQ key prefix (BullMQ's default is `bull`). Not used by `format: stream`.
-    #[serde(default = "default_bull_prefix")]
-    #[schemars(example = &"bull")]
-    pub prefix: String,
-    /// Default BullMQ job options; an action's `job_options` override them key by key. Not used by
-    /// `format: stream`.
-    #[serde(default)]
-    #[schemars(example = serde_json::json!({"attempts": 5, "backoff": {"type": "exponential", "delay": 1000}, "remove_on_complete": {"age": 86400, "count": 1000}, "remove_on_fail": {"age": 604800}}))]
-    pub job_options: JobOptions,
-    /// `format: stream` only: entries kept in the stream; older ones are trimmed (`MAXLEN ~`, approximately,
-    /// which keeps trimming cheap).
-    #[serde(default = "default_stream_max_len")]
-    #[schemars(example = 100000)]
-    pub max_len: usize,
-    /// This sink's own Redis (default: the main `redis`). A BullMQ Redis needs `maxmemory-policy
-    /// noeviction`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(example = serde_json::json!({"url": "${QUEUE_REDIS_URL}"}))]
-    pub redis: Option<RedisEndpoint>,
-}
-
-fn default_bull_prefix() -> String {
-    "bull".into()
-}
-
-fn default_stream_max_len() -> usize {
-    100_000
-}
-
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
-#[serde(rename_all = "kebab-case")]
-pub enum QueueFormat {
-    /// A BullMQ job (same Lua scripts as the Node library); the job id is the action's idempotency key.
-    #[default]
-    Bullmq,
-    /// A Redis Stream entry (XADD) with the fields `job_id`, `name`, `data` (JSON), `idempotency_key`,
-    /// `event_id`, `route`, `record_id`, `rules_version`, `correlation_id`, `at_ms`.
-    Stream,
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct CacheSinkConfig {
-    /// This sink's own Redis (default: the main `redis`), e.g. the application's cache server.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(example = serde_json::json!({"url": "${CACHE_REDIS_URL}"}))]
-    pub redis: Option<RedisEndpoint>,
-}
-
-/// POSTs each action's `body` as JSON.
-///
-/// Headers sent: `Content-Type: application/json`, `Idempotency-Key` (the action's `idempotency_key`, when
-/// it has one), the configured `headers`, the action's `headers`, and with `signature`:
-/// `X-Switchyard-Timestamp: <unix seconds>` and `X-Switchyard-Signature: sha256=<hex>`, the HMAC-SHA256 of
-/// `<timestamp>.<body>` under the secret. 2xx is success; 408, 429, 5xx, timeouts and connection errors are
-/// retried; any other status is permanent (dead letter).
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct WebhookSinkConfig {
-    /// The URL to POST to (`http://` or `https://`).
-    #[schemars(with = "String", example = &"https://hooks.example.com/switchyard")]
-    pub url: Secret,
-    /// Headers sent with every request; values usually come from the environment
-    /// (`Authorization: "Bearer ${HOOK_TOKEN}"`) and never appear in logs.
-    #[serde(default)]
-    #[schemars(with = "IndexMap<String, String>", example = serde_json::json!({"Authorization": "Bearer ${HOOK_TOKEN}"}))]
-    pub headers: IndexMap<String, Secret>,
-    /// How long one request may take (connect, send, response) before it fails as transient.
-    #[serde(default = "default_webhook_timeout_ms")]
-    #[schemars(example = 10000)]
-    pub timeout_ms: u64,
-    /// Sign every body with HMAC-SHA256 so the receiver can check it came from switchyard.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(example = serde_json::json!({"secret": "${HOOK_SIGNING_SECRET}"}))]
-    pub signature: Option<WebhookSignature>,
-}
-
-fn default_webhook_timeout_ms() -> u64 {
-    10_000
-}
-
-/// The HMAC-SHA256 signature of webhook bodies.
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct WebhookSignature {
-    /// The shared secret (from the environment: `${HOOK_SIGNING_SECRET}`).
-    #[schemars(with = "String", example = &"${HOOK_SIGNING_SECRET}")]
-    pub secret: Secret,
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct LogSinkConfig {}
-
 /// Where `enrich` reads the current record.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "kebab-case")]
@@ -770,32 +499,6 @@ pub fn default_channels() -> IndexMap<String, String> {
         ),
     ])
 }
-
-/// The sinks a rules file is checked against when no config is given.
-pub fn default_sinks() -> IndexMap<String, SinkConfig> {
-    IndexMap::from([
-        (
-            "enqueue-provisioning".to_string(),
-            SinkConfig::Queue(QueueSinkConfig {
-                format: QueueFormat::Bullmq,
-                queue: "provisioning".into(),
-                job_name: "provision-order".into(),
-                prefix: default_bull_prefix(),
-                job_options: JobOptions::default(),
-                max_len: default_stream_max_len(),
-                redis: None,
-            }),
-        ),
-        (
-            "invalidate-cache".to_string(),
-            SinkConfig::CacheInvalidate(CacheSinkConfig::default()),
-        ),
-        ("log".to_string(), SinkConfig::Log(LogSinkConfig {})),
-    ])
-}
-
-/// The name of the built-in dead-letter sink.
-pub const DEAD_LETTER_SINK: &str = "dead-letter";
 
 /// A config file as loaded, with where it came from.
 #[derive(Debug, Clone)]
@@ -1116,75 +819,6 @@ impl LoadedConfig {
             spans: Spans::default(),
         };
         placed.rule_paths()
-    }
-}
-
-/// Replaces `${VAR}` and `${VAR:-default}`; `$$` is a literal `$`. Full-line comments are left alone.
-/// An unset variable without a default is an error: a production config never falls back silently.
-pub fn substitute_env(path: &Path, text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<String, Problems> {
-    let mut out = String::with_capacity(text.len());
-    let mut problems = Vec::new();
-    for (n, line) in text.split_inclusive('\n').enumerate() {
-        if line.trim_start().starts_with('#') {
-            out.push_str(line);
-            continue;
-        }
-        let mut rest = line;
-        while let Some(i) = rest.find('$') {
-            out.push_str(&rest[..i]);
-            let after = &rest[i + 1..];
-            if let Some(tail) = after.strip_prefix('$') {
-                out.push('$');
-                rest = tail;
-            } else if let Some(body) = after.strip_prefix('{') {
-                let Some(end) = body.find('}') else {
-                    problems.push(Problem::error(
-                        path,
-                        n as u64 + 1,
-                        (line.len() - rest.len() + i) as u64 + 1,
-                        "`${` without a closing `}`",
-                    ));
-                    out.push_str(&rest[i..]);
-                    rest = "";
-                    break;
-                };
-                let expr = &body[..end];
-                let (name, default) = match expr.split_once(":-") {
-                    Some((name, default)) => (name, Some(default)),
-                    None => (expr, None),
-                };
-                let column = (line.len() - rest.len() + i) as u64 + 1;
-                if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-                    problems.push(Problem::error(
-                        path,
-                        n as u64 + 1,
-                        column,
-                        format!("`${{{expr}}}` is not a variable reference"),
-                    ));
-                } else {
-                    match (env(name), default) {
-                        (Some(value), _) if !(value.is_empty() && default.is_some()) => out.push_str(&value),
-                        (_, Some(default)) => out.push_str(default),
-                        (_, None) => problems.push(Problem::error(
-                            path,
-                            n as u64 + 1,
-                            column,
-                            format!("environment variable `{name}` is not set and has no default (write `${{{name}:-default}}` for one)"),
-                        )),
-                    }
-                }
-                rest = &body[end + 1..];
-            } else {
-                out.push('$');
-                rest = after;
-            }
-        }
-        out.push_str(rest);
-    }
-    if problems.is_empty() {
-        Ok(out)
-    } else {
-        Err(Problems(problems))
     }
 }
 
