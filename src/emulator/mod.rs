@@ -9,6 +9,7 @@
 //! Replay ids are 8-byte big-endian counters over all topics. The `replay_id` of a published event is ignored:
 //! the emulator assigns the next one, as the bus would.
 
+pub mod encode;
 mod rest;
 mod service;
 mod state;
@@ -28,8 +29,9 @@ use tonic::transport::server::TcpIncoming;
 
 use crate::event::{Event, EventError};
 use crate::sources::pubsub::MAX_MESSAGE_BYTES;
-use crate::sources::pubsub::avro::{CompiledSchema, DecodeError, EncodeError};
+use crate::sources::pubsub::avro::{CompiledSchema, DecodeError};
 use crate::sources::pubsub::proto::pub_sub_server::PubSubServer;
+use encode::EncodeError;
 
 use service::Service;
 use state::{Settings, Shared, State, Topic};
