@@ -18,7 +18,7 @@ use futures_util::StreamExt;
 use serde_json::Value;
 use switchyard::app::service::Service;
 use switchyard::config::LoadedConfig;
-use switchyard::delivery::dispatch::ActionResult;
+use switchyard::delivery::ActionResult;
 use switchyard::event::{Event, EventKind};
 use switchyard::plan::Op;
 use switchyard::sources::pubsub::avro::SchemaRegistry;

@@ -419,7 +419,7 @@ const SOAK_ACTIVATIONS: usize = 50_000;
 #[tokio::test]
 async fn concurrent_idempotency_writes_share_calls_and_each_gets_its_own_answer() {
     use futures_util::future::join_all;
-    use switchyard::state::idempotency::{Claim, Idempotency, Ttls};
+    use switchyard::state::{Claim, Idempotency, Ttls};
 
     let mut redis = OwnRedis::start();
     let config = redis::aio::ConnectionManagerConfig::new()

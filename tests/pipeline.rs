@@ -324,7 +324,7 @@ async fn a_stop_does_not_wait_for_retries_and_leaves_their_events_unsettled() {
     use switchyard::app::service::Service;
     use switchyard::config::LoadedConfig;
     use switchyard::sources::jsonl::JsonlSource;
-    use switchyard::state::checkpoint::{CheckpointStore, offset_of};
+    use switchyard::state::{CheckpointStore, offset_of};
 
     let h = Harness::new("stop-retry");
     let approve = |n: u32| {

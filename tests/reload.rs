@@ -11,7 +11,7 @@ use common::{Harness, records};
 use serde_json::json;
 use switchyard::app::service::Service;
 use switchyard::config::LoadedConfig;
-use switchyard::delivery::pipeline::Stats;
+use switchyard::delivery::Stats;
 
 fn rules(prefix: &str) -> String {
     format!(

@@ -470,9 +470,9 @@ async fn rolling_restart_of_both_replicas_under_load_loses_nothing() {
 async fn writes_under_a_stale_fencing_token_are_refused_by_redis() {
     use std::sync::Arc;
     use switchyard::failure::Failure;
-    use switchyard::state::checkpoint::CheckpointStore;
-    use switchyard::state::idempotency::{Claim, Idempotency, Ttls};
-    use switchyard::state::lease::Leases;
+    use switchyard::state::CheckpointStore;
+    use switchyard::state::Leases;
+    use switchyard::state::{Claim, Idempotency, Ttls};
 
     let h = Harness::new("ha-fence");
     let conn = redis::aio::ConnectionManager::new(redis::Client::open(redis_url()).unwrap())
@@ -555,7 +555,7 @@ async fn checkpoint_set_refuses_while_a_replica_holds_the_channel() {
     use switchyard::app::cli::CheckpointOp;
     use switchyard::app::service::Service;
     use switchyard::config::LoadedConfig;
-    use switchyard::state::lease::Leases;
+    use switchyard::state::Leases;
 
     let h = Harness::new("ha-admin");
     let events = h.write_events("events.jsonl", &[]);

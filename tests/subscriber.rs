@@ -10,11 +10,11 @@ use common::{Harness, records, redis_url, repo};
 use serde_json::{Value, json};
 use switchyard::app::service::Service;
 use switchyard::config::LoadedConfig;
-use switchyard::delivery::pipeline::Stats;
+use switchyard::delivery::Stats;
 use switchyard::emulator::{self, EmulatorHandle, EmulatorOptions, Fault};
 use switchyard::event::Event;
 use switchyard::sources::pubsub::subscriber::{ChannelState, checkpoint_key};
-use switchyard::state::checkpoint::CheckpointStore;
+use switchyard::state::CheckpointStore;
 use tokio::sync::watch;
 
 struct Running {

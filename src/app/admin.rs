@@ -6,17 +6,17 @@ use serde_json::Value;
 
 use crate::app::cli::{CheckpointOp, DeadLetterOp};
 use crate::app::service::Service;
-use crate::delivery::dispatch::ActionResult;
+use crate::delivery::ActionResult;
 use crate::plan::{Action, Op};
 use crate::state::DeadLetter;
-use crate::state::checkpoint::{describe, offset_bytes};
+use crate::state::{describe_position as describe, offset_bytes};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AdminError {
     #[error("{0}")]
     Usage(String),
     #[error(transparent)]
-    Checkpoint(#[from] crate::state::checkpoint::CheckpointError),
+    Checkpoint(#[from] crate::state::CheckpointError),
     #[error(transparent)]
     Store(#[from] crate::failure::Failure),
 }

@@ -22,7 +22,7 @@ use serde::Serialize;
 use crate::authoring::validate::validate;
 use crate::clock::now_ms;
 use crate::config::{Config, LoadedConfig};
-use crate::delivery::counters::RouteCounters;
+use crate::delivery::RouteCounters;
 use crate::diag::{Problem, Severity};
 use crate::obs::metrics as m;
 use crate::rules::RuleSet;

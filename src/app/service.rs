@@ -9,8 +9,8 @@ use tokio::sync::watch;
 use crate::app::reload::Reloader;
 use crate::auth::Auth;
 use crate::config::{EnricherKind, LoadedConfig, SourceKind};
-use crate::delivery::counters::{self, RouteCounters};
-use crate::delivery::pipeline::{Pipeline, Stats};
+use crate::delivery::{self, RouteCounters};
+use crate::delivery::{Pipeline, Stats};
 use crate::diag::{Problem, Problems, Severity};
 use crate::enrich::{Enricher, SalesforceEnricher};
 use crate::obs::metrics as m;
@@ -40,7 +40,7 @@ pub enum StartError {
     #[error("cannot open the event source {path}: {source}")]
     Source { path: PathBuf, source: std::io::Error },
     #[error("cannot read the stored position: {0}")]
-    Checkpoint(crate::state::checkpoint::CheckpointError),
+    Checkpoint(crate::state::CheckpointError),
     #[error("the in-process emulator: {0}")]
     Emulator(#[from] crate::emulator::EmulatorError),
     #[error(transparent)]
@@ -116,7 +116,7 @@ impl Service {
         let rules = Arc::new(ArcSwap::from_pointee(ruleset));
         let stores = Arc::new(Stores::build(&config).await?);
         let sinks = Arc::new(Sinks::build(&config, &stores).await?);
-        counters::register(&config.config, &rules.load());
+        delivery::register_series(&config.config, &rules.load());
         let counters = Arc::new(RouteCounters::default());
         let c = &config.config;
         // The `emulator` source brings its own org: an in-process emulator on loopback, and credentials for it.
@@ -183,10 +183,7 @@ impl Service {
                 let path = self.config.resolve(&jsonl.path);
                 let key = JsonlSource::key_for(&path);
                 let stored = self.stored_position(&key).await?;
-                let start = stored
-                    .as_deref()
-                    .and_then(crate::state::checkpoint::offset_of)
-                    .unwrap_or(0);
+                let start = stored.as_deref().and_then(crate::state::offset_of).unwrap_or(0);
                 if start > 0 {
                     tracing::info!(%key, offset = start, "Resuming the source from its stored position.");
                 }
@@ -201,8 +198,8 @@ impl Service {
     /// under us) is retried for a while, as every other Redis call is, before the start gives up.
     async fn stored_position(&self, key: &str) -> Result<Option<Vec<u8>>, StartError> {
         let started = std::time::Instant::now();
-        let patient = |e: &crate::state::checkpoint::CheckpointError| {
-            let transient = matches!(e, crate::state::checkpoint::CheckpointError::Store(e) if e.is_transient());
+        let patient = |e: &crate::state::CheckpointError| {
+            let transient = matches!(e, crate::state::CheckpointError::Store(e) if e.is_transient());
             let retry = transient && started.elapsed() < STORED_POSITION_PATIENCE;
             if retry {
                 tracing::warn!(%key, error = %e, "Cannot read the stored position yet; retrying.");

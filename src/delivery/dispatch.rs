@@ -14,7 +14,7 @@ use crate::failure::Failure;
 use crate::obs::metrics as m;
 use crate::plan::{Action, Op, Plan};
 use crate::sinks::{ActionCx, Sink, Sinks};
-use crate::state::lease::Fence;
+use crate::state::Fence;
 use crate::state::{Claim, DeadLetter, Idempotency, Stores};
 
 /// A dead letter that cannot be written (its store is down) is retried at this pace, forever: the
@@ -303,7 +303,7 @@ impl<'a> Guard<'a> {
             sink: &action.sink,
             key,
             fence,
-            own_token: key.map(|_| crate::state::idempotency::new_token()),
+            own_token: key.map(|_| crate::state::new_token()),
             held: None,
         }
     }

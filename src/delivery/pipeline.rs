@@ -19,9 +19,9 @@ use futures_util::FutureExt;
 use tokio::sync::{mpsc, watch};
 use tracing::Instrument;
 
+use super::counters::{self, RouteCounters};
 use crate::config::{Config, OnUnmatched};
-use crate::delivery::counters::{self, RouteCounters};
-use crate::delivery::dispatch::{ActionResult, Dispatcher};
+use crate::delivery::{ActionResult, Dispatcher};
 use crate::enrich::Enricher;
 use crate::event::Event;
 use crate::obs::metrics as m;
@@ -31,7 +31,7 @@ use crate::rules::RuleSet;
 use crate::sinks::Sinks;
 use crate::sources::Delivery;
 use crate::sources::{Source, Sourced};
-use crate::state::lease::Fence;
+use crate::state::Fence;
 use crate::state::{CheckpointStore, DeadLetter, MemoryBackend, Stores};
 
 /// How often a moved position is written to the checkpoint store (and at the end of every run).

@@ -1,9 +1,9 @@
 //! Built-in sinks: a closed set, built by one `match` from the config (STYLE.md).
 
-pub mod cache;
-pub mod log;
-pub mod queue;
-pub mod webhook;
+mod cache;
+mod log;
+mod queue;
+mod webhook;
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -8,7 +8,7 @@ use tokio::io::{AsyncBufRead, AsyncBufReadExt, BufReader};
 
 use super::Delivery;
 use crate::event::Event;
-use crate::state::checkpoint::offset_bytes;
+use crate::state::offset_bytes;
 
 /// How often a followed file is polled for new lines once its end is reached.
 const FOLLOW_POLL: Duration = Duration::from_millis(200);
@@ -147,7 +147,7 @@ impl JsonlSource {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::checkpoint::offset_of;
+    use crate::state::offset_of;
 
     const TEXT: &str =
         "{\"id\":\"a\",\"channel\":\"/event/X__e\"}\n\nnot json\n{\"id\":\"b\",\"channel\":\"/event/X__e\"}";

@@ -14,7 +14,7 @@ use pubsub::subscriber::PubsubSource;
 pub struct Sourced {
     pub key: Option<Arc<str>>,
     /// The channel lease the delivery came under (replicas); its token fences the position and done markers.
-    pub fence: Option<Arc<crate::state::lease::Fence>>,
+    pub fence: Option<Arc<crate::state::Fence>>,
     pub delivery: Delivery,
 }
 

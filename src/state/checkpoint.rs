@@ -10,15 +10,15 @@ use std::time::Duration;
 
 use redis::aio::ConnectionManager;
 
+use super::lease::Fence;
 use crate::failure::Failure;
-use crate::state::lease::Fence;
 
 /// Stores a position (`KEYS[1]`, `ARGV[1]`) unless the channel lease's fencing counter (`KEYS[2]`) moved past our
 /// token (`ARGV[2]`); 1 when stored. Compiled (hashed) once, like the idempotency scripts.
 static SET_FENCED: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
     redis::Script::new(&format!(
         r#"{}redis.call("SET", KEYS[1], ARGV[1]) return 1"#,
-        crate::state::lease::fence_guard(2)
+        super::lease::fence_guard(2)
     ))
 });
 
@@ -180,7 +180,7 @@ impl CheckpointStore {
                 let mut conn = conn.clone();
                 let stored: i64 = SET_FENCED
                     .key(format!("{prefix}{key}"))
-                    .key(crate::state::lease::fence_key(key_prefix, key))
+                    .key(super::lease::fence_key(key_prefix, key))
                     .arg(position)
                     .arg(fence.token)
                     .invoke_async(&mut conn)

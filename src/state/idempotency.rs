@@ -11,9 +11,9 @@ use std::time::{Duration, Instant};
 use redis::aio::ConnectionManager;
 use tokio::sync::{mpsc, oneshot};
 
+use super::lease::Fence;
 use crate::failure::Failure;
 use crate::obs::metrics as m;
-use crate::state::lease::Fence;
 
 /// The value a done marker holds.
 const DONE: &str = "done";
@@ -48,7 +48,7 @@ for i = 1, #KEYS / 2 do
   end
 end
 return out"#,
-        refused = crate::state::lease::fence_refused("counter", "token")
+        refused = super::lease::fence_refused("counter", "token")
     ))
 });
 /// The most marker writes sent in one script call (a few hundred microseconds of Redis time at most).
@@ -317,7 +317,7 @@ impl Mark {
     fn new(kind: MarkKind, key: String, value: String, ttl: Duration, key_prefix: &str, fence: Option<&Fence>) -> Mark {
         Mark {
             kind,
-            counter: fence.map_or_else(|| key.clone(), |f| crate::state::lease::fence_key(key_prefix, &f.key)),
+            counter: fence.map_or_else(|| key.clone(), |f| super::lease::fence_key(key_prefix, &f.key)),
             key,
             value,
             ttl_ms: ttl.as_millis() as u64,

@@ -2,12 +2,12 @@
 //! Redis (or in memory for the demo), plus the connections to Redis themselves. Built once at start-up as one
 //! [`Stores`] and passed to what needs it; nothing reaches through a sink to find a connection.
 
-pub mod checkpoint;
-pub mod dead_letter;
-pub mod idempotency;
-pub mod lease;
-pub mod memory;
-pub mod redis;
+mod checkpoint;
+mod dead_letter;
+mod idempotency;
+mod lease;
+mod memory;
+mod redis;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,9 +15,9 @@ use std::time::Duration;
 use ::redis::aio::ConnectionManager;
 
 use crate::config::{CheckpointStoreKind, LoadedConfig, RedisConfig, RedisEndpoint};
-pub use checkpoint::{CheckpointError, CheckpointStore};
+pub use checkpoint::{CheckpointError, CheckpointStore, describe as describe_position, offset_bytes, offset_of};
 pub use dead_letter::{DeadLetter, DeadLetters};
-pub use idempotency::{Claim, Idempotency, Ttls};
+pub use idempotency::{Claim, Idempotency, Ttls, new_token};
 pub use lease::{Fence, Leases};
 pub use memory::{MemoryBackend, MemoryJob};
 pub use redis::{ConnectError, RedisCheck, connect, redact_url, root_cert};

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde_json::{Value, json};
 use switchyard::app::service::Service;
 use switchyard::config::LoadedConfig;
-use switchyard::delivery::pipeline::Stats;
+use switchyard::delivery::Stats;
 use tokio::sync::watch;
 
 pub fn redis_url() -> String {

@@ -25,8 +25,8 @@ use crate::clock::jitter;
 use crate::config::{Mode, PubsubConfig, ReplayPreset, ReplayStart};
 use crate::obs::metrics as m;
 use crate::sources::{Delivery, Sourced};
-use crate::state::checkpoint::CheckpointStore;
-use crate::state::lease::{Fence, Leases};
+use crate::state::CheckpointStore;
+use crate::state::{Fence, Leases};
 
 /// How long a channel stopped by a reload waits for its events in flight to settle before it releases its lease.
 const DRAIN_LIMIT: Duration = Duration::from_secs(30);
