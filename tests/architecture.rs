@@ -31,6 +31,8 @@ const FORBIDDEN: &[(&str, &[&str])] = &[
     ("state", &["rules", "router"]),
     ("sinks", &["rules", "router"]),
     ("sources", &["rules", "router"]),
+    // The admin's tools run the router offline: no stores, no sinks, no source.
+    ("authoring", &["state", "sinks", "sources", "enrich"]),
 ];
 
 /// Parts that may import `state` only through its root (`crate::state::Stores`), never its store modules.
