@@ -50,13 +50,13 @@ fn predicate_errors_point_into_block_folded_quoted_and_plain_scalars() {
 }
 
 #[test]
-fn the_dry_run_on_fixtures_finds_unknown_functions_and_non_boolean_predicates() {
+fn unknown_functions_and_non_boolean_predicates_are_found_without_running_them() {
     assert_reports(
         &["validate", "tests/fixtures/dry-run"],
         1,
         &[
-            "tests/fixtures/dry-run/rules.yaml:5:32: error: route `unknown-function`: `when` fails on the fixture event `t:1` (tests/fixtures/dry-run/rules.test.yaml:4): Function not found: is_blankk",
-            "tests/fixtures/dry-run/rules.yaml:13:12: error: route `not-boolean`: `guard` fails on the fixture event `t:1` (tests/fixtures/dry-run/rules.test.yaml:4): the predicate returned a string, not true or false",
+            "tests/fixtures/dry-run/rules.yaml:5:32: error: route `unknown-function`: `when`: unknown function `is_blankk`; did you mean `is_blank`?",
+            "tests/fixtures/dry-run/rules.yaml:13:12: error: route `not-boolean`: `guard`: the predicate is a field's value; compare it",
             "tests/fixtures/dry-run/rules.yaml:19:18: error: route `header-typo`: `when` reads unknown header field `chnage_type` (did you mean `change_type`?)",
         ],
     );
@@ -198,4 +198,22 @@ fn a_config_that_does_not_load_reports_only_its_own_problems_at_their_keys() {
     assert_eq!(out.status.code(), Some(1));
     assert!(text.lines().all(|l| l.starts_with(&cfg)), "{text}");
     assert!(!text.contains("rules"), "{text}");
+}
+
+/// Each everyday predicate mistake is refused at load (so by `validate`, start-up and every reload), at its place.
+#[test]
+fn misspelt_functions_wrong_arity_bare_fields_and_assignments_are_refused_at_their_place() {
+    let text = assert_reports(
+        &["validate", "tests/fixtures/static"],
+        1,
+        &[
+            "tests/fixtures/static/rules.yaml:5:11: error: route `misspelt`: `when`: unknown function `becomes`; did you mean `became`?",
+            "tests/fixtures/static/rules.yaml:10:11: error: route `bare-field`: `when`: the predicate is a field's value",
+            "tests/fixtures/static/rules.yaml:15:24: error: route `assignment`: `when` does not compile: `=` assigns; compare with `==`",
+            "tests/fixtures/static/rules.yaml:20:11: error: route `one-argument`: `when`: `became` takes 2 arguments (`became(field, value)`",
+            "tests/fixtures/static/rules.yaml:25:32: error: route `string`: `when` does not compile: Expecting a boolean expression, not a string",
+            "tests/fixtures/static/rules.yaml:30:29: error: route `method-arity`: `when`: `contains` takes 2 arguments, not 3",
+        ],
+    );
+    assert_eq!(text.lines().count(), 6, "{text}");
 }

@@ -31,6 +31,19 @@ pub fn validate(paths: &[PathBuf], env: &RuleEnv, avro: Option<&Path>) -> Valida
     let loaded = load::load_paths(paths, env);
     let mut problems = loaded.problems;
     let Some(ruleset) = loaded.ruleset else {
+        // A set that loads but for the static checks of its predicates: its other problems (header fields, Avro
+        // fields) show at once too.
+        let unchecked = RuleEnv {
+            static_checks: false,
+            ..env.clone()
+        };
+        if let Some(lenient) = load::load_paths(paths, &unchecked).ruleset {
+            header_fields(&lenient, &mut problems);
+            if let Some(Ok(schemas)) = avro.map(AvroFields::load) {
+                avro_fields(&lenient, &schemas, &mut problems);
+            }
+            problems.sort_by(|a, b| (&a.file, a.line, a.column).cmp(&(&b.file, b.line, b.column)));
+        }
         return Validation {
             ruleset: None,
             problems,

@@ -150,6 +150,62 @@ fn is_blank(value: Dynamic) -> bool {
     false
 }
 
+/// A helper function of the rule language, as `validate`'s messages (and editors) show it.
+pub struct Helper {
+    pub name: &'static str,
+    pub signature: &'static str,
+    pub doc: &'static str,
+}
+
+/// Every helper [`engine`] registers, in the README's order.
+pub const HELPERS: &[Helper] = &[
+    Helper {
+        name: "changed",
+        signature: "changed(field)",
+        doc: "the field, or any of its parts (`BillingAddress.City`), is among the changed fields",
+    },
+    Helper {
+        name: "changed_any",
+        signature: "changed_any(list)",
+        doc: "any field of the list changed",
+    },
+    Helper {
+        name: "changed_only",
+        signature: "changed_only(list)",
+        doc: "something changed, and every changed field is covered by the list",
+    },
+    Helper {
+        name: "became",
+        signature: "became(field, value)",
+        doc: "UPDATE: the field changed and now equals the value; CREATE/UNDELETE: it equals the value",
+    },
+    Helper {
+        name: "nulled",
+        signature: "nulled(field)",
+        doc: "the field was set to null by this change",
+    },
+    Helper {
+        name: "is_blank",
+        signature: "is_blank(value)",
+        doc: "the value is `()`, an empty or blank string, an empty list or map",
+    },
+    Helper {
+        name: "is_gap",
+        signature: "is_gap()",
+        doc: "the event is a GAP_* event (ids but no values)",
+    },
+    Helper {
+        name: "contains_any",
+        signature: "contains_any(text, list)",
+        doc: "the text contains any non-empty string of the list",
+    },
+    Helper {
+        name: "has_record",
+        signature: "has_record()",
+        doc: "the enrichment found the record (in `guard`)",
+    },
+];
+
 /// The sandboxed engine every predicate is compiled and evaluated with.
 pub fn engine() -> Engine {
     let mut engine = Engine::new();

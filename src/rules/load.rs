@@ -31,6 +31,9 @@ pub struct RuleEnv {
     /// `None`: every route is live (checking rules without a config).
     pub mode: Option<Mode>,
     pub enricher: EnricherKind,
+    /// Whether predicates get the static checks (`rules::check`); off only for `validate`'s second look at a set
+    /// those checks refused, so that its other problems show at once.
+    pub static_checks: bool,
 }
 
 impl RuleEnv {
@@ -41,6 +44,7 @@ impl RuleEnv {
             sinks: default_sinks().iter().map(|(k, v)| (k.clone(), v.kind())).collect(),
             mode: None,
             enricher: EnricherKind::Recorded,
+            static_checks: true,
         }
     }
 
@@ -51,6 +55,7 @@ impl RuleEnv {
             sinks: c.sinks.iter().map(|(k, v)| (k.clone(), v.kind())).collect(),
             mode: Some(c.mode),
             enricher: c.enricher(),
+            static_checks: true,
         }
     }
 
@@ -384,11 +389,24 @@ fn compile_route(
     };
     let mode = channel.as_deref().and_then(Mode::of_channel);
 
-    let when = compile_predicate(cx, &spec.when, engine, when_scope, &route_label, "when", problems);
-    let guard = spec
-        .guard
-        .as_ref()
-        .and_then(|g| compile_predicate(cx, g, engine, guard_scope, &route_label, "guard", problems));
+    let when = compile_predicate(
+        cx,
+        &spec.when,
+        engine,
+        when_scope,
+        (&route_label, "when", env.static_checks),
+        problems,
+    );
+    let guard = spec.guard.as_ref().and_then(|g| {
+        compile_predicate(
+            cx,
+            g,
+            engine,
+            guard_scope,
+            (&route_label, "guard", env.static_checks),
+            problems,
+        )
+    });
 
     if let Some(enrich) = &spec.enrich {
         if env.enricher == EnricherKind::None {
@@ -473,8 +491,7 @@ fn compile_predicate(
     source: &Spanned<String>,
     engine: &Engine,
     scope: &Scope<'static>,
-    route_label: &str,
-    clause: &str,
+    (route_label, clause, static_checks): (&str, &str, bool),
     problems: &mut Vec<Problem>,
 ) -> Option<Predicate> {
     if source.value.trim().is_empty() {
@@ -485,6 +502,19 @@ fn compile_predicate(
         return None;
     }
     match engine.compile_expression_with_scope(scope, &source.value) {
+        Ok(ast) if static_checks && !super::check::predicate(&ast, scope).is_empty() => {
+            // Refused at load like a compile error: a run would fail on every matching event.
+            for f in super::check::predicate(&ast, scope) {
+                let (line, column) = cx.inner(source, f.line, f.column);
+                problems.push(Problem::error(
+                    cx.path,
+                    line,
+                    column,
+                    format!("{route_label}: `{clause}`: {}", f.message),
+                ));
+            }
+            None
+        }
         Ok(ast) => Some(Predicate {
             source: source.value.clone(),
             native: super::native::Native::compile(&ast, scope),
@@ -521,6 +551,9 @@ fn compile_predicate(
                         CONTEXT_VARIABLES.join(", ")
                     )
                 }
+                other if other.to_string() == "Unexpected '='" => format!(
+                    "{route_label}: `{clause}` does not compile: `=` assigns; compare with `==` (e.g. `event.Status == \"Approved\"`)"
+                ),
                 other => format!("{route_label}: `{clause}` does not compile: {other}"),
             };
             problems.push(Problem::error(cx.path, line, column, message));

@@ -1,5 +1,6 @@
 //! Rules: the model as written, the compiled RuleSet, templates, helpers.
 
+pub mod check;
 pub mod helpers;
 pub mod load;
 pub mod model;
