@@ -116,7 +116,9 @@ fn benches(c: &mut Criterion<CpuTime>) {
     // Loading the rule set: what start-up and every reload pay (parse, compile, native forms, static checks).
     let mut g = c.benchmark_group("load");
     g.bench_function("shipped rules", |b| b.iter(|| black_box(rules(Extra::None))));
-    g.bench_function("shipped + 100 routes", |b| b.iter(|| black_box(rules(Extra::SameChannel))));
+    g.bench_function("shipped + 100 routes", |b| {
+        b.iter(|| black_box(rules(Extra::SameChannel)))
+    });
     g.finish();
 }
 

@@ -217,3 +217,19 @@ fn misspelt_functions_wrong_arity_bare_fields_and_assignments_are_refused_at_the
     );
     assert_eq!(text.lines().count(), 6, "{text}");
 }
+
+/// `record.X` that the route's `enrich` does not fetch is always `()`: an error, in `guard` and in templates, with
+/// the fetched field meant; a route after one that always fires and stops never runs: a warning.
+#[test]
+fn unfetched_record_fields_and_routes_that_never_run_are_reported() {
+    let text = assert_reports(
+        &["validate", "tests/fixtures/record-fields"],
+        1,
+        &[
+            "tests/fixtures/record-fields/rules.yaml:9:11: warning: route `provision` never runs: route `catch-all` (tests/fixtures/record-fields/rules.yaml:3) before it on `/data/OrderChangeEvent` always fires and has `stop: true`",
+            "tests/fixtures/record-fields/rules.yaml:13:44: error: route `provision`: `guard` reads `record.WHMCS_Order_Id__c`, which its `enrich` does not fetch (did you mean `WHMCS_Order_ID__c`?)",
+            "tests/fixtures/record-fields/rules.yaml:15:9: error: route `provision`: `template` reads `record.AccountID`, which its `enrich` does not fetch (did you mean `AccountId`?)",
+        ],
+    );
+    assert_eq!(text.lines().count(), 3, "{text}");
+}

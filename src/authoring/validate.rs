@@ -39,6 +39,7 @@ pub fn validate(paths: &[PathBuf], env: &RuleEnv, avro: Option<&Path>) -> Valida
         };
         if let Some(lenient) = load::load_paths(paths, &unchecked).ruleset {
             header_fields(&lenient, &mut problems);
+            record_fields(&lenient, &mut problems);
             if let Some(Ok(schemas)) = avro.map(AvroFields::load) {
                 avro_fields(&lenient, &schemas, &mut problems);
             }
@@ -54,6 +55,8 @@ pub fn validate(paths: &[PathBuf], env: &RuleEnv, avro: Option<&Path>) -> Valida
         never_fire(&ruleset, env, mode, &mut problems);
     }
     header_fields(&ruleset, &mut problems);
+    record_fields(&ruleset, &mut problems);
+    unreachable(&ruleset, &mut problems);
 
     // The dry run covers every route, live in this mode or not: a mode switch must not reveal errors.
     let all_modes = RuleEnv {
@@ -246,8 +249,13 @@ fn field_refs(src: &str, vars: &serde_json::Map<String, serde_json::Value>) -> V
     let at = |i: usize| tokens.get(i).map(|t| &t.0);
     for (i, (token, _, _)) in tokens.iter().enumerate() {
         let Token::Ident(ident) = token else { continue };
-        if (ident == "event" || ident == "header") && at(i.wrapping_sub(1)) != Some(&Token::Punct(".")) {
-            let root = if ident == "event" { "event" } else { "header" };
+        if matches!(ident.as_str(), "event" | "header" | "record") && at(i.wrapping_sub(1)) != Some(&Token::Punct("."))
+        {
+            let root = match ident.as_str() {
+                "event" => "event",
+                "header" => "header",
+                _ => "record",
+            };
             match (at(i + 1), at(i + 2)) {
                 (Some(Token::Punct(".")), Some(Token::Ident(name))) => {
                     let mut name = name.clone();
@@ -328,6 +336,71 @@ fn field_refs(src: &str, vars: &serde_json::Map<String, serde_json::Value>) -> V
 
 fn predicates(route: &crate::rules::Route) -> impl Iterator<Item = (&'static str, &Predicate)> {
     std::iter::once(("when", &route.when)).chain(route.guard.iter().map(|g| ("guard", g)))
+}
+
+/// `record.X` (in `guard` or a template) for a field the route's `enrich` does not read is always `()`: the record
+/// holds exactly the fields asked for.
+fn record_fields(rules: &RuleSet, problems: &mut Vec<Problem>) {
+    for route in &rules.routes {
+        let Some(enrich) = &route.enrich else { continue };
+        let fetched = || enrich.fields.iter().map(String::as_str);
+        let missing = |name: &str| !enrich.fields.iter().any(|f| f == name);
+        let message = |name: &str, clause: &str| {
+            let hint = suggest(name, fetched())
+                .map(|s| format!(" (did you mean `{s}`?)"))
+                .unwrap_or_default();
+            format!(
+                "route `{}`: `{clause}` reads `record.{name}`, which its `enrich` does not fetch{hint}; add it to `enrich.fields` ({})",
+                route.name,
+                enrich.fields.join(", ")
+            )
+        };
+        if let Some(guard) = &route.guard {
+            for r in field_refs(&guard.source, &rules.vars)
+                .into_iter()
+                .filter(|r| r.root == "record")
+            {
+                let name = r.name.split('.').next().unwrap_or_default();
+                if missing(name) {
+                    let (line, column) = guard.place(r.line, r.column);
+                    problems.push(Problem::error(&route.file, line, column, message(name, "guard")));
+                }
+            }
+        }
+        for (action, path) in template_paths(route) {
+            if path.root == Root::Record
+                && let Some(name) = path.segments.first().filter(|n| missing(n))
+            {
+                problems.push(action_problem(action, message(name, "template")));
+            }
+        }
+    }
+}
+
+/// A route after one on the same channel that always fires and stops (`stop: true`, a `when` of `true`, no
+/// `guard`) never runs.
+fn unreachable(rules: &RuleSet, problems: &mut Vec<Problem>) {
+    let mut stopper: HashMap<(&str, crate::config::Mode), &crate::rules::Route> = HashMap::new();
+    for route in &rules.routes {
+        let key = (route.channel.as_str(), route.mode);
+        if let Some(first) = stopper.get(&key) {
+            problems.push(Problem::warning(
+                &route.file,
+                route.line,
+                route.column,
+                format!(
+                    "route `{}` never runs: route `{}` ({}:{}) before it on `{}` always fires and has `stop: true`",
+                    route.name,
+                    first.name,
+                    first.file.display(),
+                    first.line,
+                    route.channel
+                ),
+            ));
+        } else if route.stop && route.guard.is_none() && crate::rules::check::always_true(&route.when.ast) {
+            stopper.insert(key, route);
+        }
+    }
 }
 
 fn header_fields(rules: &RuleSet, problems: &mut Vec<Problem>) {

@@ -59,6 +59,11 @@ pub fn predicate(ast: &AST, scope: &Scope<'_>) -> Vec<Finding> {
     findings
 }
 
+/// Whether the predicate is the constant `true` (after Rhai's constant folding).
+pub fn always_true(ast: &AST) -> bool {
+    matches!(ast.statements(), [Stmt::Expr(e)] if matches!(**e, Expr::BoolConstant(true, _)))
+}
+
 fn at(pos: rhai::Position) -> (usize, usize) {
     (pos.line().unwrap_or(1), pos.position().unwrap_or(1))
 }
