@@ -60,7 +60,7 @@ async fn main() -> ExitCode {
                 match std::fs::read_to_string(&path) {
                     Ok(pem) => oauth.jwt_public_key_pem = Some(pem),
                     Err(e) => {
-                        eprintln!("switchyard: cannot read {}: {e}", path.display());
+                        switchyard::errln!("switchyard: cannot read {}: {e}", path.display());
                         return ExitCode::FAILURE;
                     }
                 }
@@ -89,7 +89,7 @@ async fn main() -> ExitCode {
                 SchemaKind::Config => switchyard::authoring::schema::config_schema(),
                 SchemaKind::Tests => switchyard::authoring::schema::tests_schema(),
             };
-            print!("{}", switchyard::authoring::schema::pretty(&schema));
+            switchyard::out!("{}", switchyard::authoring::schema::pretty(&schema));
             ExitCode::SUCCESS
         }
     }
@@ -104,8 +104,8 @@ async fn run(config: Option<PathBuf>, no_watch: bool) -> ExitCode {
     let loaded = match loaded {
         Ok(loaded) => loaded,
         Err(problems) => {
-            eprintln!("{problems}");
-            eprintln!("switchyard: the config has errors; not starting.");
+            switchyard::errln!("{problems}");
+            switchyard::errln!("switchyard: the config has errors; not starting.");
             return ExitCode::FAILURE;
         }
     };
@@ -115,12 +115,12 @@ async fn run(config: Option<PathBuf>, no_watch: bool) -> ExitCode {
     let mut service = match Service::start(loaded, embedded).await {
         Ok(service) => service,
         Err(StartError::Invalid(problems)) => {
-            eprintln!("{problems}");
-            eprintln!("switchyard: the rules have errors; not starting.");
+            switchyard::errln!("{problems}");
+            switchyard::errln!("switchyard: the rules have errors; not starting.");
             return ExitCode::FAILURE;
         }
         Err(e) => {
-            eprintln!("switchyard: {e}");
+            switchyard::errln!("switchyard: {e}");
             return ExitCode::FAILURE;
         }
     };
@@ -140,6 +140,14 @@ async fn run(config: Option<PathBuf>, no_watch: bool) -> ExitCode {
         });
     }
     let (stop, shutdown) = watch::channel(false);
+    let stop = std::sync::Arc::new(stop);
+    // A reader of the decisions that went away (`run | head`): stop like on SIGTERM, settling what is in flight so
+    // the stored position is exact, and exit 0.
+    let closed = stop.clone();
+    switchyard::obs::stdout::on_closed(move || {
+        tracing::info!("Standard output was closed; stopping.");
+        let _ = closed.send(true);
+    });
     // Ends when a signal arrives or the process exits; a second signal exits at once.
     tokio::spawn(async move {
         wait_for_signal().await;
@@ -152,7 +160,7 @@ async fn run(config: Option<PathBuf>, no_watch: bool) -> ExitCode {
     match service.run(shutdown).await {
         Ok(_) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("switchyard: {e}");
+            switchyard::errln!("switchyard: {e}");
             ExitCode::FAILURE
         }
     }
@@ -164,32 +172,32 @@ type AdminFuture<'a> =
 /// Loads the config and connects its stores, then runs one operator command.
 async fn admin<F>(config: Option<PathBuf>, command: F) -> ExitCode
 where
-    F: for<'a> FnOnce(&'a Service, &'a mut std::io::Stdout) -> AdminFuture<'a>,
+    F: for<'a> FnOnce(&'a Service, &'a mut switchyard::obs::stdout::Stdout) -> AdminFuture<'a>,
 {
     let Some(config) = config else {
-        eprintln!("switchyard: this command needs --config (the service config whose stores it works on)");
+        switchyard::errln!("switchyard: this command needs --config (the service config whose stores it works on)");
         return ExitCode::from(2);
     };
     let loaded = match LoadedConfig::load(&config) {
         Ok(loaded) => loaded,
         Err(problems) => {
-            eprintln!("{problems}");
+            switchyard::errln!("{problems}");
             return ExitCode::FAILURE;
         }
     };
     let service = match Service::start(loaded, false).await {
         Ok(service) => service,
         Err(e) => {
-            eprintln!("switchyard: {e}");
+            switchyard::errln!("switchyard: {e}");
             return ExitCode::FAILURE;
         }
     };
-    let mut out = std::io::stdout();
+    let mut out = switchyard::obs::stdout::Stdout;
     match command(&service, &mut out).await {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
         Err(e) => {
-            eprintln!("switchyard: {e}");
+            switchyard::errln!("switchyard: {e}");
             ExitCode::FAILURE
         }
     }
@@ -231,7 +239,7 @@ fn validate(paths: Vec<PathBuf>, config: Option<PathBuf>, avro: Option<PathBuf>,
     if paths.is_empty() {
         // The config did not load, and names no rules that could be read from it.
         report(&problems, format);
-        eprintln!("{}: {} error(s)", display_paths(config.as_slice()), problems.len());
+        switchyard::errln!("{}: {} error(s)", display_paths(config.as_slice()), problems.len());
         return ExitCode::FAILURE;
     }
     let loaded = switchyard::authoring::validate::validate(&paths, &env, avro.as_deref());
@@ -241,7 +249,7 @@ fn validate(paths: Vec<PathBuf>, config: Option<PathBuf>, avro: Option<PathBuf>,
     let warnings = problems.len() - errors;
     match (&loaded.ruleset, errors) {
         (Some(rules), 0) => {
-            eprintln!(
+            switchyard::errln!(
                 "{}: ok ({} routes in {} file(s), version {}, {warnings} warning(s))",
                 display_paths(&paths),
                 rules.routes.len(),
@@ -251,7 +259,7 @@ fn validate(paths: Vec<PathBuf>, config: Option<PathBuf>, avro: Option<PathBuf>,
             ExitCode::SUCCESS
         }
         _ => {
-            eprintln!("{}: {errors} error(s), {warnings} warning(s)", display_paths(&paths));
+            switchyard::errln!("{}: {errors} error(s), {warnings} warning(s)", display_paths(&paths));
             ExitCode::FAILURE
         }
     }
@@ -265,18 +273,18 @@ fn test(paths: Vec<PathBuf>) -> ExitCode {
     };
     let files = switchyard::authoring::testing::find_test_files(&paths);
     if files.is_empty() {
-        eprintln!("{}: no *.test.yaml files found", display_paths(&paths));
+        switchyard::errln!("{}: no *.test.yaml files found", display_paths(&paths));
         return ExitCode::FAILURE;
     }
     let report = switchyard::authoring::testing::run(&files);
     for p in &report.problems {
-        println!("{p}");
+        switchyard::outln!("{p}");
     }
     for f in &report.failures {
-        println!("{}: case \"{}\" FAILED", f.at, f.case);
-        print!("{}", f.message);
+        switchyard::outln!("{}: case \"{}\" FAILED", f.at, f.case);
+        switchyard::out!("{}", f.message);
     }
-    println!(
+    switchyard::outln!(
         "{} passed, {} failed{}",
         report.passed,
         report.failures.len(),
@@ -304,7 +312,7 @@ async fn emulator(
     let events = match events.as_deref().map(load_events).transpose() {
         Ok(events) => events.unwrap_or_default(),
         Err(e) => {
-            eprintln!("switchyard: {e}");
+            switchyard::errln!("switchyard: {e}");
             return ExitCode::FAILURE;
         }
     };
@@ -321,7 +329,7 @@ async fn emulator(
     {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("switchyard: {e}");
+            switchyard::errln!("switchyard: {e}");
             ExitCode::FAILURE
         }
     }
@@ -333,7 +341,7 @@ fn load_rules(paths: Vec<PathBuf>, config: Option<&PathBuf>) -> Result<switchyar
         Some(path) => match LoadedConfig::load(path) {
             Ok(loaded) => (RuleEnv::from_config(&loaded), loaded.rule_paths()),
             Err(p) => {
-                eprintln!("{p}");
+                switchyard::errln!("{p}");
                 return Err(ExitCode::FAILURE);
             }
         },
@@ -346,7 +354,7 @@ fn load_rules(paths: Vec<PathBuf>, config: Option<&PathBuf>) -> Result<switchyar
         Some(rules) => Ok(rules),
         None => {
             for p in &loaded.problems {
-                eprintln!("{p}");
+                switchyard::errln!("{p}");
             }
             Err(ExitCode::FAILURE)
         }
@@ -366,7 +374,7 @@ fn explain(event: PathBuf, rules: Vec<PathBuf>, config: Option<PathBuf>, format:
     let text = match text {
         Ok(text) => text,
         Err(e) => {
-            eprintln!("switchyard: cannot read {}: {e}", event.display());
+            switchyard::errln!("switchyard: cannot read {}: {e}", event.display());
             return ExitCode::FAILURE;
         }
     };
@@ -375,7 +383,7 @@ fn explain(event: PathBuf, rules: Vec<PathBuf>, config: Option<PathBuf>, format:
         match Event::from_json(line) {
             Ok(e) => all.push(switchyard::authoring::explain::explain(&rules, &e)),
             Err(err) => {
-                eprintln!("{}:{}: not an event: {err}", event.display(), n + 1);
+                switchyard::errln!("{}:{}: not an event: {err}", event.display(), n + 1);
                 return ExitCode::FAILURE;
             }
         }
@@ -383,8 +391,8 @@ fn explain(event: PathBuf, rules: Vec<PathBuf>, config: Option<PathBuf>, format:
     match format {
         ExplainFormat::Text => all
             .iter()
-            .for_each(|x| print!("{}", switchyard::authoring::explain::to_text(x))),
-        ExplainFormat::Json => println!("{}", serde_json::to_string_pretty(&all).unwrap_or_default()),
+            .for_each(|x| switchyard::out!("{}", switchyard::authoring::explain::to_text(x))),
+        ExplainFormat::Json => switchyard::outln!("{}", serde_json::to_string_pretty(&all).unwrap_or_default()),
     }
     ExitCode::SUCCESS
 }
@@ -406,48 +414,51 @@ fn replay(events: PathBuf, rules: Vec<PathBuf>, against: Vec<PathBuf>, config: O
     let file = match std::fs::File::open(&events) {
         Ok(f) => std::io::BufReader::new(f),
         Err(e) => {
-            eprintln!("switchyard: cannot read {}: {e}", events.display());
+            switchyard::errln!("switchyard: cannot read {}: {e}", events.display());
             return ExitCode::FAILURE;
         }
     };
     let terminal = std::io::stderr().is_terminal();
     let mut progress = |n: u64| {
         if terminal {
-            eprint!("\rreplayed {n} events");
+            switchyard::obs::stdout::write_err(format_args!("\rreplayed {n} events"));
         }
     };
-    let mut out = std::io::stdout().lock();
+    let mut out = switchyard::obs::stdout::Stdout;
     let name = events.display().to_string();
     let report = match switchyard::authoring::replay::replay(file, &name, &new, old.as_ref(), &mut out, &mut progress) {
         Ok(report) => report,
         Err(e) => {
-            eprintln!("switchyard: {e}");
+            switchyard::errln!("switchyard: {e}");
             return ExitCode::FAILURE;
         }
     };
     if terminal {
-        eprintln!();
+        switchyard::errln!();
     }
-    println!(
+    switchyard::outln!(
         "{} events replayed ({} malformed) under rules {}",
-        report.events, report.malformed, new.version
+        report.events,
+        report.malformed,
+        new.version
     );
     for (route, n) in &report.fired {
-        println!("  route {route}: fired {n} time(s)");
+        switchyard::outln!("  route {route}: fired {n} time(s)");
     }
     for (sink, n) in &report.actions {
-        println!("  sink {sink}: {n} action(s)");
+        switchyard::outln!("  sink {sink}: {n} action(s)");
     }
     match &old {
         Some(old) if report.differing > 0 => {
-            println!(
+            switchyard::outln!(
                 "{} event(s) decide differently than under rules {}",
-                report.differing, old.version
+                report.differing,
+                old.version
             );
             ExitCode::from(2)
         }
         Some(old) => {
-            println!("no decision differs from rules {}", old.version);
+            switchyard::outln!("no decision differs from rules {}", old.version);
             ExitCode::SUCCESS
         }
         None => ExitCode::SUCCESS,
@@ -464,8 +475,8 @@ fn display_paths(paths: &[PathBuf]) -> String {
 
 fn report(problems: &[Problem], format: ProblemFormat) {
     match format {
-        ProblemFormat::Text => problems.iter().for_each(|p| println!("{p}")),
-        ProblemFormat::Json => println!("{}", serde_json::to_string_pretty(problems).unwrap_or_default()),
+        ProblemFormat::Text => problems.iter().for_each(|p| switchyard::outln!("{p}")),
+        ProblemFormat::Json => switchyard::outln!("{}", serde_json::to_string_pretty(problems).unwrap_or_default()),
         ProblemFormat::Github => {
             for p in problems {
                 let level = if p.severity == Severity::Error {
@@ -474,7 +485,7 @@ fn report(problems: &[Problem], format: ProblemFormat) {
                     "warning"
                 };
                 let message = p.message.replace('%', "%25").replace('\r', "%0D").replace('\n', "%0A");
-                println!(
+                switchyard::outln!(
                     "::{level} file={},line={},col={}::{message}",
                     github_path(&p.file),
                     p.line.max(1),
@@ -501,7 +512,7 @@ async fn record(
     let mut loaded = match LoadedConfig::load(&config) {
         Ok(loaded) => loaded,
         Err(problems) => {
-            eprintln!("{problems}");
+            switchyard::errln!("{problems}");
             return ExitCode::FAILURE;
         }
     };
@@ -519,7 +530,7 @@ async fn record(
     let service = match Service::start(loaded, false).await {
         Ok(service) => service,
         Err(e) => {
-            eprintln!("switchyard: {e}");
+            switchyard::errln!("switchyard: {e}");
             return ExitCode::FAILURE;
         }
     };
@@ -530,7 +541,7 @@ async fn record(
     });
     match switchyard::app::record::record(&service, &out, &redact, max_events, shutdown).await {
         Ok(done) => {
-            eprintln!(
+            switchyard::errln!(
                 "switchyard: recorded {} event(s) to {} ({} undecodable skipped)",
                 done.events,
                 out.display(),
@@ -539,7 +550,7 @@ async fn record(
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("switchyard: {e}");
+            switchyard::errln!("switchyard: {e}");
             ExitCode::FAILURE
         }
     }

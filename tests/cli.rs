@@ -202,3 +202,70 @@ fn embedded_demo_runs_without_redis_and_prints_decisions_and_a_summary() {
     assert!(out_file.status.success(), "{}", stderr(&out_file));
     assert_eq!(stdout(&out_file), text);
 }
+
+/// Every command that prints, piped into a reader that closes after one line (`| head -1`), ends quietly with 0:
+/// no panic (exit 101) and no hang. The outputs are far larger than a pipe's buffer, so each command is still
+/// writing when the reader goes away.
+#[test]
+fn commands_piped_into_a_reader_that_stops_end_quietly() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    let dir = tempfile::tempdir().unwrap();
+    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let demo = std::fs::read_to_string(repo.join("examples/events/order-lifecycle.jsonl")).unwrap();
+    let valid: Vec<&str> = demo
+        .lines()
+        .filter(|l| serde_json::from_str::<serde_json::Value>(l).is_ok_and(|v| v.get("id").is_some()))
+        .collect();
+    let events = dir.path().join("many.jsonl");
+    std::fs::write(&events, valid.repeat(400).join("\n") + "\n").unwrap();
+    let config = dir.path().join("config.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "source: {{ kind: jsonl, jsonl: {{ path: {} }} }}\nrules: [{}]\nprint_decisions: true\nsinks:\n  enqueue-provisioning: {{ kind: queue, queue: provisioning, job_name: provision-order }}\n  invalidate-cache: {{ kind: cache-invalidate }}\n  log: {{ kind: log }}\n",
+            events.display(),
+            repo.join("rules/").display()
+        ),
+    )
+    .unwrap();
+    let (events, config) = (events.to_str().unwrap(), config.to_str().unwrap());
+    let commands: [&[&str]; 5] = [
+        &["run", "--config", config, "--no-watch"],
+        &["run"],
+        &["explain", "--event", events],
+        &["replay", "--events", events, "--rules", "rules/"],
+        &["schema", "config"],
+    ];
+    for args in commands {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+            .current_dir(&repo)
+            .env("RUST_LOG", "warn")
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut first = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut first)
+            .unwrap();
+        assert!(!first.is_empty(), "{args:?} printed nothing");
+        // The reader is dropped: the pipe is closed with the command still writing.
+        let started = std::time::Instant::now();
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if started.elapsed() > std::time::Duration::from_secs(30) {
+                let _ = child.kill();
+                panic!("{args:?} did not end within 30 s of its reader closing");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        };
+        let mut err = String::new();
+        std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+        assert_eq!(status.code(), Some(0), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
+}

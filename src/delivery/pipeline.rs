@@ -153,7 +153,7 @@ impl Ledger {
             && let Some(done) = self.waiting.remove(&self.next)
         {
             if !done.output.is_empty() {
-                print!("{}", done.output);
+                crate::out!("{}", done.output);
             }
             // Events and malformed input count; position marks do not.
             delivered += done.stats.settled;
@@ -629,8 +629,8 @@ fn render_plan(event: &Event, position: &str, plan: &Plan, results: &[ActionResu
 impl Stats {
     /// The summary printed when a finite source ends.
     pub fn print_summary(&self, memory: Option<&MemoryBackend>) {
-        println!();
-        println!(
+        crate::outln!();
+        crate::outln!(
             "Summary: {} events ({} malformed), {} matched no route, {} dead letters, {} skipped as already done, {} shadow actions",
             self.events + self.malformed,
             self.malformed,
@@ -640,20 +640,20 @@ impl Stats {
             self.shadow
         );
         for (route, n) in &self.routes_fired {
-            println!("  route {route}: fired {n} time(s)");
+            crate::outln!("  route {route}: fired {n} time(s)");
         }
         for (sink, n) in &self.actions_done {
-            println!("  sink {sink}: {n} action(s) done");
+            crate::outln!("  sink {sink}: {n} action(s) done");
         }
         if let Some(memory) = memory {
             // Sorted by id: events on different records are enqueued concurrently, in no fixed order.
             let mut jobs = memory.jobs();
             jobs.sort_by(|a, b| (&a.queue, &a.id).cmp(&(&b.queue, &b.id)));
-            println!("In-memory queue: {} job(s)", jobs.len());
+            crate::outln!("In-memory queue: {} job(s)", jobs.len());
             for job in jobs {
-                println!("  {}/{} {} {}", job.queue, job.name, job.id, job.data);
+                crate::outln!("  {}/{} {} {}", job.queue, job.name, job.id, job.data);
             }
-            println!(
+            crate::outln!(
                 "In-memory cache: {} key(s) invalidated",
                 memory.invalidated_keys().len()
             );

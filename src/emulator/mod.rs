@@ -465,12 +465,12 @@ pub async fn run_cli(options: EmulatorOptions) -> Result<(), EmulatorError> {
         fulfilment_schema_id = handle.schema_id(FULFILMENT_CHANNEL).unwrap_or_default(),
         "The Pub/Sub emulator is serving; press Ctrl-C to stop it."
     );
-    println!("# The emulator's connection settings, for `switchyard run --config examples/salesforce.yaml`:");
-    println!("export SF_PUBSUB_ENDPOINT={}", handle.endpoint());
-    println!("export SF_LOGIN_URL={}", handle.base_url());
-    println!("export SF_CLIENT_ID={}", oauth.client_id);
-    println!("export SF_CLIENT_SECRET={}", oauth.client_secret);
-    println!(
+    crate::outln!("# The emulator's connection settings, for `switchyard run --config examples/salesforce.yaml`:");
+    crate::outln!("export SF_PUBSUB_ENDPOINT={}", handle.endpoint());
+    crate::outln!("export SF_LOGIN_URL={}", handle.base_url());
+    crate::outln!("export SF_CLIENT_ID={}", oauth.client_id);
+    crate::outln!("export SF_CLIENT_SECRET={}", oauth.client_secret);
+    crate::outln!(
         "# or a static token: SF_ACCESS_TOKEN={} SF_INSTANCE_URL={}",
         handle.access_token(),
         handle.base_url()
