@@ -25,6 +25,13 @@ async fn main() -> ExitCode {
             format,
         } => validate(paths, config, avro, format),
         Command::Test { paths } => test(paths),
+        Command::Lsp { config } => match switchyard::app::lsp::serve(config) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                switchyard::errln!("switchyard lsp: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Explain {
             event,
             rules,

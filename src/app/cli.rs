@@ -84,6 +84,13 @@ pub enum Command {
         #[arg(long, value_enum, default_value = "text")]
         format: ProblemFormat,
     },
+    /// A language server on stdio for rule files, rule tests and the config: `validate`'s diagnostics as you type,
+    /// completion of helpers, vars and sinks, a helper's doc on hover.
+    Lsp {
+        /// Check rules against this config's sinks, channels and mode (default: the built-in names).
+        #[arg(long, short, env = "SWITCHYARD_CONFIG")]
+        config: Option<PathBuf>,
+    },
     /// Run the rule tests (`*.test.yaml`): events in, the exact actions out. No Redis, no network.
     Test {
         /// Test files or folders; default: `rules/`.

@@ -28,7 +28,12 @@ pub struct Validation {
 /// Validates rule files and folders. `avro` is a folder of `.avsc` schemas named after the channels'
 /// objects (`OrderChangeEvent.avsc` for `/data/OrderChangeEvent`).
 pub fn validate(paths: &[PathBuf], env: &RuleEnv, avro: Option<&Path>) -> Validation {
-    let loaded = load::load_paths(paths, env);
+    validate_with(paths, env, avro, &|_| None)
+}
+
+/// [`validate`], with the texts `overlay` has instead of the rule files' own (an editor's unsaved buffers).
+pub fn validate_with(paths: &[PathBuf], env: &RuleEnv, avro: Option<&Path>, overlay: load::Overlay<'_>) -> Validation {
+    let loaded = load::load_paths_with(paths, env, overlay);
     let mut problems = loaded.problems;
     let Some(ruleset) = loaded.ruleset else {
         // A set that loads but for the static checks of its predicates: its other problems (header fields, Avro
@@ -37,7 +42,7 @@ pub fn validate(paths: &[PathBuf], env: &RuleEnv, avro: Option<&Path>) -> Valida
             static_checks: false,
             ..env.clone()
         };
-        if let Some(lenient) = load::load_paths(paths, &unchecked).ruleset {
+        if let Some(lenient) = load::load_paths_with(paths, &unchecked, overlay).ruleset {
             header_fields(&lenient, &mut problems);
             record_fields(&lenient, &mut problems);
             if let Some(Ok(schemas)) = avro.map(AvroFields::load) {
@@ -63,7 +68,7 @@ pub fn validate(paths: &[PathBuf], env: &RuleEnv, avro: Option<&Path>) -> Valida
         mode: None,
         ..env.clone()
     };
-    if let Some(every_route) = load::load_paths(paths, &all_modes).ruleset {
+    if let Some(every_route) = load::load_paths_with(paths, &all_modes, overlay).ruleset {
         dry_run(&every_route, paths, &mut problems);
     }
 

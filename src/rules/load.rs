@@ -74,9 +74,17 @@ pub struct Loaded {
     pub problems: Vec<Problem>,
 }
 
+/// Texts that replace files on disk: the unsaved buffers of an editor (`switchyard lsp`); none elsewhere.
+pub type Overlay<'a> = &'a dyn Fn(&Path) -> Option<String>;
+
 /// Reads rule files and folders. A folder contributes its `*.yaml`/`*.yml` files, sorted, except
 /// `*.test.yaml` (rule tests).
 pub fn read_sources(paths: &[PathBuf]) -> Result<Vec<RuleSource>, Vec<Problem>> {
+    read_sources_with(paths, &|_| None)
+}
+
+/// [`read_sources`], with the texts `overlay` has instead of the files' own.
+pub fn read_sources_with(paths: &[PathBuf], overlay: Overlay<'_>) -> Result<Vec<RuleSource>, Vec<Problem>> {
     let mut sources = Vec::new();
     let mut problems = Vec::new();
     for path in paths {
@@ -99,7 +107,7 @@ pub fn read_sources(paths: &[PathBuf]) -> Result<Vec<RuleSource>, Vec<Problem>> 
             vec![path.clone()]
         };
         for file in files {
-            match std::fs::read_to_string(&file) {
+            match overlay(&file).map_or_else(|| std::fs::read_to_string(&file), Ok) {
                 Ok(text) => sources.push(RuleSource { path: file, text }),
                 Err(e) => problems.push(Problem::error(&file, 0, 0, format!("cannot read the rules file: {e}"))),
             }
@@ -140,7 +148,12 @@ pub fn is_rules_file(path: &Path) -> bool {
 
 /// Reads and compiles rules from paths.
 pub fn load_paths(paths: &[PathBuf], env: &RuleEnv) -> Loaded {
-    match read_sources(paths) {
+    load_paths_with(paths, env, &|_| None)
+}
+
+/// [`load_paths`], with the texts `overlay` has instead of the files' own.
+pub fn load_paths_with(paths: &[PathBuf], env: &RuleEnv, overlay: Overlay<'_>) -> Loaded {
+    match read_sources_with(paths, overlay) {
         Ok(sources) => compile(&sources, env),
         Err(problems) => Loaded {
             ruleset: None,
