@@ -515,9 +515,13 @@ fn compile_predicate(
         return None;
     }
     match engine.compile_expression_with_scope(scope, &source.value) {
-        Ok(ast) if static_checks && !super::check::predicate(&ast, scope).is_empty() => {
+        Ok(ast)
+            if static_checks
+                && let findings = super::check::predicate(&ast, scope)
+                && !findings.is_empty() =>
+        {
             // Refused at load like a compile error: a run would fail on every matching event.
-            for f in super::check::predicate(&ast, scope) {
+            for f in findings {
                 let (line, column) = cx.inner(source, f.line, f.column);
                 problems.push(Problem::error(
                     cx.path,
