@@ -122,12 +122,7 @@ impl Server<'_> {
 
     /// What `switchyard validate` says of the file, with the open documents' texts instead of the files'.
     fn diagnose(&self, path: &Path) -> Vec<Diagnostic> {
-        let overlay = |p: &Path| {
-            self.open
-                .iter()
-                .find(|(open, _)| same_file(open, p))
-                .map(|(_, (_, text))| text.clone())
-        };
+        let overlay = |p: &Path| self.text_of(p);
         let text = overlay(path).unwrap_or_default();
         let problems = if self.is_config(path, &text) {
             match LoadedConfig::parse(path, &text, &|name| std::env::var(name).ok()) {
@@ -144,6 +139,14 @@ impl Server<'_> {
             .filter(|p| same_file(&p.file, path))
             .map(diagnostic)
             .collect()
+    }
+
+    /// The open document's text for the file at `p` (however the path is spelt), instead of the file's own.
+    fn text_of(&self, p: &Path) -> Option<String> {
+        self.open
+            .iter()
+            .find(|(open, _)| same_file(open, p))
+            .map(|(_, (_, text))| text.clone())
     }
 
     /// The config file itself (the one given, or a YAML file with a top-level `source` or `sinks` and no `routes`).
@@ -212,7 +215,7 @@ impl Server<'_> {
         items.extend(crate::rules::CONTEXT_VARIABLES.iter().map(|v| variable(v, "context")));
         if let Some(path) = path {
             let (env, paths) = self.rules_env(path);
-            let overlay = |p: &Path| self.open.get(p).map(|(_, text)| text.clone());
+            let overlay = |p: &Path| self.text_of(p);
             if let Some(rules) = crate::rules::load::load_paths_with(&paths, &env, &overlay).ruleset {
                 items.extend(rules.vars.keys().map(|v| variable(v, "vars")));
             }
@@ -228,7 +231,7 @@ impl Server<'_> {
 
     /// A helper's signature and doc, for the word under the cursor.
     fn hover(&self, path: &Path, at: Position) -> Option<Hover> {
-        let (_, text) = self.open.get(path)?;
+        let text = self.text_of(path)?;
         let line = text.lines().nth(at.line as usize)?;
         let chars: Vec<char> = line.chars().collect();
         let is_word = |c: &char| c.is_alphanumeric() || *c == '_';

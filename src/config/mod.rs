@@ -782,13 +782,7 @@ impl LoadedConfig {
 
     /// A path from the config, resolved against the config file's directory.
     pub fn resolve(&self, path: &Path) -> PathBuf {
-        if path.is_absolute() {
-            return path.to_path_buf();
-        }
-        match self.path.parent() {
-            Some(dir) if !dir.as_os_str().is_empty() => dir.join(path),
-            _ => path.to_path_buf(),
-        }
+        resolve_against(&self.path, path)
     }
 
     pub fn rule_paths(&self) -> Vec<PathBuf> {
@@ -810,15 +804,18 @@ impl LoadedConfig {
         let rules = serde_saphyr::from_str::<RulesOnly>(&text)
             .map(|r| r.rules)
             .unwrap_or_default();
-        let placed = LoadedConfig {
-            path: path.to_path_buf(),
-            config: Config {
-                rules,
-                ..serde_saphyr::from_str("source: { kind: stdin }\nrules: [r]\n").expect("a minimal config parses")
-            },
-            spans: Spans::default(),
-        };
-        placed.rule_paths()
+        rules.iter().map(|p| resolve_against(path, p)).collect()
+    }
+}
+
+/// `path` from a config file at `config`, resolved against that file's directory.
+fn resolve_against(config: &Path, path: &Path) -> PathBuf {
+    if path.is_absolute() {
+        return path.to_path_buf();
+    }
+    match config.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir.join(path),
+        _ => path.to_path_buf(),
     }
 }
 

@@ -118,8 +118,9 @@ fn call(f: &FnCallExpr, pos: rhai::Position, arity: usize) -> Option<Finding> {
 /// never is (a checkbox field is compared: `event.Is_Priority__c == true`).
 fn boolean(expr: &Expr, scope: &Scope<'_>) -> Option<Finding> {
     let what = match expr {
-        Expr::And(parts, _) | Expr::Or(parts, _) => return parts.iter().find_map(|p| boolean(p, scope)),
-        Expr::Coalesce(parts, _) => return parts.iter().find_map(|p| boolean(p, scope)),
+        Expr::And(parts, _) | Expr::Or(parts, _) | Expr::Coalesce(parts, _) => {
+            return parts.iter().find_map(|p| boolean(p, scope));
+        }
         Expr::StringConstant(..) | Expr::InterpolatedString(..) | Expr::CharConstant(..) => "a string".to_string(),
         Expr::IntegerConstant(..) | Expr::FloatConstant(..) => "a number".to_string(),
         Expr::Array(..) => "a list".to_string(),
