@@ -141,6 +141,47 @@ async fn a_broken_edit_keeps_the_old_rules_and_says_where_and_the_next_good_edit
 }
 
 #[tokio::test]
+async fn with_avro_schemas_in_the_config_a_literal_of_another_type_is_refused_by_a_reload() {
+    let h = Harness::new("reload_avro");
+    let dir = rules_dir(&h, "v1");
+    let events = h.write_events("events.jsonl", &[]);
+    let schemas = Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas/avro");
+    let text = h.config_with_rules(&events, &dir, &format!("avro_schemas: {}\n", schemas.display()));
+    let loaded = LoadedConfig::parse(&h.dir.path().join("c.yaml"), &text, &|_| None).unwrap();
+    let service = Arc::new(Service::start(loaded, false).await.unwrap());
+    let v1 = service.rules.load().version.clone();
+
+    std::fs::write(
+        dir.join("orders.yaml"),
+        rules("v1").replace(
+            "became(\"Activation_Status__c\", \"Activating\")",
+            "event.TotalAmount > \"100\"",
+        ),
+    )
+    .unwrap();
+    let outcome = service.reloader.reload().await;
+    assert!(!outcome.ok && !outcome.swapped, "{outcome:?}");
+    assert!(
+        outcome.problems.iter().any(|p| p.contains(
+            "orders.yaml:5:11: error: route `provision`: `when`: `event.TotalAmount` is a `double` in the channel's Avro schema, but is compared with the string \"100\""
+        )),
+        "{outcome:?}"
+    );
+    assert_eq!(service.rules.load().version, v1, "the old rules keep running");
+
+    std::fs::write(
+        dir.join("orders.yaml"),
+        rules("v1").replace(
+            "became(\"Activation_Status__c\", \"Activating\")",
+            "event.TotalAmount > 100",
+        ),
+    )
+    .unwrap();
+    let outcome = service.reloader.reload().await;
+    assert!(outcome.ok && outcome.swapped, "{outcome:?}");
+}
+
+#[tokio::test]
 async fn file_changes_are_seen_rename_new_file_delete_and_symlink_swap() {
     let h = Harness::new("reload_watch");
     // Kubernetes ConfigMap layout: rules/orders.yaml -> ..data/orders.yaml, ..data -> ..v1

@@ -123,6 +123,29 @@ fn field_name_typos_are_caught_against_the_avro_schema_with_a_suggestion() {
 }
 
 #[test]
+fn literals_of_another_type_than_the_avro_field_are_caught_with_the_literal_meant() {
+    assert_reports(
+        &["validate", "--avro", "schemas/avro", "tests/fixtures/avro-types"],
+        1,
+        &[
+            "tests/fixtures/avro-types/orders.yaml:5:11: error: route `big-orders`: `when`: `event.TotalAmount` is a `double` in the channel's Avro schema, but is compared with the string \"100\": values of different types never compare as meant; write 100",
+            "tests/fixtures/avro-types/orders.yaml:5:40: error: route `big-orders`: `when`: `event.Status` is a `string` in the channel's Avro schema, but is compared with the number 3: values of different types never compare as meant; write \"3\"",
+            "tests/fixtures/avro-types/orders.yaml:11:18: error: route `flags`: `when`: `became`: `event.Auto_Renew__c` is a `boolean` in the channel's Avro schema, but is compared with the string \"true\": values of different types never compare as meant; write true",
+            "tests/fixtures/avro-types/orders.yaml:11:46: error: route `flags`: `when`: `event.BillingAddress` is a `record Address` in the channel's Avro schema, but is compared with the string \"Main St\": values of different types never compare as meant; compare one of its members (`event.Field.Member`)",
+            "tests/fixtures/avro-types/orders.yaml:15:12: error: route `flags`: `guard`: `record.Tax_Exempt__c` is a `boolean` in the `OrderChangeEvent` schema, but is compared with the number 1: values of different types never compare as meant",
+        ],
+    );
+    // The record's date is a string over REST (a number in the event): not compared; the matching types pass.
+    let text = assert_reports(
+        &["validate", "--avro", "schemas/avro", "tests/fixtures/avro-types"],
+        1,
+        &[],
+    );
+    assert!(!text.contains("EffectiveDate") && !text.contains("City"), "{text}");
+    assert_eq!(text.matches(": error: ").count(), 5, "{text}");
+}
+
+#[test]
 fn the_shipped_rules_pass_the_avro_field_check() {
     let text = assert_reports(&["validate", "--avro", "schemas/avro", "rules/"], 0, &[]);
     assert!(!text.contains("error"), "{text}");

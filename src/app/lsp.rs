@@ -21,6 +21,7 @@ use lsp_types::{
     Range, ServerCapabilities, TextDocumentSyncCapability, TextDocumentSyncKind, Uri,
 };
 
+use crate::authoring::avro::AvroFields;
 use crate::config::LoadedConfig;
 use crate::diag::{Problem, Severity};
 use crate::rules::helpers::HELPERS;
@@ -33,7 +34,7 @@ pub fn serve(config: Option<PathBuf>) -> Result<(), Box<dyn std::error::Error + 
     let capabilities = ServerCapabilities {
         text_document_sync: Some(TextDocumentSyncCapability::Kind(TextDocumentSyncKind::FULL)),
         completion_provider: Some(CompletionOptions {
-            trigger_characters: Some(vec!["(".into(), "\"".into(), " ".into()]),
+            trigger_characters: Some(vec!["(".into(), "\"".into(), " ".into(), ".".into()]),
             ..CompletionOptions::default()
         }),
         hover_provider: Some(HoverProviderCapability::Simple(true)),
@@ -177,7 +178,9 @@ impl Server<'_> {
             Completion::METHOD => match serde_json::from_value::<CompletionParams>(request.params) {
                 Ok(p) => {
                     let path = path_of(&p.text_document_position.text_document.uri);
-                    let items = self.completions(path.as_deref());
+                    let at = p.text_document_position.position;
+                    let fields = path.as_deref().and_then(|path| self.field_completions(path, at));
+                    let items = fields.unwrap_or_else(|| self.completions(path.as_deref()));
                     Response::new_ok(id, CompletionResponse::Array(items))
                 }
                 Err(e) => Response::new_err(id, lsp_server::ErrorCode::InvalidParams as i32, e.to_string()),
@@ -229,6 +232,61 @@ impl Server<'_> {
         items
     }
 
+    /// After `event.` (or `event.Compound.`) the fields of the route's channel, with their Avro types, from the
+    /// config's `avro_schemas` or a `schemas/avro` above the file; after `record.` the fields its `enrich` reads.
+    /// `None` where the cursor is not after one of those.
+    fn field_completions(&self, path: &Path, at: Position) -> Option<Vec<CompletionItem>> {
+        let text = self.text_of(path)?;
+        let line = text.lines().nth(at.line as usize)?;
+        let before: String = line.chars().take(at.character as usize).collect();
+        let (root, parent) = field_context(&before)?;
+        let route = route_at(&text, at.line as usize + 1);
+        let (env, _) = self.rules_env(path);
+        let item = |name: &str, detail: String| CompletionItem {
+            label: name.to_string(),
+            kind: Some(CompletionItemKind::FIELD),
+            detail: Some(detail),
+            ..CompletionItem::default()
+        };
+        let schemas = env
+            .avro_schemas
+            .clone()
+            .or_else(|| schemas_above(path))
+            .and_then(|dir| AvroFields::load(&dir).ok());
+        let channel = route
+            .as_ref()
+            .and_then(|r| r.get("channel")?.as_str())
+            .map(|alias| env.channels.get(alias).cloned().unwrap_or_else(|| alias.to_string()));
+        let event_fields = schemas
+            .as_ref()
+            .zip(channel.as_deref())
+            .and_then(|(s, c)| s.for_channel(c));
+        if root == "record" {
+            let enrich = route.as_ref().and_then(|r| r.get("enrich"))?;
+            let object = enrich.get("object").and_then(|o| o.as_str()).unwrap_or_default();
+            let typed = schemas.as_ref().and_then(|s| s.for_object(object));
+            let fields = enrich.get("fields")?.as_array()?;
+            return Some(
+                fields
+                    .iter()
+                    .filter_map(|f| f.as_str())
+                    .map(|f| {
+                        let detail = typed.and_then(|t| t.get(f)).map_or_else(
+                            || format!("{object} field"),
+                            |t| format!("{object} field: {}", t.type_name),
+                        );
+                        item(f, detail)
+                    })
+                    .collect(),
+            );
+        }
+        let mut fields = event_fields?;
+        if let Some(parent) = parent {
+            fields = &fields.get(&parent)?.members;
+        }
+        Some(fields.iter().map(|(name, f)| item(name, f.type_name.clone())).collect())
+    }
+
     /// A helper's signature and doc, for the word under the cursor.
     fn hover(&self, path: &Path, at: Position) -> Option<Hover> {
         let text = self.text_of(path)?;
@@ -251,6 +309,38 @@ impl Server<'_> {
             range: None,
         })
     }
+}
+
+/// `event.`, `event?.`, `event.Parent.` or `record.` (and a partly typed name after it) just before the cursor:
+/// the root and the compound field, if any.
+fn field_context(before: &str) -> Option<(&'static str, Option<String>)> {
+    let is_word = |c: char| c.is_alphanumeric() || c == '_';
+    let trimmed = before.trim_end_matches(is_word);
+    let rest = trimmed.strip_suffix('.')?;
+    let rest = rest.strip_suffix('?').unwrap_or(rest);
+    let word_start = rest.rfind(|c: char| !is_word(c)).map_or(0, |i| i + 1);
+    let word = &rest[word_start..];
+    match word {
+        "event" => Some(("event", None)),
+        "record" => Some(("record", None)),
+        parent if !parent.is_empty() => {
+            let outer = rest[..word_start].strip_suffix('.')?;
+            let outer = outer.strip_suffix('?').unwrap_or(outer);
+            outer.ends_with("event").then(|| ("event", Some(parent.to_string())))
+        }
+        _ => None,
+    }
+}
+
+/// The route (as YAML) whose block holds the 1-based `line` of a rule file's text.
+fn route_at(text: &str, line: usize) -> Option<serde_json::Value> {
+    let starts = text
+        .lines()
+        .take(line)
+        .filter(|l| l.trim_start().starts_with("- name:") && l.starts_with(' '))
+        .count();
+    let file: serde_json::Value = serde_saphyr::from_str(text).ok()?;
+    file.get("routes")?.as_array()?.get(starts.checked_sub(1)?).cloned()
 }
 
 /// A problem as an editor diagnostic: positions become 0-based; one with no place marks the file's start.

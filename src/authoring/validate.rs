@@ -2,14 +2,16 @@
 //! that can never fire in the given config, a dry run of every predicate on the `*.test.yaml` fixture
 //! events, header fields, and (with `--avro DIR`) event field names against the channel's Avro schema.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
+use super::avro::{self, AvroFields};
 use super::testing::{LoadedTests, find_test_files};
 use crate::config::Mode;
 use crate::diag::{Problem, Severity};
 use crate::event::HeaderMember;
 use crate::router;
+use crate::rules::check;
 use crate::rules::load::{self, RuleEnv};
 use crate::rules::template::Root;
 use crate::rules::{ActionTemplate, Predicate, RuleSet, suggest};
@@ -33,6 +35,7 @@ pub fn validate(paths: &[PathBuf], env: &RuleEnv, avro: Option<&Path>) -> Valida
 
 /// [`validate`], with the texts `overlay` has instead of the rule files' own (an editor's unsaved buffers).
 pub fn validate_with(paths: &[PathBuf], env: &RuleEnv, avro: Option<&Path>, overlay: load::Overlay<'_>) -> Validation {
+    let avro = avro.or(env.avro_schemas.as_deref());
     let loaded = load::load_paths_with(paths, env, overlay);
     let mut problems = loaded.problems;
     let Some(ruleset) = loaded.ruleset else {
@@ -477,109 +480,16 @@ fn action_problem(action: &ActionTemplate, message: String) -> Problem {
     Problem::error(Path::new(file), line, column, message)
 }
 
-/// Field names of each object's Avro schema: top-level fields, and the fields of compound ones.
-#[derive(Debug, Default)]
-pub struct AvroFields {
-    /// Record name (`OrderChangeEvent`) -> top-level field -> nested field names (empty if not compound).
-    pub objects: HashMap<String, BTreeMap<String, Vec<String>>>,
+fn enrich_object(route: &crate::rules::Route) -> String {
+    route
+        .enrich
+        .as_ref()
+        .map(|e| format!("{}ChangeEvent", e.object))
+        .unwrap_or_default()
 }
 
-impl AvroFields {
-    /// Parses every `*.avsc` in `dir` with apache-avro.
-    pub fn load(dir: &Path) -> Result<AvroFields, Vec<Problem>> {
-        let entries = std::fs::read_dir(dir)
-            .map_err(|e| vec![Problem::error(dir, 0, 0, format!("cannot read the Avro folder: {e}"))])?;
-        let mut files: Vec<PathBuf> = entries
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|x| x == "avsc"))
-            .collect();
-        files.sort();
-        let mut fields = AvroFields::default();
-        let mut problems = Vec::new();
-        for file in files {
-            let parsed = std::fs::read_to_string(&file)
-                .map_err(|e| e.to_string())
-                .and_then(|text| apache_avro::Schema::parse_str(&text).map_err(|e| e.to_string()));
-            match parsed {
-                Ok(apache_avro::Schema::Record(record)) => {
-                    let mut named = HashMap::new();
-                    collect_named(&apache_avro::Schema::Record(record.clone()), &mut named);
-                    let top = record
-                        .fields
-                        .iter()
-                        .filter(|f| f.name != "ChangeEventHeader")
-                        .map(|f| (f.name.clone(), nested_fields(&f.schema, &named)))
-                        .collect();
-                    fields.objects.insert(record.name.name().to_string(), top);
-                }
-                Ok(_) => problems.push(Problem::error(&file, 0, 0, "the schema is not a record")),
-                Err(e) => problems.push(Problem::error(&file, 0, 0, format!("not a valid Avro schema: {e}"))),
-            }
-        }
-        if problems.is_empty() { Ok(fields) } else { Err(problems) }
-    }
-
-    /// The fields for a channel: `/data/OrderChangeEvent` -> `OrderChangeEvent`.
-    pub fn for_channel(&self, channel: &str) -> Option<&BTreeMap<String, Vec<String>>> {
-        self.objects.get(channel.rsplit('/').next().unwrap_or(channel))
-    }
-}
-
-fn collect_named(schema: &apache_avro::Schema, named: &mut HashMap<String, apache_avro::Schema>) {
-    match schema {
-        apache_avro::Schema::Record(r) => {
-            named.entry(r.name.name().to_string()).or_insert_with(|| schema.clone());
-            for f in &r.fields {
-                collect_named(&f.schema, named);
-            }
-        }
-        apache_avro::Schema::Union(u) => u.variants().iter().for_each(|v| collect_named(v, named)),
-        _ => {}
-    }
-}
-
-/// The field names of the record inside a (nullable) compound field, resolving named references.
-fn nested_fields(schema: &apache_avro::Schema, named: &HashMap<String, apache_avro::Schema>) -> Vec<String> {
-    match schema {
-        apache_avro::Schema::Record(r) => r.fields.iter().map(|f| f.name.clone()).collect(),
-        apache_avro::Schema::Ref { name } => named
-            .get(name.name())
-            .map(|s| nested_fields(s, named))
-            .unwrap_or_default(),
-        apache_avro::Schema::Union(u) => u
-            .variants()
-            .iter()
-            .map(|v| nested_fields(v, named))
-            .find(|f| !f.is_empty())
-            .unwrap_or_default(),
-        _ => Vec::new(),
-    }
-}
-
-fn check_field(fields: &BTreeMap<String, Vec<String>>, name: &str) -> Option<String> {
-    let (top, child) = match name.split_once('.') {
-        Some((t, c)) => (t, Some(c)),
-        None => (name, None),
-    };
-    let Some(children) = fields.get(top) else {
-        let hint = suggest(top, fields.keys().map(String::as_str))
-            .map(|s| format!(" (did you mean `{s}`?)"))
-            .unwrap_or_default();
-        return Some(format!("`{top}` is not a field of the channel's Avro schema{hint}"));
-    };
-    let child = child?;
-    if children.is_empty() {
-        return Some(format!("`{top}` is not a compound field, so `{name}` does not exist"));
-    }
-    if children.iter().any(|c| c == child) {
-        return None;
-    }
-    let hint = suggest(child, children.iter().map(String::as_str))
-        .map(|s| format!(" (did you mean `{top}.{s}`?)"))
-        .unwrap_or_default();
-    Some(format!("`{name}` is not a field of the channel's Avro schema{hint}"))
-}
-
+/// Field names against the channel's schema, and comparisons of a field with a literal of another type (`record`
+/// fields too, when the enriched object's Change Data Capture schema is in the folder).
 fn avro_fields(rules: &RuleSet, schemas: &AvroFields, problems: &mut Vec<Problem>) {
     let mut missing_schema = HashSet::new();
     for route in &rules.routes {
@@ -597,24 +507,49 @@ fn avro_fields(rules: &RuleSet, schemas: &AvroFields, problems: &mut Vec<Problem
             }
             continue;
         };
+        let record = route.enrich.as_ref().and_then(|e| schemas.for_object(&e.object));
         for (clause, p) in predicates(route) {
+            let mut report = |line: usize, column: usize, message: String| {
+                let (line, column) = p.place(line, column);
+                problems.push(Problem::error(
+                    &route.file,
+                    line,
+                    column,
+                    format!("route `{}`: `{clause}`: {message}", route.name),
+                ));
+            };
             for r in field_refs(&p.source, &rules.vars)
                 .into_iter()
                 .filter(|r| r.root == "event")
             {
-                if let Some(message) = check_field(fields, &r.name) {
-                    let (line, column) = p.place(r.line, r.column);
+                let path: Vec<&str> = r.name.splitn(2, '.').collect();
+                if let Err(message) = avro::lookup(fields, &path) {
                     let via = r
                         .via
                         .as_ref()
                         .map(|v| format!(" (listed in var `{v}`)"))
                         .unwrap_or_default();
-                    problems.push(Problem::error(
-                        &route.file,
-                        line,
-                        column,
-                        format!("route `{}`: `{clause}`{via}: {message}", route.name),
-                    ));
+                    report(r.line, r.column, format!("{message}{via}"));
+                }
+            }
+            for c in check::comparisons(&p.ast) {
+                let (schema, label, named) = match c.root {
+                    "event" => (Some(fields), "event", "the channel's Avro schema".to_string()),
+                    _ => (record, "record", format!("the `{}` schema", enrich_object(route))),
+                };
+                let path: Vec<&str> = c.path.iter().take(2).map(String::as_str).collect();
+                // An unknown field is reported above (or, for `record`, by the enrich check).
+                let Some(field) = schema.and_then(|s| avro::lookup(s, &path).ok()) else {
+                    continue;
+                };
+                // A date read from a record over REST is a string, an event's a number: on the record only
+                // fields with one type on both paths are compared.
+                if c.root == "record" && field.kind == avro::Kind::Number && !field.type_name.starts_with("double") {
+                    continue;
+                }
+                if let Some(message) = avro::mismatch(field, &c.literal, &named) {
+                    let how = if c.op == "became" { "`became`: " } else { "" };
+                    report(c.line, c.column, format!("{how}`{label}.{}` {message}", path.join(".")));
                 }
             }
         }
@@ -622,8 +557,8 @@ fn avro_fields(rules: &RuleSet, schemas: &AvroFields, problems: &mut Vec<Problem
             if path.root != Root::Event || path.segments.is_empty() {
                 continue;
             }
-            let name = path.segments.iter().take(2).cloned().collect::<Vec<_>>().join(".");
-            if let Some(message) = check_field(fields, &name) {
+            let segments: Vec<&str> = path.segments.iter().take(2).map(String::as_str).collect();
+            if let Err(message) = avro::lookup(fields, &segments) {
                 problems.push(action_problem(
                     action,
                     format!("route `{}`: template: {message}", route.name),

@@ -116,6 +116,12 @@ pub struct Config {
     #[serde(default)]
     #[schemars(example = false)]
     pub print_decisions: bool,
+    /// A folder of Avro schemas (`*.avsc`, named after the channels' objects: `OrderChangeEvent.avsc`): start-up,
+    /// every reload and `validate --config` then refuse rules that name a field the channel's schema does not
+    /// have or compare one with a literal of another type, as `validate --avro` does.
+    #[serde(default)]
+    #[schemars(example = &"../schemas/avro")]
+    pub avro_schemas: Option<PathBuf>,
     /// Concurrency, retries, idempotency and shutdown.
     #[serde(default)]
     #[schemars(example = serde_json::json!({"concurrency": 64, "retry": {"budget_ms": 300000}}))]

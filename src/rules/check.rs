@@ -59,6 +59,127 @@ pub fn predicate(ast: &AST, scope: &Scope<'_>) -> Vec<Finding> {
     findings
 }
 
+/// A literal a field is compared with, as the predicate writes it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Literal {
+    Str(String),
+    Int(i64),
+    Float(f64),
+    Bool(bool),
+}
+
+/// `event.X <op> literal` (either side), or `became("X", literal)`: what the Avro types can check.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Comparison {
+    /// `event` or `record`.
+    pub root: &'static str,
+    /// The field and, for a compound field, its member (`["BillingAddress", "City"]`).
+    pub path: Vec<String>,
+    /// The operator (`==`, `>`, ...) or the helper (`became`).
+    pub op: String,
+    pub literal: Literal,
+    /// Where the field is written (1-based, inside the predicate).
+    pub line: usize,
+    pub column: usize,
+}
+
+/// Every comparison of a field with a literal in a predicate.
+pub fn comparisons(ast: &AST) -> Vec<Comparison> {
+    let mut found = Vec::new();
+    ast.walk(&mut |path: &[ASTNode]| {
+        let call = match path.last() {
+            Some(ASTNode::Expr(Expr::FnCall(f, _))) => Some(&**f),
+            Some(ASTNode::Stmt(Stmt::FnCall(f, _))) => Some(&**f),
+            _ => None,
+        };
+        found.extend(call.and_then(comparison));
+        true
+    });
+    found
+}
+
+const COMPARISONS: &[&str] = &["==", "!=", "<", ">", "<=", ">="];
+
+fn comparison(f: &FnCallExpr) -> Option<Comparison> {
+    let [a, b] = f.args.as_slice() else { return None };
+    let op = match &f.op_token {
+        Some(token) if COMPARISONS.contains(&token.literal_syntax()) => token.literal_syntax().to_string(),
+        None if f.name == "became" && !f.is_qualified() => {
+            let Expr::StringConstant(field, pos) = a else {
+                return None;
+            };
+            let (line, column) = at(*pos);
+            return Some(Comparison {
+                root: "event",
+                path: vec![field.to_string()],
+                op: "became".into(),
+                literal: literal(b)?,
+                line,
+                column,
+            });
+        }
+        _ => return None,
+    };
+    let ((root, path, pos), literal) = match (field_path(a), field_path(b)) {
+        (Some(field), None) => (field, literal(b)?),
+        (None, Some(field)) => (field, literal(a)?),
+        _ => return None,
+    };
+    let (line, column) = at(pos);
+    Some(Comparison {
+        root,
+        path,
+        op,
+        literal,
+        line,
+        column,
+    })
+}
+
+/// `event.X`, `event.X.Y`, `event?.X`, `event["X"]`, `record.X`: the root, the path and where it starts.
+fn field_path(expr: &Expr) -> Option<(&'static str, Vec<String>, rhai::Position)> {
+    let (Expr::Dot(x, _, _) | Expr::Index(x, _, _)) = expr else {
+        return None;
+    };
+    let Expr::Variable(v, _, _) = &x.lhs else { return None };
+    let root = match v.1.as_str() {
+        "event" => "event",
+        "record" => "record",
+        _ => return None,
+    };
+    let mut path = Vec::new();
+    let mut rest = &x.rhs;
+    loop {
+        match (expr, rest) {
+            (Expr::Index(..), Expr::StringConstant(name, _)) if path.is_empty() => {
+                path.push(name.to_string());
+                break;
+            }
+            (Expr::Dot(..), Expr::Property(p, _)) => {
+                path.push(p.2.to_string());
+                break;
+            }
+            (Expr::Dot(..), Expr::Dot(inner, _, _)) => {
+                let Expr::Property(p, _) = &inner.lhs else { return None };
+                path.push(p.2.to_string());
+                rest = &inner.rhs;
+            }
+            _ => return None,
+        }
+    }
+    Some((root, path, x.lhs.start_position()))
+}
+
+fn literal(expr: &Expr) -> Option<Literal> {
+    Some(match expr {
+        Expr::StringConstant(s, _) => Literal::Str(s.to_string()),
+        Expr::IntegerConstant(i, _) => Literal::Int(*i),
+        Expr::FloatConstant(f, _) => Literal::Float(**f),
+        Expr::BoolConstant(b, _) => Literal::Bool(*b),
+        _ => return None,
+    })
+}
+
 /// Whether the predicate is the constant `true` (after Rhai's constant folding).
 pub fn always_true(ast: &AST) -> bool {
     matches!(ast.statements(), [Stmt::Expr(e)] if matches!(**e, Expr::BoolConstant(true, _)))
@@ -201,6 +322,14 @@ mod tests {
     use super::*;
 
     fn findings(source: &str) -> Vec<String> {
+        let (ast, scope) = compile(source);
+        predicate(&ast, &scope)
+            .into_iter()
+            .map(|f| format!("{}:{}: {}", f.line, f.column, f.message))
+            .collect()
+    }
+
+    fn compile(source: &str) -> (AST, Scope<'static>) {
         let engine = helpers::engine();
         let mut scope = Scope::new();
         for v in super::super::CONTEXT_VARIABLES {
@@ -210,10 +339,7 @@ mod tests {
         scope.push_dynamic("enabled", Dynamic::TRUE);
         scope.push_dynamic("statuses", Dynamic::from_array(vec!["A".into()]));
         let ast = engine.compile_expression_with_scope(&scope, source).expect("compiles");
-        predicate(&ast, &scope)
-            .into_iter()
-            .map(|f| format!("{}:{}: {}", f.line, f.column, f.message))
-            .collect()
+        (ast, scope)
     }
 
     #[test]
@@ -265,5 +391,35 @@ mod tests {
         ] {
             assert_eq!(findings(fine), Vec::<String>::new(), "{fine}");
         }
+    }
+
+    #[test]
+    fn comparisons_of_fields_with_literals_are_found() {
+        let (ast, _) = compile(
+            "event.TotalAmount > \"100\" && 3 == event[\"Status\"] && became(\"Flag__c\", true)\n && event.BillingAddress?.City != 1.5 && record.Name == event.Name && event.Name.len() > 2",
+        );
+        let found: Vec<String> = comparisons(&ast)
+            .iter()
+            .map(|c| {
+                format!(
+                    "{}:{} {}.{} {} {:?}",
+                    c.line,
+                    c.column,
+                    c.root,
+                    c.path.join("."),
+                    c.op,
+                    c.literal
+                )
+            })
+            .collect();
+        assert_eq!(
+            found,
+            [
+                "1:1 event.TotalAmount > Str(\"100\")",
+                "1:35 event.Status == Int(3)",
+                "1:61 event.Flag__c became Bool(true)",
+                "2:5 event.BillingAddress.City != Float(1.5)",
+            ]
+        );
     }
 }

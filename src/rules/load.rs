@@ -34,6 +34,9 @@ pub struct RuleEnv {
     /// Whether predicates get the static checks (`rules::check`); off only for `validate`'s second look at a set
     /// those checks refused, so that its other problems show at once.
     pub static_checks: bool,
+    /// The config's `avro_schemas` folder: `validate` (and so start-up and every reload) checks the routes' field
+    /// names and literal types against it.
+    pub avro_schemas: Option<PathBuf>,
 }
 
 impl RuleEnv {
@@ -45,6 +48,7 @@ impl RuleEnv {
             mode: None,
             enricher: EnricherKind::Recorded,
             static_checks: true,
+            avro_schemas: None,
         }
     }
 
@@ -56,6 +60,7 @@ impl RuleEnv {
             mode: Some(c.mode),
             enricher: c.enricher(),
             static_checks: true,
+            avro_schemas: c.avro_schemas.as_ref().map(|p| loaded.resolve(p)),
         }
     }
 
