@@ -309,7 +309,7 @@ pub fn compile(sources: &[RuleSource], env: &RuleEnv) -> Loaded {
         }
     }
 
-    let engine = helpers::engine();
+    let engine = helpers::shared_engine();
     let is_var = |name: &str| vars.contains_key(name);
     let when_scope = scope(&vars, false);
     let guard_scope = scope(&vars, true);

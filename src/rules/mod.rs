@@ -191,7 +191,7 @@ pub struct RuleSet {
     /// The mode whose routes are live; `None` (validation without a config) makes every route live.
     pub mode: Option<Mode>,
     pub files: Vec<PathBuf>,
-    pub(crate) engine: Engine,
+    pub(crate) engine: std::sync::Arc<Engine>,
     live: HashMap<String, Vec<usize>>,
     /// What the predicates read from events: the router converts only that.
     pub(crate) reads: reads::Reads,
@@ -220,7 +220,7 @@ impl RuleSet {
         vars: Map<String, Value>,
         mode: Option<Mode>,
         files: Vec<PathBuf>,
-        engine: Engine,
+        engine: std::sync::Arc<Engine>,
     ) -> Self {
         let mut live: HashMap<String, Vec<usize>> = HashMap::new();
         for (i, route) in routes.iter().enumerate() {
