@@ -23,7 +23,7 @@ const KEYWORD_FUNCTIONS: &[&str] = &["type_of", "is_def_var", "is_def_fn", "is_s
 
 /// Every function a predicate can call, by name, with the numbers of arguments it takes.
 static KNOWN: LazyLock<HashMap<String, BTreeSet<usize>>> = LazyLock::new(|| {
-    let engine = helpers::engine();
+    let engine = helpers::shared_engine();
     let mut known: HashMap<String, BTreeSet<usize>> = HashMap::new();
     let all = engine.collect_fn_metadata(
         None,
