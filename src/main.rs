@@ -90,6 +90,12 @@ async fn main() -> ExitCode {
             })
             .await
         }
+        Command::Route { config, op } => {
+            admin(config, |service, out| {
+                Box::pin(async move { switchyard::app::admin::route(service, op, out).await.map(|()| true) })
+            })
+            .await
+        }
         Command::Schema { kind } => {
             let schema = match kind {
                 SchemaKind::Rules => switchyard::authoring::schema::rules_schema(),

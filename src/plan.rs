@@ -191,6 +191,68 @@ pub fn job_id_for(key: &str) -> String {
     }
 }
 
+/// A route's runaway guard: fired more than `fires` times within `per`, the route is paused on every replica.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Limit {
+    /// Fires allowed within `per`; the next one pauses the route.
+    #[schemars(example = 100)]
+    pub fires: u32,
+    /// The window: a number with `s`, `m` or `h` (`30s`, `1m`, `1h`).
+    #[serde(with = "window")]
+    #[schemars(with = "String", regex(pattern = r"^[1-9][0-9]*(s|m|h)$"), example = &"1m")]
+    pub per: std::time::Duration,
+}
+
+impl std::fmt::Display for Limit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} per {}", self.fires, window::text(self.per))
+    }
+}
+
+impl Limit {
+    /// The reason an event's actions are dead-lettered with while its route is paused.
+    pub fn reason(&self) -> String {
+        format!("route paused: fired {} times in {}", self.fires, window::text(self.per))
+    }
+}
+
+mod window {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn parse(s: &str) -> Option<Duration> {
+        let (n, unit) = s.trim().split_at(s.trim().len().checked_sub(1)?);
+        let n: u64 = n.parse().ok().filter(|n| *n > 0)?;
+        let secs = match unit {
+            "s" => n,
+            "m" => n * 60,
+            "h" => n * 3600,
+            _ => return None,
+        };
+        Some(Duration::from_secs(secs))
+    }
+
+    pub fn text(d: Duration) -> String {
+        let s = d.as_secs();
+        match s {
+            s if s % 3600 == 0 => format!("{}h", s / 3600),
+            s if s % 60 == 0 => format!("{}m", s / 60),
+            s => format!("{s}s"),
+        }
+    }
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&text(*d))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        parse(&s).ok_or_else(|| serde::de::Error::custom(format!("`{s}` is not a window: write `30s`, `1m` or `1h`")))
+    }
+}
+
 /// Log levels for the `log` sink.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
@@ -303,6 +365,16 @@ pub enum BackoffKind {
 #[cfg(test)]
 mod tests {
     use super::job_id_for;
+
+    #[test]
+    fn limit_windows_read_seconds_minutes_and_hours() {
+        let l: super::Limit = serde_json::from_str(r#"{"fires": 100, "per": "1m"}"#).unwrap();
+        assert_eq!(l.per, std::time::Duration::from_secs(60));
+        assert_eq!(l.reason(), "route paused: fired 100 times in 1m");
+        assert!(serde_json::from_str::<super::Limit>(r#"{"fires": 1, "per": "0m"}"#).is_err());
+        assert!(serde_json::from_str::<super::Limit>(r#"{"fires": 1, "per": "5d"}"#).is_err());
+        assert_eq!(super::window::parse("90s"), Some(std::time::Duration::from_secs(90)));
+    }
 
     #[test]
     fn job_ids_are_the_key_when_bullmq_accepts_it() {

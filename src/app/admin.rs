@@ -1,14 +1,14 @@
-//! `switchyard checkpoint` and `switchyard dead-letter`: operator commands against a config's stores.
+//! `switchyard checkpoint`, `dead-letter` and `route`: operator commands against a config's stores.
 
 use std::io::Write;
 
 use serde_json::Value;
 
-use crate::app::cli::{CheckpointOp, DeadLetterOp};
+use crate::app::cli::{CheckpointOp, DeadLetterOp, RouteOp};
 use crate::app::service::Service;
 use crate::delivery::ActionResult;
 use crate::plan::{Action, Op};
-use crate::state::DeadLetter;
+use crate::state::{DeadLetter, Pause};
 use crate::state::{describe_position as describe, offset_bytes};
 
 #[derive(Debug, thiserror::Error)]
@@ -72,6 +72,85 @@ async fn refuse_while_leased(service: &Service, key: &str) -> Result<(), AdminEr
     }
 }
 
+/// `switchyard route list|pause|resume`: the pauses live in the config's Redis, so every replica obeys them.
+pub async fn route(service: &Service, op: RouteOp, out: &mut impl Write) -> Result<(), AdminError> {
+    let pauses = &service.stores.pauses;
+    let rules = service.rules.load_full();
+    let known = |name: &str| -> Result<(), AdminError> {
+        if rules.routes.iter().any(|r| r.name == name) {
+            return Ok(());
+        }
+        let names: Vec<&str> = rules.routes.iter().map(|r| r.name.as_str()).collect();
+        Err(AdminError::Usage(format!(
+            "no route `{name}` in the rules of this config (routes: {})",
+            names.join(", ")
+        )))
+    };
+    match op {
+        RouteOp::List => {
+            let paused = pauses.list().await?;
+            let default = service.pipeline.route_limit;
+            let _ = writeln!(out, "route\tchannel\tlimit\tstate");
+            for route in &rules.routes {
+                let limit = match (route.limit, default) {
+                    (Some(l), _) => l.to_string(),
+                    (None, Some(l)) => format!("{l} (config)"),
+                    (None, None) => "none".into(),
+                };
+                let state = match paused.get(&route.name) {
+                    Some(p) => format!("PAUSED since {} by {}: {}", crate::clock::utc(p.at_ms), p.by, p.reason),
+                    None if !rules.is_live(route) => "not live in this mode".into(),
+                    None => "running".into(),
+                };
+                let _ = writeln!(out, "{}\t{}\t{limit}\t{state}", route.name, route.channel);
+            }
+            // A pause of a route the current rules no longer have still holds if the route comes back.
+            for (name, p) in paused
+                .iter()
+                .filter(|(n, _)| !rules.routes.iter().any(|r| &r.name == *n))
+            {
+                let _ = writeln!(out, "{name}\t-\t-\tPAUSED (not in the current rules): {}", p.reason);
+            }
+        }
+        RouteOp::Pause { name } => {
+            known(&name)?;
+            let pause = Pause {
+                reason: "route paused by an operator".into(),
+                at_ms: crate::clock::now_ms(),
+                by: "operator".into(),
+            };
+            if pauses.pause(&name, &pause).await? {
+                let _ = writeln!(
+                    out,
+                    "{name}\tpaused: its actions are dead-lettered on every replica until `switchyard route resume {name}`"
+                );
+            } else {
+                let _ = writeln!(out, "{name}\talready paused");
+            }
+        }
+        RouteOp::Resume { name } => {
+            if pauses.resume(&name).await? {
+                let letters = service
+                    .stores
+                    .dead_letters
+                    .list()
+                    .await?
+                    .iter()
+                    .filter(|(_, l)| l.get("route").and_then(Value::as_str) == Some(name.as_str()))
+                    .count();
+                let _ = writeln!(
+                    out,
+                    "{name}\tresumed; {letters} dead letter(s) of this route wait: `switchyard dead-letter retry --all` runs them"
+                );
+            } else {
+                known(&name)?;
+                let _ = writeln!(out, "{name}\tnot paused");
+            }
+        }
+    }
+    Ok(())
+}
+
 fn summary(id: &str, letter: &Value) -> String {
     let s = |k: &str| letter.get(k).and_then(Value::as_str).unwrap_or("-").to_string();
     format!(
@@ -123,7 +202,18 @@ pub async fn dead_letter(service: &Service, op: DeadLetterOp, out: &mut impl Wri
         }
         DeadLetterOp::Retry { ids, all: every } => {
             let mut all_ok = true;
+            let paused = service.stores.pauses.list().await?;
             for (id, value) in pick(&ids, every)? {
+                let route = value.get("route").and_then(Value::as_str).unwrap_or_default();
+                if let Some(p) = paused.get(route) {
+                    let _ = writeln!(
+                        out,
+                        "{id}\tnot retried: route `{route}` is paused ({}); fix it, `switchyard route resume {route}`, then retry",
+                        p.reason
+                    );
+                    all_ok = false;
+                    continue;
+                }
                 let ok = retry_one(service, &id, value, out).await?;
                 all_ok &= ok;
             }

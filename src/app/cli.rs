@@ -183,6 +183,14 @@ pub enum Command {
         #[command(subcommand)]
         op: DeadLetterOp,
     },
+    /// List, pause or resume routes (the runaway guard's pauses, on every replica of the config).
+    Route {
+        /// The service config (its Redis).
+        #[arg(long, short, global = true)]
+        config: Option<PathBuf>,
+        #[command(subcommand)]
+        op: RouteOp,
+    },
     /// Print the JSON Schema of rule files, rule tests or the config.
     Schema {
         #[arg(value_enum)]
@@ -221,4 +229,14 @@ pub enum DeadLetterOp {
         #[arg(long)]
         all: bool,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RouteOp {
+    /// Every route: channel, limit, and whether it is paused (since when, by whom, why).
+    List,
+    /// Pause a route: its actions are dead-lettered, not run, until it is resumed.
+    Pause { name: String },
+    /// Resume a paused route: its window of fires starts afresh. Its dead letters stay: `dead-letter retry`.
+    Resume { name: String },
 }

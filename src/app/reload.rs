@@ -29,6 +29,7 @@ use crate::rules::RuleSet;
 use crate::rules::load::RuleEnv;
 use crate::sinks::Sinks;
 use crate::sources::pubsub::subscriber::Subscriptions;
+use crate::state::Stores;
 
 /// What a reload did.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -160,6 +161,8 @@ pub struct Reloader {
     live: Option<LiveConfig>,
     /// One reload at a time.
     serial: tokio::sync::Mutex<()>,
+    /// The runaway guard's pauses: a reload that changes a paused route's `when` resumes it.
+    pauses: Option<Arc<Stores>>,
     /// The file watch, while [`Reloader::watch`]'s guard lives: the folders follow the config's `rules` on reload.
     watching: Mutex<Option<Watching>>,
 }
@@ -207,6 +210,7 @@ const RESTART_KEYS: &[(&str, &str)] = &[
     ("redact", "the redacted fields"),
     ("on_unmatched", "what happens to unmatched events"),
     ("print_decisions", "printing decisions"),
+    ("route_limit", "the runaway guard of routes without their own `limit`"),
 ];
 
 /// The top-level config keys that differ and need a restart, with `source.pubsub.enabled` (which is live) left out.
@@ -242,7 +246,7 @@ fn fingerprint(route: &crate::rules::Route) -> String {
             .join(";")
     };
     format!(
-        "{}|{}|{:?}|{:?}|{:?}|{}|{}|{}|{}",
+        "{}|{}|{:?}|{:?}|{:?}|{}|{}|{}|{}|{:?}",
         route.channel,
         route.when.source,
         route.guard.as_ref().map(|g| &g.source),
@@ -251,7 +255,8 @@ fn fingerprint(route: &crate::rules::Route) -> String {
         route.stop,
         route.shadow,
         actions(&route.then),
-        actions(&route.otherwise)
+        actions(&route.otherwise),
+        route.limit
     )
 }
 
@@ -270,7 +275,55 @@ impl Reloader {
             live: None,
             serial: tokio::sync::Mutex::new(()),
             watching: Mutex::new(None),
+            pauses: None,
         }
+    }
+
+    /// Resumes, on a reload, the paused routes whose `when` the new rules change (the fix the pause asked for).
+    pub fn with_pauses(mut self, stores: Arc<Stores>) -> Self {
+        self.pauses = Some(stores);
+        self
+    }
+
+    /// The paused routes whose `when` differs between `old` and `new`, resumed; one line each for `applied`.
+    async fn resume_fixed(&self, old: &RuleSet, new: &RuleSet) -> Vec<String> {
+        let Some(stores) = &self.pauses else {
+            return Vec::new();
+        };
+        let paused = match stores.pauses.list().await {
+            Ok(paused) => paused,
+            Err(e) => {
+                tracing::warn!(error = %e, "Paused routes unreadable; a reload that fixes one does not resume it.");
+                return Vec::new();
+            }
+        };
+        let mut lines = Vec::new();
+        for name in paused.keys() {
+            let when = |rules: &RuleSet| {
+                rules
+                    .routes
+                    .iter()
+                    .find(|r| &r.name == name)
+                    .map(|r| r.when.source.clone())
+            };
+            let (Some(before), Some(after)) = (when(old), when(new)) else {
+                continue;
+            };
+            if before == after {
+                continue;
+            }
+            match stores.pauses.resume(name).await {
+                Ok(_) => {
+                    metrics::gauge!(m::ROUTE_PAUSED, "route" => name.clone()).set(0.0);
+                    tracing::warn!(route = %name, rules_version = %new.version, "Route resumed: the reload changed its `when`. Its dead letters stay; `switchyard dead-letter retry --all` runs them.");
+                    lines.push(format!("route `{name}` resumed: its `when` changed"));
+                }
+                Err(e) => {
+                    tracing::warn!(route = %name, error = %e, "Route's `when` changed but it could not be resumed.")
+                }
+            }
+        }
+        lines
     }
 
     /// Reloads `config` (its file) with the rules, applying what can change live to `sinks` and the subscriptions.
@@ -389,6 +442,7 @@ impl Reloader {
             }
         }
         let (added, removed, changed) = route_changes(&old, &new);
+        applied.extend(self.resume_fixed(&old, &new).await);
         let new = self.swap(new, paths, env);
         if let (Some(live), Some(next)) = (&self.live, next) {
             applied.extend(live.reconcile(&next, &new));

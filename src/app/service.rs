@@ -147,7 +147,7 @@ impl Service {
         };
         let mut pipeline = Pipeline::new(&config.config, rules.clone(), stores.clone(), sinks.clone(), enricher);
         pipeline.counters = counters.clone();
-        let mut reloader = Reloader::new(rules.clone(), counters, config.rule_paths(), env);
+        let mut reloader = Reloader::new(rules.clone(), counters, config.rule_paths(), env).with_pauses(stores.clone());
         // With a config file on disk, a reload re-reads it and applies what can change live.
         if !embedded && config.path.is_file() {
             reloader = reloader.with_config(config.clone(), sinks.clone());
@@ -305,6 +305,7 @@ impl Service {
             }
             None => None,
         };
+        let gauges = tokio::spawn(refresh_pause_gauges(self.stores.clone(), self.rules.clone()));
         let pipeline = self.pipeline.run(source, shutdown);
         tokio::pin!(pipeline);
         let stats = tokio::select! {
@@ -315,6 +316,7 @@ impl Service {
         if let Some(leases) = &self.stores.leases {
             leases.release_all().await;
         }
+        gauges.abort();
         if let Some(task) = http {
             task.abort();
         }
@@ -322,6 +324,32 @@ impl Service {
             stats.print_summary(self.stores.memory.as_deref());
         }
         Ok(stats)
+    }
+}
+
+/// How often every replica reads the paused routes into `switchyard_route_paused`.
+const PAUSE_GAUGE_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Keeps `switchyard_route_paused{route}` true on every replica, not only the one whose guard paused the route
+/// (or the operator's `route pause`, which runs in no replica): 1 for each paused route, 0 for the others.
+async fn refresh_pause_gauges(stores: Arc<Stores>, rules: Arc<ArcSwap<RuleSet>>) {
+    let mut tick = tokio::time::interval(PAUSE_GAUGE_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let paused = match stores.pauses.list().await {
+            Ok(paused) => paused,
+            Err(e) => {
+                tracing::debug!(error = %e, "Paused routes unreadable; the gauge keeps its last values.");
+                continue;
+            }
+        };
+        let rules = rules.load();
+        let names = rules.routes.iter().map(|r| &r.name).chain(paused.keys());
+        for name in names {
+            let value = if paused.contains_key(name) { 1.0 } else { 0.0 };
+            metrics::gauge!(m::ROUTE_PAUSED, "route" => name.clone()).set(value);
+        }
     }
 }
 

@@ -143,6 +143,12 @@ pub struct Config {
     #[serde(default)]
     #[schemars(example = serde_json::json!({"ttl_ms": 15000, "instance": "${HOSTNAME}"}))]
     pub lease: LeaseConfig,
+    /// The runaway guard of every route without its own `limit`: a route that fires more often than this is
+    /// paused on every replica, and the events it would act on are dead-lettered until it is resumed. Absent:
+    /// only routes with a `limit` are guarded.
+    #[serde(default)]
+    #[schemars(example = serde_json::json!({"fires": 600, "per": "1m"}))]
+    pub route_limit: Option<crate::plan::Limit>,
     /// Payload and record fields (personal data) replaced by `***` in dead letters and `log` sink fields.
     #[serde(default)]
     #[schemars(example = vec!["BillingAddress".to_string(), "Description".to_string()])]

@@ -89,10 +89,30 @@ impl Dispatcher {
     /// Runs every action of the plan in order; returns how each ended.
     /// `fence`: the channel lease the event came under; once it is lost, the remaining actions are abandoned.
     pub async fn run(&self, plan: &Plan, event: &Event, fence: Option<&Fence>) -> Vec<ActionResult> {
+        self.run_guarded(plan, event, fence, &[]).await
+    }
+
+    /// [`run`](Self::run), with the actions of paused routes dead-lettered with the pause's reason instead (each
+    /// letter keeps its action, so `dead-letter retry` runs exactly it once the route is resumed).
+    pub async fn run_guarded(
+        &self,
+        plan: &Plan,
+        event: &Event,
+        fence: Option<&Fence>,
+        paused: &[Paused],
+    ) -> Vec<ActionResult> {
         let mut results = Vec::with_capacity(plan.actions.len());
         for action in &plan.actions {
+            let pause = paused
+                .iter()
+                .find(|p| p.route == action.route && p.record_id == action.record_id);
             let result = if fence.is_some_and(Fence::is_lost) {
                 ActionResult::Abandoned
+            } else if let Some(p) = pause.filter(|_| !action.shadow) {
+                let reason = p.reason.clone();
+                self.park(self.letter(&plan.rules_version, event, action, reason.clone(), 0))
+                    .await;
+                ActionResult::DeadLettered { reason }
             } else if results.contains(&ActionResult::Interrupted) {
                 // A record's actions run in order: none after one that did not finish.
                 ActionResult::Interrupted
@@ -265,6 +285,14 @@ impl Dispatcher {
             }
         }
     }
+}
+
+/// A route paused by its runaway guard, for one record of an event: its actions are dead-lettered, not run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Paused {
+    pub route: String,
+    pub record_id: Option<String>,
+    pub reason: String,
 }
 
 /// What one attempt did.

@@ -6,5 +6,5 @@ mod dispatch;
 mod pipeline;
 
 pub use counters::{RouteCounters, register as register_series};
-pub use dispatch::{ActionResult, Dispatcher};
+pub use dispatch::{ActionResult, Dispatcher, Paused};
 pub use pipeline::{Pipeline, Stats};

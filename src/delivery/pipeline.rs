@@ -21,7 +21,7 @@ use tracing::Instrument;
 
 use super::counters::{self, RouteCounters};
 use crate::config::{Config, OnUnmatched};
-use crate::delivery::{ActionResult, Dispatcher};
+use crate::delivery::{ActionResult, Dispatcher, Paused};
 use crate::enrich::Enricher;
 use crate::event::Event;
 use crate::obs::metrics as m;
@@ -32,7 +32,7 @@ use crate::sinks::Sinks;
 use crate::sources::Delivery;
 use crate::sources::{Source, Sourced};
 use crate::state::Fence;
-use crate::state::{CheckpointStore, DeadLetter, MemoryBackend, Stores};
+use crate::state::{Admit, CheckpointStore, DeadLetter, MemoryBackend, Stores};
 
 /// How often a moved position is written to the checkpoint store (and at the end of every run).
 const COMMIT_EVERY: Duration = Duration::from_millis(200);
@@ -106,6 +106,8 @@ pub struct Pipeline {
     pub concurrency: usize,
     pub shutdown_timeout: Duration,
     pub redact: Vec<String>,
+    /// The runaway guard of routes without their own `limit`.
+    pub route_limit: Option<crate::plan::Limit>,
     /// Per-route counters for `/rules`.
     pub counters: Arc<RouteCounters>,
     /// Events and malformed inputs settled so far, for whoever waits on progress.
@@ -211,6 +213,7 @@ impl Pipeline {
             concurrency: config.delivery.concurrency.max(1),
             shutdown_timeout: Duration::from_millis(config.delivery.shutdown_timeout_ms),
             redact: config.redact.clone(),
+            route_limit: config.route_limit,
             counters: Arc::default(),
             settled: watch::Sender::new(0),
         }
@@ -540,11 +543,58 @@ impl Pipeline {
                 tracing::warn!(route = %d.route, event_id = %event.id, record_id = ?d.record_id, rules_version = %rules.version, outcome = ?d.outcome, "Route failed; the event is dead-lettered for it.");
             }
         }
-        let results = self.dispatcher.run(&plan, &event, fence).await;
+        let paused = self.runaway_guard(rules, &event, &plan).await;
+        let results = self.dispatcher.run_guarded(&plan, &event, fence, &paused).await;
         stats.count(&plan, &results);
         if self.print_decisions {
             out.push_str(&render_plan(&event, position, &plan, &results));
         }
+    }
+
+    /// Counts the fires of guarded routes (their own `limit`, else the config's `route_limit`) and returns the
+    /// paused ones, whose actions are dead-lettered instead of run. Shadow routes call no sink and are not counted.
+    /// When the guard's store does not answer, the actions run (the sinks' own failures still retry or
+    /// dead-letter); it is logged, never silent.
+    async fn runaway_guard(&self, rules: &RuleSet, event: &Event, plan: &Plan) -> Vec<Paused> {
+        let mut paused = Vec::new();
+        for d in plan
+            .decisions
+            .iter()
+            .filter(|d| d.outcome == Outcome::Then && !d.shadow)
+        {
+            let Some(limit) = rules
+                .routes
+                .iter()
+                .find(|r| r.name == d.route)
+                .and_then(|r| r.limit.or(self.route_limit))
+            else {
+                continue;
+            };
+            let member = format!("{}|{}", event.id, d.record_id.as_deref().unwrap_or(""));
+            match self
+                .stores
+                .pauses
+                .admit(&d.route, &member, &limit, crate::clock::now_ms())
+                .await
+            {
+                Ok(Admit::Run) => {}
+                Ok(Admit::Paused { reason, newly }) => {
+                    metrics::gauge!(m::ROUTE_PAUSED, "route" => d.route.clone()).set(1.0);
+                    if newly {
+                        tracing::error!(route = %d.route, event_id = %event.id, %reason, "Route paused by its runaway guard: its actions are dead-lettered from now on, on every replica, until `switchyard route resume` (or a reload that changes its `when`).");
+                    }
+                    paused.push(Paused {
+                        route: d.route.clone(),
+                        record_id: d.record_id.clone(),
+                        reason,
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(route = %d.route, event_id = %event.id, error = %e, "Runaway guard unavailable; the route's actions run unguarded.");
+                }
+            }
+        }
+        paused
     }
 
     /// Reads the records routes asked for, keeps them with the event, and runs phase two.

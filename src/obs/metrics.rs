@@ -18,6 +18,7 @@ pub const ROUTE_MATCHED: &str = "switchyard_route_matched_total";
 pub const ROUTE_FIRED: &str = "switchyard_route_fired_total";
 pub const ROUTE_SHADOW: &str = "switchyard_route_shadow_total";
 pub const ROUTE_FAILED: &str = "switchyard_route_failed_total";
+pub const ROUTE_PAUSED: &str = "switchyard_route_paused";
 pub const SINK_CALLS: &str = "switchyard_sink_calls_total";
 pub const SINK_ERRORS: &str = "switchyard_sink_errors_total";
 pub const SINK_RETRIES: &str = "switchyard_sink_retries_total";
@@ -84,6 +85,10 @@ fn describe() {
     describe_counter!(EVENTS_MALFORMED, "Input that was not an event (dead-lettered).");
     describe_counter!(EVENTS_UNMATCHED, "Events no route's `when` matched, per channel.");
     describe_gauge!(EVENTS_IN_FLIGHT, "Events read and not yet settled.");
+    describe_gauge!(
+        ROUTE_PAUSED,
+        "1 while the route is paused by its runaway guard (or by hand): its actions are dead-lettered."
+    );
     describe_counter!(ROUTE_EVALUATED, "Times a route's `when` was evaluated (per record).");
     describe_counter!(ROUTE_MATCHED, "Times a route's `when` held (per record).");
     describe_counter!(

@@ -501,6 +501,7 @@ fn compile_route(
         otherwise,
         stop: spec.stop,
         shadow: spec.shadow,
+        limit: spec.limit,
     })
 }
 

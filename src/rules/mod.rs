@@ -180,6 +180,8 @@ pub struct Route {
     pub otherwise: Vec<ActionTemplate>,
     pub stop: bool,
     pub shadow: bool,
+    /// The route's own runaway guard (the config's `route_limit` applies when it has none).
+    pub limit: Option<crate::plan::Limit>,
 }
 
 /// Every route of every rules file, compiled once per load; evaluated by the router.
@@ -300,6 +302,11 @@ impl RuleSet {
         predicates.fold((0, 0), |(native, all), p| {
             (native + usize::from(p.native.is_some()), all + 1)
         })
+    }
+
+    /// Whether the route belongs to the config's mode (CDC or Platform Event); every route is live without one.
+    pub fn is_live(&self, route: &Route) -> bool {
+        self.mode.is_none_or(|m| m == route.mode)
     }
 
     /// The channels that have live routes.

@@ -89,6 +89,11 @@ pub struct RouteSpec {
     #[serde(default)]
     #[schemars(example = false)]
     pub shadow: bool,
+    /// The runaway guard: fired more often than this, the route is paused on every replica (its actions are
+    /// dead-lettered with the reason until `switchyard route resume`). Default: the config's `route_limit`.
+    #[serde(default)]
+    #[schemars(example = serde_json::json!({"fires": 100, "per": "1m"}))]
+    pub limit: Option<crate::plan::Limit>,
 }
 
 /// The record to read for a route.

@@ -7,6 +7,7 @@ mod dead_letter;
 mod idempotency;
 mod lease;
 mod memory;
+mod pauses;
 mod redis;
 
 use std::sync::Arc;
@@ -20,6 +21,7 @@ pub use dead_letter::{DeadLetter, DeadLetters};
 pub use idempotency::{Claim, Idempotency, Ttls, new_token};
 pub use lease::{Fence, Leases};
 pub use memory::{MemoryBackend, MemoryJob};
+pub use pauses::{Admit, Pause, Pauses};
 pub use redis::{ConnectError, RedisCheck, connect, redact_url, root_cert};
 
 /// The main Redis: its settings, its endpoint and one shared, self-reconnecting connection.
@@ -41,6 +43,8 @@ pub struct Stores {
     pub checkpoints: CheckpointStore,
     /// The channel leases, when replicas coordinate through Redis (`lease`, with positions in Redis).
     pub leases: Option<Arc<Leases>>,
+    /// The runaway guard's fire counts and paused routes.
+    pub pauses: Pauses,
 }
 
 impl Stores {
@@ -87,7 +91,12 @@ impl Stores {
             }
             _ => None,
         };
+        let pauses = match &main {
+            Some(r) => Pauses::redis(r.conn.clone(), &r.config.key_prefix, config.instance_name()),
+            None => Pauses::memory(),
+        };
         Ok(Stores {
+            pauses,
             main,
             memory,
             dead_letters,
