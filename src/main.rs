@@ -90,6 +90,36 @@ async fn main() -> ExitCode {
             })
             .await
         }
+        Command::Why { id, config, format } => {
+            admin(config, |service, out| {
+                Box::pin(
+                    async move { switchyard::app::why::why(service, &id, format == ExplainFormat::Json, out).await },
+                )
+            })
+            .await
+        }
+        Command::Tap {
+            config,
+            route,
+            channel,
+            outcome,
+            record,
+            format,
+        } => {
+            let filter = switchyard::app::why::TapFilter {
+                route,
+                channel,
+                outcome,
+                record,
+            };
+            admin(config, |service, out| {
+                Box::pin(async move {
+                    switchyard::app::why::tap(service, &filter, format == ExplainFormat::Json, out, wait_for_signal())
+                        .await
+                })
+            })
+            .await
+        }
         Command::Route { config, op } => {
             admin(config, |service, out| {
                 Box::pin(async move { switchyard::app::admin::route(service, op, out).await.map(|()| true) })

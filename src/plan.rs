@@ -105,7 +105,17 @@ impl Action {
 
     /// A one-line human summary (`enqueue-provisioning: job activation-801...`).
     pub fn summary(&self) -> String {
-        let body = match &self.op {
+        format!(
+            "{}{}: {}",
+            if self.shadow { "(shadow) " } else { "" },
+            self.sink,
+            self.what()
+        )
+    }
+
+    /// What the action does, without its sink (`job activation-801...`).
+    pub fn what(&self) -> String {
+        match &self.op {
             Op::Enqueue { job_id, .. } => format!("job {job_id}"),
             Op::Invalidate {
                 keys,
@@ -132,8 +142,7 @@ impl Action {
                 None => "POST".to_string(),
             },
             Op::DeadLetter { reason } => reason.clone(),
-        };
-        format!("{}{}: {body}", if self.shadow { "(shadow) " } else { "" }, self.sink)
+        }
     }
 }
 

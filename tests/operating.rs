@@ -1,4 +1,5 @@
-//! The operator's run-time tools against real processes and a real Redis: the runaway guard (a route that fires
+//! The operator's run-time tools against real processes and a real Redis: the decision journal (`why`, `tap`, the
+//! HTTP reads) and the runaway guard (a route that fires
 //! too often is paused on every replica, its events dead-lettered, and nothing is lost once it is fixed).
 
 mod common;
@@ -293,4 +294,335 @@ async fn a_reload_that_changes_a_paused_routes_when_resumes_it_and_says_so() {
     );
     let again = cli(&["route", "resume", "flood"], &config);
     assert_eq!(String::from_utf8_lossy(&again.stdout).trim(), "flood\tnot paused");
+}
+
+/// An 18-character Order id for `n` up to 9,999, unique to this test run.
+fn order_id(h: &Harness, n: u32) -> String {
+    let t: String = h.tag.chars().rev().take(10).collect();
+    format!("801{t:0>10}{n:04}A")
+}
+
+/// 1,000 order events of four kinds, by `n % 4`: 0 an approval that provisions, 1 an approval of an order that
+/// has a WHMCS order id already, 2 an internal status change (Activating -> Activated), 3 a billing city change.
+fn mixed_events(h: &Harness, count: u32) -> (Vec<Value>, Value) {
+    let mut events = Vec::new();
+    let mut records = serde_json::Map::new();
+    for n in 0..count {
+        let id = order_id(h, n);
+        let whmcs = (n % 4 == 1).then(|| format!("WH-{n}"));
+        records.insert(
+            id.clone(),
+            serde_json::json!({"WHMCS_Order_ID__c": whmcs, "AccountId": h.account(n % 50)}),
+        );
+        let tx = format!("tx{n}");
+        let ids = [id];
+        events.push(match n % 4 {
+            0 | 1 => h.approval(&tx, &ids, Some("Approved"), Value::Null),
+            2 => h.change(
+                &tx,
+                &ids,
+                &["Activation_Status__c"],
+                serde_json::json!({"Activation_Status__c": "Activated"}),
+                Value::Null,
+            ),
+            _ => h.change(
+                &tx,
+                &ids,
+                &["BillingAddress.City"],
+                serde_json::json!({"BillingAddress": {"City": "Osaka"}}),
+                Value::Null,
+            ),
+        });
+    }
+    (events, Value::Object(records))
+}
+
+/// The events with the enrichment records of `records` (the recorded enricher reads `record` from the event).
+fn with_records(events: Vec<Value>, records: &Value) -> Vec<Value> {
+    events
+        .into_iter()
+        .map(|mut e| {
+            let id = e["header"]["record_ids"][0].as_str().unwrap().to_string();
+            e["record"] = serde_json::json!({ id.clone(): records[&id].clone() });
+            e
+        })
+        .collect()
+}
+
+async fn journal_len(h: &Harness) -> usize {
+    let mut conn = h.redis().await;
+    redis::cmd("XLEN")
+        .arg(format!("{}journal", h.key_prefix()))
+        .query_async(&mut conn)
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn why_says_which_route_fired_and_which_clause_was_false_for_1000_mixed_orders() {
+    let h = Harness::new("why");
+    let (events, records) = mixed_events(&h, 1_000);
+    let events = with_records(events, &records);
+    let path = h.write_events("events.jsonl", &events);
+    let config = h.dir.path().join("config.yaml");
+    std::fs::write(&config, h.config(&path, "")).unwrap();
+    let stats = h.run_config(&std::fs::read_to_string(&config).unwrap()).await;
+    assert_eq!(stats.events, 1_000, "{stats:?}");
+    assert_eq!(h.jobs().await.len(), 250);
+    assert_eq!(journal_len(&h).await, 1_000);
+
+    // A provisioned order: the route fired, with the job's idempotency key and result.
+    let provisioned = order_id(&h, 40);
+    let out = cli(&["why", &provisioned], &config);
+    let said = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        said.starts_with(&format!("{provisioned}: 1 decision(s), newest first")),
+        "{said}"
+    );
+    assert!(
+        said.contains("UPDATE by 005xx0000000001AAA on /data/OrderChangeEvent"),
+        "{said}"
+    );
+    assert!(said.contains("  provision-on-activating: fired\n"), "{said}");
+    let key = format!("activation-{provisioned}-");
+    assert!(
+        said.lines()
+            .any(|l| l.trim_start().starts_with("enqueue-provisioning:") && l.contains(&key) && l.contains(": done")),
+        "{said}"
+    );
+    assert!(
+        said.contains(&format!(
+            "    invalidate-cache: orders:detail:{provisioned}, orders:account:"
+        )),
+        "{said}"
+    );
+    assert!(said.contains("  activation-order-not-found: guard failed"), "{said}");
+
+    // Blocked by the WHMCS guard: the guard's false clause is named.
+    let blocked = order_id(&h, 41);
+    let said = text(&cli(&["why", &blocked], &config));
+    assert!(
+        said.contains("  provision-on-activating: guard failed: `is_blank(record.WHMCS_Order_ID__c)` was false"),
+        "{said}"
+    );
+    assert!(!said.contains("provision-on-activating: fired"), "{said}");
+
+    // The status never became Activating: the `when`'s clause and what the field changed to.
+    let internal = order_id(&h, 42);
+    let said = text(&cli(&["why", &internal], &config));
+    assert!(
+        said.contains(
+            "  provision-on-activating: not matched: `became(\"Activation_Status__c\", \"Activating\")` was false \
+             (it changed to `Activated`)"
+        ),
+        "{said}"
+    );
+
+    // The billing change invalidated the cache; found by its event id too.
+    let billing = order_id(&h, 43);
+    let said = text(&cli(&["why", &billing], &config));
+    assert!(said.contains("  invalidate-order-cache: fired\n"), "{said}");
+    let event_id = events[43]["id"].as_str().unwrap();
+    let by_event = text(&cli(&["why", event_id], &config));
+    assert!(by_event.contains("invalidate-order-cache: fired"), "{by_event}");
+
+    // By idempotency key, and as JSON for scripts.
+    let job_key = h
+        .jobs()
+        .await
+        .into_iter()
+        .find(|(_, _, data)| data["sfOrderId"] == provisioned.as_str())
+        .map(|(_, _, data)| data["idempotencyKey"].as_str().unwrap().to_string())
+        .unwrap();
+    let out = cli(&["why", &job_key, "--format", "json"], &config);
+    let list: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&out)));
+    let entry = &list.as_array().unwrap()[0];
+    assert_eq!(entry["record_ids"][0], provisioned.as_str());
+    let route = entry["routes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["route"] == "provision-on-activating")
+        .unwrap();
+    assert_eq!(route["outcome"], "fired", "{route}");
+
+    let unknown = cli(&["why", "801000000000000XYZ"], &config);
+    assert!(text(&unknown).contains("no decision"), "{}", text(&unknown));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_journal_stays_within_its_cap_and_its_entries_expire() {
+    let h = Harness::new("journal-cap");
+    let (events, records) = mixed_events(&h, 9_999);
+    let mut all = with_records(events, &records);
+    // 20,000 events: the same orders again, as later changes.
+    let again: Vec<Value> = all
+        .iter()
+        .cycle()
+        .take(20_000 - all.len())
+        .enumerate()
+        .map(|(i, e)| {
+            let mut e = e.clone();
+            e["id"] = format!("again{i}-{}", e["id"].as_str().unwrap()).into();
+            e
+        })
+        .collect();
+    all.extend(again);
+    assert_eq!(all.len(), 20_000);
+    let path = h.write_events("events.jsonl", &all);
+    let config = h.dir.path().join("config.yaml");
+    std::fs::write(&config, h.config(&path, "journal: { max_len: 2000, retention: 2s }\n")).unwrap();
+    h.run_config(&std::fs::read_to_string(&config).unwrap()).await;
+    let len = journal_len(&h).await;
+    // `MAXLEN ~` trims whole stream nodes (100 entries by default): about the cap, never far past it.
+    assert!((2_000..=2_200).contains(&len), "journal length {len}");
+
+    let mut conn = h.redis().await;
+    let index = format!("{}journal:by:{}", h.key_prefix(), order_id(&h, 9_000));
+    let ttl: i64 = redis::cmd("PTTL").arg(&index).query_async(&mut conn).await.unwrap();
+    assert!((1..=2_000).contains(&ttl), "index ttl {ttl}");
+    tokio::time::sleep(Duration::from_millis(2_200)).await;
+    let exists: i64 = redis::cmd("EXISTS").arg(&index).query_async(&mut conn).await.unwrap();
+    assert_eq!(exists, 0, "the record's index expired with the retention");
+    let said = text(&cli(&["why", &order_id(&h, 9_000)], &config));
+    assert!(said.contains("no decision in the journal"), "{said}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tap_follows_one_routes_decisions_live_and_leaving_it_does_not_disturb_the_service() {
+    let h = Harness::new("tap");
+    let dir = h.dir.path();
+    let (events, records) = mixed_events(&h, 80);
+    let events = with_records(events, &records);
+    let path = h.write_events("events.jsonl", &[]);
+    let (port, config_text) = h.followed_with_http(&path);
+    let config = dir.join("config.yaml");
+    std::fs::write(&config, config_text).unwrap();
+    let mut children = Killed(vec![spawn(&config, &dir.join("run.log"))]);
+    wait_for("the listener", Duration::from_secs(30), async || {
+        http_get(port, "/healthz").is_some()
+    })
+    .await;
+    let mut tap = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args([
+            "tap",
+            "--route",
+            "provision-on-activating",
+            "--format",
+            "json",
+            "--config",
+        ])
+        .arg(&config)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = tap.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout).lines() {
+            if tx.send(line.unwrap()).is_err() {
+                break;
+            }
+        }
+    });
+    // The tap reads from the stream's end: give it a moment to start before the events arrive.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+
+    let append = |events: &[Value]| {
+        let mut file = std::fs::OpenOptions::new().append(true).open(&path).unwrap();
+        for e in events {
+            writeln!(file, "{e}").unwrap();
+        }
+    };
+    append(&events[..40]);
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while seen.len() < 40 && Instant::now() < deadline {
+        if let Ok(line) = rx.recv_timeout(Duration::from_millis(200)) {
+            seen.push(serde_json::from_str::<Value>(&line).unwrap());
+        }
+    }
+    assert_eq!(seen.len(), 40, "one line per decision: {seen:?}");
+    let mut outcomes = std::collections::BTreeMap::<String, usize>::new();
+    for entry in &seen {
+        let routes = entry["routes"].as_array().unwrap();
+        assert_eq!(routes.len(), 1, "only the chosen route: {entry}");
+        assert_eq!(routes[0]["route"], "provision-on-activating");
+        *outcomes
+            .entry(routes[0]["outcome"].as_str().unwrap().to_string())
+            .or_default() += 1;
+    }
+    let want: std::collections::BTreeMap<String, usize> = [
+        ("fired".into(), 10),
+        ("guard-failed".into(), 10),
+        ("not-matched".into(), 20),
+    ]
+    .into();
+    assert_eq!(outcomes, want);
+
+    // The tap goes away mid-stream; the service goes on deciding.
+    tap.kill().unwrap();
+    tap.wait().unwrap();
+    append(&events[40..]);
+    wait_for("the other 40 decisions", Duration::from_secs(30), async || {
+        journal_len(&h).await == 80
+    })
+    .await;
+    assert_eq!(h.jobs().await.len(), 20);
+    assert!(children.0[0].try_wait().unwrap().is_none(), "the service still runs");
+    children.0.clear();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_redis_the_journal_is_read_over_the_http_listener() {
+    let h = Harness::new("journal-http");
+    let dir = h.dir.path();
+    let (events, records) = mixed_events(&h, 8);
+    let events = with_records(events, &records);
+    let path = h.write_events("events.jsonl", &events);
+    let port = free_port();
+    let config = dir.join("config.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "source:\n  kind: jsonl\n  jsonl: {{ path: {}, follow: true }}\nrules: [{}]\nsinks:\n  \
+             enqueue-provisioning: {{ kind: queue, queue: provisioning, job_name: provision-order }}\n  \
+             invalidate-cache: {{ kind: cache-invalidate }}\n  log: {{ kind: log }}\n\
+             http: {{ listen: \"127.0.0.1:{port}\" }}\n",
+            path.display(),
+            common::repo().join("rules").display(),
+        ),
+    )
+    .unwrap();
+    let _child = Killed(vec![spawn(&config, &dir.join("run.log"))]);
+    let id = order_id(&h, 4);
+    let mut history = Value::Null;
+    wait_for("the journal over HTTP", Duration::from_secs(30), async || {
+        history = http_get(port, &format!("/api/journal?id={id}"))
+            .and_then(|body| serde_json::from_str(&body).ok())
+            .unwrap_or(Value::Null);
+        history.as_array().is_some_and(|a| !a.is_empty())
+    })
+    .await;
+    let route = history[0]["routes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["route"] == "provision-on-activating")
+        .unwrap()
+        .clone();
+    assert_eq!(route["outcome"], "fired", "{history}");
+    let internal = http_get(port, &format!("/api/journal?id={}", order_id(&h, 6))).unwrap();
+    assert!(
+        internal.contains(r#"(it changed to `Activated`)"#),
+        "the false clause is in the JSON: {internal}"
+    );
+    let said = text(&cli(&["why", &id], &config));
+    assert!(
+        said.contains("/api/journal?id=ID"),
+        "why points to the listener: {said}"
+    );
 }

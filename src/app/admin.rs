@@ -282,7 +282,7 @@ fn report(out: &mut impl Write, id: &str, results: &[(Action, ActionResult)]) ->
                 ok = Retried::Interrupted;
                 "interrupted: stopping; the dead letter is kept, try again".to_string()
             }
-            ActionResult::DeadLettered { reason } => {
+            ActionResult::DeadLettered { reason, .. } => {
                 if ok == Retried::Done {
                     ok = Retried::Failed;
                 }

@@ -183,6 +183,37 @@ pub enum Command {
         #[command(subcommand)]
         op: DeadLetterOp,
     },
+    /// The journal's history of a record id, event id or idempotency key, newest first: what every route did
+    /// and, when it did not fire, the clause that was false.
+    Why {
+        /// A record id (`801…`), an event id or an idempotency key.
+        id: String,
+        /// The service config (its Redis).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        #[arg(long, value_enum, default_value = "text")]
+        format: ExplainFormat,
+    },
+    /// Live decisions of a running service, one line each, until Ctrl-C.
+    Tap {
+        /// The service config (its Redis).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Only this route's decisions.
+        #[arg(long)]
+        route: Option<String>,
+        /// Only this channel (`/data/OrderChangeEvent`, or its end: `OrderChangeEvent`).
+        #[arg(long)]
+        channel: Option<String>,
+        /// Only this outcome: fired, guard-failed, not-matched, skipped, paused, failed.
+        #[arg(long)]
+        outcome: Option<String>,
+        /// Only events of this record id.
+        #[arg(long)]
+        record: Option<String>,
+        #[arg(long, value_enum, default_value = "text")]
+        format: ExplainFormat,
+    },
     /// List, pause or resume routes (the runaway guard's pauses, on every replica of the config).
     Route {
         /// The service config (its Redis).

@@ -1,4 +1,6 @@
-//! The HTTP listener: `/healthz` (liveness), `/readyz` (readiness), `/metrics`, `/rules`, `POST /reload`.
+//! The HTTP listener: `/healthz` (liveness), `/readyz` (readiness), `/metrics`, `/rules`, `POST /reload`, and the
+//! decision journal's reads: `/api/journal?id=` (the `why` history as JSON) and `/api/tap` (server-sent events,
+//! one per decision of this process).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -13,8 +15,9 @@ use tokio::sync::watch;
 
 use crate::app::reload::Reloader;
 use crate::obs::metrics as m;
+use crate::rules::RuleSet;
 use crate::sources::pubsub::subscriber::{ChannelState, ChannelStatus};
-use crate::state::RedisCheck;
+use crate::state::{Journal, RedisCheck};
 
 /// What the listener serves from.
 #[derive(Clone)]
@@ -27,6 +30,10 @@ pub struct AppState {
     pub sink_redis: Arc<ArcSwap<Vec<RedisCheck>>>,
     /// The Pub/Sub channels and their states (none with a JSONL source).
     pub channels: Arc<std::sync::Mutex<Vec<Arc<ChannelStatus>>>>,
+    /// The decision journal (none with `journal: { enabled: false }`).
+    pub journal: Option<Arc<Journal>>,
+    /// The rules in effect, for the false clauses of `/api/journal`.
+    pub rules: Arc<ArcSwap<RuleSet>>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -36,6 +43,8 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(render_metrics))
         .route("/rules", get(rules))
         .route("/reload", post(reload))
+        .route("/api/journal", get(journal))
+        .route("/api/tap", get(tap))
         .with_state(state)
 }
 
@@ -84,6 +93,69 @@ async fn readyz(State(state): State<AppState>) -> (axum::http::StatusCode, Json<
 /// The loaded rules: version, load time, files, routes with their counters, the last reload's outcome.
 async fn rules(State(state): State<AppState>) -> Json<Value> {
     Json(state.reloader.describe())
+}
+
+#[derive(serde::Deserialize)]
+struct JournalQuery {
+    id: String,
+}
+
+/// The history of a record id, event id or idempotency key, newest first, as `why --format json` prints it.
+async fn journal(
+    State(state): State<AppState>,
+    axum::extract::Query(q): axum::extract::Query<JournalQuery>,
+) -> (axum::http::StatusCode, Json<Value>) {
+    let Some(journal) = &state.journal else {
+        return (
+            axum::http::StatusCode::NOT_FOUND,
+            Json(json!({"error": "this config has `journal: { enabled: false }`"})),
+        );
+    };
+    match journal.store.history(&q.id).await {
+        Ok((entries, _)) => {
+            let rules = state.rules.load_full();
+            let list: Vec<Value> = entries
+                .iter()
+                .map(|e| crate::delivery::journal::to_json(&rules, e))
+                .collect();
+            (axum::http::StatusCode::OK, Json(Value::Array(list)))
+        }
+        Err(e) => (
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"error": e.to_string()})),
+        ),
+    }
+}
+
+/// Every decision of this process from now on, one server-sent event each (`data:` the entry as JSON, without
+/// the event). A reader that falls behind loses the oldest and gets a `lagged` event saying how many.
+async fn tap(State(state): State<AppState>) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+    use tokio::sync::broadcast::error::RecvError;
+    let Some(journal) = &state.journal else {
+        return (
+            axum::http::StatusCode::NOT_FOUND,
+            "this config has `journal: { enabled: false }`\n",
+        )
+            .into_response();
+    };
+    let live = journal.live.subscribe();
+    let stream = futures_util::stream::unfold(live, |mut live| async move {
+        let event = match live.recv().await {
+            Ok(entry) => {
+                let mut v = serde_json::to_value(&*entry).unwrap_or_default();
+                if let Some(obj) = v.as_object_mut() {
+                    obj.remove("event");
+                }
+                SseEvent::default().data(v.to_string())
+            }
+            Err(RecvError::Lagged(n)) => SseEvent::default().event("lagged").data(n.to_string()),
+            Err(RecvError::Closed) => return None,
+        };
+        Some((Ok::<_, std::convert::Infallible>(event), live))
+    });
+    Sse::new(stream).keep_alive(KeepAlive::default()).into_response()
 }
 
 /// Reloads now and answers with the outcome (422 when the files have errors; the old rules keep running).

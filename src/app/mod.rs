@@ -8,6 +8,7 @@ pub mod lsp;
 pub mod record;
 pub mod reload;
 pub mod service;
+pub mod why;
 
 use crate::config::Config;
 use crate::rules::RuleSet;

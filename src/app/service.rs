@@ -293,6 +293,8 @@ impl Service {
                     main_redis: self.stores.redis_check(),
                     sink_redis: self.sinks.redis_checks.clone(),
                     channels: self.channels.clone(),
+                    journal: self.stores.journal.clone(),
+                    rules: self.rules.clone(),
                 };
                 let (addr, task) = crate::app::http::serve(&http.listen, state, shutdown.clone())
                     .await
@@ -317,6 +319,9 @@ impl Service {
             leases.release_all().await;
         }
         gauges.abort();
+        if let Some(journal) = &self.stores.journal {
+            journal.flush().await;
+        }
         if let Some(task) = http {
             task.abort();
         }

@@ -143,6 +143,10 @@ pub struct Config {
     #[serde(default)]
     #[schemars(example = serde_json::json!({"ttl_ms": 15000, "instance": "${HOSTNAME}"}))]
     pub lease: LeaseConfig,
+    /// The decision journal: one entry per decided event, for `switchyard why` and `switchyard tap`.
+    #[serde(default)]
+    #[schemars(example = serde_json::json!({"enabled": true, "max_len": 100000, "retention": "7d", "mask": ["Description"]}))]
+    pub journal: JournalConfig,
     /// The runaway guard of every route without its own `limit`: a route that fires more often than this is
     /// paused on every replica, and the events it would act on are dead-lettered until it is resumed. Absent:
     /// only routes with a `limit` are guarded.
@@ -387,6 +391,84 @@ pub enum CheckpointStoreKind {
     File,
     /// Process memory: every start begins at the beginning (demos).
     Memory,
+}
+
+/// The decision journal (README "Operating").
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct JournalConfig {
+    /// Keep a journal. In the main Redis when the config has one (shared by every replica), else in memory.
+    #[serde(default = "default_true")]
+    #[schemars(example = true)]
+    pub enabled: bool,
+    /// Entries kept: the Redis stream is trimmed to about this many (`MAXLEN ~`); in memory, exactly.
+    #[serde(default = "default_journal_max_len")]
+    #[schemars(example = 100000)]
+    pub max_len: usize,
+    /// How long an entry stays findable by record id, event id or idempotency key: a number with `s`, `m`,
+    /// `h` or `d` (`7d`, `12h`). Older entries are trimmed from the stream and its index.
+    #[serde(default = "default_journal_retention", with = "retention")]
+    #[schemars(with = "String", regex(pattern = r"^[1-9][0-9]*(s|m|h|d)$"), example = &"7d")]
+    pub retention: std::time::Duration,
+    /// Payload and record fields replaced by `***` in the journal, on top of `redact`.
+    #[serde(default)]
+    #[schemars(example = vec!["Description".to_string()])]
+    pub mask: Vec<String>,
+}
+
+impl Default for JournalConfig {
+    fn default() -> Self {
+        JournalConfig {
+            enabled: true,
+            max_len: default_journal_max_len(),
+            retention: default_journal_retention(),
+            mask: Vec::new(),
+        }
+    }
+}
+
+fn default_journal_max_len() -> usize {
+    100_000
+}
+
+fn default_journal_retention() -> std::time::Duration {
+    std::time::Duration::from_secs(7 * 86_400)
+}
+
+mod retention {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        let secs = d.as_secs();
+        s.serialize_str(&match secs {
+            s if s % 86_400 == 0 => format!("{}d", s / 86_400),
+            s if s % 3600 == 0 => format!("{}h", s / 3600),
+            s if s % 60 == 0 => format!("{}m", s / 60),
+            s => format!("{s}s"),
+        })
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(d)?;
+        let t = text.trim();
+        let parsed = t.len().checked_sub(1).and_then(|at| {
+            let (n, unit) = t.split_at(at);
+            let n: u64 = n.parse().ok().filter(|n| *n > 0)?;
+            let scale = match unit {
+                "s" => 1,
+                "m" => 60,
+                "h" => 3600,
+                "d" => 86_400,
+                _ => return None,
+            };
+            Some(Duration::from_secs(n * scale))
+        });
+        parsed.ok_or_else(|| {
+            serde::de::Error::custom(format!("`{text}` is not a retention: write e.g. `7d`, `12h`, `30m`"))
+        })
+    }
 }
 
 /// Dead-letter retention.

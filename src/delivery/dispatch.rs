@@ -35,6 +35,8 @@ pub enum ActionResult {
     /// Parked in the dead letters (a `dead-letter` action, a failed route, or a failed sink call).
     DeadLettered {
         reason: String,
+        /// The dead letter's id (`dead-letter show ID`), when it could be stored.
+        letter: Option<String>,
     },
     /// Not run, or not marked done: this replica lost the channel lease the event came under. The event is not
     /// settled here; the replica holding the lease now redelivers it.
@@ -110,9 +112,10 @@ impl Dispatcher {
                 ActionResult::Abandoned
             } else if let Some(p) = pause.filter(|_| !action.shadow) {
                 let reason = p.reason.clone();
-                self.park(self.letter(&plan.rules_version, event, action, reason.clone(), 0))
+                let letter = self
+                    .park(self.letter(&plan.rules_version, event, action, reason.clone(), 0))
                     .await;
-                ActionResult::DeadLettered { reason }
+                ActionResult::DeadLettered { reason, letter }
             } else if results.contains(&ActionResult::Interrupted) {
                 // A record's actions run in order: none after one that did not finish.
                 ActionResult::Interrupted
@@ -160,15 +163,20 @@ impl Dispatcher {
             return ActionResult::Shadow;
         }
         if let Op::DeadLetter { reason } = &action.op {
-            self.park(self.letter(rules_version, event, action, reason.clone(), 0))
+            let letter = self
+                .park(self.letter(rules_version, event, action, reason.clone(), 0))
                 .await;
-            return ActionResult::DeadLettered { reason: reason.clone() };
+            return ActionResult::DeadLettered {
+                reason: reason.clone(),
+                letter,
+            };
         }
         let Some(sink) = self.sinks.get(&action.sink) else {
             let reason = format!("sink `{}` is not configured", action.sink);
-            self.park(self.letter(rules_version, event, action, reason.clone(), 0))
+            let letter = self
+                .park(self.letter(rules_version, event, action, reason.clone(), 0))
                 .await;
-            return ActionResult::DeadLettered { reason };
+            return ActionResult::DeadLettered { reason, letter };
         };
         let cx = ActionCx { event, rules_version };
         match self.attempt(&sink, action, &cx, fence).await {
@@ -180,9 +188,10 @@ impl Dispatcher {
             Err((err, attempts)) => {
                 let reason = format!("sink `{}` failed after {attempts} attempt(s): {err}", action.sink);
                 tracing::error!(sink = %action.sink, route = %action.route, event_id = %event.id, rules_version, error = %err, "Action dead-lettered.");
-                self.park(self.letter(rules_version, event, action, reason.clone(), attempts))
+                let letter = self
+                    .park(self.letter(rules_version, event, action, reason.clone(), attempts))
                     .await;
-                ActionResult::DeadLettered { reason }
+                ActionResult::DeadLettered { reason, letter }
             }
         }
     }
@@ -267,16 +276,16 @@ impl Dispatcher {
         DeadLetter::of_action(rules_version, event, action, reason, attempts)
     }
 
-    /// Writes a dead letter, retrying while the store is unreachable.
-    pub async fn park(&self, letter: DeadLetter) {
+    /// Writes a dead letter, retrying while the store is unreachable; returns its id.
+    pub async fn park(&self, letter: DeadLetter) -> Option<String> {
         metrics::counter!(m::DEAD_LETTERS, "route" => letter.route.clone().unwrap_or_default()).increment(1);
         loop {
             match self.stores.dead_letters.write(&letter).await {
-                Ok(()) => return,
+                Ok(id) => return Some(id),
                 Err(Failure::Permanent(e) | Failure::Fenced(e)) => {
                     // Cannot happen for well-formed letters; the log line then carries the whole letter.
                     tracing::error!(error = %e, letter = %serde_json::to_string(&letter).unwrap_or_default(), "Dead letter could not be stored.");
-                    return;
+                    return None;
                 }
                 Err(Failure::Transient(e) | Failure::Dropped(e)) => {
                     tracing::warn!(error = %e, event_id = ?letter.event_id, "Dead-letter store unavailable; holding the event and retrying.");

@@ -3,6 +3,7 @@
 
 mod counters;
 mod dispatch;
+pub mod journal;
 mod pipeline;
 
 pub use counters::{RouteCounters, register as register_series};

@@ -546,6 +546,16 @@ impl Pipeline {
         let paused = self.runaway_guard(rules, &event, &plan).await;
         let results = self.dispatcher.run_guarded(&plan, &event, fence, &paused).await;
         stats.count(&plan, &results);
+        if let Some(journal) = &self.stores.journal {
+            let settled = !results
+                .iter()
+                .any(|r| matches!(r, ActionResult::Abandoned | ActionResult::Interrupted));
+            // An unsettled event is redelivered, and journaled then.
+            if settled {
+                let plan = Some((&plan, results.as_slice(), paused.as_slice()));
+                journal.record(super::journal::entry(rules, &event, position, plan, &journal.mask));
+            }
+        }
         if self.print_decisions {
             out.push_str(&render_plan(&event, position, &plan, &results));
         }
@@ -619,6 +629,9 @@ impl Pipeline {
     async fn unmatched(&self, rules: &RuleSet, event: &Event, position: &str, stats: &mut Stats, out: &mut String) {
         stats.unmatched += 1;
         metrics::counter!(m::EVENTS_UNMATCHED, "channel" => event.channel.clone()).increment(1);
+        if let Some(journal) = &self.stores.journal {
+            journal.record(super::journal::entry(rules, event, position, None, &journal.mask));
+        }
         if self.print_decisions {
             let _ = writeln!(out, "{} ({position}): no route matched", event.id);
         }
@@ -666,7 +679,7 @@ fn render_plan(event: &Event, position: &str, plan: &Plan, results: &[ActionResu
                 ActionResult::DeadLettered { .. } if matches!(action.op, Op::DeadLetter { .. }) => {
                     "dead-lettered".to_string()
                 }
-                ActionResult::DeadLettered { reason } => format!("dead-lettered: {reason}"),
+                ActionResult::DeadLettered { reason, .. } => format!("dead-lettered: {reason}"),
                 ActionResult::Abandoned => "abandoned: the channel lease moved to another replica".to_string(),
                 ActionResult::Interrupted => "interrupted: stopping; redelivered after the restart".to_string(),
             };

@@ -19,6 +19,7 @@ pub const ROUTE_FIRED: &str = "switchyard_route_fired_total";
 pub const ROUTE_SHADOW: &str = "switchyard_route_shadow_total";
 pub const ROUTE_FAILED: &str = "switchyard_route_failed_total";
 pub const ROUTE_PAUSED: &str = "switchyard_route_paused";
+pub const JOURNAL_DROPPED: &str = "switchyard_journal_dropped_total";
 pub const SINK_CALLS: &str = "switchyard_sink_calls_total";
 pub const SINK_ERRORS: &str = "switchyard_sink_errors_total";
 pub const SINK_RETRIES: &str = "switchyard_sink_retries_total";
@@ -88,6 +89,10 @@ fn describe() {
     describe_gauge!(
         ROUTE_PAUSED,
         "1 while the route is paused by its runaway guard (or by hand): its actions are dead-lettered."
+    );
+    describe_counter!(
+        JOURNAL_DROPPED,
+        "Decision journal entries dropped (the writer fell behind or its Redis was away); delivery is unaffected."
     );
     describe_counter!(ROUTE_EVALUATED, "Times a route's `when` was evaluated (per record).");
     describe_counter!(ROUTE_MATCHED, "Times a route's `when` held (per record).");

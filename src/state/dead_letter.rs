@@ -100,7 +100,8 @@ impl DeadLetters {
         DeadLetters::Memory(memory)
     }
 
-    pub async fn write(&self, letter: &DeadLetter) -> Result<(), Failure> {
+    /// Stores a dead letter; returns its id (what `dead-letter show` takes).
+    pub async fn write(&self, letter: &DeadLetter) -> Result<String, Failure> {
         let entry = serde_json::to_value(letter).map_err(|e| Failure::Permanent(e.to_string()))?;
         match self {
             DeadLetters::Redis { conn, key, max_len } => {
@@ -115,16 +116,15 @@ impl DeadLetters {
                     .arg(entry.to_string())
                     .query_async::<String>(&mut conn)
                     .await
-                    .map_err(|e| Failure::from_redis(&e))?;
-                Ok(())
+                    .map_err(|e| Failure::from_redis(&e))
             }
             DeadLetters::Memory(memory) => {
-                memory
+                let mut letters = memory
                     .dead_letters
                     .lock()
-                    .expect("memory backend lock is never poisoned")
-                    .push(entry);
-                Ok(())
+                    .expect("memory backend lock is never poisoned");
+                letters.push(entry);
+                Ok(format!("{}-0", letters.len() - 1))
             }
         }
     }

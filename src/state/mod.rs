@@ -5,6 +5,7 @@
 mod checkpoint;
 mod dead_letter;
 mod idempotency;
+mod journal;
 mod lease;
 mod memory;
 mod pauses;
@@ -19,10 +20,14 @@ use crate::config::{CheckpointStoreKind, LoadedConfig, RedisConfig, RedisEndpoin
 pub use checkpoint::{CheckpointError, CheckpointStore, describe as describe_position, offset_bytes, offset_of};
 pub use dead_letter::{DeadLetter, DeadLetters};
 pub use idempotency::{Claim, Idempotency, Ttls, new_token};
+pub use journal::{ActionEntry, Entry, Journal, RouteEntry, RouteOutcome, Store as JournalStore};
 pub use lease::{Fence, Leases};
 pub use memory::{MemoryBackend, MemoryJob};
 pub use pauses::{Admit, Pause, Pauses};
 pub use redis::{ConnectError, RedisCheck, connect, redact_url, root_cert};
+
+/// The most entries an in-memory journal keeps, whatever `journal.max_len` says.
+const MEMORY_JOURNAL_MAX: usize = 10_000;
 
 /// The main Redis: its settings, its endpoint and one shared, self-reconnecting connection.
 #[derive(Clone)]
@@ -45,6 +50,8 @@ pub struct Stores {
     pub leases: Option<Arc<Leases>>,
     /// The runaway guard's fire counts and paused routes.
     pub pauses: Pauses,
+    /// The decision journal (`journal.enabled`).
+    pub journal: Option<Arc<Journal>>,
 }
 
 impl Stores {
@@ -95,8 +102,25 @@ impl Stores {
             Some(r) => Pauses::redis(r.conn.clone(), &r.config.key_prefix, config.instance_name()),
             None => Pauses::memory(),
         };
+        let journal = config.journal.enabled.then(|| {
+            let store = match &main {
+                Some(r) => JournalStore::Redis {
+                    conn: r.conn.clone(),
+                    prefix: r.config.key_prefix.clone(),
+                    max_len: config.journal.max_len,
+                    retention: config.journal.retention,
+                },
+                None => JournalStore::Memory {
+                    ring: std::sync::Mutex::default(),
+                    max_len: config.journal.max_len.min(MEMORY_JOURNAL_MAX),
+                },
+            };
+            let mask = config.redact.iter().chain(&config.journal.mask).cloned().collect();
+            Arc::new(Journal::start(store, mask))
+        });
         Ok(Stores {
             pauses,
+            journal,
             main,
             memory,
             dead_letters,
