@@ -573,7 +573,6 @@ async fn tap_follows_one_routes_decisions_live_and_leaving_it_does_not_disturb_t
     .await;
     assert_eq!(h.jobs().await.len(), 20);
     assert!(children.0[0].try_wait().unwrap().is_none(), "the service still runs");
-    children.0.clear();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
