@@ -165,7 +165,7 @@ impl ChangeHeader {
 pub type RecordFields = Option<Map<String, Value>>;
 
 /// A change event or platform event, as every source delivers it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Event {
     /// Stable identity: the event uuid for platform events, `transaction_key:sequence_number` for CDC.

@@ -576,12 +576,14 @@ async fn tap_follows_one_routes_decisions_live_and_leaving_it_does_not_disturb_t
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn without_redis_the_journal_is_read_over_the_http_listener() {
+async fn without_redis_why_and_tap_read_the_running_process_over_its_http_listener() {
     let h = Harness::new("journal-http");
     let dir = h.dir.path();
     let (events, records) = mixed_events(&h, 8);
-    let events = with_records(events, &records);
-    let path = h.write_events("events.jsonl", &events);
+    let mut events = with_records(events, &records);
+    // JSON that is not an event: dead-lettered before routing, and journaled under the id it names.
+    events.push(serde_json::json!({"id": "broken-1", "channel": "/data/OrderChangeEvent", "fields": "not a map"}));
+    let path = h.write_events("events.jsonl", &[]);
     let port = free_port();
     let config = dir.join("config.yaml");
     std::fs::write(
@@ -590,22 +592,75 @@ async fn without_redis_the_journal_is_read_over_the_http_listener() {
             "source:\n  kind: jsonl\n  jsonl: {{ path: {}, follow: true }}\nrules: [{}]\nsinks:\n  \
              enqueue-provisioning: {{ kind: queue, queue: provisioning, job_name: provision-order }}\n  \
              invalidate-cache: {{ kind: cache-invalidate }}\n  log: {{ kind: log }}\n\
-             http: {{ listen: \"127.0.0.1:{port}\" }}\n",
+             http: {{ listen: \"0.0.0.0:{port}\" }}\n",
             path.display(),
             common::repo().join("rules").display(),
         ),
     )
     .unwrap();
     let _child = Killed(vec![spawn(&config, &dir.join("run.log"))]);
-    let id = order_id(&h, 4);
-    let mut history = Value::Null;
-    wait_for("the journal over HTTP", Duration::from_secs(30), async || {
-        history = http_get(port, &format!("/api/journal?id={id}"))
-            .and_then(|body| serde_json::from_str(&body).ok())
-            .unwrap_or(Value::Null);
-        history.as_array().is_some_and(|a| !a.is_empty())
+    wait_for("the listener", Duration::from_secs(30), async || {
+        http_get(port, "/healthz").is_some()
     })
     .await;
+
+    // `tap` over the listener's server-sent events (the config binds 0.0.0.0: the CLI asks loopback).
+    let mut tap = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["tap", "--config"])
+        .arg(&config)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = tap.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout).lines() {
+            if tx.send(line.unwrap()).is_err() {
+                break;
+            }
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let mut file = std::fs::OpenOptions::new().append(true).open(&path).unwrap();
+    for e in &events {
+        writeln!(file, "{e}").unwrap();
+    }
+    drop(file);
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while seen.len() < 9 && Instant::now() < deadline {
+        if let Ok(line) = rx.recv_timeout(Duration::from_millis(200)) {
+            seen.push(line);
+        }
+    }
+    assert_eq!(seen.len(), 9, "one line per decision: {seen:#?}");
+    let fired = seen.iter().find(|l| l.contains(&order_id(&h, 4))).unwrap();
+    assert!(
+        fired.contains("provision-on-activating=fired (done"),
+        "{fired}"
+    );
+    let rejected = seen.iter().find(|l| l.contains("broken-1")).unwrap();
+    assert!(
+        rejected.contains("events.jsonl:9 rejected: dead-lettered as "),
+        "{rejected}"
+    );
+    // Ctrl-C ends the tap cleanly, saying what it showed.
+    let interrupted = Command::new("kill")
+        .args(["-INT", &tap.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(interrupted.success());
+    let status = tap.wait().unwrap();
+    let mut said = String::new();
+    tap.stderr.take().unwrap().read_to_string(&mut said).unwrap();
+    assert!(status.success(), "{said}");
+    assert!(said.contains("tap: 9 decision(s) shown; 0 missed"), "{said}");
+
+    // `why` asks the same process.
+    let id = order_id(&h, 4);
+    let history: Value = serde_json::from_str(&http_get(port, &format!("/api/journal?id={id}")).unwrap()).unwrap();
     let route = history[0]["routes"]
         .as_array()
         .unwrap()
@@ -614,14 +669,26 @@ async fn without_redis_the_journal_is_read_over_the_http_listener() {
         .unwrap()
         .clone();
     assert_eq!(route["outcome"], "fired", "{history}");
-    let internal = http_get(port, &format!("/api/journal?id={}", order_id(&h, 6))).unwrap();
+    let out = cli(&["why", &id], &config);
+    let said = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(said.contains("  provision-on-activating: fired\n"), "{said}");
+    let out = cli(&["why", &order_id(&h, 6)], &config);
+    let said = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(
-        internal.contains(r#"(it changed to `Activated`)"#),
-        "the false clause is in the JSON: {internal}"
+        said.contains(
+            "  provision-on-activating: not matched: `became(\"Activation_Status__c\", \"Activating\")` was false \
+             (it changed to `Activated`)"
+        ),
+        "{said}"
     );
-    let said = text(&cli(&["why", &id], &config));
+    let out = cli(&["why", "broken-1"], &config);
+    let said = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(said.contains("  no route saw it: dead-lettered as "), "{said}");
     assert!(
-        said.contains("/api/journal?id=ID"),
-        "why points to the listener: {said}"
+        !said.contains("see `switchyard dead-letter show "),
+        "no Redis: the CLI cannot show that process's dead letters: {said}"
     );
+    let out = cli(&["why", &format!("{}:9", path.display())], &config);
+    assert!(out.status.success(), "found by its position too: {}", text(&out));
 }

@@ -14,6 +14,7 @@ use serde_json::{Value, json};
 use tokio::sync::watch;
 
 use crate::app::reload::Reloader;
+use crate::app::why::TapFilter;
 use crate::obs::metrics as m;
 use crate::rules::RuleSet;
 use crate::sources::pubsub::subscriber::{ChannelState, ChannelStatus};
@@ -98,9 +99,13 @@ async fn rules(State(state): State<AppState>) -> Json<Value> {
 #[derive(serde::Deserialize)]
 struct JournalQuery {
     id: String,
+    /// The entries as stored (with the masked event they were decided on), for `switchyard why` to word them.
+    #[serde(default)]
+    full: bool,
 }
 
-/// The history of a record id, event id or idempotency key, newest first, as `why --format json` prints it.
+/// The history of a record id, event id or idempotency key, newest first, as `why --format json` prints it
+/// (`&full=true`: as stored).
 async fn journal(
     State(state): State<AppState>,
     axum::extract::Query(q): axum::extract::Query<JournalQuery>,
@@ -112,6 +117,10 @@ async fn journal(
         );
     };
     match journal.store.history(&q.id).await {
+        Ok((entries, _)) if q.full => (
+            axum::http::StatusCode::OK,
+            Json(serde_json::to_value(&entries).unwrap_or_default()),
+        ),
         Ok((entries, _)) => {
             let rules = state.rules.load_full();
             let list: Vec<Value> = entries
@@ -127,9 +136,13 @@ async fn journal(
     }
 }
 
-/// Every decision of this process from now on, one server-sent event each (`data:` the entry as JSON, without
-/// the event). A reader that falls behind loses the oldest and gets a `lagged` event saying how many.
-async fn tap(State(state): State<AppState>) -> axum::response::Response {
+/// Every decision of this process from now on that the filter keeps (`?route=&channel=&outcome=&record=`, as
+/// `switchyard tap` takes them), one server-sent event each (`data:` the entry as JSON, without the event and with
+/// only the kept routes). A reader that falls behind loses the oldest and gets a `lagged` event saying how many.
+async fn tap(
+    State(state): State<AppState>,
+    axum::extract::Query(filter): axum::extract::Query<TapFilter>,
+) -> axum::response::Response {
     use axum::response::IntoResponse;
     use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
     use tokio::sync::broadcast::error::RecvError;
@@ -141,19 +154,25 @@ async fn tap(State(state): State<AppState>) -> axum::response::Response {
             .into_response();
     };
     let live = journal.live.subscribe();
-    let stream = futures_util::stream::unfold(live, |mut live| async move {
-        let event = match live.recv().await {
-            Ok(entry) => {
-                let mut v = serde_json::to_value(&*entry).unwrap_or_default();
-                if let Some(obj) = v.as_object_mut() {
-                    obj.remove("event");
+    let stream = futures_util::stream::unfold((live, filter), |(mut live, filter)| async move {
+        let event = loop {
+            match live.recv().await {
+                Ok(entry) => {
+                    let Some(routes) = filter.keep(&entry) else {
+                        continue;
+                    };
+                    let mut v = serde_json::to_value(&*entry).unwrap_or_default();
+                    if let Some(obj) = v.as_object_mut() {
+                        obj.remove("event");
+                        obj.insert("routes".into(), serde_json::to_value(&routes).unwrap_or_default());
+                    }
+                    break SseEvent::default().data(v.to_string());
                 }
-                SseEvent::default().data(v.to_string())
+                Err(RecvError::Lagged(n)) => break SseEvent::default().event("lagged").data(n.to_string()),
+                Err(RecvError::Closed) => return None,
             }
-            Err(RecvError::Lagged(n)) => SseEvent::default().event("lagged").data(n.to_string()),
-            Err(RecvError::Closed) => return None,
         };
-        Some((Ok::<_, std::convert::Infallible>(event), live))
+        Some((Ok::<_, std::convert::Infallible>(event), (live, filter)))
     });
     Sse::new(stream).keep_alive(KeepAlive::default()).into_response()
 }

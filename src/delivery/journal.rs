@@ -106,7 +106,37 @@ pub fn entry(
         position: position.to_string(),
         rules_version: rules.version.clone(),
         routes,
+        rejected: None,
         event,
+    }
+}
+
+/// The entry of input dead-lettered before routing (`letter`: the dead letter's id, when it was stored).
+pub fn rejected(
+    rules: &RuleSet,
+    position: &str,
+    event_id: Option<&str>,
+    channel: Option<&str>,
+    error: &str,
+    letter: Option<&str>,
+) -> Entry {
+    let rejected = match letter {
+        Some(id) => format!("dead-lettered as {id} before routing: {error}"),
+        None => format!("dead-lettered before routing: {error}"),
+    };
+    Entry {
+        id: None,
+        at_ms: crate::clock::now_ms(),
+        event_id: event_id.unwrap_or(position).to_string(),
+        channel: channel.unwrap_or_default().to_string(),
+        change_type: None,
+        commit_user: None,
+        record_ids: Vec::new(),
+        position: position.to_string(),
+        rules_version: rules.version.clone(),
+        routes: Vec::new(),
+        rejected: Some(rejected),
+        event: Event::default(),
     }
 }
 

@@ -493,7 +493,12 @@ impl Pipeline {
             (Delivery::Mark { .. }, _) => stats.settled = 0,
             (
                 Delivery::Malformed {
-                    position, raw, error, ..
+                    position,
+                    raw,
+                    error,
+                    event_id,
+                    channel,
+                    ..
                 },
                 _,
             ) => {
@@ -504,8 +509,18 @@ impl Pipeline {
                     let _ = writeln!(out, "{position}: malformed event: {error} (dead-lettered)");
                 }
                 let letter = DeadLetter::of_input(&rules.version, raw, format!("{position}: {error}"));
-                self.dispatcher.park(letter).await;
+                let id = self.dispatcher.park(letter).await;
                 stats.dead_letters += 1;
+                if let Some(journal) = &self.stores.journal {
+                    journal.record(super::journal::rejected(
+                        rules,
+                        &position,
+                        event_id.as_deref(),
+                        channel.as_deref(),
+                        &error,
+                        id.as_deref(),
+                    ));
+                }
             }
             (Delivery::Event { event, position, .. }, Some(needs)) => {
                 self.handle_event(*event, &position, needs, rules, fence, &mut stats, &mut out)

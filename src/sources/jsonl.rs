@@ -84,6 +84,8 @@ impl JsonlSource {
                         position,
                         raw: String::new(),
                         error,
+                        event_id: None,
+                        channel: None,
                         end: offset_bytes(self.offset),
                     });
                 }
@@ -125,6 +127,8 @@ impl JsonlSource {
                 position,
                 raw: text.chars().take(1024).collect(),
                 error,
+                event_id: None,
+                channel: None,
                 end,
             };
         }
@@ -134,12 +138,25 @@ impl JsonlSource {
                 position,
                 end,
             },
-            Err(e) => Delivery::Malformed {
-                position,
-                raw: text.to_string(),
-                error: e.to_string(),
-                end,
-            },
+            Err(e) => {
+                // A line that is JSON but not an event may still say which event it meant to be.
+                let named = serde_json::from_str::<serde_json::Value>(text).ok();
+                let name = |key: &str| {
+                    named
+                        .as_ref()
+                        .and_then(|v| v.get(key))
+                        .and_then(serde_json::Value::as_str)
+                        .map(str::to_string)
+                };
+                Delivery::Malformed {
+                    position,
+                    raw: text.to_string(),
+                    error: e.to_string(),
+                    event_id: name("id"),
+                    channel: name("channel"),
+                    end,
+                }
+            }
         }
     }
 }

@@ -56,6 +56,10 @@ pub enum Delivery {
         position: String,
         raw: String,
         error: String,
+        /// The event's id and channel, when the input names them (a Pub/Sub event always does; a JSONL line
+        /// that parses as JSON may): the journal files the rejection under them.
+        event_id: Option<String>,
+        channel: Option<String>,
         end: Vec<u8>,
     },
     /// The source moved without an event (a keepalive's latest replay id): stored once every earlier delivery

@@ -50,7 +50,13 @@ pub struct Entry {
     pub rules_version: String,
     /// Every live route of the channel, in rule order (per record for the routes whose `when` held).
     pub routes: Vec<RouteEntry>,
-    /// The event as decided (masked), so a reader can say which clause of a route's `when` was false.
+    /// Why no route saw the event: input that is not an event (malformed JSON, a corrupt Avro payload, an
+    /// unknown schema id), dead-lettered before routing, with the dead letter's id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rejected: Option<String>,
+    /// The event as decided (masked), so a reader can say which clause of a route's `when` was false (absent
+    /// from the live tap, which needs only the outcomes).
+    #[serde(default)]
     pub event: Event,
 }
 
@@ -115,6 +121,10 @@ impl Entry {
     pub fn ids(&self) -> Vec<&str> {
         let mut ids: Vec<&str> = self.record_ids.iter().map(String::as_str).collect();
         ids.push(&self.event_id);
+        if self.rejected.is_some() && self.position != self.event_id {
+            // Input rejected before routing is found by where it was, too (`events.jsonl:7`, a replay id).
+            ids.push(&self.position);
+        }
         for key in self
             .routes
             .iter()

@@ -793,6 +793,8 @@ impl ChannelTask {
                 position: position.clone(),
                 raw: format!("event id {id}, schema id {schema}, {size} payload bytes"),
                 error,
+                event_id: (!id.is_empty()).then_some(id),
+                channel: Some(self.channel.clone()),
                 end: end.clone(),
             }
         };
