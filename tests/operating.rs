@@ -637,10 +637,7 @@ async fn without_redis_why_and_tap_read_the_running_process_over_its_http_listen
     }
     assert_eq!(seen.len(), 9, "one line per decision: {seen:#?}");
     let fired = seen.iter().find(|l| l.contains(&order_id(&h, 4))).unwrap();
-    assert!(
-        fired.contains("provision-on-activating=fired (done"),
-        "{fired}"
-    );
+    assert!(fired.contains("provision-on-activating=fired (done"), "{fired}");
     let rejected = seen.iter().find(|l| l.contains("broken-1")).unwrap();
     assert!(
         rejected.contains("events.jsonl:9 rejected: dead-lettered as "),

@@ -451,7 +451,9 @@ async fn tap_events(
             }
         }
     };
-    crate::errln!("tap: {shown} decision(s) shown; {missed} missed (the listener dropped them: this tap read slower than decisions were made)");
+    crate::errln!(
+        "tap: {shown} decision(s) shown; {missed} missed (the listener dropped them: this tap read slower than decisions were made)"
+    );
     if let Some(why) = ended {
         crate::errln!("tap: {why}");
         return Ok(false);
