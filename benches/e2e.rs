@@ -1,7 +1,8 @@
 //! End to end on the real local Redis (`REDIS_URL`, default `redis://127.0.0.1:6379`): Avro bytes of a
 //! delivered batch -> decode -> route -> enrichment (recorded) -> queue (BullMQ) and cache (UNLINK) sinks
 //! with idempotency leases and done markers; against native baseline (b), the same path written by hand
-//! with the same guarantees, pipelined per batch. One current-thread runtime for both: the engine's
+//! with the same guarantees, pipelined per batch; and the engine with `journal: { enabled: false }`, so that the
+//! decision journal's cost is the difference of the two engine figures. One current-thread runtime for both: the engine's
 //! concurrency (`delivery.concurrency` events in flight) multiplexes its Redis calls over one connection.
 //!
 //! `cargo bench --bench e2e`. Every iteration uses fresh record ids and commit timestamps, so every
@@ -18,7 +19,7 @@ use futures_util::StreamExt;
 use serde_json::Value;
 use switchyard::app::service::Service;
 use switchyard::config::LoadedConfig;
-use switchyard::delivery::ActionResult;
+use switchyard::delivery::{ActionResult, journal};
 use switchyard::event::{Event, EventKind};
 use switchyard::plan::Op;
 use switchyard::sources::pubsub::avro::SchemaRegistry;
@@ -55,8 +56,15 @@ struct Bench {
 }
 
 impl Bench {
-    async fn start() -> Bench {
-        let tag = format!("bench-e2e-{}", std::process::id());
+    /// `journal`: whether the engine keeps its decision journal (the default) or runs with
+    /// `journal: { enabled: false }`.
+    async fn start(journal: bool) -> Bench {
+        let tag = format!(
+            "bench-e2e-{}-{}",
+            std::process::id(),
+            if journal { "journal" } else { "nojournal" }
+        );
+        let journal = if journal { "" } else { "journal: { enabled: false }\n" };
         let config = format!(
             r#"mode: cdc
 source: {{ kind: stdin }}
@@ -69,7 +77,7 @@ sinks:
 enricher: recorded
 on_unmatched: ignore
 checkpoint: {{ store: memory }}
-"#,
+{journal}"#,
             rules = common::repo().join("rules/orders.yaml").display(),
             url = redis_url(),
         );
@@ -102,8 +110,12 @@ checkpoint: {{ store: memory }}
     }
 
     /// The engine: what the pipeline does for each event of a delivered batch, with up to
-    /// `delivery.concurrency` events in flight (distinct records, so no per-record waiting).
+    /// `delivery.concurrency` events in flight (distinct records, so no per-record waiting), and its decision
+    /// journal when the config keeps one: an entry per event, handed to the journal's writer as the pipeline
+    /// does (the measured loop waits for the writer after its last batch, so the journal's whole cost is inside
+    /// the measured time).
     async fn engine(&self, events: &[Event], wire: &[common::Wire]) -> usize {
+        let journal = self.service.stores.journal.as_ref();
         let pipeline = &self.service.pipeline;
         let rules = self.service.rules.load_full();
         let concurrency = self.service.config.config.delivery.concurrency;
@@ -118,6 +130,11 @@ checkpoint: {{ store: memory }}
                     let results = pipeline.dispatcher.run(&plan, &event, None).await;
                     for r in &results {
                         assert!(matches!(r, ActionResult::Done { .. }), "engine action not done: {r:?}");
+                    }
+                    if let Some(journal) = journal {
+                        let position = format!("{}@{}", w.channel, switchyard::hex::encode(&w.replay_id));
+                        let settled = Some((&plan, results.as_slice(), &[][..]));
+                        journal.record(journal::entry(&rules, &event, &position, settled, &journal.mask));
                     }
                     results.len()
                 }
@@ -268,36 +285,49 @@ fn benches(c: &mut Criterion) {
         .enable_all()
         .build()
         .expect("runtime");
-    let bench = Arc::new(rt.block_on(Bench::start()));
-    // The two paths decide the same actions (checked on the CPU bench too); check the Redis side once.
+    let bench = Arc::new(rt.block_on(Bench::start(true)));
+    let quiet = Arc::new(rt.block_on(Bench::start(false)));
+    assert!(bench.service.stores.journal.is_some() && quiet.service.stores.journal.is_none());
+    // The paths decide the same actions (checked on the CPU bench too); check the Redis side once.
     let (events, wire) = batch(&bench.registry, bench.next_run());
-    let (a, b) = rt.block_on(async {
+    let (a, b, off) = rt.block_on(async {
         let engine = bench.engine(&events, &wire).await;
-        (engine, bench.native(&wire).await)
+        let (events, wire) = batch(&quiet.registry, quiet.next_run());
+        let off = quiet.engine(&events, &wire).await;
+        (engine, bench.native(&wire).await, off)
     });
     assert_eq!(a, b, "engine and baseline run the same number of actions");
+    assert_eq!(a, off, "the journal changes no action");
     eprintln!("e2e batch: {BATCH} CDC events, {a} actions (queue + log + cache)");
 
     let mut g = c.benchmark_group("e2e redis");
     g.throughput(Throughput::Elements(BATCH as u64));
-    let mut splits = [Split::default(), Split::default()];
-    for (name, split) in ["engine", "native (b)"].into_iter().zip(splits.iter_mut()) {
+    const PATHS: [&str; 3] = ["engine", "engine, journal off", "native (b)"];
+    let mut splits = [Split::default(), Split::default(), Split::default()];
+    for (name, split) in PATHS.into_iter().zip(splits.iter_mut()) {
+        let which = if name == "engine, journal off" { &quiet } else { &bench };
         g.bench_function(name, |b| {
             b.iter_custom(|iters| {
-                let mut total = Duration::ZERO;
-                let mut conn = bench.conn.clone();
+                let mut conn = which.conn.clone();
+                // The batches are made before the clock starts; the journal's writer stores what the batches
+                // recorded while later ones run (as in the service), and the clock stops once it is done.
+                let batches: Vec<_> = (0..iters).map(|_| batch(&which.registry, which.next_run())).collect();
                 let redis_before = rt.block_on(redis_cpu(&mut conn));
-                for _ in 0..iters {
-                    let (events, wire) = batch(&bench.registry, bench.next_run());
-                    let cpu = cpu_time::ProcessTime::now();
-                    let started = Instant::now();
-                    match name {
-                        "engine" => rt.block_on(bench.engine(&events, &wire)),
-                        _ => rt.block_on(bench.native(&wire)),
-                    };
-                    total += started.elapsed();
-                    split.own_cpu += cpu.elapsed();
-                }
+                let cpu = cpu_time::ProcessTime::now();
+                let started = Instant::now();
+                rt.block_on(async {
+                    for (events, wire) in &batches {
+                        match name {
+                            "native (b)" => which.native(wire).await,
+                            _ => which.engine(events, wire).await,
+                        };
+                    }
+                    if let Some(journal) = &which.service.stores.journal {
+                        journal.flush().await;
+                    }
+                });
+                let total = started.elapsed();
+                split.own_cpu += cpu.elapsed();
                 split.redis_cpu += rt.block_on(redis_cpu(&mut conn)) - redis_before;
                 split.wall += total;
                 split.events += iters * BATCH as u64;
@@ -306,7 +336,7 @@ fn benches(c: &mut Criterion) {
         });
     }
     g.finish();
-    for (name, split) in ["engine", "native (b)"].into_iter().zip(&splits) {
+    for (name, split) in PATHS.into_iter().zip(&splits) {
         split.print(name);
     }
     if let Some((writes, calls)) = bench.service.stores.idempotency.write_stats()
@@ -317,7 +347,14 @@ fn benches(c: &mut Criterion) {
             writes as f64 / calls as f64
         );
     }
+    if let Some(journal) = &bench.service.stores.journal {
+        eprintln!(
+            "engine: {} journal entries dropped (a full queue; 0 means every entry was stored)",
+            journal.dropped()
+        );
+    }
     rt.block_on(bench.clean());
+    rt.block_on(quiet.clean());
 }
 
 criterion_group! {

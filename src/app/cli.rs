@@ -205,7 +205,7 @@ pub enum Command {
         /// Only this channel (`/data/OrderChangeEvent`, or its end: `OrderChangeEvent`).
         #[arg(long)]
         channel: Option<String>,
-        /// Only this outcome: fired, guard-failed, not-matched, skipped, paused, failed.
+        /// Only this outcome: fired, guard-failed, not-matched, skipped, paused, failed, rejected.
         #[arg(long)]
         outcome: Option<String>,
         /// Only events of this record id.
