@@ -68,9 +68,14 @@ fn text(out: &Output) -> String {
 
 /// A GET on loopback; None while nothing listens.
 fn http_get(port: u16, path: &str) -> Option<String> {
+    http_get_with(port, path, "")
+}
+
+/// `http_get` with more header lines (each ending in CRLF).
+fn http_get_with(port: u16, path: &str, headers: &str) -> Option<String> {
     let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
     stream
-        .write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n{headers}Connection: close\r\n\r\n").as_bytes())
         .ok()?;
     let mut text = String::new();
     stream.read_to_string(&mut text).ok()?;
@@ -602,7 +607,7 @@ async fn without_redis_why_and_tap_read_the_running_process_over_its_http_listen
             "source:\n  kind: jsonl\n  jsonl: {{ path: {}, follow: true }}\nrules: [{}]\nsinks:\n  \
              enqueue-provisioning: {{ kind: queue, queue: provisioning, job_name: provision-order }}\n  \
              invalidate-cache: {{ kind: cache-invalidate }}\n  log: {{ kind: log }}\n\
-             http: {{ listen: \"0.0.0.0:{port}\" }}\n",
+             http: {{ listen: \"0.0.0.0:{port}\", token: \"tap-token-0123456789abcdef\" }}\n",
             path.display(),
             common::repo().join("rules").display(),
         ),
@@ -614,6 +619,9 @@ async fn without_redis_why_and_tap_read_the_running_process_over_its_http_listen
     })
     .await;
 
+    // A listener beyond loopback serves its reads only with the token (which the CLI takes from the config).
+    let refused = http_get(port, "/api/journal?id=x").unwrap();
+    assert!(refused.contains("reads need `Authorization: Bearer`"), "{refused}");
     // `tap` over the listener's server-sent events (the config binds 0.0.0.0: the CLI asks loopback).
     let mut tap = Command::new(env!("CARGO_BIN_EXE_switchyard"))
         .args(["tap", "--config"])
@@ -667,7 +675,12 @@ async fn without_redis_why_and_tap_read_the_running_process_over_its_http_listen
 
     // `why` asks the same process.
     let id = order_id(&h, 4);
-    let history: Value = serde_json::from_str(&http_get(port, &format!("/api/journal?id={id}")).unwrap()).unwrap();
+    let read = http_get_with(
+        port,
+        &format!("/api/journal?id={id}"),
+        "Authorization: Bearer tap-token-0123456789abcdef\r\n",
+    );
+    let history: Value = serde_json::from_str(&read.unwrap()).unwrap();
     let route = history[0]["routes"]
         .as_array()
         .unwrap()

@@ -514,6 +514,7 @@ fn deploy_examples_are_valid_configs() {
         "CACHE_REDIS_URL" => Some("rediss://cache:pw@redis-cache:6380/0".to_string()),
         "SF_LOGIN_URL" => Some("https://example.my.salesforce.com".to_string()),
         "SF_CLIENT_ID" | "SF_CLIENT_SECRET" | "POD_NAME" => Some("x".to_string()),
+        "SWITCHYARD_HTTP_TOKEN" => Some("deploy-token-0123456789".to_string()),
         _ => None,
     };
     let deploy = repo().join("examples/deploy");

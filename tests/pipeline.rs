@@ -197,14 +197,16 @@ async fn unmatched_events_can_be_dead_lettered() {
 }
 
 async fn http_get(addr: &str, path: &str) -> String {
-    http_request(addr, "GET", path).await
+    http_request(addr, "GET", path, "").await
 }
 
-async fn http_request(addr: &str, method: &str, path: &str) -> String {
+/// `headers`: more header lines, each ending in CRLF.
+async fn http_request(addr: &str, method: &str, path: &str, headers: &str) -> String {
     let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
     stream
         .write_all(
-            format!("{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").as_bytes(),
+            format!("{method} {path} HTTP/1.1\r\nHost: x\r\n{headers}Content-Length: 0\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
         )
         .await
         .unwrap();
@@ -223,7 +225,10 @@ async fn healthz_and_metrics_are_served_while_running() {
         &[h.approval("a", std::slice::from_ref(&id), None, records(&[h.record(1, None)]))],
     );
     let (port, text) = h.followed_with_http(&events);
-    let loaded = switchyard::config::LoadedConfig::parse(&h.dir.path().join("c.yaml"), &text, &|_| None).unwrap();
+    let listen = format!("listen: \"127.0.0.1:{port}\"");
+    let text = text.replace(&listen, &format!("{listen}, token: \"${{HTTP_TOKEN}}\""));
+    let env = |name: &str| (name == "HTTP_TOKEN").then(|| "pipeline-token-0123456789".to_string());
+    let loaded = switchyard::config::LoadedConfig::parse(&h.dir.path().join("c.yaml"), &text, &env).unwrap();
     switchyard::obs::metrics::install();
     let service = switchyard::app::service::Service::start(loaded, false).await.unwrap();
     let (stop, shutdown) = tokio::sync::watch::channel(false);
@@ -269,7 +274,27 @@ async fn healthz_and_metrics_are_served_while_running() {
             && !rules.contains("\"guard\":false"),
         "{rules}"
     );
-    let reload = http_request(&addr, "POST", "/reload").await;
+    // A change needs the token: without it (or with another) nothing reloads.
+    let refused = http_request(&addr, "POST", "/reload", "").await;
+    assert!(
+        refused.starts_with("HTTP/1.1 401") && refused.to_ascii_lowercase().contains("www-authenticate: bearer"),
+        "{refused}"
+    );
+    let wrong = http_request(
+        &addr,
+        "POST",
+        "/reload",
+        "Authorization: Bearer pipeline-token-012345678X\r\n",
+    )
+    .await;
+    assert!(wrong.starts_with("HTTP/1.1 401"), "{wrong}");
+    let reload = http_request(
+        &addr,
+        "POST",
+        "/reload",
+        "Authorization: Bearer pipeline-token-0123456789\r\n",
+    )
+    .await;
     assert!(
         reload.starts_with("HTTP/1.1 200") && reload.contains("\"ok\":true"),
         "{reload}"

@@ -296,7 +296,7 @@ impl Service {
                     journal: self.stores.journal.clone(),
                     rules: self.rules.clone(),
                 };
-                let (addr, task) = crate::app::http::serve(&http.listen, state, shutdown.clone())
+                let (addr, task) = crate::app::http::serve(http, state, shutdown.clone())
                     .await
                     .map_err(|source| StartError::Http {
                         listen: http.listen.clone(),

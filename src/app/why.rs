@@ -128,7 +128,16 @@ fn reader(service: &Service) -> Result<Reader<'_>, AdminError> {
                 .into(),
         ));
     };
+    // The listener asks for the token when it binds beyond loopback.
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some(token) = &http.token {
+        let mut value = reqwest::header::HeaderValue::from_str(&format!("Bearer {}", token.expose()))
+            .map_err(|_| AdminError::Usage("`http.token` holds a character a header cannot carry".into()))?;
+        value.set_sensitive(true);
+        headers.insert(reqwest::header::AUTHORIZATION, value);
+    }
     let client = reqwest::Client::builder()
+        .default_headers(headers)
         .connect_timeout(std::time::Duration::from_secs(5))
         .build()
         .map_err(|e| AdminError::Usage(format!("cannot make an HTTP client: {e}")))?;

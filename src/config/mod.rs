@@ -577,9 +577,42 @@ pub enum OnUnmatched {
 #[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct HttpConfig {
-    /// Address of the HTTP listener (`/healthz`, `/readyz`, `/metrics`, `/rules`, `POST /reload`).
+    /// Address of the HTTP listener (`/healthz`, `/readyz`, `/metrics`, `/rules`, `/api/...`, `POST /reload`).
+    ///
+    /// Keep it on loopback (`127.0.0.1:9464`) unless other machines must reach it: an address they can reach
+    /// needs `token` (or `allow_unauthenticated: true`), and then reads need the token too.
     #[schemars(example = &"127.0.0.1:9464")]
     pub listen: String,
+    /// The bearer token every change over HTTP needs (`POST /reload`), sent as `Authorization: Bearer TOKEN`.
+    ///
+    /// Take it from the environment (`${SWITCHYARD_HTTP_TOKEN}`), at least 16 characters (`openssl rand -hex
+    /// 32`). When `listen` is not loopback, the reads (`/rules`, `/api/...`) need it too; `/healthz`, `/readyz` and
+    /// `/metrics` never do. Without a token no change is accepted over HTTP. Never logged.
+    #[serde(default, deserialize_with = "salesforce::non_empty_secret")]
+    #[schemars(with = "Option<String>", example = &"${SWITCHYARD_HTTP_TOKEN}")]
+    pub token: Option<Secret>,
+    /// Serve the reads to anyone who reaches a `listen` that is not loopback, and start there without a `token`.
+    ///
+    /// The explicit opt-out, for a listener behind a proxy that authenticates. Changes still need `token`.
+    #[serde(default)]
+    #[schemars(example = &false)]
+    pub allow_unauthenticated: bool,
+}
+
+/// The least length of `http.token`: shorter ones are guessable by a client that tries for long enough.
+pub const MIN_TOKEN_LEN: usize = 16;
+
+impl HttpConfig {
+    /// Whether `listen` is a loopback address (`127.0.0.0/8`, `[::1]`, `localhost`), found without a lookup:
+    /// another host name counts as reachable from elsewhere.
+    pub fn loopback(&self) -> bool {
+        if let Ok(addr) = self.listen.parse::<std::net::SocketAddr>() {
+            return addr.ip().is_loopback();
+        }
+        self.listen
+            .rsplit_once(':')
+            .is_some_and(|(host, _)| host.eq_ignore_ascii_case("localhost"))
+    }
 }
 
 /// The channel aliases used when no config says otherwise.
@@ -673,6 +706,29 @@ impl LoadedConfig {
             let (line, column) = self.spans.at(at);
             Problem::error(&self.path, line, column, m)
         };
+        if let Some(http) = &c.http {
+            if http
+                .token
+                .as_ref()
+                .is_some_and(|t| t.expose().chars().count() < MIN_TOKEN_LEN)
+            {
+                problems.push(err(
+                    &["http", "token"],
+                    format!("`http.token` is shorter than {MIN_TOKEN_LEN} characters; use a longer one (`openssl rand -hex 32`)"),
+                ));
+            }
+            if http.token.is_none() && !http.allow_unauthenticated && !http.loopback() {
+                problems.push(err(
+                    &["http", "listen"],
+                    format!(
+                        "the HTTP listener `{}` is reachable from other machines and the config has no `http.token`: \
+                         add `token: ${{SWITCHYARD_HTTP_TOKEN}}` (or `allow_unauthenticated: true` to serve reads to \
+                         anyone who reaches it; changes stay refused without a token), or listen on 127.0.0.1",
+                        http.listen
+                    ),
+                ));
+            }
+        }
         for (alias, channel) in &c.channels {
             if Mode::of_channel(channel).is_none() {
                 problems.push(err(&["channels", alias], format!(

@@ -283,7 +283,7 @@ fn non_empty<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error
     Ok(value.map(|s| s.trim().to_string()).filter(|s| !s.is_empty()))
 }
 
-fn non_empty_secret<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Secret>, D::Error> {
+pub(crate) fn non_empty_secret<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Secret>, D::Error> {
     Ok(non_empty(d)?.map(Secret::new))
 }
 

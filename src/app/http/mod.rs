@@ -1,9 +1,12 @@
 //! The HTTP listener: `/healthz` (liveness), `/readyz` (readiness), `/metrics`, `/rules`, `POST /reload`, and the
 //! decision journal's reads: `/api/journal?id=` (the `why` history as JSON) and `/api/tap` (server-sent events,
-//! one per decision of this process).
+//! one per decision of this process). Who may call what is [`access`]'s to say.
+
+pub mod access;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use axum::extract::State;
@@ -13,8 +16,10 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::{Value, json};
 use tokio::sync::watch;
 
+use crate::app::http::access::Access;
 use crate::app::reload::Reloader;
 use crate::app::why::TapFilter;
+use crate::config::HttpConfig;
 use crate::obs::metrics as m;
 use crate::rules::RuleSet;
 use crate::sources::pubsub::subscriber::{ChannelState, ChannelStatus};
@@ -37,7 +42,8 @@ pub struct AppState {
     pub rules: Arc<ArcSwap<RuleSet>>,
 }
 
-pub fn router(state: AppState) -> Router {
+/// The routes, every one behind [`access::guard`].
+pub fn router(state: AppState, access: Arc<Access>) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -47,6 +53,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/journal", get(journal))
         .route("/api/tap", get(tap))
         .with_state(state)
+        .layer(axum::middleware::from_fn_with_state(access, access::guard))
 }
 
 /// Ready when the config and rules are loaded (they are, or the process would not serve) and every
@@ -229,27 +236,79 @@ async fn render_metrics(State(state): State<AppState>) -> String {
     state.metrics.render()
 }
 
-/// Binds `listen` and serves until `shutdown` turns true. Returns the bound address (port 0 picks one).
+/// How long a client may take to send a request's headers, and how long a kept-alive connection may sit idle
+/// between requests: a slow or silent client is closed instead of holding a socket and a task forever.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The most a request's head may take (request line and headers); hyper answers 431 past it.
+const MAX_HEADERS: usize = 64 * 1024;
+
+/// How long a stop waits for responses in flight (a `/api/tap` stream never finishes on its own).
+const DRAIN: Duration = Duration::from_secs(2);
+
+/// Binds `http.listen` and serves until `shutdown` turns true. Returns the bound address (port 0 picks one).
+/// Refuses a bind that other machines reach when the config has no `http.token` (see [`Access::new`]).
 pub async fn serve(
-    listen: &str,
+    http: &HttpConfig,
     state: AppState,
     mut shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
-    let listener = tokio::net::TcpListener::bind(listen).await?;
+    let listener = tokio::net::TcpListener::bind(&http.listen).await?;
     let addr = listener.local_addr()?;
-    let app = router(state);
-    // Shuts down when the shutdown watch flips (or its sender is dropped).
+    let access = Access::new(http, addr).map_err(|e| std::io::Error::new(std::io::ErrorKind::PermissionDenied, e))?;
+    let app = router(state, Arc::new(access));
+    // Its own accept loop rather than `axum::serve`, which sets no timer: without one hyper enforces no header
+    // timeout, and a client that sends half a request holds its connection for good.
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .max_buf_size(MAX_HEADERS);
+    // Ends when the shutdown watch flips (or its sender is dropped); then gives open connections DRAIN to finish.
     let task = tokio::spawn(async move {
-        let stop = async move {
-            while !*shutdown.borrow() {
-                if shutdown.changed().await.is_err() {
-                    break;
+        let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+        loop {
+            let accepted = tokio::select! {
+                accepted = listener.accept() => accepted,
+                _ = stopped(&mut shutdown) => break,
+            };
+            let (stream, peer) = match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of file descriptors, mostly: wait for connections to close rather than spin.
+                    tracing::warn!(error = %e, "HTTP listener cannot accept a connection; retrying in 100 ms.");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
                 }
-            }
-        };
-        if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(stop).await {
-            tracing::error!(error = %e, "HTTP listener failed.");
+            };
+            let app = app.clone();
+            let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                let mut req = req.map(axum::body::Body::new);
+                req.extensions_mut().insert(axum::extract::ConnectInfo(peer));
+                let mut app = app.clone();
+                async move { tower_service::Service::call(&mut app, req).await }
+            });
+            let connection = builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            let connection = graceful.watch(connection);
+            tokio::spawn(async move {
+                if let Err(e) = connection.await {
+                    tracing::debug!(%peer, error = %e, "HTTP connection ended with an error.");
+                }
+            });
+        }
+        drop(listener);
+        if tokio::time::timeout(DRAIN, graceful.shutdown()).await.is_err() {
+            tracing::debug!("HTTP connections still open after the drain; closing them.");
         }
     });
     Ok((addr, task))
+}
+
+/// Resolves once the shutdown watch is true or its sender is gone.
+async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    while !*shutdown.borrow() {
+        if shutdown.changed().await.is_err() {
+            return;
+        }
+    }
 }
