@@ -77,7 +77,7 @@ async fn main() -> ExitCode {
         Command::Checkpoint { config, op } => {
             admin(config, |service, out| {
                 Box::pin(async move {
-                    switchyard::app::admin::checkpoint(service, op, out)
+                    switchyard::app::admin::checkpoint(&service.ops(), op, out)
                         .await
                         .map(|()| true)
                 })
@@ -86,7 +86,7 @@ async fn main() -> ExitCode {
         }
         Command::DeadLetter { config, op } => {
             admin(config, |service, out| {
-                Box::pin(async move { switchyard::app::admin::dead_letter(service, op, out).await })
+                Box::pin(async move { switchyard::app::admin::dead_letter(&service.ops(), op, out).await })
             })
             .await
         }
@@ -122,7 +122,7 @@ async fn main() -> ExitCode {
         }
         Command::Route { config, op } => {
             admin(config, |service, out| {
-                Box::pin(async move { switchyard::app::admin::route(service, op, out).await.map(|()| true) })
+                Box::pin(async move { switchyard::app::admin::route(&service.ops(), op, out).await.map(|()| true) })
             })
             .await
         }

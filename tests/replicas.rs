@@ -579,7 +579,7 @@ async fn checkpoint_set_refuses_while_a_replica_holds_the_channel() {
             key: CHANNEL_KEY.into(),
         },
     ] {
-        let refused = checkpoint(&admin, op, &mut out).await;
+        let refused = checkpoint(&admin.ops(), op, &mut out).await;
         let Err(AdminError::Usage(message)) = refused else {
             panic!("not refused: {refused:?}")
         };
@@ -592,7 +592,7 @@ async fn checkpoint_set_refuses_while_a_replica_holds_the_channel() {
     );
 
     replica.release(&fence).await;
-    checkpoint(&admin, set(), &mut out).await.unwrap();
+    checkpoint(&admin.ops(), set(), &mut out).await.unwrap();
     assert_eq!(
         admin.stores.checkpoints.get(CHANNEL_KEY).await.unwrap(),
         Some(vec![0, 0, 0, 0, 0, 0, 3, 0xe8])

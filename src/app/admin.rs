@@ -5,11 +5,37 @@ use std::io::Write;
 use serde_json::Value;
 
 use crate::app::cli::{CheckpointOp, DeadLetterOp, RouteOp};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+
 use crate::app::service::Service;
+use crate::delivery::Pipeline;
+use crate::rules::RuleSet;
+use crate::state::Stores;
 use crate::delivery::ActionResult;
 use crate::plan::{Action, Op};
 use crate::state::{DeadLetter, Pause};
 use crate::state::{describe_position as describe, offset_bytes};
+
+/// What the operator commands act on: the CLI builds it from a [`Service`], the HTTP listener keeps one, so both
+/// run the same code.
+#[derive(Clone)]
+pub struct Ops {
+    pub stores: Arc<Stores>,
+    pub rules: Arc<ArcSwap<RuleSet>>,
+    pub pipeline: Arc<Pipeline>,
+}
+
+impl Service {
+    pub fn ops(&self) -> Ops {
+        Ops {
+            stores: self.stores.clone(),
+            rules: self.rules.clone(),
+            pipeline: self.pipeline.clone(),
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum AdminError {
@@ -21,7 +47,7 @@ pub enum AdminError {
     Store(#[from] crate::failure::Failure),
 }
 
-pub async fn checkpoint(service: &Service, op: CheckpointOp, out: &mut impl Write) -> Result<(), AdminError> {
+pub async fn checkpoint(service: &Ops, op: CheckpointOp, out: &mut impl Write) -> Result<(), AdminError> {
     let store = &service.stores.checkpoints;
     match op {
         CheckpointOp::Show => {
@@ -57,7 +83,7 @@ pub async fn checkpoint(service: &Service, op: CheckpointOp, out: &mut impl Writ
 
 /// A position moved while a replica holds its channel's lease would be overwritten by that replica's next commit
 /// (its fenced writes still pass): refuse, and say who holds it.
-async fn refuse_while_leased(service: &Service, key: &str) -> Result<(), AdminError> {
+async fn refuse_while_leased(service: &Ops, key: &str) -> Result<(), AdminError> {
     let Some(leases) = &service.stores.leases else {
         return Ok(());
     };
@@ -73,7 +99,7 @@ async fn refuse_while_leased(service: &Service, key: &str) -> Result<(), AdminEr
 }
 
 /// `switchyard route list|pause|resume`: the pauses live in the config's Redis, so every replica obeys them.
-pub async fn route(service: &Service, op: RouteOp, out: &mut impl Write) -> Result<(), AdminError> {
+pub async fn route(service: &Ops, op: RouteOp, out: &mut impl Write) -> Result<(), AdminError> {
     let pauses = &service.stores.pauses;
     let rules = service.rules.load_full();
     let known = |name: &str| -> Result<(), AdminError> {
@@ -162,7 +188,7 @@ fn summary(id: &str, letter: &Value) -> String {
     )
 }
 
-pub async fn dead_letter(service: &Service, op: DeadLetterOp, out: &mut impl Write) -> Result<bool, AdminError> {
+pub async fn dead_letter(service: &Ops, op: DeadLetterOp, out: &mut impl Write) -> Result<bool, AdminError> {
     let store = &service.stores.dead_letters;
     let all = store.list().await?;
     let pick = |ids: &[String], every: bool| -> Result<Vec<(String, Value)>, AdminError> {
@@ -223,7 +249,7 @@ pub async fn dead_letter(service: &Service, op: DeadLetterOp, out: &mut impl Wri
 }
 
 /// Runs one dead letter again; true when it went through.
-async fn retry_one(service: &Service, id: &str, value: Value, out: &mut impl Write) -> Result<bool, AdminError> {
+async fn retry_one(service: &Ops, id: &str, value: Value, out: &mut impl Write) -> Result<bool, AdminError> {
     let letter: DeadLetter = serde_json::from_value(value)
         .map_err(|e| AdminError::Usage(format!("dead letter `{id}` cannot be read: {e}")))?;
     let Some(mut event) = letter.event.clone() else {

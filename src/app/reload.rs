@@ -235,6 +235,19 @@ struct State {
     /// Reloads attempted since start (file watch, SIGHUP, `POST /reload`), whatever their result.
     reloads: u64,
     last: Option<ReloadOutcome>,
+    /// The latest reloads, oldest first, at most [`HISTORY`].
+    history: std::collections::VecDeque<Reload>,
+}
+
+/// How many reloads [`Reloader::history`] keeps.
+pub const HISTORY: usize = 20;
+
+/// One reload of the history: when it ended and what it did.
+#[derive(Debug, Clone, Serialize)]
+pub struct Reload {
+    pub at_ms: u64,
+    #[serde(flatten)]
+    pub outcome: ReloadOutcome,
 }
 
 /// What identifies a route's behaviour, for the added/removed/changed report (not its line numbers).
@@ -271,6 +284,7 @@ impl Reloader {
                 loaded_at_ms: now_ms(),
                 reloads: 0,
                 last: None,
+                history: Default::default(),
             }),
             live: None,
             serial: tokio::sync::Mutex::new(()),
@@ -368,6 +382,13 @@ impl Reloader {
         let mut state = self.state.lock().expect("reload state lock is never poisoned");
         state.reloads += 1;
         state.last = Some(outcome.clone());
+        if state.history.len() == HISTORY {
+            state.history.pop_front();
+        }
+        state.history.push_back(Reload {
+            at_ms: now_ms(),
+            outcome: outcome.clone(),
+        });
         drop(state);
         outcome
     }
@@ -500,6 +521,17 @@ impl Reloader {
     }
 
     /// The state shown at `GET /rules`.
+    /// The latest reloads, newest first.
+    pub fn history(&self) -> Vec<Reload> {
+        let state = self.state.lock().expect("reload state lock is never poisoned");
+        state.history.iter().rev().cloned().collect()
+    }
+
+    /// When the rules in effect were loaded (ms since the epoch).
+    pub fn loaded_at_ms(&self) -> u64 {
+        self.state.lock().expect("reload state lock is never poisoned").loaded_at_ms
+    }
+
     pub fn describe(&self) -> serde_json::Value {
         let rules = self.rules.load();
         let state = self.state.lock().expect("reload state lock is never poisoned");

@@ -293,8 +293,10 @@ impl Service {
                     main_redis: self.stores.redis_check(),
                     sink_redis: self.sinks.redis_checks.clone(),
                     channels: self.channels.clone(),
-                    journal: self.stores.journal.clone(),
-                    rules: self.rules.clone(),
+                    ops: self.ops(),
+                    instance: self.config.config.instance_name(),
+                    started: std::time::Instant::now(),
+                    sparks: Default::default(),
                 };
                 let (addr, task) = crate::app::http::serve(http, state, shutdown.clone())
                     .await
@@ -302,7 +304,7 @@ impl Service {
                         listen: http.listen.clone(),
                         source,
                     })?;
-                tracing::info!(%addr, "HTTP listener up: /healthz, /readyz, /metrics, /rules, POST /reload.");
+                tracing::info!(%addr, "HTTP listener up: /healthz, /readyz, /metrics, /api/, the console at /ui.");
                 Some(task)
             }
             None => None,

@@ -14,7 +14,7 @@ use crate::rules::RuleSet;
 use crate::state::{Entry, JournalStore, RouteEntry, RouteOutcome};
 
 /// One route's line: `provision-on-activating: fired` and, under it, its actions.
-fn route_lines(rules: &RuleSet, entry: &Entry, route: &RouteEntry, letters: bool) -> Vec<String> {
+pub fn route_lines(rules: &RuleSet, entry: &Entry, route: &RouteEntry, letters: bool) -> Vec<String> {
     let record = route
         .record_id
         .as_ref()
@@ -57,7 +57,7 @@ fn route_lines(rules: &RuleSet, entry: &Entry, route: &RouteEntry, letters: bool
 }
 
 /// The entry's heading: time, change, user, event, position, rules version.
-fn heading(entry: &Entry) -> String {
+pub fn heading(entry: &Entry) -> String {
     let change = entry.change_type.as_deref().unwrap_or("event");
     let by = entry
         .commit_user

@@ -326,6 +326,29 @@ impl Store {
         }
     }
 
+    /// The newest `n` entries, newest first (the console's "pick a recent event").
+    pub async fn recent(&self, n: usize) -> Result<Vec<Entry>, Failure> {
+        match self {
+            Store::Redis { conn, prefix, .. } => {
+                let mut conn = conn.clone();
+                let found: Vec<StreamEntry> = redis::cmd("XREVRANGE")
+                    .arg(Self::stream_key(prefix))
+                    .arg("+")
+                    .arg("-")
+                    .arg("COUNT")
+                    .arg(n)
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(|e| Failure::from_redis(&e))?;
+                Ok(found.iter().filter_map(parse).collect())
+            }
+            Store::Memory { ring, .. } => {
+                let ring = ring.lock().unwrap_or_else(|e| e.into_inner());
+                Ok(ring.1.iter().rev().take(n).cloned().collect())
+            }
+        }
+    }
+
     /// Entries after `after` (a stream id; `$` for only new ones), waiting up to `block` for the first. Redis only.
     pub async fn read_after(&self, after: &str, block: Duration) -> Result<Vec<Entry>, Failure> {
         let Store::Redis { conn, prefix, .. } = self else {

@@ -32,6 +32,13 @@ pub const BODY_TIMEOUT: Duration = Duration::from_secs(10);
 /// The probes every orchestrator and scraper reaches without a token.
 const OPEN: [&str; 3] = ["/healthz", "/readyz", "/metrics"];
 
+/// The console's stylesheet and script: the same for everyone, and needed by its sign-in page.
+const ASSETS: &str = "/ui/assets/";
+
+/// POSTs that change nothing (an event to explain travels in a body): allowed as reads are, still same-site only,
+/// and their bodies capped like every other.
+const QUERIES: [&str; 2] = ["/api/explain", "/ui/try"];
+
 /// The listener's policy, fixed when it binds.
 pub struct Access {
     /// SHA-256 of `http.token`: comparing digests in constant time does not reveal the token's length either.
@@ -66,6 +73,11 @@ impl Access {
     /// Whether reads (`/rules`, `/api/...`) ask for the token, for the console to say so.
     pub fn reads_need_token(&self) -> bool {
         self.reads_need_token
+    }
+
+    /// Whether the config has a token (without one, no change is accepted).
+    pub fn has_token(&self) -> bool {
+        self.token.is_some()
     }
 
     /// Whether `headers` carry the configured token as `Authorization: Bearer ...`.
@@ -152,16 +164,22 @@ pub async fn guard(State(access): State<Arc<Access>>, req: Request, next: Next) 
     }
     let path = req.uri().path();
     let read = matches!(*req.method(), Method::GET | Method::HEAD);
-    if read && OPEN.contains(&path) {
+    if read && (OPEN.contains(&path) || path.starts_with(ASSETS)) {
         return next.run(req).await;
     }
+    let reads_refused = access.reads_need_token && !access.authorized(req.headers());
     if read {
-        if access.reads_need_token && !access.authorized(req.headers()) {
+        if reads_refused {
+            if path == "/ui" || path.starts_with("/ui/") {
+                // A browser's navigation carries no bearer token: its page asks for it and fetches again.
+                return super::ui::sign_in();
+            }
             let why = "this listener binds beyond loopback: reads need `Authorization: Bearer` with `http.token`";
             return refuse(StatusCode::UNAUTHORIZED, peer, &req, why.into());
         }
         return next.run(req).await;
     }
+    let query = *req.method() == Method::POST && QUERIES.contains(&path);
     if let Some(why) = cross_site(req.headers()) {
         return refuse(
             StatusCode::FORBIDDEN,
@@ -170,11 +188,15 @@ pub async fn guard(State(access): State<Arc<Access>>, req: Request, next: Next) 
             format!("a cross-site request may not change anything ({why})"),
         );
     }
-    if access.token.is_none() {
+    if query {
+        if reads_refused {
+            let why = "this listener binds beyond loopback: reads need `Authorization: Bearer` with `http.token`";
+            return refuse(StatusCode::UNAUTHORIZED, peer, &req, why.into());
+        }
+    } else if access.token.is_none() {
         let why = "changes over HTTP need `http.token` in the config (none is set, so none are accepted)";
         return refuse(StatusCode::FORBIDDEN, peer, &req, why.into());
-    }
-    if !access.authorized(req.headers()) {
+    } else if !access.authorized(req.headers()) {
         let why = "changes need `Authorization: Bearer` with `http.token`";
         return refuse(StatusCode::UNAUTHORIZED, peer, &req, why.into());
     }

@@ -1,8 +1,10 @@
-//! The HTTP listener: `/healthz` (liveness), `/readyz` (readiness), `/metrics`, `/rules`, `POST /reload`, and the
-//! decision journal's reads: `/api/journal?id=` (the `why` history as JSON) and `/api/tap` (server-sent events,
-//! one per decision of this process). Who may call what is [`access`]'s to say.
+//! The HTTP listener: `/healthz` (liveness), `/readyz` (readiness), `/metrics`, `/rules`, `POST /reload`, the JSON
+//! API under `/api/` ([`api`]) and the operator console under `/ui` ([`ui`]). Who may call what is [`access`]'s to
+//! say.
 
 pub mod access;
+pub mod api;
+pub mod ui;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -16,14 +18,14 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::{Value, json};
 use tokio::sync::watch;
 
+use crate::app::admin::Ops;
 use crate::app::http::access::Access;
 use crate::app::reload::Reloader;
 use crate::app::why::TapFilter;
 use crate::config::HttpConfig;
 use crate::obs::metrics as m;
-use crate::rules::RuleSet;
 use crate::sources::pubsub::subscriber::{ChannelState, ChannelStatus};
-use crate::state::{Journal, RedisCheck};
+use crate::state::RedisCheck;
 
 /// What the listener serves from.
 #[derive(Clone)]
@@ -36,10 +38,13 @@ pub struct AppState {
     pub sink_redis: Arc<ArcSwap<Vec<RedisCheck>>>,
     /// The Pub/Sub channels and their states (none with a JSONL source).
     pub channels: Arc<std::sync::Mutex<Vec<Arc<ChannelStatus>>>>,
-    /// The decision journal (none with `journal: { enabled: false }`).
-    pub journal: Option<Arc<Journal>>,
-    /// The rules in effect, for the false clauses of `/api/journal`.
-    pub rules: Arc<ArcSwap<RuleSet>>,
+    /// The stores, rules and pipeline the operator's changes act on (the CLI's code, [`crate::app::admin`]).
+    pub ops: Ops,
+    /// This instance's name, as its leases and the console show it.
+    pub instance: String,
+    pub started: std::time::Instant,
+    /// The routes' fire counts over the last minutes, for the console's rates.
+    pub sparks: Arc<api::Sparks>,
 }
 
 /// The routes, every one behind [`access::guard`].
@@ -50,9 +55,10 @@ pub fn router(state: AppState, access: Arc<Access>) -> Router {
         .route("/metrics", get(render_metrics))
         .route("/rules", get(rules))
         .route("/reload", post(reload))
-        .route("/api/journal", get(journal))
-        .route("/api/tap", get(tap))
+        .merge(api::routes())
+        .merge(ui::routes())
         .with_state(state)
+        .layer(axum::extract::Extension(access.clone()))
         .layer(axum::middleware::from_fn_with_state(access, access::guard))
 }
 
@@ -117,11 +123,8 @@ async fn journal(
     State(state): State<AppState>,
     axum::extract::Query(q): axum::extract::Query<JournalQuery>,
 ) -> (axum::http::StatusCode, Json<Value>) {
-    let Some(journal) = &state.journal else {
-        return (
-            axum::http::StatusCode::NOT_FOUND,
-            Json(json!({"error": "this config has `journal: { enabled: false }`"})),
-        );
+    let Some(journal) = &state.ops.stores.journal else {
+        return api::no_journal();
     };
     match journal.store.history(&q.id).await {
         Ok((entries, _)) if q.full => (
@@ -129,7 +132,7 @@ async fn journal(
             Json(serde_json::to_value(&entries).unwrap_or_default()),
         ),
         Ok((entries, _)) => {
-            let rules = state.rules.load_full();
+            let rules = state.ops.rules.load_full();
             let list: Vec<Value> = entries
                 .iter()
                 .map(|e| crate::delivery::journal::to_json(&rules, e))
@@ -153,7 +156,7 @@ async fn tap(
     use axum::response::IntoResponse;
     use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
     use tokio::sync::broadcast::error::RecvError;
-    let Some(journal) = &state.journal else {
+    let Some(journal) = &state.ops.stores.journal else {
         return (
             axum::http::StatusCode::NOT_FOUND,
             "this config has `journal: { enabled: false }`\n",
@@ -256,6 +259,19 @@ pub async fn serve(
     let listener = tokio::net::TcpListener::bind(&http.listen).await?;
     let addr = listener.local_addr()?;
     let access = Access::new(http, addr).map_err(|e| std::io::Error::new(std::io::ErrorKind::PermissionDenied, e))?;
+    // The console's rates: a sample of in-memory counters every 10 s (no Redis), for as long as the listener runs.
+    let sampler = {
+        let (state, mut shutdown) = (state.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(api::SPARK_EVERY);
+            loop {
+                tokio::select! {
+                    _ = every.tick() => state.sparks.sample(&state),
+                    _ = stopped(&mut shutdown) => break,
+                }
+            }
+        })
+    };
     let app = router(state, Arc::new(access));
     // Its own accept loop rather than `axum::serve`, which sets no timer: without one hyper enforces no header
     // timeout, and a client that sends half a request holds its connection for good.
@@ -297,6 +313,7 @@ pub async fn serve(
             });
         }
         drop(listener);
+        sampler.abort();
         if tokio::time::timeout(DRAIN, graceful.shutdown()).await.is_err() {
             tracing::debug!("HTTP connections still open after the drain; closing them.");
         }
