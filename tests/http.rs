@@ -187,6 +187,123 @@ fn changes_need_the_token_and_refuse_cross_site_requests_get_and_large_bodies() 
     );
 }
 
+/// `POST path` with a JSON body and `headers`.
+fn post(port: u16, path: &str, headers: &str, body: &str) -> String {
+    request(
+        port,
+        &format!(
+            "POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{headers}Content-Type: application/json\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        ),
+        body.as_bytes(),
+    )
+}
+
+fn json_body(response: &str) -> serde_json::Value {
+    let body = response.split("\r\n\r\n").nth(1).unwrap_or_default();
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {response}"))
+}
+
+/// What the API's changes may touch: the dead letters, the paused routes, the reload count.
+fn api_state(port: u16) -> (usize, Vec<String>, u64) {
+    let letters = json_body(&call(port, "GET", "/api/dead-letters", ""));
+    let overview = json_body(&call(port, "GET", "/api/overview", ""));
+    let paused = overview["routes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| !r["paused"].is_null())
+        .map(|r| r["name"].as_str().unwrap().to_string())
+        .collect();
+    (letters.as_array().unwrap().len(), paused, reloads(port))
+}
+
+#[test]
+fn every_change_of_the_api_and_the_console_needs_the_token_and_without_it_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let config = config(
+        dir.path(),
+        &format!("listen: \"127.0.0.1:{port}\", token: \"${{SWITCHYARD_HTTP_TOKEN}}\""),
+    );
+    let log = dir.path().join("run.log");
+    let mut service = start(&config, &log);
+    wait_until_up(port, &mut service, &log);
+    // A line that is not an event: one dead letter to retry or purge.
+    std::fs::write(dir.path().join("events.jsonl"), "{not json\n").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while api_state(port).0 != 1 {
+        assert!(Instant::now() < deadline, "no dead letter: {}", std::fs::read_to_string(&log).unwrap());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let route = "provision-on-activating";
+    let pause = format!("/api/routes/{route}/pause");
+    let resume = format!("/api/routes/{route}/resume");
+    let changes: [(&str, &str); 6] = [
+        ("/api/reload", ""),
+        ("/reload", ""),
+        ("/api/dead-letters/retry", r#"{"all": true}"#),
+        ("/api/dead-letters/purge", r#"{"all": true}"#),
+        (&pause, ""),
+        (&resume, ""),
+    ];
+    let before = api_state(port);
+    assert_eq!(before.1, Vec::<String>::new());
+    for (path, body) in changes {
+        let none = post(port, path, "", body);
+        assert!(none.starts_with("HTTP/1.1 401"), "{path} without the token: {none}");
+        let wrong = post(port, path, &bearer("console-wrong-token-0123456789abc"), body);
+        assert!(wrong.starts_with("HTTP/1.1 401"), "{path} with a wrong token: {wrong}");
+        let cross = post(port, path, &format!("{}Origin: http://evil.example\r\n", bearer(TOKEN)), body);
+        assert!(cross.starts_with("HTTP/1.1 403"), "{path} cross-site: {cross}");
+        let get = call(port, "GET", path, &bearer(TOKEN));
+        assert!(get.starts_with("HTTP/1.1 405"), "GET {path}: {get}");
+        assert_eq!(api_state(port), before, "a refused {path} changed nothing");
+    }
+
+    // With the token: the same operations as the CLI.
+    let paused = post(port, &pause, &bearer(TOKEN), "");
+    assert!(paused.starts_with("HTTP/1.1 200"), "{paused}");
+    assert_eq!(api_state(port).1, vec![route.to_string()]);
+    let refused = post(port, &resume, "", "");
+    assert!(refused.starts_with("HTTP/1.1 401"));
+    assert_eq!(api_state(port).1, vec![route.to_string()], "still paused");
+    let resumed = post(port, &resume, &bearer(TOKEN), "");
+    assert!(resumed.starts_with("HTTP/1.1 200") && resumed.contains("resumed"), "{resumed}");
+    assert_eq!(api_state(port).1, Vec::<String>::new());
+    // A malformed line cannot be retried (it is not an event): said so, and kept.
+    let retried = post(port, "/api/dead-letters/retry", &bearer(TOKEN), r#"{"all": true}"#);
+    assert!(retried.starts_with("HTTP/1.1 409") && retried.contains("undecodable"), "{retried}");
+    assert_eq!(api_state(port).0, 1);
+    let bad = post(port, "/api/dead-letters/purge", &bearer(TOKEN), r#"{"everything": 1}"#);
+    assert!(bad.starts_with("HTTP/1.1 400"), "{bad}");
+    let id = json_body(&call(port, "GET", "/api/dead-letters", ""))[0]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let shown = call(port, "GET", &format!("/api/dead-letters/{id}"), "");
+    assert!(shown.starts_with("HTTP/1.1 200") && shown.contains("not json"), "{shown}");
+    let purged = post(port, "/api/dead-letters/purge", &bearer(TOKEN), &format!(r#"{{"ids": ["{id}"]}}"#));
+    assert!(purged.starts_with("HTTP/1.1 200") && purged.contains("purged 1"), "{purged}");
+    assert_eq!(api_state(port).0, 0);
+
+    // Explaining an event changes nothing: a read, open on loopback, still same-site only.
+    let event = std::fs::read_to_string(common::repo().join("examples/events/order-lifecycle.jsonl")).unwrap();
+    let event = event.lines().next().unwrap();
+    let explained = post(port, "/api/explain", "", event);
+    assert!(explained.starts_with("HTTP/1.1 200") && explained.contains(route), "{explained}");
+    let cross = post(port, "/api/explain", "Sec-Fetch-Site: cross-site\r\n", event);
+    assert!(cross.starts_with("HTTP/1.1 403"), "{cross}");
+    let not_event = post(port, "/api/explain", "", "{\"id\": 1}");
+    assert!(not_event.starts_with("HTTP/1.1 400") && not_event.contains("not an event"), "{not_event}");
+    // The console's pages read on loopback without a token.
+    for page in ["/ui", "/ui/decisions?id=801", "/ui/dead-letters", "/ui/rules", "/ui/try"] {
+        let got = call(port, "GET", page, "");
+        assert!(got.starts_with("HTTP/1.1 200") && got.contains("switchyard"), "{page}: {got}");
+    }
+}
+
 #[test]
 fn a_listener_other_machines_reach_needs_a_token_to_start_and_then_for_reads() {
     let dir = tempfile::tempdir().unwrap();
@@ -225,11 +342,34 @@ fn a_listener_other_machines_reach_needs_a_token_to_start_and_then_for_reads() {
             "{path} stays open"
         );
     }
-    for path in ["/rules", "/api/journal?id=801", "/api/tap", "/nowhere"] {
+    for path in [
+        "/rules",
+        "/api/journal?id=801",
+        "/api/tap",
+        "/api/overview",
+        "/api/dead-letters",
+        "/nowhere",
+    ] {
         let refused = call(port, "GET", path, "");
         assert!(refused.starts_with("HTTP/1.1 401"), "{path}: {refused}");
     }
+    let explain = post(port, "/api/explain", "", "{}");
+    assert!(explain.starts_with("HTTP/1.1 401"), "{explain}");
     assert!(call(port, "GET", "/rules", &bearer(TOKEN)).starts_with("HTTP/1.1 200"));
+    // A browser's navigation carries no token: the console answers with its sign-in page, which asks for it
+    // and keeps it in the tab (its script and stylesheet are served to anyone).
+    for page in ["/ui", "/ui/dead-letters"] {
+        let sign_in = call(port, "GET", page, "");
+        assert!(
+            sign_in.starts_with("HTTP/1.1 401") && sign_in.contains("This console needs the token"),
+            "{page}: {sign_in}"
+        );
+        assert!(!sign_in.contains("Dead letters</h1>"), "nothing of the page itself");
+        let page = call(port, "GET", page, &bearer(TOKEN));
+        assert!(page.starts_with("HTTP/1.1 200") && page.contains("<nav>"), "{page}");
+    }
+    let script = call(port, "GET", "/ui/assets/console.js", "");
+    assert!(script.starts_with("HTTP/1.1 200") && script.contains("sessionStorage"), "{script}");
     drop(service);
 
     // The explicit opt-out: reads open to all, changes still refused (there is no token to give).
