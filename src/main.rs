@@ -122,7 +122,11 @@ async fn main() -> ExitCode {
         }
         Command::Route { config, op } => {
             admin(config, |service, out| {
-                Box::pin(async move { switchyard::app::admin::route(&service.ops(), op, out).await.map(|()| true) })
+                Box::pin(async move {
+                    switchyard::app::admin::route(&service.ops(), op, out)
+                        .await
+                        .map(|()| true)
+                })
             })
             .await
         }

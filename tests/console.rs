@@ -79,7 +79,10 @@ fn http(port: u16, method: &str, path: &str, body: &str) -> (u16, String) {
     let mut out = String::new();
     let _ = stream.read_to_string(&mut out);
     let status = out.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-    let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     (status, body)
 }
 
@@ -147,7 +150,10 @@ async fn an_operator_uses_the_console_in_a_real_browser() {
     )
     .replace(
         "enqueue-provisioning: { kind: queue,",
-        &format!("enqueue-provisioning: {{ kind: queue, redis: {{ url: \"{}\" }},", queue.url()),
+        &format!(
+            "enqueue-provisioning: {{ kind: queue, redis: {{ url: \"{}\" }},",
+            queue.url()
+        ),
     );
     let config = h.dir.path().join("config.yaml");
     std::fs::write(&config, text).unwrap();
@@ -166,13 +172,22 @@ async fn an_operator_uses_the_console_in_a_real_browser() {
     let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
     let deadline = Instant::now() + Duration::from_secs(30);
     while !(TcpStream::connect(("127.0.0.1", port)).is_ok() && http(port, "GET", "/healthz", "").0 == 200) {
-        assert!(Instant::now() < deadline, "the listener did not come up:\n{}", log_text());
+        assert!(
+            Instant::now() < deadline,
+            "the listener did not come up:\n{}",
+            log_text()
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     let bull = h.bull_prefix();
     let approve = |tx: &str, n: u32| {
         let (id, record) = h.record(n, None);
-        let e = h.approval(tx, std::slice::from_ref(&id), Some("Approved"), json!({ id.clone(): record }));
+        let e = h.approval(
+            tx,
+            std::slice::from_ref(&id),
+            Some("Approved"),
+            json!({ id.clone(): record }),
+        );
         emu.publish(&switchyard::event::Event::from_json(&e.to_string()).unwrap())
             .unwrap();
         id
@@ -184,7 +199,9 @@ async fn an_operator_uses_the_console_in_a_real_browser() {
     queue.down();
     let failed = approve("b", 2);
     wait_for("order 2's dead letter", 30, || {
-        json_of(port, "/api/dead-letters").as_array().is_some_and(|l| l.len() == 1)
+        json_of(port, "/api/dead-letters")
+            .as_array()
+            .is_some_and(|l| l.len() == 1)
     });
     queue.up();
     // A paused route (one these events never fire), and a rules file that does not load.
@@ -250,8 +267,78 @@ async fn an_operator_uses_the_console_in_a_real_browser() {
     assert!(route["paused"].is_null(), "{route}");
     let reloads = json_of(port, "/api/reloads");
     assert_eq!(reloads["reloads"][0]["ok"], false, "{reloads}");
-    for shot in ["overview", "decisions", "decisions-live", "dead-letters", "rules-refused", "try"] {
+    for shot in [
+        "overview",
+        "decisions",
+        "decisions-live",
+        "dead-letters",
+        "rules-refused",
+        "try",
+    ] {
         assert!(shots.join(format!("{shot}.png")).is_file(), "no screenshot {shot}");
     }
     emu.shutdown().await.unwrap();
+}
+
+/// A listener other machines reach: every read needs the token, so the browser's first load gets the sign-in page;
+/// the token entered there is kept in the tab's session storage and sent with every page after it.
+#[test]
+fn the_console_beyond_loopback_asks_for_the_token_once_and_keeps_it_in_the_tab() {
+    if !browser_ready() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let events = dir.path().join("events.jsonl");
+    std::fs::write(&events, "").unwrap();
+    let port = free_port();
+    let config = dir.path().join("config.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "source: {{ kind: jsonl, jsonl: {{ path: {}, follow: true }} }}\nrules: [{}]\nsinks:\n  \
+             enqueue-provisioning: {{ kind: queue, queue: provisioning, job_name: provision-order }}\n  \
+             invalidate-cache: {{ kind: cache-invalidate }}\n  log: {{ kind: log }}\nenricher: recorded\n\
+             http: {{ listen: \"0.0.0.0:{port}\", token: \"${{SWITCHYARD_HTTP_TOKEN}}\" }}\n",
+            events.display(),
+            repo().join("rules").display()
+        ),
+    )
+    .unwrap();
+    let log = dir.path().join("run.log");
+    let _service = Service(
+        Command::new(env!("CARGO_BIN_EXE_switchyard"))
+            .args(["run", "--config"])
+            .arg(&config)
+            .env("SWITCHYARD_HTTP_TOKEN", TOKEN)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !(TcpStream::connect(("127.0.0.1", port)).is_ok() && http(port, "GET", "/healthz", "").0 == 200) {
+        assert!(
+            Instant::now() < deadline,
+            "the listener did not come up:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = Command::new("node")
+        .arg(console_dir().join("signin.mjs"))
+        .current_dir(console_dir())
+        .env("BASE", format!("http://127.0.0.1:{port}"))
+        .env("TOKEN", TOKEN)
+        .env("SHOTS", repo().join("target/console-screenshots"))
+        .env("CHROMIUM", chromium())
+        .stderr(Stdio::inherit())
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && said.trim_end().ends_with("done"),
+        "the sign-in test failed:\n{said}"
+    );
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(!logged.contains(TOKEN), "the token never reaches the log");
 }

@@ -234,7 +234,11 @@ fn every_change_of_the_api_and_the_console_needs_the_token_and_without_it_change
     std::fs::write(dir.path().join("events.jsonl"), "{not json\n").unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
     while api_state(port).0 != 1 {
-        assert!(Instant::now() < deadline, "no dead letter: {}", std::fs::read_to_string(&log).unwrap());
+        assert!(
+            Instant::now() < deadline,
+            "no dead letter: {}",
+            std::fs::read_to_string(&log).unwrap()
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     let route = "provision-on-activating";
@@ -255,7 +259,12 @@ fn every_change_of_the_api_and_the_console_needs_the_token_and_without_it_change
         assert!(none.starts_with("HTTP/1.1 401"), "{path} without the token: {none}");
         let wrong = post(port, path, &bearer("console-wrong-token-0123456789abc"), body);
         assert!(wrong.starts_with("HTTP/1.1 401"), "{path} with a wrong token: {wrong}");
-        let cross = post(port, path, &format!("{}Origin: http://evil.example\r\n", bearer(TOKEN)), body);
+        let cross = post(
+            port,
+            path,
+            &format!("{}Origin: http://evil.example\r\n", bearer(TOKEN)),
+            body,
+        );
         assert!(cross.starts_with("HTTP/1.1 403"), "{path} cross-site: {cross}");
         let get = call(port, "GET", path, &bearer(TOKEN));
         assert!(get.starts_with("HTTP/1.1 405"), "GET {path}: {get}");
@@ -270,11 +279,17 @@ fn every_change_of_the_api_and_the_console_needs_the_token_and_without_it_change
     assert!(refused.starts_with("HTTP/1.1 401"));
     assert_eq!(api_state(port).1, vec![route.to_string()], "still paused");
     let resumed = post(port, &resume, &bearer(TOKEN), "");
-    assert!(resumed.starts_with("HTTP/1.1 200") && resumed.contains("resumed"), "{resumed}");
+    assert!(
+        resumed.starts_with("HTTP/1.1 200") && resumed.contains("resumed"),
+        "{resumed}"
+    );
     assert_eq!(api_state(port).1, Vec::<String>::new());
     // A malformed line cannot be retried (it is not an event): said so, and kept.
     let retried = post(port, "/api/dead-letters/retry", &bearer(TOKEN), r#"{"all": true}"#);
-    assert!(retried.starts_with("HTTP/1.1 409") && retried.contains("undecodable"), "{retried}");
+    assert!(
+        retried.starts_with("HTTP/1.1 409") && retried.contains("undecodable"),
+        "{retried}"
+    );
     assert_eq!(api_state(port).0, 1);
     let bad = post(port, "/api/dead-letters/purge", &bearer(TOKEN), r#"{"everything": 1}"#);
     assert!(bad.starts_with("HTTP/1.1 400"), "{bad}");
@@ -283,24 +298,50 @@ fn every_change_of_the_api_and_the_console_needs_the_token_and_without_it_change
         .unwrap()
         .to_string();
     let shown = call(port, "GET", &format!("/api/dead-letters/{id}"), "");
-    assert!(shown.starts_with("HTTP/1.1 200") && shown.contains("not json"), "{shown}");
-    let purged = post(port, "/api/dead-letters/purge", &bearer(TOKEN), &format!(r#"{{"ids": ["{id}"]}}"#));
-    assert!(purged.starts_with("HTTP/1.1 200") && purged.contains("purged 1"), "{purged}");
+    assert!(
+        shown.starts_with("HTTP/1.1 200") && shown.contains("not json"),
+        "{shown}"
+    );
+    let purged = post(
+        port,
+        "/api/dead-letters/purge",
+        &bearer(TOKEN),
+        &format!(r#"{{"ids": ["{id}"]}}"#),
+    );
+    assert!(
+        purged.starts_with("HTTP/1.1 200") && purged.contains("purged 1"),
+        "{purged}"
+    );
     assert_eq!(api_state(port).0, 0);
 
     // Explaining an event changes nothing: a read, open on loopback, still same-site only.
     let event = std::fs::read_to_string(common::repo().join("examples/events/order-lifecycle.jsonl")).unwrap();
     let event = event.lines().next().unwrap();
     let explained = post(port, "/api/explain", "", event);
-    assert!(explained.starts_with("HTTP/1.1 200") && explained.contains(route), "{explained}");
+    assert!(
+        explained.starts_with("HTTP/1.1 200") && explained.contains(route),
+        "{explained}"
+    );
     let cross = post(port, "/api/explain", "Sec-Fetch-Site: cross-site\r\n", event);
     assert!(cross.starts_with("HTTP/1.1 403"), "{cross}");
     let not_event = post(port, "/api/explain", "", "{\"id\": 1}");
-    assert!(not_event.starts_with("HTTP/1.1 400") && not_event.contains("not an event"), "{not_event}");
+    assert!(
+        not_event.starts_with("HTTP/1.1 400") && not_event.contains("not an event"),
+        "{not_event}"
+    );
     // The console's pages read on loopback without a token.
-    for page in ["/ui", "/ui/decisions?id=801", "/ui/dead-letters", "/ui/rules", "/ui/try"] {
+    for page in [
+        "/ui",
+        "/ui/decisions?id=801",
+        "/ui/dead-letters",
+        "/ui/rules",
+        "/ui/try",
+    ] {
         let got = call(port, "GET", page, "");
-        assert!(got.starts_with("HTTP/1.1 200") && got.contains("switchyard"), "{page}: {got}");
+        assert!(
+            got.starts_with("HTTP/1.1 200") && got.contains("switchyard"),
+            "{page}: {got}"
+        );
     }
 }
 
@@ -369,7 +410,10 @@ fn a_listener_other_machines_reach_needs_a_token_to_start_and_then_for_reads() {
         assert!(page.starts_with("HTTP/1.1 200") && page.contains("<nav>"), "{page}");
     }
     let script = call(port, "GET", "/ui/assets/console.js", "");
-    assert!(script.starts_with("HTTP/1.1 200") && script.contains("sessionStorage"), "{script}");
+    assert!(
+        script.starts_with("HTTP/1.1 200") && script.contains("sessionStorage"),
+        "{script}"
+    );
     drop(service);
 
     // The explicit opt-out: reads open to all, changes still refused (there is no token to give).

@@ -10,11 +10,11 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 
 use crate::app::service::Service;
+use crate::delivery::ActionResult;
 use crate::delivery::Pipeline;
+use crate::plan::{Action, Op};
 use crate::rules::RuleSet;
 use crate::state::Stores;
-use crate::delivery::ActionResult;
-use crate::plan::{Action, Op};
 use crate::state::{DeadLetter, Pause};
 use crate::state::{describe_position as describe, offset_bytes};
 

@@ -529,7 +529,10 @@ impl Reloader {
 
     /// When the rules in effect were loaded (ms since the epoch).
     pub fn loaded_at_ms(&self) -> u64 {
-        self.state.lock().expect("reload state lock is never poisoned").loaded_at_ms
+        self.state
+            .lock()
+            .expect("reload state lock is never poisoned")
+            .loaded_at_ms
     }
 
     pub fn describe(&self) -> serde_json::Value {

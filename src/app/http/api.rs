@@ -409,10 +409,7 @@ async fn recent_json(State(state): State<AppState>, Query(q): Query<RecentQuery>
     }
 }
 
-pub async fn recent(
-    state: &AppState,
-    n: usize,
-) -> Result<Vec<crate::state::Entry>, (StatusCode, Json<Value>)> {
+pub async fn recent(state: &AppState, n: usize) -> Result<Vec<crate::state::Entry>, (StatusCode, Json<Value>)> {
     let Some(journal) = &state.ops.stores.journal else {
         return Err(no_journal());
     };

@@ -32,12 +32,22 @@ pub fn routes() -> Router<AppState> {
         .route("/ui/dead-letters", get(dead_letters))
         .route("/ui/rules", get(rules))
         .route("/ui/try", get(try_get).post(try_post))
-        .route("/ui/assets/console.css", get(|| asset("text/css; charset=utf-8", STYLE)))
-        .route("/ui/assets/console.js", get(|| asset("text/javascript; charset=utf-8", SCRIPT)))
+        .route(
+            "/ui/assets/console.css",
+            get(|| asset("text/css; charset=utf-8", STYLE)),
+        )
+        .route(
+            "/ui/assets/console.js",
+            get(|| asset("text/javascript; charset=utf-8", SCRIPT)),
+        )
 }
 
 async fn asset(kind: &'static str, body: &'static str) -> Response {
-    ([(header::CONTENT_TYPE, kind), (header::CACHE_CONTROL, "no-cache")], body).into_response()
+    (
+        [(header::CONTENT_TYPE, kind), (header::CACHE_CONTROL, "no-cache")],
+        body,
+    )
+        .into_response()
 }
 
 /// Which page a layout is for (its tab is marked).
@@ -355,10 +365,12 @@ async fn decisions(
         })
     };
     let rules = state.reloader.rules.load_full();
-    let only_record = history
-        .as_ref()
-        .and_then(|h| h.as_ref().ok())
-        .and_then(|(entries, _)| entries.iter().any(|e| e.record_ids.iter().any(|r| r == id)).then_some(id));
+    let only_record = history.as_ref().and_then(|h| h.as_ref().ok()).and_then(|(entries, _)| {
+        entries
+            .iter()
+            .any(|e| e.record_ids.iter().any(|r| r == id))
+            .then_some(id)
+    });
     let body = html! {
         h1 { "Decisions" }
         form.search method="get" action="/ui/decisions" {

@@ -20,7 +20,13 @@
   async function load(url, push) {
     let r;
     try { r = await fetch(url, { headers: auth({}) }); } catch (e) { flash = { text: "cannot reach the listener: " + e, failed: true }; showFlash(); return; }
-    if (r.status === 401 && document.body.dataset.shell !== "true") { askToken("the listener wants the token"); return; }
+    if (r.status === 401) {
+      // No token, or one the listener refused: forget it and ask.
+      const had = token();
+      sessionStorage.removeItem(KEY);
+      askToken(had ? "the listener refused that token" : "the listener wants the token");
+      return;
+    }
     swap(await r.text());
     if (push) history.pushState({}, "", url);
   }
@@ -84,7 +90,7 @@
       const r = await fetch(button.dataset.action, init);
       const body = await r.json().catch(() => ({}));
       failed = !r.ok;
-      if (r.status === 401) { askToken("that needs the token"); }
+      if (r.status === 401) { sessionStorage.removeItem(KEY); }
       if (body.lines) text = body.lines.join("\n");
       else if (body.error) text = body.error;
       else if ("ok" in body) text = body.ok ? "reloaded: rules " + (body.new_version || body.old_version) + (body.swapped ? "" : " (no change)")
