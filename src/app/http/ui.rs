@@ -171,9 +171,12 @@ fn duration(s: u64) -> String {
 /// A sparkline of fires per sample, newest on the right.
 fn sparkline(values: &[u64]) -> Markup {
     let (w, h) = (120.0, 24.0);
-    if values.len() < 2 {
-        return html! { span.muted { "sampling…" } };
-    }
+    let values = match values {
+        [] => return html! { span.muted { "sampling…" } },
+        // One interval so far: a flat line at its count.
+        [one] => &[*one, *one][..],
+        more => more,
+    };
     let max = values.iter().copied().max().unwrap_or(0).max(1) as f64;
     let step = w / (values.len() - 1) as f64;
     let points: Vec<String> = values
