@@ -9,7 +9,6 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 
-use crate::app::service::Service;
 use crate::delivery::ActionResult;
 use crate::delivery::Pipeline;
 use crate::plan::{Action, Op};
@@ -18,23 +17,13 @@ use crate::state::Stores;
 use crate::state::{DeadLetter, Pause};
 use crate::state::{describe_position as describe, offset_bytes};
 
-/// What the operator commands act on: the CLI builds it from a [`Service`], the HTTP listener keeps one, so both
-/// run the same code.
+/// What the operator commands act on: the CLI builds it from a [`crate::app::service::Service`], the HTTP listener
+/// keeps one, so both run the same code.
 #[derive(Clone)]
 pub struct Ops {
     pub stores: Arc<Stores>,
     pub rules: Arc<ArcSwap<RuleSet>>,
     pub pipeline: Arc<Pipeline>,
-}
-
-impl Service {
-    pub fn ops(&self) -> Ops {
-        Ops {
-            stores: self.stores.clone(),
-            rules: self.rules.clone(),
-            pipeline: self.pipeline.clone(),
-        }
-    }
 }
 
 #[derive(Debug, thiserror::Error)]

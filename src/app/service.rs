@@ -72,6 +72,17 @@ pub struct Service {
     pub channels: Arc<std::sync::Mutex<Vec<Arc<crate::sources::pubsub::subscriber::ChannelStatus>>>>,
 }
 
+impl Service {
+    /// What the operator commands (CLI and HTTP) act on.
+    pub fn ops(&self) -> crate::app::admin::Ops {
+        crate::app::admin::Ops {
+            stores: self.stores.clone(),
+            rules: self.rules.clone(),
+            pipeline: self.pipeline.clone(),
+        }
+    }
+}
+
 /// One line of the `emulator` source's events file.
 pub enum EmulatorInput {
     Event(Box<crate::event::Event>),
