@@ -195,6 +195,20 @@ async fn run(config: Option<PathBuf>, no_watch: bool) -> ExitCode {
         tracing::info!("Standard output was closed; stopping.");
         let _ = closed.send(true);
     });
+    // However a stop begins (a signal, a closed stdout), it ends by this deadline: the events in
+    // flight get the shutdown timeout to settle and the last position as long again to be stored; what remains
+    // (leases, journal) gets a few seconds.
+    let drain = std::time::Duration::from_millis(service.config.config.delivery.shutdown_timeout_ms) * 2
+        + std::time::Duration::from_secs(5);
+    let mut stopping = shutdown.clone();
+    tokio::spawn(async move {
+        while !*stopping.borrow() {
+            if stopping.changed().await.is_err() {
+                return;
+            }
+        }
+        watchdog(drain);
+    });
     // Ends when a signal arrives or the process exits; a second signal exits at once.
     tokio::spawn(async move {
         wait_for_signal().await;
@@ -211,6 +225,27 @@ async fn run(config: Option<PathBuf>, no_watch: bool) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// A thread (not a task: it must fire even when every runtime thread is stuck) that ends the process if the stop
+/// takes longer than `drain`, saying what it was waiting for; events not settled are redelivered on restart.
+fn watchdog(drain: std::time::Duration) {
+    std::thread::spawn(move || {
+        std::thread::sleep(drain);
+        let stage = switchyard::obs::stage::get();
+        let waiting = if stage.is_empty() {
+            "the pipeline to stop".to_string()
+        } else {
+            stage
+        };
+        tracing::error!(waiting = %waiting, drain_ms = drain.as_millis() as u64, "Stop took longer than its deadline; exiting now.");
+        switchyard::errln!(
+            "switchyard: not stopped {:.0} s after the stop began (waiting for: {waiting}); exiting. Events not \
+             settled are redelivered on restart.",
+            drain.as_secs_f64()
+        );
+        std::process::exit(1);
+    });
 }
 
 type AdminFuture<'a> =

@@ -230,6 +230,52 @@ fn sigterm_mid_stream_exits_0_with_the_position_of_the_last_settled_event() {
     assert_eq!(setup.job_ids(), expected_ids(&events[..settled]));
 }
 
+/// SIGTERM while every Redis command hangs (the server paused with `CLIENT PAUSE ALL`): the stop still ends by its
+/// deadline (twice `delivery.shutdown_timeout_ms`, plus 5 s), exiting 1 and saying what it was waiting for. The
+/// events it could not settle are redelivered on restart, so nothing is lost.
+#[test]
+fn sigterm_while_redis_hangs_ends_by_the_drain_deadline_and_says_what_it_waited_for() {
+    let redis = OwnRedis::start();
+    let events = approvals("hang", 2000);
+    let setup = Setup::new("hang", &redis.url(), &events, "");
+    let config = std::fs::read_to_string(&setup.config).unwrap().replace(
+        "delivery: { concurrency: 32,",
+        "delivery: { shutdown_timeout_ms: 500, concurrency: 32,",
+    );
+    std::fs::write(&setup.config, config).unwrap();
+    let mut child = setup.spawn();
+    setup.wait_for_jobs(100, Duration::from_secs(60));
+    let mut c = setup.conn();
+    // Longer than the stop may take (a paused server serves no command, CLIENT UNPAUSE included, until it ends).
+    let _: () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(9_000)
+        .arg("ALL")
+        .query(&mut c)
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let pid = child.id().to_string();
+    let signalled = Instant::now();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let status = wait_exit(&mut child, Duration::from_secs(30));
+    let took = signalled.elapsed();
+    let logs = setup.logs();
+    // 0.5 s × 2 + 5 s, with a second of slack for a loaded machine.
+    assert!(took < Duration::from_secs(7), "the stop took {took:?}: {logs}");
+    assert_eq!(status.code(), Some(1), "{logs}");
+    assert!(
+        logs.contains("not stopped 6 s after the stop began (waiting for: "),
+        "{logs}"
+    );
+    // Restarted on a Redis that answers again (once the pause is over), it finishes the file: every activation
+    // once.
+    let mut child = setup.spawn();
+    setup.wait_for_jobs(events.len(), Duration::from_secs(60));
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(setup.job_ids(), expected_ids(&events));
+}
+
 #[test]
 fn a_permanently_failing_sink_is_dead_lettered_alone_and_retry_succeeds_once_it_works() {
     let h = common::Harness::new("permanent");

@@ -712,3 +712,115 @@ async fn without_redis_why_and_tap_read_the_running_process_over_its_http_listen
     let out = cli(&["why", &format!("{}:9", path.display())], &config);
     assert!(out.status.success(), "found by its position too: {}", text(&out));
 }
+
+/// The operator's reading commands piped into a reader that closes after one line (`| head -1`) end quietly with 0:
+/// no panic, no hang. `why` and `dead-letter list` print far more than a pipe holds; `tap` is still following a
+/// service that keeps deciding when its reader goes away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn why_tap_and_dead_letter_list_piped_into_a_reader_that_stops_end_quietly() {
+    use std::io::BufRead;
+    let h = Harness::new("piped");
+    let dir = h.dir.path();
+    let (events, records) = mixed_events(&h, 40);
+    let events = with_records(events, &records);
+    // The same approvals many times over (one record's history fills the journal's 200 entries, some 150 KB in
+    // words), and lines that are not events (each one a dead letter; the list is some 100 KB): more than a pipe
+    // holds, so each command is still writing when its reader goes away.
+    let mut lines: Vec<String> = Vec::new();
+    for round in 0..30 {
+        for e in &events {
+            let mut e = e.clone();
+            e["id"] = Value::from(format!("{}-{round}", e["id"].as_str().unwrap()));
+            lines.push(e.to_string());
+        }
+    }
+    for round in 30..230 {
+        let mut e = events[0].clone();
+        e["id"] = Value::from(format!("{}-{round}", e["id"].as_str().unwrap()));
+        lines.push(e.to_string());
+    }
+    for n in 0..1000 {
+        lines.push(format!("{{\"not an event\": {n}"));
+    }
+    let path = h.write_events("events.jsonl", &[]);
+    std::fs::write(&path, lines.join("\n") + "\n").unwrap();
+    let config = dir.join("config.yaml");
+    std::fs::write(&config, h.followed(&path, "")).unwrap();
+    let _run = Killed(vec![spawn(&config, &dir.join("run.log"))]);
+    let order = order_id(&h, 0);
+    let listed = || {
+        let out = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+            .args(["dead-letter", "list", "--config"])
+            .arg(&config)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).lines().count()
+    };
+    wait_for("1000 dead letters", Duration::from_secs(60), async || listed() > 1000).await;
+
+    let piped = |args: &[&str]| {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+            .args(args)
+            .arg("--config")
+            .arg(&config)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut first = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut first)
+            .unwrap();
+        (child, first)
+    };
+    let finish = |mut child: Child, what: &str| {
+        let started = Instant::now();
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "{what} did not end within 30 s of its reader closing"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let mut err = String::new();
+        child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+        assert_eq!(
+            status.code(),
+            Some(0),
+            "{what}: {status:?}: {}",
+            err.lines().rev().take(5).collect::<Vec<_>>().join("\n")
+        );
+        assert!(!err.contains("panicked"), "{what}: {err}");
+    };
+    for args in [&["why", order.as_str()][..], &["dead-letter", "list"]] {
+        let (child, first) = piped(args);
+        assert!(!first.is_empty(), "{args:?} printed nothing");
+        finish(child, &format!("{args:?}"));
+    }
+    // The tap prints decisions as they are made: keep the service deciding until the tap has ended.
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let feeder = {
+        let (path, events) = (path.clone(), events.clone());
+        std::thread::spawn(move || {
+            let mut round = 100;
+            while rx.try_recv().is_err() {
+                let mut file = std::fs::OpenOptions::new().append(true).open(&path).unwrap();
+                for e in &events {
+                    let mut e = e.clone();
+                    e["id"] = Value::from(format!("{}-{round}", e["id"].as_str().unwrap()));
+                    writeln!(file, "{e}").unwrap();
+                }
+                round += 1;
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        })
+    };
+    let (tap, first) = piped(&["tap"]);
+    assert!(!first.is_empty(), "tap printed nothing");
+    finish(tap, "tap");
+    tx.send(()).unwrap();
+    feeder.join().unwrap();
+}

@@ -329,10 +329,12 @@ impl Service {
         };
         // Graceful handover: the last settled positions are stored, so a standby may take over from them now.
         if let Some(leases) = &self.stores.leases {
+            crate::obs::stage::set("handing back the channel leases");
             leases.release_all().await;
         }
         gauges.abort();
         if let Some(journal) = &self.stores.journal {
+            crate::obs::stage::set("writing the last decisions to the journal");
             journal.flush().await;
         }
         if let Some(task) = http {

@@ -249,11 +249,15 @@ impl Pipeline {
                     metrics::gauge!(m::EVENTS_IN_FLIGHT).set(in_flight as f64);
                     let delivered = ledger.finished(done);
                     self.settled.send_modify(|n| *n += delivered);
+                    if stopping {
+                        crate::obs::stage::set(format!("settling {in_flight} event(s) in flight"));
+                    }
                 }
                 changed = shutdown.changed(), if !stopping && !shutdown_gone => match changed {
                     Ok(()) if *shutdown.borrow() => {
                         stopping = true;
                         deadline = self.begin_stop();
+                        crate::obs::stage::set(format!("settling {in_flight} event(s) in flight"));
                         tracing::info!(in_flight, "Stopped reading the source; settling the events in flight.");
                     }
                     Ok(()) => {}
@@ -293,6 +297,7 @@ impl Pipeline {
     /// The last position must be stored before we exit: retries a failing store (a dropped connection) for up to
     /// the shutdown timeout.
     async fn commit_last(&self, ledger: &mut Ledger) {
+        crate::obs::stage::set("storing the last settled position");
         let give_up = tokio::time::Instant::now() + self.shutdown_timeout;
         let mut pause = Duration::from_millis(50);
         while !self.commit(ledger).await {
