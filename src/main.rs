@@ -54,6 +54,7 @@ async fn main() -> ExitCode {
         Command::Emulator {
             listen,
             events,
+            serve_malformed,
             access_token,
             http_listen,
             jwt_public_key,
@@ -72,7 +73,7 @@ async fn main() -> ExitCode {
                     }
                 }
             }
-            emulator(listen, http_listen, events, access_token, oauth).await
+            emulator(listen, http_listen, events, serve_malformed, access_token, oauth).await
         }
         Command::Checkpoint { config, op } => {
             admin(config, |service, out| {
@@ -387,28 +388,27 @@ async fn emulator(
     listen: std::net::SocketAddr,
     http_listen: std::net::SocketAddr,
     events: Option<PathBuf>,
+    serve_malformed: bool,
     access_token: String,
     oauth: switchyard::emulator::OAuthSettings,
 ) -> ExitCode {
-    use switchyard::emulator::{EmulatorOptions, load_events, run_cli};
-    let events = match events.as_deref().map(load_events).transpose() {
-        Ok(events) => events.unwrap_or_default(),
+    use switchyard::emulator::{EmulatorOptions, read_lines, run_cli};
+    let lines = match events.as_deref().map(read_lines).transpose() {
+        Ok(lines) => lines.unwrap_or_default(),
         Err(e) => {
             switchyard::errln!("switchyard: {e}");
             return ExitCode::FAILURE;
         }
     };
-    tracing::info!(%listen, events = events.len(), "Pub/Sub emulator listening (plain HTTP/2, loopback).");
-    match run_cli(EmulatorOptions {
+    tracing::info!(%listen, lines = lines.len(), "Pub/Sub emulator listening (plain HTTP/2, loopback).");
+    let options = EmulatorOptions {
         addr: listen,
         http_addr: http_listen,
-        events,
         access_token,
         oauth,
         ..Default::default()
-    })
-    .await
-    {
+    };
+    match run_cli(options, events.as_deref(), lines, serve_malformed).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             switchyard::errln!("switchyard: {e}");

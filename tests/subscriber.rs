@@ -846,3 +846,226 @@ async fn mode_switch_by_config_reload_and_back_loses_nothing_and_keeps_each_mode
     assert_eq!(pe_ids, want, "the requests went to the queue the reloaded sink names");
     assert!(h.dead_letters().await.is_empty());
 }
+
+/// `switchyard emulator --events` serves the demo's own file, whose one malformed line it skips with a warning that
+/// names the line, and the project's own client (`record`) decodes every event of it; with `--serve-malformed`
+/// the line goes on the bus as a payload no schema decodes, which the client reports and does not record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_emulator_serves_the_demo_file_skipping_or_serving_its_malformed_line() {
+    use std::process::Stdio;
+    use tokio::io::AsyncBufReadExt;
+    let h = Harness::new("emulator_demo_file");
+    let demo = repo().join("examples/events/order-lifecycle.jsonl");
+    let text = std::fs::read_to_string(&demo).unwrap();
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
+        .collect();
+    let valid = lines.iter().filter(|l| Event::from_json(l).is_ok()).count();
+    let bad_line = text
+        .lines()
+        .position(|l| !l.trim().is_empty() && Event::from_json(l).is_err())
+        .unwrap()
+        + 1;
+    assert!(valid + 1 == lines.len(), "the demo file has exactly one malformed line");
+    for serve_malformed in [false, true] {
+        let (grpc, http) = (common::free_port(), common::free_port());
+        let log = h.dir.path().join(format!("emulator-{serve_malformed}.log"));
+        let mut emulator = tokio::process::Command::new(env!("CARGO_BIN_EXE_switchyard"));
+        emulator
+            .args(["emulator", "--listen", &format!("127.0.0.1:{grpc}"), "--http-listen"])
+            .arg(format!("127.0.0.1:{http}"))
+            .arg("--events")
+            .arg(&demo)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .kill_on_drop(true);
+        if serve_malformed {
+            emulator.arg("--serve-malformed");
+        }
+        let mut emulator = emulator.spawn().unwrap();
+        let mut out = tokio::io::BufReader::new(emulator.stdout.take().unwrap()).lines();
+        // It prints its connection settings once it serves.
+        let ready = tokio::time::timeout(Duration::from_secs(30), async {
+            while let Some(line) = out.next_line().await.unwrap() {
+                if line.starts_with("export SF_CLIENT_SECRET") {
+                    return;
+                }
+            }
+            panic!("the emulator ended: {}", std::fs::read_to_string(&log).unwrap());
+        });
+        ready.await.expect("the emulator serves within 30 s");
+        let said = std::fs::read_to_string(&log).unwrap();
+        if serve_malformed {
+            assert!(said.contains("served as an undecodable payload"), "{said}");
+        } else {
+            let at = format!("{}:{bad_line}: not an event", demo.display());
+            assert!(said.contains(&at), "the warning names the line: {said}");
+        }
+        let config = h.dir.path().join(format!("record-{serve_malformed}.yaml"));
+        std::fs::write(
+            &config,
+            format!(
+                "source:\n  kind: pubsub\n  pubsub: {{ endpoint: \"http://127.0.0.1:{grpc}\", replay: {{ start: earliest }} }}\n\
+                 rules: [{rules}]\nsinks:\n  enqueue-provisioning: {{ kind: queue, queue: provisioning, job_name: provision-order }}\n  \
+                 invalidate-cache: {{ kind: cache-invalidate }}\n  log: {{ kind: log }}\n\
+                 salesforce: {{ login_url: \"http://127.0.0.1:{http}\", client_id: {id}, client_secret: {secret} }}\n\
+                 checkpoint: {{ store: memory }}\n",
+                rules = repo().join("rules").display(),
+                id = emulator::DEFAULT_CLIENT_ID,
+                secret = emulator::DEFAULT_CLIENT_SECRET,
+            ),
+        )
+        .unwrap();
+        // `record` subscribes to the channels the rules live on in CDC mode (Order and OrderItem), each in order.
+        let want: Vec<String> = lines
+            .iter()
+            .filter_map(|l| Event::from_json(l).ok())
+            .filter(|e| e.channel != emulator::FULFILMENT_CHANNEL)
+            .map(|e| e.id)
+            .collect();
+        let recorded = h.dir.path().join(format!("recorded-{serve_malformed}.jsonl"));
+        let record_log = h.dir.path().join(format!("record-{serve_malformed}.log"));
+        let mut record = tokio::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+            .args(["record", "--from", "earliest", "--config"])
+            .arg(&config)
+            .arg("--out")
+            .arg(&recorded)
+            .stderr(std::fs::File::create(&record_log).unwrap())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        // Until every event is written (and, when served, the undecodable payload after them was seen); then stop.
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let written = std::fs::read_to_string(&recorded).map_or(0, |t| t.lines().count());
+            let seen = std::fs::read_to_string(&record_log)
+                .unwrap_or_default()
+                .contains("cannot be decoded");
+            if written >= want.len() && (seen || !serve_malformed) {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "record wrote {written} of {} events: {}",
+                want.len(),
+                std::fs::read_to_string(&record_log).unwrap_or_default()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let pid = record.id().unwrap().to_string();
+        assert!(
+            std::process::Command::new("kill")
+                .args(["-TERM", &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+        let status = tokio::time::timeout(Duration::from_secs(30), record.wait())
+            .await
+            .unwrap()
+            .unwrap();
+        let record_said = std::fs::read_to_string(&record_log).unwrap();
+        assert!(status.success(), "{record_said}");
+        let got: Vec<Event> = std::fs::read_to_string(&recorded)
+            .unwrap()
+            .lines()
+            .map(|l| Event::from_json(l).unwrap())
+            .collect();
+        let of = |events: &[Event], channel: &str| -> Vec<String> {
+            events
+                .iter()
+                .filter(|e| e.channel == channel)
+                .map(|e| e.id.clone())
+                .collect()
+        };
+        let published: Vec<Event> = lines.iter().filter_map(|l| Event::from_json(l).ok()).collect();
+        for channel in [emulator::ORDER_CHANNEL, emulator::ORDER_ITEM_CHANNEL] {
+            assert_eq!(of(&got, channel), of(&published, channel), "{channel}: {record_said}");
+        }
+        assert_eq!(got.len(), want.len());
+        assert_eq!(
+            record_said.contains("cannot be decoded is not recorded"),
+            serve_malformed,
+            "{record_said}"
+        );
+        emulator.kill().await.unwrap();
+    }
+}
+
+/// OrderItem changes over real gRPC (the emulator serves `/data/OrderItemChangeEvent` with its own schema): a
+/// customer-facing change of a line invalidates its parent order's cache keys, the OrderId read from the line
+/// over REST when the event does not carry it, or taken from a CREATE; an internal change touches nothing.
+#[tokio::test]
+async fn order_item_changes_invalidate_the_parent_order_over_grpc() {
+    let h = Harness::new("sub-order-items");
+    let emu = emulator_with(EmulatorOptions::default()).await;
+    let run = start(&h, &config(&h, &emu, &redis_url(), "", "")).await;
+    let (order1, order2, order3) = (order(&h, 1), order(&h, 2), order(&h, 3));
+    let keys: Vec<String> = [&order1, &order2, &order3]
+        .iter()
+        .map(|o| format!("orders:detail:{o}"))
+        .collect();
+    for key in &keys {
+        h.set_key(key).await;
+    }
+    let line = |n: u32| format!("802{}{n:03}AAA", &order(&h, 0)[3..12]);
+    let item = |tx: &str, id: &str, change: &str, changed: &[&str], fields: Value, record: Value| {
+        let mut e = h.change(tx, &[id.to_string()], changed, fields, record);
+        e["channel"] = json!(emulator::ORDER_ITEM_CHANNEL);
+        e["header"]["entity"] = json!("OrderItem");
+        e["header"]["change_type"] = json!(change);
+        event(&e)
+    };
+    // The quantity of a line of order 1: OrderId is not in the event, the REST read of the line finds it.
+    let l1 = line(1);
+    emu.publish(&item(
+        "tx-qty",
+        &l1,
+        "UPDATE",
+        &["Quantity", "TotalPrice", "LastModifiedDate"],
+        json!({"Quantity": 3.0, "TotalPrice": 89.97, "LastModifiedDate": 1764230499000u64}),
+        records(&[(l1.clone(), json!({"OrderId": order1}))]),
+    ))
+    .unwrap();
+    // An internal field of a line of order 2: nothing the customer sees.
+    let l2 = line(2);
+    emu.publish(&item(
+        "tx-internal",
+        &l2,
+        "UPDATE",
+        &["Provisioning_Status__c", "LastModifiedDate"],
+        json!({"Provisioning_Status__c": "Provisioned", "LastModifiedDate": 1764230499000u64}),
+        records(&[(l2.clone(), json!({"OrderId": order2}))]),
+    ))
+    .unwrap();
+    // A new line of order 3, which names its order.
+    let l3 = line(3);
+    emu.publish(&item(
+        "tx-create",
+        &l3,
+        "CREATE",
+        &[],
+        json!({"OrderId": order3, "Quantity": 1.0, "UnitPrice": 19.99, "Product2Id": "01txx0000000001AAA"}),
+        records(&[(l3.clone(), json!({"OrderId": order3}))]),
+    ))
+    .unwrap();
+    run.settled(3, Duration::from_secs(20)).await;
+    let stats = run.finish().await;
+    assert_eq!(stats.malformed, 0, "{stats:?}");
+    assert!(!h.key_exists(&keys[0]).await, "a quantity change invalidates its order");
+    assert!(
+        h.key_exists(&keys[1]).await,
+        "an internal change leaves the order's cache alone"
+    );
+    assert!(
+        !h.key_exists(&keys[2]).await,
+        "a new line invalidates the order it names"
+    );
+    assert_eq!(emu.rest_reads_of(&l3), 0, "a CREATE names its order: no read");
+    assert!(
+        emu.rest_reads_of(&l1) >= 1,
+        "the line of an UPDATE is read for its order"
+    );
+}

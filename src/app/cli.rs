@@ -150,9 +150,14 @@ pub enum Command {
         /// Address to listen on.
         #[arg(long, default_value = "127.0.0.1:7011")]
         listen: std::net::SocketAddr,
-        /// Events to serve (JSONL, the same format as the JSONL source).
+        /// Events to serve (JSONL, the same format as the JSONL source). A line that is not an event is skipped
+        /// with a warning naming its line.
         #[arg(long)]
         events: Option<PathBuf>,
+        /// Serve each line that is not an event as a payload no schema decodes (on the Order channel), as a fault
+        /// for subscribers to handle, instead of skipping it.
+        #[arg(long)]
+        serve_malformed: bool,
         /// The static access token accepted besides the ones the token endpoint issues.
         #[arg(long, default_value = "emulator-access-token")]
         access_token: String,

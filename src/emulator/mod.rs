@@ -38,6 +38,8 @@ use state::{Settings, Shared, State, Topic};
 
 /// The CDC channel the built-in OrderChangeEvent schema serves.
 pub const ORDER_CHANNEL: &str = "/data/OrderChangeEvent";
+/// The CDC channel the built-in OrderItemChangeEvent schema serves.
+pub const ORDER_ITEM_CHANNEL: &str = "/data/OrderItemChangeEvent";
 /// The platform-event channel the built-in Order_Fulfilment_Requested__e schema serves.
 pub const FULFILMENT_CHANNEL: &str = "/event/Order_Fulfilment_Requested__e";
 
@@ -45,6 +47,7 @@ const ORDER_SCHEMA: &str = include_str!("../../schemas/avro/OrderChangeEvent.avs
 /// The same object with its fields in another order (and one field more), for the schema-change fault.
 const ORDER_SCHEMA_V2: &str = include_str!("../../tests/fixtures/avro/OrderChangeEvent.v2.avsc");
 const FULFILMENT_SCHEMA: &str = include_str!("../../schemas/avro/Order_Fulfilment_Requested__e.avsc");
+const ORDER_ITEM_SCHEMA: &str = include_str!("../../schemas/avro/OrderItemChangeEvent.avsc");
 
 /// Default expected `accesstoken`; tests and the demo use it unless they set their own.
 pub const DEFAULT_ACCESS_TOKEN: &str = "emulator-access-token";
@@ -64,7 +67,9 @@ pub enum EmulatorError {
     },
     #[error("the emulator's gRPC server failed: {0}")]
     Transport(#[from] tonic::transport::Error),
-    #[error("the emulator has no topic `{0}` (it serves {ORDER_CHANNEL} and {FULFILMENT_CHANNEL})")]
+    #[error(
+        "the emulator has no topic `{0}` (it serves {ORDER_CHANNEL}, {ORDER_ITEM_CHANNEL} and {FULFILMENT_CHANNEL})"
+    )]
     UnknownChannel(String),
     #[error("cannot write the event as Avro: {0}")]
     Encode(#[from] EncodeError),
@@ -194,11 +199,16 @@ pub async fn start(options: EmulatorOptions) -> Result<EmulatorHandle, EmulatorE
     let order = CompiledSchema::parse(ORDER_SCHEMA)?;
     let order_v2 = CompiledSchema::parse(ORDER_SCHEMA_V2)?;
     let fulfilment = CompiledSchema::parse(FULFILMENT_SCHEMA)?;
+    let order_item = CompiledSchema::parse(ORDER_ITEM_SCHEMA)?;
     let mut state = State::default();
-    for schema in [&order, &order_v2, &fulfilment] {
+    for schema in [&order, &order_v2, &fulfilment, &order_item] {
         state.schemas.insert(schema.fingerprint().to_owned(), schema.clone());
     }
-    for (channel, schema) in [(ORDER_CHANNEL, order), (FULFILMENT_CHANNEL, fulfilment)] {
+    for (channel, schema) in [
+        (ORDER_CHANNEL, order),
+        (ORDER_ITEM_CHANNEL, order_item),
+        (FULFILMENT_CHANNEL, fulfilment),
+    ] {
         state.topics.insert(
             channel.to_owned(),
             Topic {
@@ -432,31 +442,84 @@ impl Drop for EmulatorHandle {
     }
 }
 
-/// Reads a JSONL file of events (blank lines and `#` comments skipped), each checked as [`Event::from_json`] does.
-pub fn load_events(path: &Path) -> Result<Vec<Event>, EmulatorError> {
+/// One line of an events file, as the emulator serves it.
+#[derive(Debug)]
+pub enum Line {
+    Event(Box<Event>),
+    /// A line that is not an event: skipped with a warning, or served as a payload no schema decodes.
+    Malformed {
+        line: usize,
+        error: EventError,
+    },
+}
+
+/// Reads a JSONL file of events (blank lines and `#` comments skipped), each line checked as [`Event::from_json`]
+/// does; a line that is not an event is kept as [`Line::Malformed`] with its number.
+pub fn read_lines(path: &Path) -> Result<Vec<Line>, EmulatorError> {
     let text = std::fs::read_to_string(path).map_err(|source| EmulatorError::Read {
         path: path.to_owned(),
         source,
     })?;
-    text.lines()
+    Ok(text
+        .lines()
         .enumerate()
         .filter(|(_, line)| !line.trim().is_empty() && !line.trim_start().starts_with('#'))
-        .map(|(index, line)| {
-            Event::from_json(line).map_err(|source| EmulatorError::BadEvent {
+        .map(|(index, line)| match Event::from_json(line) {
+            Ok(event) => Line::Event(Box::new(event)),
+            Err(error) => Line::Malformed { line: index + 1, error },
+        })
+        .collect())
+}
+
+/// Reads a JSONL file of events, refusing the first line that is not one (with its `path:line`).
+pub fn load_events(path: &Path) -> Result<Vec<Event>, EmulatorError> {
+    read_lines(path)?
+        .into_iter()
+        .map(|line| match line {
+            Line::Event(event) => Ok(*event),
+            Line::Malformed { line, error } => Err(EmulatorError::BadEvent {
                 path: path.to_owned(),
-                line: index + 1,
-                source,
-            })
+                line,
+                source: error,
+            }),
         })
         .collect()
 }
 
 /// Entry point for `switchyard emulator`: serves `options` until Ctrl-C, then shuts down. Prints the environment
 /// that points `switchyard run --config examples/salesforce.yaml` at it.
-pub async fn run_cli(options: EmulatorOptions) -> Result<(), EmulatorError> {
-    let events = options.events.len();
+/// `lines` go on the bus in file order before anyone subscribes: the events, and each malformed line either skipped
+/// with a warning naming `path:line` or, with `serve_malformed`, as an undecodable payload on the Order channel.
+pub async fn run_cli(
+    options: EmulatorOptions,
+    path: Option<&Path>,
+    lines: Vec<Line>,
+    serve_malformed: bool,
+) -> Result<(), EmulatorError> {
     let oauth = options.oauth.clone();
     let handle = start(options).await?;
+    let mut events = 0;
+    for line in lines {
+        match line {
+            Line::Event(event) => {
+                handle.publish(&event)?;
+                events += 1;
+            }
+            Line::Malformed { line, error } if serve_malformed => {
+                tracing::warn!(line, %error, "Not an event: served as an undecodable payload on {ORDER_CHANNEL}.");
+                handle.publish_corrupt(ORDER_CHANNEL)?;
+                events += 1;
+            }
+            Line::Malformed { line, error } => {
+                let at = path
+                    .map(|p| format!("{}:{line}", p.display()))
+                    .unwrap_or_else(|| line.to_string());
+                tracing::warn!(
+                    "{at}: not an event ({error}); skipped (`--serve-malformed` serves it as an undecodable payload)."
+                );
+            }
+        }
+    }
     tracing::info!(
         endpoint = %handle.endpoint(),
         login_url = %handle.base_url(),
