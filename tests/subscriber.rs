@@ -718,8 +718,14 @@ async fn mode_switch_by_config_reload_and_back_loses_nothing_and_keeps_each_mode
         c.sort();
         c
     };
-    subscribed(&emu, 1).await;
-    assert_eq!(channels(&run), vec![emulator::ORDER_CHANNEL.to_string()]);
+    subscribed(&emu, 2).await;
+    assert_eq!(
+        channels(&run),
+        vec![
+            emulator::ORDER_CHANNEL.to_string(),
+            emulator::ORDER_ITEM_CHANNEL.to_string()
+        ]
+    );
 
     // CDC: approvals 1-10 settle.
     let mut tenth = Vec::new();
@@ -753,7 +759,9 @@ async fn mode_switch_by_config_reload_and_back_loses_nothing_and_keeps_each_mode
         outcome
             .applied
             .iter()
-            .any(|a| a.contains(&format!("started: [{pe_key}], stopped: [{cdc_key}]"))),
+            .any(|a| a.contains(&format!("started: [{pe_key}], stopped: ["))
+                && a.contains(&cdc_key)
+                && a.contains(&checkpoint_key(Mode::Cdc, emulator::ORDER_ITEM_CHANNEL))),
         "{outcome:?}"
     );
     assert!(
