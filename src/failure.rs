@@ -6,7 +6,8 @@
 /// of delivery: sinks, idempotency markers, leases, checkpoints and dead letters.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum Failure {
-    /// The sink or its connection failed for now (connection refused, timeout, Redis LOADING): retry.
+    /// The sink or its connection failed for now (connection refused, timeout, Redis LOADING, a primary turned
+    /// replica in a failover: READONLY): retry.
     #[error("transient: {0}")]
     Transient(String),
     /// An established connection died mid-call (broken pipe, reset): transient, and retried at once, since the
@@ -49,7 +50,7 @@ impl Failure {
             || err.is_timeout()
             || matches!(
                 err.code(),
-                Some("LOADING" | "BUSY" | "TRYAGAIN" | "MASTERDOWN" | "CLUSTERDOWN")
+                Some("LOADING" | "BUSY" | "TRYAGAIN" | "MASTERDOWN" | "CLUSTERDOWN" | "READONLY" | "NOREPLICAS")
             )
             || err.is_unrecoverable_error();
         if transient {

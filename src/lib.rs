@@ -1,3 +1,4 @@
+#![recursion_limit = "256"]
 //! switchyard: routes Salesforce change events to side effects by rules that operators edit as files.
 //!
 //! Data flows one way: Source -> Router (`when`) -> Enricher -> Router (`guard`) -> Plan -> Dispatcher ->

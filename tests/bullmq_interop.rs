@@ -7,39 +7,10 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
-use common::{Harness, records, redis_url, repo};
+use common::{Harness, interop_dir, node_ready, records, redis_url, repo};
 use serde_json::{Value, json};
-
-fn interop_dir() -> PathBuf {
-    repo().join("tests/interop")
-}
-
-/// Whether the Node side can run here; panics when it cannot but is required.
-fn node_ready() -> bool {
-    let required = std::env::var_os("SWITCHYARD_INTEROP_REQUIRED").is_some_and(|v| !v.is_empty() && v != "0");
-    let modules = interop_dir().join("node_modules/bullmq");
-    let node = Command::new("node")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if modules.is_dir() && node {
-        return true;
-    }
-    let why = if node {
-        "tests/interop/node_modules is missing (run `npm ci` in tests/interop)"
-    } else {
-        "`node` is not installed"
-    };
-    assert!(!required, "SWITCHYARD_INTEROP_REQUIRED is set but {why}");
-    eprintln!("\n**********************************************************************");
-    eprintln!("SKIPPED the BullMQ interop test: {why}.");
-    eprintln!("CI runs it (SWITCHYARD_INTEROP_REQUIRED=1 after `npm ci`).");
-    eprintln!("**********************************************************************\n");
-    false
-}
 
 #[tokio::test]
 async fn a_stock_node_bullmq_worker_receives_and_completes_exactly_the_expected_jobs() {

@@ -473,9 +473,11 @@ async fn concurrent_idempotency_writes_share_calls_and_each_gets_its_own_answer(
         .set_response_timeout(Some(Duration::from_millis(500)))
         .set_number_of_retries(1);
     let client = redis::Client::open(redis.url()).unwrap();
-    let conn = redis::aio::ConnectionManager::new_with_config(client, config)
-        .await
-        .unwrap();
+    let conn = switchyard::state::Conn::Server(
+        redis::aio::ConnectionManager::new_with_config(client, config)
+            .await
+            .unwrap(),
+    );
     let ttls = Ttls {
         lease: Duration::from_secs(30),
         done: Duration::from_secs(600),

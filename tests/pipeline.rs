@@ -418,9 +418,11 @@ async fn a_stop_does_not_wait_for_retries_and_leaves_their_events_unsettled() {
     assert_eq!(stats.dead_letters, 0, "{stats:?}");
     assert!(h.dead_letters().await.is_empty());
     let store = CheckpointStore::redis(
-        redis::aio::ConnectionManager::new(redis::Client::open(common::redis_url()).unwrap())
-            .await
-            .unwrap(),
+        switchyard::state::Conn::Server(
+            redis::aio::ConnectionManager::new(redis::Client::open(common::redis_url()).unwrap())
+                .await
+                .unwrap(),
+        ),
         &h.key_prefix(),
     );
     let stored = store.get(&JsonlSource::key_for(&path)).await.unwrap();

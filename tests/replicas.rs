@@ -491,9 +491,11 @@ async fn writes_under_a_stale_fencing_token_are_refused_by_redis() {
     use switchyard::state::{Claim, Idempotency, Ttls};
 
     let h = Harness::new("ha-fence");
-    let conn = redis::aio::ConnectionManager::new(redis::Client::open(redis_url()).unwrap())
-        .await
-        .unwrap();
+    let conn = switchyard::state::Conn::Server(
+        redis::aio::ConnectionManager::new(redis::Client::open(redis_url()).unwrap())
+            .await
+            .unwrap(),
+    );
     let ttl = Duration::from_millis(600);
     let a = Arc::new(Leases::new(conn.clone(), &h.key_prefix(), "a".into(), ttl));
     let b = Arc::new(Leases::new(conn.clone(), &h.key_prefix(), "b".into(), ttl));
@@ -578,9 +580,11 @@ async fn checkpoint_set_refuses_while_a_replica_holds_the_channel() {
     let text = h.config(&events, "lease: { enabled: true, ttl_ms: 5000 }\n");
     let loaded = LoadedConfig::parse(&h.dir.path().join("config.yaml"), &text, &|_| None).unwrap();
     let admin = Service::start(loaded, false).await.unwrap();
-    let conn = redis::aio::ConnectionManager::new(redis::Client::open(redis_url()).unwrap())
-        .await
-        .unwrap();
+    let conn = switchyard::state::Conn::Server(
+        redis::aio::ConnectionManager::new(redis::Client::open(redis_url()).unwrap())
+            .await
+            .unwrap(),
+    );
     let replica = Leases::new(conn, &h.key_prefix(), "replica-a".into(), Duration::from_secs(5));
     let key: Arc<str> = Arc::from(CHANNEL_KEY);
     let fence = replica.try_acquire(&key).await.unwrap().expect("the lease is free");

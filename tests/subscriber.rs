@@ -92,7 +92,10 @@ async fn stored(h: &Harness, redis: &str, key: &str) -> Option<Vec<u8>> {
     let conn = redis::aio::ConnectionManager::new(redis::Client::open(redis).unwrap())
         .await
         .unwrap();
-    CheckpointStore::redis(conn, &h.key_prefix()).get(key).await.unwrap()
+    CheckpointStore::redis(switchyard::state::Conn::Server(conn), &h.key_prefix())
+        .get(key)
+        .await
+        .unwrap()
 }
 
 /// More than 100 events queued and a stream dropped mid-batch: the subscriber never has more than 100 outstanding,

@@ -15,7 +15,7 @@ mod salesforce;
 mod sinks;
 mod spans;
 pub use env::{Secret, substitute_env};
-pub use redis::{RedisConfig, RedisEndpoint, RedisTls};
+pub use redis::{RedisConfig, RedisEndpoint, RedisTls, Topology, has_hash_tag, redact_url};
 pub use salesforce::{
     AuthFlow, DEFAULT_API_VERSION, DEFAULT_PUBSUB_ENDPOINT, MAX_BATCH_SIZE, PubsubConfig, ReplayConfig, ReplayPreset,
     ReplayStart, RestConfig, SalesforceConfig,
@@ -859,14 +859,47 @@ impl LoadedConfig {
             }));
         for (what, at, e) in endpoints {
             let key = |k: &'static str| [at.as_slice(), &[k]].concat();
-            let url = e.url.expose();
-            if !["redis://", "rediss://", "redis+unix://", "unix://"]
-                .iter()
-                .any(|scheme| url.starts_with(scheme))
-            {
+            match e.topology() {
+                Err(message) => problems.push(err(&at, format!("{what}: {message}"))),
+                Ok(Topology::Server(url)) => {
+                    let url = url.expose();
+                    if !["redis://", "rediss://", "redis+unix://", "unix://"]
+                        .iter()
+                        .any(|scheme| url.starts_with(scheme))
+                    {
+                        problems.push(err(
+                            &key("url"),
+                            format!("{what}: the URL must start with redis://, rediss:// (TLS) or redis+unix://"),
+                        ));
+                    }
+                    if e.username.is_some() || e.password.is_some() || e.db != 0 {
+                        problems.push(err(&at, format!(
+                            "{what}: `username`, `password` and `db` go with `sentinels` or `cluster`; with a `url`, write them in it (redis://user:password@host:port/db)"
+                        )));
+                    }
+                }
+                Ok(Topology::Sentinel { sentinels, .. }) | Ok(Topology::Cluster(sentinels)) => {
+                    let field = if e.cluster.is_empty() { "sentinels" } else { "cluster" };
+                    for node in sentinels {
+                        let port = node
+                            .rsplit_once(':')
+                            .and_then(|(host, port)| (!host.is_empty()).then(|| port.parse::<u16>().ok()).flatten());
+                        if port.is_none() {
+                            problems.push(err(
+                                &key(field),
+                                format!("{what}: `{node}` in `{field}` is not host:port"),
+                            ));
+                        }
+                    }
+                    if !e.cluster.is_empty() && e.db != 0 {
+                        problems.push(err(&key("db"), format!("{what}: a Redis Cluster has only database 0")));
+                    }
+                }
+            }
+            if e.sentinels.is_empty() && (e.sentinel_username.is_some() || e.sentinel_password.is_some()) {
                 problems.push(err(
-                    &key("url"),
-                    format!("{what}: the URL must start with redis://, rediss:// (TLS) or redis+unix://"),
+                    &at,
+                    format!("{what}: `sentinel_username` and `sentinel_password` go with `sentinels`"),
                 ));
             }
             if e.connect_timeout_ms == 0 || e.command_timeout_ms == 0 {
@@ -879,6 +912,30 @@ impl LoadedConfig {
                     &key(zero),
                     format!("{what}: `connect_timeout_ms` and `command_timeout_ms` must be at least 1"),
                 ));
+            }
+        }
+        // On a Redis Cluster, what one script touches must live in one slot: a hash tag in every prefix.
+        let is_cluster = |e: &RedisEndpoint| matches!(e.topology(), Ok(Topology::Cluster(_)));
+        let main_cluster = c.redis.as_ref().is_some_and(|r| is_cluster(&r.endpoint()));
+        if let Some(r) = c.redis.as_ref().filter(|_| main_cluster)
+            && !redis::has_hash_tag(&r.key_prefix)
+        {
+            problems.push(err(&["redis", "key_prefix"], format!(
+                "redis: on a Redis Cluster `key_prefix` needs a hash tag so that each script's keys share a slot, e.g. `{{switchyard}}:` (it is `{}`)",
+                r.key_prefix
+            )));
+        }
+        for (name, sink) in &c.sinks {
+            let on_cluster = sink.redis().map_or(main_cluster, is_cluster);
+            if let SinkConfig::Queue(q) = sink
+                && on_cluster
+                && q.format == QueueFormat::Bullmq
+                && !redis::has_hash_tag(&q.prefix)
+            {
+                problems.push(err(&["sinks", name, "prefix"], format!(
+                    "sink `{name}`: on a Redis Cluster the BullMQ `prefix` needs a hash tag, as BullMQ requires, e.g. `{{bull}}` (it is `{}`); the Node worker uses the same prefix",
+                    q.prefix
+                )));
             }
         }
         if c.lease.enabled == Some(true) {
@@ -974,6 +1031,50 @@ mod tests {
     use super::*;
     use crate::plan::{KeepJobs, KeepLimits};
 
+    /// A Redis is one server, a Sentinel-managed primary or a Cluster; mixing them, a sentinel list without its
+    /// master, or a Cluster prefix without a hash tag is refused at its key.
+    #[test]
+    fn redis_topologies_are_checked_where_they_are_written() {
+        let problems = |redis: &str, sink_prefix: &str| {
+            let text = format!(
+                "source: {{ kind: stdin }}\nrules: [rules/]\nredis: {redis}\n\
+                 sinks:\n  q: {{ kind: queue, queue: provisioning, job_name: p, prefix: \"{sink_prefix}\" }}\n"
+            );
+            match LoadedConfig::parse(Path::new("c.yaml"), &text, &|_| None) {
+                Ok(_) => Vec::new(),
+                Err(e) => {
+                    e.0.into_iter()
+                        .map(|p| format!("{}:{} {}", p.line, p.column, p.message))
+                        .collect()
+                }
+            }
+        };
+        let sentinel = "{ sentinels: [\"s1:26379\", \"s2:26379\"], master: mymaster, password: pw }";
+        assert_eq!(problems(sentinel, "bull"), Vec::<String>::new());
+        let cluster = "{ cluster: [\"n1:6379\", \"n2:6379\"], key_prefix: \"{sy}:\" }";
+        assert_eq!(problems(cluster, "{bull}"), Vec::<String>::new());
+        let one = |redis: &str, prefix: &str| {
+            let found = problems(redis, prefix);
+            assert_eq!(found.len(), 1, "{redis}: {found:#?}");
+            found[0].clone()
+        };
+        assert!(one("{ sentinels: [\"s1:26379\"] }", "bull").contains("needs `master`"));
+        assert!(one("{ url: \"redis://h\", cluster: [\"n1:1\"] }", "bull").contains("only one of"));
+        assert!(one("{ }", "bull").contains("give `url`"));
+        assert!(one("{ sentinels: [\"s1\"], master: m }", "bull").contains("`s1` in `sentinels` is not host:port"));
+        assert!(one("{ url: \"redis://h\", password: pw }", "bull").contains("write them in it"));
+        let tag = one("{ cluster: [\"n1:6379\"] }", "{bull}");
+        assert!(
+            tag.starts_with("3:") && tag.contains("`key_prefix` needs a hash tag"),
+            "{tag}"
+        );
+        let tag = one(cluster, "bull");
+        assert!(
+            tag.starts_with("5:") && tag.contains("BullMQ `prefix` needs a hash tag"),
+            "{tag}"
+        );
+    }
+
     /// Every problem found after parsing names the line and column of the key it is about.
     #[test]
     fn config_problems_point_at_their_keys() {
@@ -1053,9 +1154,16 @@ sinks:
     fn secrets_never_print() {
         let text = "source: { kind: stdin }\nrules: [r.yaml]\nredis: { url: \"redis://u:hunter2@h:6379\" }\n";
         let loaded = LoadedConfig::parse(Path::new("c.yaml"), text, &|_| None).unwrap();
-        let shown = format!("{:?} {}", loaded.config, loaded.config.redis.as_ref().unwrap().url);
+        let shown = format!(
+            "{:?} {}",
+            loaded.config,
+            loaded.config.redis.as_ref().unwrap().url.as_ref().unwrap()
+        );
         assert!(!shown.contains("hunter2"), "{shown}");
-        assert_eq!(loaded.config.redis.unwrap().url.expose(), "redis://u:hunter2@h:6379");
+        assert_eq!(
+            loaded.config.redis.unwrap().url.unwrap().expose(),
+            "redis://u:hunter2@h:6379"
+        );
     }
 
     #[test]

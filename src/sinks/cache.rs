@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use redis::aio::ConnectionManager;
+use crate::state::Conn;
 
 use super::SinkOutcome;
 use crate::failure::Failure;
@@ -13,12 +13,12 @@ use crate::state::MemoryBackend;
 const SCAN_COUNT: usize = 500;
 
 pub enum CacheSink {
-    Redis(ConnectionManager),
+    Redis(Conn),
     Memory(Arc<MemoryBackend>),
 }
 
 impl CacheSink {
-    pub fn redis(conn: ConnectionManager) -> Self {
+    pub fn redis(conn: Conn) -> Self {
         CacheSink::Redis(conn)
     }
 
@@ -44,28 +44,13 @@ impl CacheSink {
                         .map_err(redis_err)?;
                 }
                 for pattern in patterns {
-                    let mut cursor: u64 = 0;
-                    loop {
-                        let (next, found): (u64, Vec<String>) = redis::cmd("SCAN")
-                            .arg(cursor)
-                            .arg("MATCH")
-                            .arg(pattern)
-                            .arg("COUNT")
-                            .arg(SCAN_COUNT)
-                            .query_async(&mut conn)
+                    let mut scan = conn.scan(pattern, SCAN_COUNT).await.map_err(redis_err)?;
+                    while let Some(found) = scan.next_batch().await.map_err(redis_err)? {
+                        redis::cmd("UNLINK")
+                            .arg(&found)
+                            .query_async::<i64>(&mut conn)
                             .await
                             .map_err(redis_err)?;
-                        if !found.is_empty() {
-                            redis::cmd("UNLINK")
-                                .arg(&found)
-                                .query_async::<i64>(&mut conn)
-                                .await
-                                .map_err(redis_err)?;
-                        }
-                        if next == 0 {
-                            break;
-                        }
-                        cursor = next;
                     }
                 }
                 if let Some((channel, message)) = publish {

@@ -8,8 +8,8 @@ mod webhook;
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use crate::state::Conn;
 use arc_swap::ArcSwap;
-use redis::aio::ConnectionManager;
 
 use crate::config::{Config, LoadedConfig, QueueFormat, RedisEndpoint, SinkConfig};
 use crate::event::Event;
@@ -151,9 +151,9 @@ impl Sinks {
         loaded: &LoadedConfig,
         sinks: impl Iterator<Item = (&'s String, &'s SinkConfig)>,
     ) -> Result<(HashMap<String, Arc<Sink>>, Vec<RedisCheck>), BuildError> {
-        let mut connections: HashMap<String, ConnectionManager> = HashMap::new();
+        let mut connections: HashMap<String, Conn> = HashMap::new();
         if let Some(main) = &self.main {
-            connections.insert(main.endpoint.url.expose().to_string(), main.conn.clone());
+            connections.insert(main.endpoint.identity(), main.conn.clone());
         }
         let mut checks = Vec::new();
         let mut built = Built {
@@ -213,7 +213,7 @@ struct Built<'a> {
     loaded: &'a LoadedConfig,
     main: &'a Option<MainRedis>,
     memory: &'a Option<Arc<MemoryBackend>>,
-    connections: &'a mut HashMap<String, ConnectionManager>,
+    connections: &'a mut HashMap<String, Conn>,
     redis_checks: &'a mut Vec<RedisCheck>,
 }
 
@@ -228,13 +228,13 @@ impl Built<'_> {
             _ => None,
         };
         let conn = match &endpoint {
-            Some(e) => Some(match self.connections.get(e.url.expose()) {
+            Some(e) => Some(match self.connections.get(&e.identity()) {
                 Some(conn) => conn.clone(),
                 None => {
                     let conn = state::connect(loaded, e).await?;
                     self.redis_checks
                         .push(RedisCheck::new(RedisCheck::sink_name(name), e, conn.clone()));
-                    self.connections.insert(e.url.expose().to_string(), conn.clone());
+                    self.connections.insert(e.identity(), conn.clone());
                     conn
                 }
             }),

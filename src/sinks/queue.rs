@@ -5,12 +5,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
+use crate::state::Conn;
 use arc_swap::ArcSwap;
-use redis::aio::ConnectionManager;
 use serde_json::Value;
 
 use super::{BuildError, SinkOutcome};
-use crate::config::{LoadedConfig, QueueSinkConfig, RedisEndpoint};
+use crate::config::{LoadedConfig, QueueSinkConfig, RedisEndpoint, Topology};
 use crate::failure::Failure;
 use crate::plan::{BackoffKind, JobOptions, KeepJobs};
 use crate::state::{ConnectError, MemoryBackend, MemoryJob, redact_url};
@@ -52,7 +52,7 @@ fn classify(err: &bullmq::Error) -> Failure {
 /// Whether BullMQ's connection itself failed (as opposed to a reply the server sent).
 fn connection_broken(err: &bullmq::Error) -> bool {
     match err {
-        bullmq::Error::Redis(r) => r.is_io_error() || r.is_connection_dropped() || r.is_connection_refusal(),
+        bullmq::Error::Redis(r) => crate::state::lost_primary(r),
         bullmq::Error::ConnectionClosed => true,
         _ => false,
     }
@@ -66,7 +66,11 @@ const REOPEN_AFTER: u32 = 3;
 /// in the soak test, where every client connection is killed every 100-300 ms. A fresh queue gets a fresh one.
 struct Reopen {
     name: String,
-    options: bullmq::QueueOptions,
+    prefix: String,
+    /// Where the queue's Redis is: a Sentinel-managed primary is asked for again at each open.
+    endpoint: RedisEndpoint,
+    root_cert: Option<Vec<u8>>,
+    loaded: LoadedConfig,
     /// For messages, password masked.
     url: String,
     connect_timeout: Duration,
@@ -77,7 +81,13 @@ struct Reopen {
 
 impl Reopen {
     async fn open(&self) -> Result<bullmq::Queue, String> {
-        let open = bullmq::Queue::with_options(&self.name, self.options.clone());
+        let connection = bullmq_options(&self.loaded, &self.endpoint, self.root_cert.clone())
+            .await
+            .map_err(|e| e.to_string())?;
+        let options = bullmq::QueueOptions::new()
+            .connection(connection)
+            .prefix(self.prefix.clone());
+        let open = bullmq::Queue::with_options(&self.name, options);
         match tokio::time::timeout(self.connect_timeout, open).await {
             Ok(Ok(queue)) => Ok(queue),
             Ok(Err(e)) => Err(redact_url(&e.to_string())),
@@ -91,7 +101,13 @@ impl Reopen {
 
     /// Counts a connection failure of `failed` (the queue the call used); after a few in a row, replaces it.
     async fn after_failure(&self, queue: &ArcSwap<bullmq::Queue>, failed: &Arc<bullmq::Queue>) {
-        if self.failures.fetch_add(1, Ordering::Relaxed) + 1 < REOPEN_AFTER {
+        // Behind Sentinel, a lost primary means a failover: open on the primary the sentinels name now, at once.
+        let after = if self.endpoint.sentinels.is_empty() {
+            REOPEN_AFTER
+        } else {
+            1
+        };
+        if self.failures.fetch_add(1, Ordering::Relaxed) + 1 < after {
             return;
         }
         let _one = self.lock.lock().await;
@@ -129,7 +145,7 @@ enum Backend {
         reopen: Box<Reopen>,
     },
     Stream {
-        conn: ConnectionManager,
+        conn: Conn,
         max_len: usize,
     },
     Memory(Arc<MemoryBackend>),
@@ -142,13 +158,13 @@ impl QueueSink {
         loaded: &LoadedConfig,
         endpoint: &RedisEndpoint,
     ) -> Result<QueueSink, BuildError> {
-        let options = bullmq::QueueOptions::new()
-            .connection(bullmq_options(loaded, endpoint)?)
-            .prefix(config.prefix.clone());
         let reopen = Box::new(Reopen {
             name: config.queue.clone(),
-            options,
-            url: redact_url(endpoint.url.expose()),
+            prefix: config.prefix.clone(),
+            endpoint: endpoint.clone(),
+            root_cert: crate::state::root_cert(loaded, endpoint)?,
+            loaded: loaded.clone(),
+            url: endpoint.describe(),
             connect_timeout: Duration::from_millis(endpoint.connect_timeout_ms),
             failures: AtomicU32::new(0),
             lock: tokio::sync::Mutex::new(()),
@@ -171,7 +187,7 @@ impl QueueSink {
     }
 
     /// A `format: stream` queue: XADD to the stream `config.queue` on `conn`.
-    pub fn stream(config: &QueueSinkConfig, conn: ConnectionManager) -> QueueSink {
+    pub fn stream(config: &QueueSinkConfig, conn: Conn) -> QueueSink {
         QueueSink {
             queue_name: config.queue.clone(),
             job_name: config.job_name.clone(),
@@ -242,7 +258,7 @@ impl QueueSink {
     /// A `format: stream` entry, with who it is for (see [`QueueFormat::Stream`](crate::config::QueueFormat)).
     async fn append(
         &self,
-        conn: &ConnectionManager,
+        conn: &Conn,
         max_len: usize,
         job_id: &str,
         data: &Value,
@@ -308,13 +324,39 @@ fn with_options<'a>(mut add: bullmq::AddJob<'a>, options: &JobOptions) -> bullmq
     add
 }
 
-/// The BullMQ connection options for `endpoint` (URL with credentials, private CA).
-pub fn bullmq_options(
+/// The BullMQ connection options for `endpoint`: its URL with credentials, the primary its sentinels name now, or
+/// its cluster's seed nodes; the private CA when there is one.
+async fn bullmq_options(
     loaded: &LoadedConfig,
     endpoint: &RedisEndpoint,
+    root_cert: Option<Vec<u8>>,
 ) -> Result<bullmq::options::RedisConnectionOptions, ConnectError> {
-    let mut options = bullmq::options::RedisConnectionOptions::new().url(endpoint.url.expose());
-    if let Some(pem) = crate::state::root_cert(loaded, endpoint)? {
+    let mut options = bullmq::options::RedisConnectionOptions::new();
+    let credentials = |mut options: bullmq::options::RedisConnectionOptions| {
+        if let Some(user) = &endpoint.username {
+            options = options.username(user);
+        }
+        if let Some(password) = &endpoint.password {
+            options = options.password(password.expose());
+        }
+        options.tls(endpoint.tls.is_some())
+    };
+    match endpoint
+        .topology()
+        .map_err(|_| ConnectError::Config(endpoint.describe()))?
+    {
+        Topology::Server(url) => options = options.url(url.expose()),
+        Topology::Sentinel { .. } => {
+            let (host, port) = crate::state::sentinel_primary(loaded, endpoint).await?;
+            let db = u8::try_from(endpoint.db).map_err(|_| ConnectError::Config(endpoint.describe()))?;
+            options = credentials(options.host(host).port(port).db(db));
+        }
+        Topology::Cluster(nodes) => {
+            let scheme = if endpoint.tls.is_some() { "rediss" } else { "redis" };
+            options = credentials(options.cluster_nodes(nodes.iter().map(|node| format!("{scheme}://{node}"))));
+        }
+    }
+    if let Some(pem) = root_cert {
         options = options.tls_certs(bullmq::options::TlsCerts {
             root_cert: Some(pem),
             client_cert: None,

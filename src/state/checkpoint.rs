@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
+use super::Conn;
 
 use super::lease::Fence;
 use crate::failure::Failure;
@@ -27,7 +27,7 @@ static SET_FENCED: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new
 pub enum CheckpointStore {
     /// `<key_prefix>checkpoint:<key>` strings in Redis (fenced writes compare `<key_prefix>fence:<key>`).
     Redis {
-        conn: ConnectionManager,
+        conn: Conn,
         prefix: String,
         key_prefix: String,
     },
@@ -57,7 +57,7 @@ impl CheckpointStore {
         }
     }
 
-    pub fn redis(conn: ConnectionManager, key_prefix: &str) -> Self {
+    pub fn redis(conn: Conn, key_prefix: &str) -> Self {
         CheckpointStore::Redis {
             conn,
             prefix: format!("{key_prefix}checkpoint:"),
@@ -223,24 +223,11 @@ impl CheckpointStore {
     pub async fn list(&self) -> Result<Vec<(String, Vec<u8>)>, CheckpointError> {
         match self {
             CheckpointStore::Redis { conn, prefix, .. } => {
-                let mut conn = conn.clone();
+                let redis_err = |e: redis::RedisError| Failure::from_redis(&e);
                 let mut keys: Vec<String> = Vec::new();
-                let mut cursor: u64 = 0;
-                loop {
-                    let (next, found): (u64, Vec<String>) = redis::cmd("SCAN")
-                        .arg(cursor)
-                        .arg("MATCH")
-                        .arg(format!("{prefix}*"))
-                        .arg("COUNT")
-                        .arg(500)
-                        .query_async(&mut conn)
-                        .await
-                        .map_err(|e| Failure::from_redis(&e))?;
+                let mut scan = conn.scan(&format!("{prefix}*"), 500).await.map_err(redis_err)?;
+                while let Some(found) = scan.next_batch().await.map_err(redis_err)? {
                     keys.extend(found);
-                    if next == 0 {
-                        break;
-                    }
-                    cursor = next;
                 }
                 keys.sort();
                 let mut out = Vec::new();

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use redis::aio::ConnectionManager;
+use super::Conn;
 use serde::Serialize;
 use serde_json::Value;
 
@@ -79,16 +79,12 @@ impl DeadLetter {
 }
 
 pub enum DeadLetters {
-    Redis {
-        conn: ConnectionManager,
-        key: String,
-        max_len: usize,
-    },
+    Redis { conn: Conn, key: String, max_len: usize },
     Memory(Arc<MemoryBackend>),
 }
 
 impl DeadLetters {
-    pub fn redis(conn: ConnectionManager, key_prefix: &str, max_len: usize) -> Self {
+    pub fn redis(conn: Conn, key_prefix: &str, max_len: usize) -> Self {
         DeadLetters::Redis {
             conn,
             key: format!("{key_prefix}dead-letters"),

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
-use redis::aio::ConnectionManager;
+use super::Conn;
 use tokio::sync::{mpsc, oneshot};
 
 use super::lease::Fence;
@@ -78,7 +78,7 @@ pub enum Claim {
 #[derive(Clone)]
 pub enum Idempotency {
     Redis {
-        conn: ConnectionManager,
+        conn: Conn,
         /// Claims and done markers go through the marker writer, which batches concurrent ones.
         marks: MarkWriter,
         prefix: String,
@@ -125,7 +125,7 @@ fn fenced(fence: Option<&Fence>) -> Failure {
 
 impl Idempotency {
     /// Spawns the marker writer on the current tokio runtime; it ends when the last clone is dropped.
-    pub fn redis(conn: ConnectionManager, key_prefix: &str, ttls: Ttls) -> Self {
+    pub fn redis(conn: Conn, key_prefix: &str, ttls: Ttls) -> Self {
         Idempotency::Redis {
             marks: MarkWriter::spawn(conn.clone()),
             conn,
@@ -342,7 +342,7 @@ pub struct MarkWriter {
 }
 
 impl MarkWriter {
-    fn spawn(conn: ConnectionManager) -> MarkWriter {
+    fn spawn(conn: Conn) -> MarkWriter {
         let (tx, rx) = mpsc::unbounded_channel();
         let stats = Arc::new((AtomicU64::new(0), AtomicU64::new(0)));
         tokio::spawn(Self::run(conn, rx, stats.clone()));
@@ -366,11 +366,7 @@ impl MarkWriter {
     /// Until every sender is gone: takes the writes waiting, sends them in one call, and goes on to the next batch
     /// while that call is in flight (the multiplexed connection pipelines the calls: a write never waits for another
     /// batch's round trip).
-    async fn run(
-        conn: ConnectionManager,
-        mut rx: mpsc::UnboundedReceiver<(Mark, Reply)>,
-        stats: Arc<(AtomicU64, AtomicU64)>,
-    ) {
+    async fn run(conn: Conn, mut rx: mpsc::UnboundedReceiver<(Mark, Reply)>, stats: Arc<(AtomicU64, AtomicU64)>) {
         while let Some(first) = rx.recv().await {
             let mut batch = vec![first];
             // The tasks woken together with the first writer's (one delivered batch) add theirs before we send.
@@ -389,7 +385,7 @@ impl MarkWriter {
     }
 
     /// One call with every write of `batch`; answers each.
-    async fn send(mut conn: ConnectionManager, batch: Vec<(Mark, Reply)>) {
+    async fn send(mut conn: Conn, batch: Vec<(Mark, Reply)>) {
         let mut call = WRITE_MARKS.prepare_invoke();
         for (mark, _) in &batch {
             let kind = match mark.kind {

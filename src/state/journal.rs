@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
+use super::Conn;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
@@ -144,7 +144,7 @@ impl Entry {
 /// Where the journal lives.
 pub enum Store {
     Redis {
-        conn: ConnectionManager,
+        conn: Conn,
         prefix: String,
         max_len: usize,
         retention: Duration,

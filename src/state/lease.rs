@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
+use super::Conn;
 use tokio::sync::watch;
 
 use crate::failure::Failure;
@@ -105,7 +105,7 @@ type Held = HashMap<Arc<str>, (String, Arc<Fence>)>;
 
 /// This replica's leases.
 pub struct Leases {
-    conn: ConnectionManager,
+    conn: Conn,
     key_prefix: String,
     pub instance: String,
     pub ttl: Duration,
@@ -115,7 +115,7 @@ pub struct Leases {
 }
 
 impl Leases {
-    pub fn new(conn: ConnectionManager, key_prefix: &str, instance: String, ttl: Duration) -> Leases {
+    pub fn new(conn: Conn, key_prefix: &str, instance: String, ttl: Duration) -> Leases {
         Leases {
             conn,
             key_prefix: key_prefix.to_string(),

@@ -14,8 +14,6 @@ mod redis;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ::redis::aio::ConnectionManager;
-
 use crate::config::{CheckpointStoreKind, LoadedConfig, RedisConfig, RedisEndpoint};
 pub use checkpoint::{CheckpointError, CheckpointStore, describe as describe_position, offset_bytes, offset_of};
 pub use dead_letter::{DeadLetter, DeadLetters};
@@ -24,7 +22,9 @@ pub use journal::{ActionEntry, Entry, Journal, RouteEntry, RouteOutcome, Store a
 pub use lease::{Fence, Leases};
 pub use memory::{MemoryBackend, MemoryJob};
 pub use pauses::{Admit, Pause, Pauses};
-pub use redis::{ConnectError, RedisCheck, connect, redact_url, root_cert};
+pub use redis::{
+    Conn, ConnectError, RedisCheck, connect, has_hash_tag, lost_primary, redact_url, root_cert, sentinel_primary,
+};
 
 /// The most entries an in-memory journal keeps, whatever `journal.max_len` says.
 const MEMORY_JOURNAL_MAX: usize = 10_000;
@@ -34,7 +34,7 @@ const MEMORY_JOURNAL_MAX: usize = 10_000;
 pub struct MainRedis {
     pub config: RedisConfig,
     pub endpoint: RedisEndpoint,
-    pub conn: ConnectionManager,
+    pub conn: Conn,
 }
 
 /// Every store of one running service, all in the main Redis or all in memory.

@@ -8,7 +8,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{LazyLock, Mutex};
 
-use redis::aio::ConnectionManager;
+use super::Conn;
 use serde::{Deserialize, Serialize};
 
 use crate::failure::Failure;
@@ -55,7 +55,7 @@ return {0, ''}
 
 pub enum Pauses {
     Redis {
-        conn: ConnectionManager,
+        conn: Conn,
         prefix: String,
         instance: String,
     },
@@ -69,7 +69,7 @@ pub struct MemoryPauses {
 }
 
 impl Pauses {
-    pub fn redis(conn: ConnectionManager, key_prefix: &str, instance: String) -> Self {
+    pub fn redis(conn: Conn, key_prefix: &str, instance: String) -> Self {
         Pauses::Redis {
             conn,
             prefix: key_prefix.to_string(),

@@ -417,3 +417,33 @@ pub fn pubsub_config(
         secret = emulator::DEFAULT_CLIENT_SECRET,
     )
 }
+
+/// The stock Node BullMQ worker of the interop tests.
+pub fn interop_dir() -> PathBuf {
+    repo().join("tests/interop")
+}
+
+/// Whether the stock Node BullMQ worker (`tests/interop`) can run here; panics when it cannot but is required
+/// (`SWITCHYARD_INTEROP_REQUIRED`, set by CI), else says loudly that the Node side is skipped.
+pub fn node_ready() -> bool {
+    let required = std::env::var_os("SWITCHYARD_INTEROP_REQUIRED").is_some_and(|v| !v.is_empty() && v != "0");
+    let modules = interop_dir().join("node_modules/bullmq");
+    let node = Command::new("node")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if modules.is_dir() && node {
+        return true;
+    }
+    let why = if node {
+        "tests/interop/node_modules is missing (run `npm ci` in tests/interop)"
+    } else {
+        "`node` is not installed"
+    };
+    assert!(!required, "SWITCHYARD_INTEROP_REQUIRED is set but {why}");
+    eprintln!("\n**********************************************************************");
+    eprintln!("SKIPPED the Node BullMQ worker: {why}.");
+    eprintln!("CI runs it (SWITCHYARD_INTEROP_REQUIRED=1 after `npm ci`).");
+    eprintln!("**********************************************************************\n");
+    false
+}

@@ -1,7 +1,8 @@
 // A stock BullMQ Worker on switchyard's provisioning queue, as an application would run it.
 //
 // Environment: REDIS_URL, PREFIX (the BullMQ key prefix), QUEUE (default `provisioning`), EXPECT (how many
-// jobs to complete before stopping). Prints one JSON line: every job it processed (id, name, data, the
+// jobs to complete before stopping). SENTINELS (host:port,...) with MASTER connects through Redis Sentinel instead,
+// CLUSTER (host:port,...) to a Redis Cluster (with a hash-tagged PREFIX such as `{bull}`), as ioredis documents. Prints one JSON line: every job it processed (id, name, data, the
 // options BullMQ stored with it) and the queue's job counts once it stopped.
 // Exits 0 after EXPECT completions; exits 2 if that does not happen within GIVE_UP_MS (so a broken run
 // ends instead of hanging; the Rust test then reports what was seen).
@@ -16,8 +17,19 @@ const queueName = process.env.QUEUE || 'provisioning';
 const expect = Number(process.env.EXPECT || '0');
 const giveUpMs = Number(process.env.GIVE_UP_MS || '60000');
 
+const nodes = (list) => list.split(',').map((node) => {
+  const at = node.lastIndexOf(':');
+  return { host: node.slice(0, at), port: Number(node.slice(at + 1)) };
+});
 // BullMQ workers need `maxRetriesPerRequest: null` (their blocking commands must not be retried away).
-const connection = new IORedis(url, { maxRetriesPerRequest: null });
+let connection;
+if (process.env.SENTINELS) {
+  connection = new IORedis({ sentinels: nodes(process.env.SENTINELS), name: process.env.MASTER || 'mymaster', maxRetriesPerRequest: null });
+} else if (process.env.CLUSTER) {
+  connection = new IORedis.Cluster(nodes(process.env.CLUSTER), { redisOptions: { maxRetriesPerRequest: null } });
+} else {
+  connection = new IORedis(url, { maxRetriesPerRequest: null });
+}
 const processed = [];
 let completed = 0;
 let finishing = false;
@@ -28,7 +40,7 @@ const worker = new Worker(
     processed.push({ id: job.id, name: job.name, data: job.data, opts: job.opts, attemptsMade: job.attemptsMade });
     return { provisioned: job.data.sfOrderId };
   },
-  { connection, prefix, concurrency: 1 },
+  { connection, prefix, concurrency: Number(process.env.CONCURRENCY || '1') },
 );
 
 async function finish(code) {
@@ -44,8 +56,8 @@ async function finish(code) {
   }
   await queue.close();
   await connection.quit();
-  process.stdout.write(JSON.stringify({ processed, counts, results }) + '\n');
-  process.exit(code);
+  // A pipe takes large writes in pieces: exit only once the whole report is out.
+  process.stdout.write(JSON.stringify({ processed, counts, results }) + '\n', () => process.exit(code));
 }
 
 worker.on('completed', () => {
