@@ -576,6 +576,67 @@ async fn process_killed_mid_stream_resumes_from_the_stored_position() {
     assert!(h.dead_letters().await.is_empty());
 }
 
+/// `switchyard record` writes its events to `--out` and its log to standard error: a log reader that goes away after
+/// one line (`record … 2>&1 | head -1`) neither stops nor breaks the recording. It ends at `--max-events` with 0 and
+/// every event in the file.
+#[tokio::test]
+async fn record_with_its_log_piped_into_a_reader_that_stops_still_records_everything() {
+    use std::io::BufRead;
+    let h = Harness::new("sub-record-pipe");
+    let events: Vec<Event> = (1..=200).map(|n| approval(&h, n)).collect();
+    let emu = emulator_with(EmulatorOptions {
+        events: events.clone(),
+        ..EmulatorOptions::default()
+    })
+    .await;
+    let config = h.dir.path().join("record.yaml");
+    std::fs::write(&config, self::config(&h, &emu, &redis_url(), "", "")).unwrap();
+    let out = h.dir.path().join("recorded.jsonl");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args([
+            "record",
+            "--from",
+            "earliest",
+            "--max-events",
+            "200",
+            "--log-format",
+            "json",
+            "--config",
+        ])
+        .arg(&config)
+        .arg("--out")
+        .arg(&out)
+        // One log line per event at debug: far more than the one line the reader takes.
+        .env("RUST_LOG", "debug")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    std::io::BufReader::new(child.stderr.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    assert!(first.starts_with('{'), "a JSON log line: {first}");
+    let status = tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| {
+        let _ = child.kill();
+        panic!("record did not end after its log reader went away")
+    });
+    assert!(status.success(), "{status:?}");
+    let text = std::fs::read_to_string(&out).unwrap();
+    let ids: Vec<String> = text.lines().map(|l| Event::from_json(l).unwrap().id).collect();
+    let published: Vec<String> = events.iter().map(|e| e.id.clone()).collect();
+    assert_eq!(ids, published, "every event recorded, in order");
+}
+
 /// `switchyard record` turns the stream into JSONL that decides the same as the live path.
 #[tokio::test]
 async fn record_writes_jsonl_that_replays_to_the_same_decisions() {

@@ -42,7 +42,10 @@ pub fn init(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        // A failed write to a closed standard error (`… 2>&1 | head -1`) would otherwise be reported with
+        // `eprintln!`, which panics on the same closed stream: the log line is dropped, the command goes on.
+        .log_internal_errors(false);
     if is_json(format) {
         builder.fmt_fields(JsonFields::new()).event_format(FlatJson).init();
     } else {
