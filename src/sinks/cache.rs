@@ -2,11 +2,9 @@
 
 use std::sync::Arc;
 
-use crate::state::Conn;
-
 use super::SinkOutcome;
 use crate::failure::Failure;
-use crate::state::MemoryBackend;
+use crate::state::{Conn, MemoryBackend};
 
 /// Keys asked of SCAN per round trip: large enough to walk a big keyspace quickly, small enough that
 /// one SCAN never blocks Redis noticeably.

@@ -8,14 +8,13 @@ mod webhook;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use crate::state::Conn;
 use arc_swap::ArcSwap;
 
 use crate::config::{Config, LoadedConfig, QueueFormat, RedisEndpoint, SinkConfig};
 use crate::event::Event;
 use crate::failure::Failure;
 use crate::plan::{Action, Op};
-use crate::state::{self, ConnectError, MainRedis, MemoryBackend, RedisCheck, Stores};
+use crate::state::{self, Conn, ConnectError, MainRedis, MemoryBackend, RedisCheck, Stores};
 
 /// What the call did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -5,7 +5,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use crate::state::Conn;
 use arc_swap::ArcSwap;
 use serde_json::Value;
 
@@ -13,7 +12,7 @@ use super::{BuildError, SinkOutcome};
 use crate::config::{LoadedConfig, QueueSinkConfig, RedisEndpoint, Topology};
 use crate::failure::Failure;
 use crate::plan::{BackoffKind, JobOptions, KeepJobs};
-use crate::state::{ConnectError, MemoryBackend, MemoryJob, redact_url};
+use crate::state::{Conn, ConnectError, MemoryBackend, MemoryJob, redact_url};
 
 /// Who a job is for: written into stream entries (BullMQ jobs carry what the rule put in `job`).
 pub struct EntryMeta<'a> {

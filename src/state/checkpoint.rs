@@ -9,7 +9,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::Conn;
-
 use super::lease::Fence;
 use crate::failure::Failure;
 

@@ -2,10 +2,10 @@
 
 use std::sync::Arc;
 
-use super::Conn;
 use serde::Serialize;
 use serde_json::Value;
 
+use super::Conn;
 use super::MemoryBackend;
 use crate::event::Event;
 use crate::failure::Failure;

@@ -8,9 +8,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
-use super::Conn;
 use tokio::sync::{mpsc, oneshot};
 
+use super::Conn;
 use super::lease::Fence;
 use crate::failure::Failure;
 use crate::obs::metrics as m;

@@ -16,9 +16,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use super::Conn;
 use tokio::sync::watch;
 
+use super::Conn;
 use crate::failure::Failure;
 
 /// Takes the lease when it is free or held under our own instance name (our previous life), with a new token.

@@ -8,9 +8,9 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{LazyLock, Mutex};
 
-use super::Conn;
 use serde::{Deserialize, Serialize};
 
+use super::Conn;
 use crate::failure::Failure;
 use crate::plan::Limit;
 
