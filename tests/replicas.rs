@@ -6,8 +6,7 @@ mod common;
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-use common::{Harness, records, redis_url};
-use serde_json::json;
+use common::{Harness, activation, redis_url};
 use switchyard::emulator::{self, EmulatorHandle, EmulatorOptions};
 use switchyard::event::Event;
 
@@ -89,20 +88,6 @@ impl Drop for Replica {
     }
 }
 
-/// The approval of order `n` (a 4-digit, per-run unique id) whose org record has no WHMCS id yet.
-fn approval(h: &Harness, n: u32) -> Event {
-    let t: String = h.tag.chars().rev().take(8).collect();
-    let id = format!("801{t:0>8}{n:04}AAA");
-    let record = json!({"WHMCS_Order_ID__c": null, "AccountId": h.account(n % 100)});
-    let value = h.approval(
-        &format!("tx-{n}"),
-        std::slice::from_ref(&id),
-        Some("Approved"),
-        records(&[(id.clone(), record)]),
-    );
-    Event::from_json(&value.to_string()).unwrap()
-}
-
 async fn redis(h: &Harness) -> redis::aio::MultiplexedConnection {
     h.redis().await
 }
@@ -167,9 +152,8 @@ async fn exactly_once(h: &Harness, n: u32, within: Duration, logs: &dyn Fn() -> 
                 .iter()
                 .map(|j| j.2["sfOrderId"].as_str().unwrap_or_default())
                 .collect();
-            let t: String = h.tag.chars().rev().take(8).collect();
             let missing: Vec<String> = (0..n)
-                .map(|i| format!("801{t:0>8}{i:04}AAA"))
+                .map(|i| common::order4(h, i))
                 .filter(|id| !have.contains(id.as_str()))
                 .collect();
             let all = logs();
@@ -219,7 +203,7 @@ fn tail(text: &str) -> &str {
 async fn publish(emu: &EmulatorHandle, h: &Harness, from: u32, to: u32, per_second: u32) {
     let pause = Duration::from_secs(1) / per_second;
     for n in from..to {
-        emu.publish(&approval(h, n)).unwrap();
+        emu.publish(&activation(h, n)).unwrap();
         tokio::time::sleep(pause).await;
     }
 }
@@ -302,7 +286,7 @@ async fn the_standby_takes_over_from_a_killed_active_within_the_lease_time() {
     })
     .await;
     for n in 0..400 {
-        emu.publish(&approval(&h, n)).unwrap();
+        emu.publish(&activation(&h, n)).unwrap();
     }
     // A position stored first: with nothing stored, the standby would start at `latest` (README "Positions").
     until(Duration::from_secs(30), "progress before the kill", async || {
@@ -350,7 +334,7 @@ async fn a_paused_active_loses_its_lease_and_its_late_writes_are_refused() {
     until(Duration::from_secs(20), "subscribed", async || emu.subscriptions() >= 1).await;
     // Events keep flowing while the active replica is paused mid-stream, with work in flight.
     for n in 0..150 {
-        emu.publish(&approval(&h, n)).unwrap();
+        emu.publish(&activation(&h, n)).unwrap();
     }
     until(Duration::from_secs(30), "progress before the pause", async || {
         h.jobs().await.len() >= 30 && position(&h).await.is_some()
@@ -358,7 +342,7 @@ async fn a_paused_active_loses_its_lease_and_its_late_writes_are_refused() {
     .await;
     paused.signal("STOP");
     for n in 150..300 {
-        emu.publish(&approval(&h, n)).unwrap();
+        emu.publish(&activation(&h, n)).unwrap();
     }
     // The other replica takes over once the paused one's lease lapses.
     until(TTL * 4, "the other replica took the lease", async || {
@@ -380,7 +364,7 @@ async fn a_paused_active_loses_its_lease_and_its_late_writes_are_refused() {
     .await;
     paused.signal("CONT");
     for n in 300..350 {
-        emu.publish(&approval(&h, n)).unwrap();
+        emu.publish(&activation(&h, n)).unwrap();
     }
     let deadline = Instant::now() + TTL * 2;
     while Instant::now() < deadline {
@@ -426,7 +410,7 @@ async fn rolling_restart_of_both_replicas_under_load_loses_nothing() {
     until(Duration::from_secs(20), "subscribed", async || emu.subscriptions() >= 1).await;
     let load = {
         let emu = emu.clone();
-        let events: Vec<Event> = (0..600).map(|n| approval(&h, n)).collect();
+        let events: Vec<Event> = (0..600).map(|n| activation(&h, n)).collect();
         tokio::spawn(async move {
             for event in events {
                 emu.publish(&event).unwrap();

@@ -10,10 +10,9 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Harness, free_port, node_ready, records, repo};
-use serde_json::{Value, json};
+use common::{Harness, activation, free_port, node_ready, repo};
+use serde_json::Value;
 use switchyard::emulator::{self, EmulatorHandle, EmulatorOptions};
-use switchyard::event::Event;
 use switchyard::sources::pubsub::subscriber::checkpoint_key;
 
 const ACTIVATIONS: u32 = 2_000;
@@ -87,24 +86,6 @@ fn redis_server(dir: &Path, port: u16, args: &[&str]) -> Proc {
     proc
 }
 
-/// An 18-character Order id unique to this run, for up to 9,999 orders.
-fn order(h: &Harness, n: u32) -> String {
-    let t: String = h.tag.chars().rev().take(8).collect();
-    format!("801{t:0>8}{n:04}AAA")
-}
-
-fn approval(h: &Harness, n: u32) -> Event {
-    let id = order(h, n);
-    let record = json!({"WHMCS_Order_ID__c": null, "AccountId": h.account(n % 100)});
-    let value = h.approval(
-        &format!("tx-{n}"),
-        std::slice::from_ref(&id),
-        Some("Approved"),
-        records(&[(id.clone(), record)]),
-    );
-    Event::from_json(&value.to_string()).unwrap()
-}
-
 /// `switchyard run` on `config`, logging to `<dir>/<log>`.
 fn spawn_switchyard(h: &Harness, config: &Path, log: &str) -> Proc {
     let log = std::fs::OpenOptions::new()
@@ -159,6 +140,30 @@ async fn jobs(url: &str, cluster: &[String], prefix: &str) -> Vec<(String, Strin
         .collect()
 }
 
+/// Waits until `prefix`'s queue at `url` (or on the `cluster` seeds) holds at least `n` jobs; past `within`, fails
+/// with `what`, the count reached and the logs.
+async fn wait_for_jobs(
+    h: &Harness,
+    (url, cluster, prefix): (&str, &[String], &str),
+    n: usize,
+    within: Duration,
+    what: &str,
+) {
+    let deadline = Instant::now() + within;
+    loop {
+        let have = jobs(url, cluster, prefix).await.len();
+        if have >= n {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "only {have} jobs: {what}; logs:\n{}",
+            logs(h)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Every job once: as many distinct job ids (idempotency keys) and orders as jobs, `expected` of them.
 fn assert_exactly_once(jobs: &[(String, String)], expected: usize, context: &str) {
     let mut ids: Vec<&str> = jobs.iter().map(|j| j.0.as_str()).collect();
@@ -172,9 +177,8 @@ fn assert_exactly_once(jobs: &[(String, String)], expected: usize, context: &str
     assert_eq!(jobs.len(), expected, "no duplicate job: {context}");
 }
 
-/// The stock Node BullMQ worker with `env` (SENTINELS + MASTER, or CLUSTER), consuming `expect` jobs; the job ids
-/// it processed.
-fn node_worker(prefix: &str, expect: usize, env: &[(&str, String)]) -> Vec<String> {
+/// The stock Node BullMQ worker with `env` (SENTINELS + MASTER, or CLUSTER) consumes `expect` jobs, each once.
+fn node_worker(prefix: &str, expect: usize, env: &[(&str, String)]) {
     let mut worker = Command::new("node");
     worker
         .arg("worker.js")
@@ -202,12 +206,20 @@ fn node_worker(prefix: &str, expect: usize, env: &[(&str, String)]) -> Vec<Strin
         report["counts"],
         String::from_utf8_lossy(&out.stderr)
     );
-    report["processed"]
+    let mut processed: Vec<&str> = report["processed"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|j| j["id"].as_str().unwrap().to_string())
-        .collect()
+        .map(|j| j["id"].as_str().unwrap())
+        .collect();
+    let taken = processed.len();
+    processed.sort();
+    processed.dedup();
+    assert_eq!(
+        (taken, processed.len()),
+        (expect, expect),
+        "the worker took each job once"
+    );
 }
 
 /// The config of `switchyard run` against `emu` with the shipped rules, the `redis` section given (its address and
@@ -229,7 +241,7 @@ fn config(h: &Harness, emu: &EmulatorHandle, redis: &str, bull_prefix: &str) -> 
 /// Publishes approvals `from..=to`, a few at a time (a stream, not one burst).
 async fn stream(h: &Harness, emu: &EmulatorHandle, from: u32, to: u32) {
     for n in from..=to {
-        emu.publish(&approval(h, n)).unwrap();
+        emu.publish(&activation(h, n)).unwrap();
         if n % 20 == 0 {
             tokio::time::sleep(Duration::from_millis(15)).await;
         }
@@ -249,7 +261,7 @@ async fn stream_killing(
     let mut kill = Some(kill);
     let mut seen = 0;
     for n in from..=to {
-        emu.publish(&approval(h, n)).unwrap();
+        emu.publish(&activation(h, n)).unwrap();
         if n % 20 == 0 {
             tokio::time::sleep(Duration::from_millis(15)).await;
             if kill.is_some() {
@@ -378,19 +390,9 @@ async fn sentinel_failover_mid_stream_gives_every_job_once_and_the_worker_follow
     });
     let promoted = killed_at.elapsed();
     let new_url = format!("redis://127.0.0.1:{replica_at}");
-    let deadline = Instant::now() + Duration::from_secs(90);
-    loop {
-        let n = jobs(&new_url, &[], &bull).await.len();
-        if n >= ACTIVATIONS as usize {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "only {n} jobs on the new primary; logs:\n{}",
-            logs(&h)
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let queue = (new_url.as_str(), &[][..], bull.as_str());
+    let want = ACTIVATIONS as usize;
+    wait_for_jobs(&h, queue, want, Duration::from_secs(90), "on the new primary").await;
     // Settled: the stored position reaches the last event, on the new primary.
     let key = format!(
         "{}checkpoint:{}",
@@ -418,15 +420,14 @@ async fn sentinel_failover_mid_stream_gives_every_job_once_and_the_worker_follow
     // A restart resumes from the position stored on the new primary: one more activation, one more job.
     let mut second = spawn_switchyard(&h, &path, "second.log");
     stream(&h, &emu, ACTIVATIONS + 1, ACTIVATIONS + 1).await;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while jobs(&new_url, &[], &bull).await.len() <= ACTIVATIONS as usize {
-        assert!(
-            Instant::now() < deadline,
-            "the restart did not resume; logs:\n{}",
-            logs(&h)
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_for_jobs(
+        &h,
+        queue,
+        want + 1,
+        Duration::from_secs(30),
+        "the restart did not resume",
+    )
+    .await;
     assert!(second.terminate().success(), "{}", logs(&h));
     let all = jobs(&new_url, &[], &bull).await;
     let context = format!("{at_kill} jobs at the kill, promoted {promoted:?} after it");
@@ -448,18 +449,10 @@ async fn sentinel_failover_mid_stream_gives_every_job_once_and_the_worker_follow
     eprintln!("sentinel: {context}; {} jobs, each once", all.len());
 
     if node_ready() {
-        let processed = node_worker(
+        node_worker(
             &bull,
             all.len(),
             &[("SENTINELS", sentinels.join(",")), ("MASTER", "mymaster".into())],
-        );
-        let mut unique = processed.clone();
-        unique.sort();
-        unique.dedup();
-        assert_eq!(
-            (processed.len(), unique.len()),
-            (all.len(), all.len()),
-            "the worker took each job once"
         );
     }
 }
@@ -548,19 +541,9 @@ async fn cluster_of_three_gives_every_job_once_across_a_kill_and_the_worker_cons
     )
     .await;
     let mut second = spawn_switchyard(&h, &path, "second.log");
-    let deadline = Instant::now() + Duration::from_secs(90);
-    loop {
-        let n = jobs("", &nodes, &bull).await.len();
-        if n >= ACTIVATIONS as usize {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "only {n} jobs ({at_kill} at the kill); logs:\n{}",
-            logs(&h)
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let queue = ("", nodes.as_slice(), bull.as_str());
+    let at = format!("{at_kill} at the kill");
+    wait_for_jobs(&h, queue, ACTIVATIONS as usize, Duration::from_secs(90), &at).await;
     assert!(second.terminate().success(), "{}", logs(&h));
     let all = jobs("", &nodes, &bull).await;
     assert_exactly_once(&all, ACTIVATIONS as usize, &format!("{at_kill} jobs at the kill"));
@@ -577,14 +560,6 @@ async fn cluster_of_three_gives_every_job_once_across_a_kill_and_the_worker_cons
     eprintln!("cluster: {at_kill} jobs at the kill; {} jobs, each once", all.len());
 
     if node_ready() {
-        let processed = node_worker(&bull, all.len(), &[("CLUSTER", nodes.join(","))]);
-        let mut unique = processed.clone();
-        unique.sort();
-        unique.dedup();
-        assert_eq!(
-            (processed.len(), unique.len()),
-            (all.len(), all.len()),
-            "the worker took each job once"
-        );
+        node_worker(&bull, all.len(), &[("CLUSTER", nodes.join(","))]);
     }
 }

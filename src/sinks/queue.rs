@@ -68,8 +68,8 @@ struct Reopen {
     prefix: String,
     /// Where the queue's Redis is: a Sentinel-managed primary is asked for again at each open.
     endpoint: RedisEndpoint,
+    /// The PEM of `tls.ca_file`, read once when the sink is built.
     root_cert: Option<Vec<u8>>,
-    loaded: LoadedConfig,
     /// For messages, password masked.
     url: String,
     connect_timeout: Duration,
@@ -80,7 +80,7 @@ struct Reopen {
 
 impl Reopen {
     async fn open(&self) -> Result<bullmq::Queue, String> {
-        let connection = bullmq_options(&self.loaded, &self.endpoint, self.root_cert.clone())
+        let connection = bullmq_options(&self.endpoint, self.root_cert.clone())
             .await
             .map_err(|e| e.to_string())?;
         let options = bullmq::QueueOptions::new()
@@ -162,7 +162,6 @@ impl QueueSink {
             prefix: config.prefix.clone(),
             endpoint: endpoint.clone(),
             root_cert: crate::state::root_cert(loaded, endpoint)?,
-            loaded: loaded.clone(),
             url: endpoint.describe(),
             connect_timeout: Duration::from_millis(endpoint.connect_timeout_ms),
             failures: AtomicU32::new(0),
@@ -326,7 +325,6 @@ fn with_options<'a>(mut add: bullmq::AddJob<'a>, options: &JobOptions) -> bullmq
 /// The BullMQ connection options for `endpoint`: its URL with credentials, the primary its sentinels name now, or
 /// its cluster's seed nodes; the private CA when there is one.
 async fn bullmq_options(
-    loaded: &LoadedConfig,
     endpoint: &RedisEndpoint,
     root_cert: Option<Vec<u8>>,
 ) -> Result<bullmq::options::RedisConnectionOptions, ConnectError> {
@@ -346,7 +344,7 @@ async fn bullmq_options(
     {
         Topology::Server(url) => options = options.url(url.expose()),
         Topology::Sentinel { .. } => {
-            let (host, port) = crate::state::sentinel_primary(loaded, endpoint).await?;
+            let (host, port) = crate::state::sentinel_primary(endpoint, root_cert.clone()).await?;
             let db = u8::try_from(endpoint.db).map_err(|_| ConnectError::Config(endpoint.describe()))?;
             options = credentials(options.host(host).port(port).db(db));
         }

@@ -319,7 +319,7 @@ pub async fn connect(loaded: &LoadedConfig, endpoint: &RedisEndpoint) -> Result<
             }
         }
         Topology::Sentinel { sentinels, master } => {
-            let mut sentinel = sentinel_client(loaded, endpoint, sentinels, master)?;
+            let mut sentinel = sentinel_client(endpoint, sentinels, master, root_cert(loaded, endpoint)?)?;
             let (addr, conn) = SentinelPrimary::discover(&mut sentinel, &manager, connect_timeout)
                 .await
                 .map_err(failed)?;
@@ -368,12 +368,15 @@ pub async fn connect(loaded: &LoadedConfig, endpoint: &RedisEndpoint) -> Result<
 }
 
 /// The address of the primary the sentinels of `endpoint` name now (for a client that manages its own
-/// connection, such as BullMQ's): `(host, port)`.
-pub async fn sentinel_primary(loaded: &LoadedConfig, endpoint: &RedisEndpoint) -> Result<(String, u16), ConnectError> {
+/// connection, such as BullMQ's): `(host, port)`. `root_cert` is the PEM of `tls.ca_file` (see [`root_cert`]).
+pub async fn sentinel_primary(
+    endpoint: &RedisEndpoint,
+    root_cert: Option<Vec<u8>>,
+) -> Result<(String, u16), ConnectError> {
     let Ok(Topology::Sentinel { sentinels, master }) = endpoint.topology() else {
         return Err(ConnectError::Config(endpoint.describe()));
     };
-    let mut sentinel = sentinel_client(loaded, endpoint, sentinels, master)?;
+    let mut sentinel = sentinel_client(endpoint, sentinels, master, root_cert)?;
     let ask = sentinel.async_get_client();
     let client = match tokio::time::timeout(Duration::from_millis(endpoint.connect_timeout_ms), ask).await {
         Ok(Ok(client)) => client,
@@ -401,11 +404,12 @@ pub async fn sentinel_primary(loaded: &LoadedConfig, endpoint: &RedisEndpoint) -
     }
 }
 
+/// A client of `endpoint`'s sentinels, its TLS checked against `root_cert` (the PEM of `tls.ca_file`) when given.
 fn sentinel_client(
-    loaded: &LoadedConfig,
     endpoint: &RedisEndpoint,
     sentinels: &[String],
     master: &str,
+    root_cert: Option<Vec<u8>>,
 ) -> Result<SentinelClient, ConnectError> {
     let addrs = sentinels.iter().filter_map(|node| {
         let (host, port) = node.rsplit_once(':')?;
@@ -435,7 +439,7 @@ fn sentinel_client(
         builder = builder
             .set_client_to_redis_tls_mode(redis::TlsMode::Secure)
             .set_client_to_sentinel_tls_mode(redis::TlsMode::Secure);
-        if let Some(pem) = root_cert(loaded, endpoint)? {
+        if let Some(pem) = root_cert {
             let certs = || redis::TlsCertificates {
                 client_tls: None,
                 root_cert: Some(pem.clone()),

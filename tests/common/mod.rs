@@ -259,6 +259,25 @@ impl Harness {
     }
 }
 
+/// An 18-character Order id unique to this run, for up to 9,999 orders (the streaming tests' many approvals).
+pub fn order4(h: &Harness, n: u32) -> String {
+    let t: String = h.tag.chars().rev().take(8).collect();
+    format!("801{t:0>8}{n:04}AAA")
+}
+
+/// The approval of order [`order4`] `n` whose org record has no WHMCS id yet, as the Pub/Sub source decodes it.
+pub fn activation(h: &Harness, n: u32) -> switchyard::event::Event {
+    let id = order4(h, n);
+    let record = json!({"WHMCS_Order_ID__c": null, "AccountId": h.account(n % 100)});
+    let value = h.approval(
+        &format!("tx-{n}"),
+        std::slice::from_ref(&id),
+        Some("Approved"),
+        records(&[(id.clone(), record)]),
+    );
+    switchyard::event::Event::from_json(&value.to_string()).unwrap()
+}
+
 pub fn hash(s: &str) -> u64 {
     s.bytes()
         .fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3))
