@@ -131,6 +131,11 @@ async fn main() -> ExitCode {
             })
             .await
         }
+        Command::Health {
+            url,
+            config,
+            timeout_ms,
+        } => health(url, config, timeout_ms).await,
         Command::Schema { kind } => {
             let schema = match kind {
                 SchemaKind::Rules => switchyard::authoring::schema::rules_schema(),
@@ -281,6 +286,36 @@ where
         Ok(false) => ExitCode::FAILURE,
         Err(e) => {
             switchyard::errln!("switchyard: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn health(url: Option<String>, config: Option<PathBuf>, timeout_ms: u64) -> ExitCode {
+    let listen = match (&url, &config) {
+        (None, Some(path)) => match LoadedConfig::load(path) {
+            Ok(loaded) => match loaded.config.http {
+                Some(http) => Some(http.listen),
+                None => {
+                    switchyard::errln!("switchyard: {} has no `http.listen`: nothing to ask", path.display());
+                    return ExitCode::FAILURE;
+                }
+            },
+            Err(problems) => {
+                switchyard::errln!("{problems}");
+                return ExitCode::FAILURE;
+            }
+        },
+        _ => None,
+    };
+    let base = switchyard::app::probe::base_url(url.as_deref(), listen.as_deref());
+    match switchyard::app::probe::check(&base, std::time::Duration::from_millis(timeout_ms)).await {
+        Ok(summary) => {
+            switchyard::outln!("{summary}");
+            ExitCode::SUCCESS
+        }
+        Err(reason) => {
+            switchyard::errln!("switchyard: unhealthy: {reason}");
             ExitCode::FAILURE
         }
     }

@@ -227,6 +227,19 @@ pub enum Command {
         #[command(subcommand)]
         op: RouteOp,
     },
+    /// Ask a running service's listener for `/healthz`: exit 0 when it answers ok, 1 with the reason otherwise
+    /// (the container image's health check).
+    Health {
+        /// The listener's URL (default: the config's `http.listen`, else http://127.0.0.1:9464).
+        #[arg(long, env = "SWITCHYARD_HEALTH_URL")]
+        url: Option<String>,
+        /// The service config: its `http.listen` is where to ask.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Give up after this many milliseconds.
+        #[arg(long, default_value = "2000")]
+        timeout_ms: u64,
+    },
     /// Print the JSON Schema of rule files, rule tests or the config.
     Schema {
         #[arg(value_enum)]

@@ -5,6 +5,7 @@ pub mod admin;
 pub mod cli;
 pub mod http;
 pub mod lsp;
+pub mod probe;
 pub mod record;
 pub mod reload;
 pub mod service;

@@ -19,7 +19,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use serde::Serialize;
 
-use crate::authoring::validate::validate;
+use crate::authoring::validate::validate_deployed;
 use crate::clock::now_ms;
 use crate::config::{Config, LoadedConfig};
 use crate::delivery::RouteCounters;
@@ -410,7 +410,7 @@ impl Reloader {
         };
         let checked = {
             let (paths, env) = (paths.clone(), env.clone());
-            match tokio::task::spawn_blocking(move || validate(&paths, &env, None)).await {
+            match tokio::task::spawn_blocking(move || validate_deployed(&paths, &env)).await {
                 Ok(checked) => checked,
                 Err(e) => return outcome.failed(vec![format!("internal error while checking the rules: {e}")]),
             }

@@ -105,7 +105,7 @@ impl Service {
             )
         } else {
             // The same path as every reload: compile, check, dry-run on the fixtures.
-            let checked = crate::authoring::validate::validate(&config.rule_paths(), &env, None);
+            let checked = crate::authoring::validate::validate_deployed(&config.rule_paths(), &env);
             load::Loaded {
                 ruleset: checked.ruleset,
                 problems: checked.problems,

@@ -149,7 +149,7 @@ fn reader(service: &Service) -> Result<Reader<'_>, AdminError> {
 
 /// The URL a local client reaches a listener at: an unspecified address (`0.0.0.0`, `[::]`) is this machine's
 /// loopback.
-fn listener_url(listen: &str) -> String {
+pub(crate) fn listener_url(listen: &str) -> String {
     match listen.parse::<std::net::SocketAddr>() {
         Ok(addr) if addr.ip().is_unspecified() => {
             let ip: std::net::IpAddr = if addr.is_ipv4() {

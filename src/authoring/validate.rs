@@ -33,8 +33,34 @@ pub fn validate(paths: &[PathBuf], env: &RuleEnv, avro: Option<&Path>) -> Valida
     validate_with(paths, env, avro, &|_| None)
 }
 
+/// [`validate`] as the running service does it (start-up and every reload): a rule test file that cannot be read
+/// here (its `events_file` is not deployed beside the rules, say) is a warning, and its dry run is skipped. The
+/// rules are what runs; `switchyard validate` and `switchyard test` (CI) still refuse such a test.
+pub fn validate_deployed(paths: &[PathBuf], env: &RuleEnv) -> Validation {
+    validate_inner(paths, env, None, &|_| None, Fixtures::Lenient)
+}
+
 /// [`validate`], with the texts `overlay` has instead of the rule files' own (an editor's unsaved buffers).
 pub fn validate_with(paths: &[PathBuf], env: &RuleEnv, avro: Option<&Path>, overlay: load::Overlay<'_>) -> Validation {
+    validate_inner(paths, env, avro, overlay, Fixtures::Strict)
+}
+
+/// What a rule test file that does not load means.
+#[derive(Clone, Copy, PartialEq)]
+enum Fixtures {
+    /// An error (`validate`, the editor).
+    Strict,
+    /// A warning, its dry run skipped (the running service).
+    Lenient,
+}
+
+fn validate_inner(
+    paths: &[PathBuf],
+    env: &RuleEnv,
+    avro: Option<&Path>,
+    overlay: load::Overlay<'_>,
+    fixtures: Fixtures,
+) -> Validation {
     let avro = avro.or(env.avro_schemas.as_deref());
     let loaded = load::load_paths_with(paths, env, overlay);
     let mut problems = loaded.problems;
@@ -72,7 +98,7 @@ pub fn validate_with(paths: &[PathBuf], env: &RuleEnv, avro: Option<&Path>, over
         ..env.clone()
     };
     if let Some(every_route) = load::load_paths_with(paths, &all_modes, overlay).ruleset {
-        dry_run(&every_route, paths, &mut problems);
+        dry_run(&every_route, paths, fixtures, &mut problems);
     }
 
     if let Some(dir) = avro {
@@ -122,11 +148,23 @@ fn fixture_files(paths: &[PathBuf]) -> Vec<PathBuf> {
     find_test_files(&load::folders_of(paths))
 }
 
-fn dry_run(rules: &RuleSet, paths: &[PathBuf], problems: &mut Vec<Problem>) {
+fn dry_run(rules: &RuleSet, paths: &[PathBuf], fixtures: Fixtures, problems: &mut Vec<Problem>) {
     let mut seen = HashSet::new();
     for file in fixture_files(paths) {
         let tests = match LoadedTests::load(&file) {
             Ok(tests) => tests,
+            Err(errors) if fixtures == Fixtures::Lenient => {
+                problems.extend(errors.into_iter().map(|e| Problem {
+                    severity: Severity::Warning,
+                    message: format!(
+                        "{} (the rules load; this test file's dry run is skipped here, `switchyard validate` refuses \
+                         it)",
+                        e.message
+                    ),
+                    ..e
+                }));
+                continue;
+            }
             Err(errors) => {
                 problems.extend(errors);
                 continue;
@@ -571,6 +609,40 @@ fn avro_fields(rules: &RuleSet, schemas: &AvroFields, problems: &mut Vec<Problem
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_test_file_whose_events_are_not_deployed_blocks_validate_but_not_the_service() {
+        // The rules folder as a container mounts it: the rules and their test, not the repository's examples/.
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::copy(
+            concat!(env!("CARGO_MANIFEST_DIR"), "/rules/orders.yaml"),
+            dir.path().join("orders.yaml"),
+        )
+        .unwrap();
+        std::fs::copy(
+            concat!(env!("CARGO_MANIFEST_DIR"), "/rules/orders.test.yaml"),
+            dir.path().join("orders.test.yaml"),
+        )
+        .unwrap();
+        let paths = [dir.path().to_path_buf()];
+        let env = RuleEnv::defaults();
+
+        let strict = validate(&paths, &env, None);
+        assert!(strict.ruleset.is_none());
+        let error = strict.problems.iter().find(|p| p.severity == Severity::Error).unwrap();
+        assert!(error.message.contains("cannot read events_file"), "{error:?}");
+        assert!(error.file.ends_with("orders.test.yaml") && error.line > 1, "{error:?}");
+
+        let deployed = validate_deployed(&paths, &env);
+        assert!(deployed.ruleset.is_some(), "{:?}", deployed.problems);
+        let warning = deployed
+            .problems
+            .iter()
+            .find(|p| p.message.contains("cannot read events_file"))
+            .unwrap();
+        assert_eq!((warning.severity, warning.line), (Severity::Warning, error.line));
+        assert!(warning.message.contains("dry run is skipped"), "{warning:?}");
+    }
 
     #[test]
     fn field_refs_are_found_with_their_positions() {

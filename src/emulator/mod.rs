@@ -45,7 +45,7 @@ pub const FULFILMENT_CHANNEL: &str = "/event/Order_Fulfilment_Requested__e";
 
 const ORDER_SCHEMA: &str = include_str!("../../schemas/avro/OrderChangeEvent.avsc");
 /// The same object with its fields in another order (and one field more), for the schema-change fault.
-const ORDER_SCHEMA_V2: &str = include_str!("../../tests/fixtures/avro/OrderChangeEvent.v2.avsc");
+const ORDER_SCHEMA_V2: &str = include_str!("OrderChangeEvent.v2.avsc");
 const FULFILMENT_SCHEMA: &str = include_str!("../../schemas/avro/Order_Fulfilment_Requested__e.avsc");
 const ORDER_ITEM_SCHEMA: &str = include_str!("../../schemas/avro/OrderItemChangeEvent.avsc");
 

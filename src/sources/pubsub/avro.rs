@@ -701,7 +701,7 @@ mod tests {
     use apache_avro::types::Value as Avro;
 
     const ORDER: &str = include_str!("../../../schemas/avro/OrderChangeEvent.avsc");
-    const ORDER_V2: &str = include_str!("../../../tests/fixtures/avro/OrderChangeEvent.v2.avsc");
+    const ORDER_V2: &str = include_str!("../../emulator/OrderChangeEvent.v2.avsc");
     const FULFILMENT: &str = include_str!("../../../schemas/avro/Order_Fulfilment_Requested__e.avsc");
 
     fn approval() -> Event {
