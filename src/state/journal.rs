@@ -4,8 +4,9 @@
 //! The pipeline hands entries over without waiting ([`Journal::record`]); one writer task stores them in batches:
 //! in the main Redis, one script call per batch appends to the stream `{prefix}journal` (trimmed to `max_len`,
 //! `MAXLEN ~`, and to the retention, `MINID ~`) and adds `id \0 stream-id` for each of its record ids, event id
-//! and idempotency keys to the index bucket of now (`{prefix}journal:ids:{n}`, a sorted set per span of up to an
-//! hour, expiring a retention after its span), so one record's history is found in O(log n) per bucket. Without
+//! and idempotency keys to the index (`{prefix}journal:idx:{n}`, a sorted set per run of consecutive entries,
+//! expiring a retention after its last write and deleted once the cap has trimmed its entries), so one record's
+//! history is found in O(log n) per bucket. Without
 //! Redis, a bounded ring in memory. A journal that falls behind drops entries and counts them
 //! (`switchyard_journal_dropped_total`): it never slows delivery.
 
@@ -155,48 +156,70 @@ pub enum Store {
     },
 }
 
-/// Appends a batch: `KEYS` = the stream and the index bucket of now; `ARGV` = max_len, the oldest time
-/// kept (ms), when the bucket expires (ms since the epoch), then per entry its JSON and its ids (count first).
+/// Appends a batch: `KEYS` = the stream and the entry counter; `ARGV` = max_len, the oldest time kept (ms), the
+/// retention (ms), the index key prefix, the bucket size, then per entry its JSON and its ids (count first, each
+/// id followed by `\0`).
 ///
-/// The index is one sorted set per span of time ([`bucket_ms`]), members `id \0 stream-id` (all of score 0, so that
-/// `ZRANGEBYLEX` finds an id's members in O(log n)), expiring a retention after its span ends: one `ZADD` and one `PEXPIREAT` per
-/// batch, where a sorted set per id cost a new key, a `ZADD` and a `PEXPIRE` per id and entry (and most of the
-/// journal's Redis time in `cargo bench --bench e2e`).
+/// The index is one sorted set per [`bucket_size`] consecutive entries (the counter numbers them), members
+/// `id \0 stream-id`, all of score 0, so that `ZRANGEBYLEX` finds an id's members in O(log n). A bucket expires a
+/// retention after its last write, and is deleted as soon as the stream's cap has trimmed every entry it names: the
+/// index never outgrows the stream, however fast events come, and its sets stay small (an insert into a set of a
+/// few thousand members costs Redis well under half of one into a set of a million, measured with `redis-server`
+/// 7.0 on this project's CI machine). Keys are built in the script from the prefix; they share its hash tag
+/// (validated on a Cluster), so they live in the slot of the stream.
 static APPEND: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(
         r#"
-local maxlen, minms, expire_at = ARGV[1], ARGV[2], ARGV[3]
-local add = {}
-local i = 4
+local maxlen, minms, retention, idx, size = tonumber(ARGV[1]), ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
+local n = 0
+local i = 6
+while i <= #ARGV do
+  n = n + 1
+  i = i + 2 + tonumber(ARGV[i + 1])
+end
+local seq = redis.call('INCRBY', KEYS[2], n) - n
+local add, bucket = {}, math.floor(seq / size)
+local function flush()
+  if #add > 0 then
+    redis.call('ZADD', idx .. bucket, unpack(add))
+    redis.call('PEXPIRE', idx .. bucket, retention)
+    add = {}
+  end
+end
+i = 6
 while i <= #ARGV do
   local c = tonumber(ARGV[i + 1])
   local sid = redis.call('XADD', KEYS[1], 'MAXLEN', '~', maxlen, '*', 'entry', ARGV[i])
+  local b = math.floor(seq / size)
+  -- unpack() is bounded by Lua's C stack (8,000 values): add in chunks, and per bucket.
+  if b ~= bucket or #add >= 2000 then
+    flush()
+    bucket = b
+  end
   for j = 1, c do
     add[#add + 1] = 0
-    add[#add + 1] = ARGV[i + 1 + j] .. '\0' .. sid
+    add[#add + 1] = ARGV[i + 1 + j] .. sid
   end
-  -- unpack() is bounded by Lua's C stack (8,000 values): add in chunks.
-  if #add >= 2000 then
-    redis.call('ZADD', KEYS[2], unpack(add))
-    add = {}
-  end
+  seq = seq + 1
   i = i + 2 + c
 end
-if #add > 0 then
-  redis.call('ZADD', KEYS[2], unpack(add))
+flush()
+-- The buckets whose every entry is past the cap (the stream keeps about maxlen): gone with them.
+local stale = math.floor((seq - maxlen) / size) - 1
+local first_stale = math.floor((seq - n - maxlen) / size) - 1
+for s = math.max(first_stale, 0), stale do
+  redis.call('UNLINK', idx .. s)
 end
-redis.call('PEXPIREAT', KEYS[2], expire_at)
 redis.call('XTRIM', KEYS[1], 'MINID', '~', minms)
-return 1
+return seq
 "#,
     )
 });
 
-/// The time one index bucket spans (see [`APPEND`]): a 24th of the retention (a bucket outlives the retention of
-/// its newest entry by that much at most), at least a second, at most an hour (a read of the default 7 days looks
-/// at 168 buckets, in one pipelined round trip).
-fn bucket_ms(retention_ms: u64) -> u64 {
-    (retention_ms / 24).clamp(1_000, 3_600_000)
+/// Entries per index bucket (see [`APPEND`]): a sixteenth of the cap, so that about 17 buckets cover what the
+/// stream holds, and `why` reads them in one pipelined round trip.
+fn bucket_size(max_len: usize) -> u64 {
+    (max_len as u64 / 16).clamp(256, 65_536)
 }
 
 impl Store {
@@ -204,9 +227,14 @@ impl Store {
         format!("{prefix}journal")
     }
 
-    /// The index bucket number `bucket` (milliseconds since the epoch / [`bucket_ms`]).
-    pub fn index_key(prefix: &str, bucket: u64) -> String {
-        format!("{prefix}journal:ids:{bucket}")
+    /// The prefix of the index buckets' keys (the bucket number follows).
+    pub fn index_prefix(prefix: &str) -> String {
+        format!("{prefix}journal:idx:")
+    }
+
+    /// The counter of entries ever appended, which numbers them for the index buckets.
+    pub fn counter_key(prefix: &str) -> String {
+        format!("{prefix}journal:seq")
     }
 
     async fn append(&self, entries: &[Entry], now_ms: u64) -> Result<(), Failure> {
@@ -218,20 +246,26 @@ impl Store {
                 retention,
             } => {
                 let retention_ms = retention.as_millis() as u64;
-                let span = bucket_ms(retention_ms);
-                let bucket = now_ms / span;
                 let mut invocation = APPEND.key(Self::stream_key(prefix));
                 invocation
-                    .key(Self::index_key(prefix, bucket))
+                    .key(Self::counter_key(prefix))
                     .arg(*max_len)
                     .arg(now_ms.saturating_sub(retention_ms))
-                    .arg((bucket + 1) * span + retention_ms);
+                    .arg(retention_ms)
+                    .arg(Self::index_prefix(prefix))
+                    .arg(bucket_size(*max_len));
+                let mut member = Vec::new();
                 for entry in entries {
                     let ids = entry.ids();
                     invocation
                         .arg(serde_json::to_string(entry).unwrap_or_default())
-                        .arg(ids.len())
-                        .arg(ids);
+                        .arg(ids.len());
+                    for id in ids {
+                        member.clear();
+                        member.extend_from_slice(id.as_bytes());
+                        member.push(0);
+                        invocation.arg(&member[..]);
+                    }
                 }
                 let mut conn = conn.clone();
                 invocation
@@ -264,21 +298,31 @@ impl Store {
                 conn,
                 prefix,
                 retention,
-                ..
+                max_len,
             } => {
                 let mut conn = conn.clone();
-                // Every bucket of the retention, newest first; members older than the retention are skipped (a
-                // bucket outlives the oldest of its entries by up to its span).
+                // Every bucket that can still name an entry of the stream, newest first; members older than the
+                // retention are skipped (a bucket outlives the oldest of its entries by up to its span).
                 let now = crate::clock::now_ms();
-                let retention_ms = retention.as_millis() as u64;
-                let since = now.saturating_sub(retention_ms);
-                let span = bucket_ms(retention_ms);
+                let since = now.saturating_sub(retention.as_millis() as u64);
+                let count: Option<u64> = redis::cmd("GET")
+                    .arg(Self::counter_key(prefix))
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(|e| Failure::from_redis(&e))?;
+                let Some(count) = count.filter(|&c| c > 0) else {
+                    return Ok((Vec::new(), 0));
+                };
+                let size = bucket_size(*max_len);
+                let newest = (count - 1) / size;
+                // The stream keeps about max_len (`MAXLEN ~` keeps a little more): one bucket more than it needs.
+                let oldest = (count.saturating_sub(*max_len as u64) / size).saturating_sub(1);
                 let min = [b"[", id.as_bytes(), b"\0"].concat();
                 let max = [b"[", id.as_bytes(), b"\0\xff"].concat();
                 let mut pipe = redis::pipe();
-                for bucket in (since / span..=now / span).rev() {
+                for bucket in (oldest..=newest).rev() {
                     pipe.cmd("ZRANGEBYLEX")
-                        .arg(Self::index_key(prefix, bucket))
+                        .arg(format!("{}{bucket}", Self::index_prefix(prefix)))
                         .arg(&min)
                         .arg(&max);
                 }
