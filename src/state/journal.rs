@@ -6,8 +6,7 @@
 //! `MAXLEN ~`, and to the retention, `MINID ~`) and adds `id \0 stream-id` for each of its record ids, event id
 //! and idempotency keys to the index (`{prefix}journal:idx:{n}`, a sorted set per run of consecutive entries,
 //! expiring a retention after its last write and deleted once the cap has trimmed its entries), so one record's
-//! history is found in O(log n) per bucket. Without
-//! Redis, a bounded ring in memory. A journal that falls behind drops entries and counts them
+//! history is found in O(log n) per bucket. Without Redis, a bounded ring in memory. A journal that falls behind drops entries and counts them
 //! (`switchyard_journal_dropped_total`): it never slows delivery.
 
 use std::collections::VecDeque;
@@ -302,7 +301,7 @@ impl Store {
             } => {
                 let mut conn = conn.clone();
                 // Every bucket that can still name an entry of the stream, newest first; members older than the
-                // retention are skipped (a bucket outlives the oldest of its entries by up to its span).
+                // retention are skipped (a bucket expires a retention after its newest entry, not its oldest).
                 let now = crate::clock::now_ms();
                 let since = now.saturating_sub(retention.as_millis() as u64);
                 let count: Option<u64> = redis::cmd("GET")
