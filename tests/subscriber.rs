@@ -1141,3 +1141,175 @@ async fn order_item_changes_invalidate_the_parent_order_over_grpc() {
         "the line of an UPDATE is read for its order"
     );
 }
+
+/// Multi-entity channels over real gRPC: the emulator serves `/data/ChangeEvents` and the custom channel
+/// `/data/Orders__chn` (Order enriched with AccountId, OrderItem with OrderId), each event written with its own
+/// entity's schema, so one stream carries two schema ids. Routes select by `entity:`; an enriched field arrives in
+/// `fields` but never in `changed_fields`, so `changed("AccountId")` fires only when the account really changed.
+#[tokio::test]
+async fn multi_entity_and_custom_channels_route_by_entity_and_never_count_enriched_fields_as_changed() {
+    let h = Harness::new("sub-multi-entity");
+    let emu = emulator_with(EmulatorOptions::default()).await;
+    let rules = h.dir.path().join("rules");
+    std::fs::create_dir_all(&rules).unwrap();
+    let custom = emulator::ORDERS_CUSTOM_CHANNEL;
+    let all = emulator::CHANGE_EVENTS_CHANNEL;
+    std::fs::write(
+        rules.join("multi.yaml"),
+        format!(
+            r#"version: 1
+routes:
+  - name: orders-on-custom
+    channel: {custom}
+    entity: Order
+    when: "true"
+    then: [{{ sink: log, message: "order {{{{record_id}}}}" }}]
+  - name: provision-on-custom
+    channel: {custom}
+    entity: Order
+    when: became("Activation_Status__c", "Activating")
+    then:
+      - sink: enqueue-provisioning
+        job: {{ sfOrderId: "{{{{record_id}}}}", accountId: "{{{{event.AccountId}}}}" }}
+        idempotency_key: "activation-{{{{record_id}}}}-{{{{header.commit_timestamp}}}}"
+  - name: account-moved
+    channel: {custom}
+    entity: Order
+    when: changed("AccountId")
+    then: [{{ sink: invalidate-cache, keys: ["orders:account:{{{{event.AccountId}}}}"] }}]
+  - name: lines-on-custom
+    channel: {custom}
+    entity: OrderItem
+    when: changed_any(["Quantity", "UnitPrice"])
+    then: [{{ sink: invalidate-cache, keys: ["orders:detail:{{{{event.OrderId}}}}"] }}]
+  - name: status-on-all
+    channel: {all}
+    entity: Order
+    when: changed("Status")
+    then: [{{ sink: invalidate-cache, keys: ["orders:status:{{{{record_id}}}}"] }}]
+  - name: lines-on-all
+    channel: {all}
+    entity: OrderItem
+    when: changed("Quantity")
+    then: [{{ sink: invalidate-cache, keys: ["orders:item:{{{{record_id}}}}"] }}]
+"#
+        ),
+    )
+    .unwrap();
+    let text = common::pubsub_config(&h, &emu, &redis_url(), &rules, "", "");
+    let run = start(&h, &text).await;
+    let (o1, o2, o3, o4) = (order(&h, 1), order(&h, 2), order(&h, 3), order(&h, 4));
+    let (a1, a3) = (h.account(1), h.account(3));
+    let line = |n: u32| format!("802{}{n:03}AAA", &order(&h, 0)[3..12]);
+    let (l1, l2) = (line(1), line(2));
+    let keys = [
+        format!("orders:account:{a1}"),
+        format!("orders:detail:{o2}"),
+        format!("orders:account:{a3}"),
+        format!("orders:status:{o4}"),
+        format!("orders:item:{l2}"),
+    ];
+    for key in &keys {
+        h.set_key(key).await;
+    }
+    let on = |mut e: Value, channel: &str, entity: &str| {
+        e["channel"] = json!(channel);
+        e["header"]["entity"] = json!(entity);
+        event(&e)
+    };
+    // An approval of order 1 on the custom channel: AccountId is enriched from the org's record (unchanged).
+    let approval = h.approval(
+        "tx-m1",
+        std::slice::from_ref(&o1),
+        None,
+        records(&[(o1.clone(), json!({"AccountId": a1}))]),
+    );
+    emu.publish(&on(approval, custom, "Order")).unwrap();
+    // A line of order 2 on the custom channel: OrderId is enriched, so no read is needed.
+    let item = h.change(
+        "tx-m2",
+        std::slice::from_ref(&l1),
+        &["Quantity", "LastModifiedDate"],
+        json!({"Quantity": 2.0, "LastModifiedDate": 1764230499000u64}),
+        records(&[(l1.clone(), json!({"OrderId": o2}))]),
+    );
+    emu.publish(&on(item, custom, "OrderItem")).unwrap();
+    // Order 3 really moved to another account.
+    let moved = h.change(
+        "tx-m3",
+        std::slice::from_ref(&o3),
+        &["AccountId", "LastModifiedDate"],
+        json!({"AccountId": a3, "LastModifiedDate": 1764230499000u64}),
+        records(&[(o3.clone(), json!({"AccountId": a3}))]),
+    );
+    emu.publish(&on(moved, custom, "Order")).unwrap();
+    // The standard multi-entity channel: an Order and an OrderItem change, each with its schema.
+    let status = h.change(
+        "tx-m4",
+        std::slice::from_ref(&o4),
+        &["Status"],
+        json!({"Status": "Activated"}),
+        json!({}),
+    );
+    emu.publish(&on(status, all, "Order")).unwrap();
+    let quantity = h.change(
+        "tx-m5",
+        std::slice::from_ref(&l2),
+        &["Quantity"],
+        json!({"Quantity": 5.0}),
+        json!({}),
+    );
+    emu.publish(&on(quantity, all, "OrderItem")).unwrap();
+    assert!(
+        emu.publish(&on(
+            h.change(
+                "tx-m6",
+                std::slice::from_ref(&o4),
+                &["Status"],
+                json!({"Status": "Draft"}),
+                json!({})
+            ),
+            all,
+            "Account"
+        ))
+        .is_err(),
+        "the emulator refuses an entity its channel does not carry"
+    );
+
+    run.settled(5, Duration::from_secs(20)).await;
+    let stats = run.finish().await;
+    assert_eq!(stats.malformed, 0, "every event decodes with its own schema: {stats:?}");
+    assert_eq!(
+        stats.routes_fired.get("orders-on-custom"),
+        Some(&2),
+        "Order routes see only Order events: {stats:?}"
+    );
+    assert_eq!(stats.routes_fired.get("lines-on-custom"), Some(&1), "{stats:?}");
+    let jobs = h.jobs().await;
+    assert_eq!(jobs.len(), 1, "{jobs:?}");
+    assert_eq!(
+        jobs[0].2["accountId"],
+        json!(a1),
+        "the enriched AccountId reaches the job: {jobs:?}"
+    );
+    assert!(
+        h.key_exists(&keys[0]).await,
+        "an enriched, unchanged AccountId does not fire changed()"
+    );
+    assert!(
+        !h.key_exists(&keys[1]).await,
+        "the enriched OrderId names the line's order"
+    );
+    assert_eq!(emu.rest_reads_of(&l1), 0, "nothing had to be read");
+    assert!(!h.key_exists(&keys[2]).await, "a real account change fires changed()");
+    assert!(!h.key_exists(&keys[3]).await, "an Order change on /data/ChangeEvents");
+    assert!(
+        !h.key_exists(&keys[4]).await,
+        "an OrderItem change on /data/ChangeEvents"
+    );
+    let ids: std::collections::HashSet<String> = [emulator::ORDER_CHANNEL, emulator::ORDER_ITEM_CHANNEL]
+        .iter()
+        .map(|c| emu.schema_id(c).unwrap())
+        .collect();
+    assert_eq!(ids.len(), 2, "Order and OrderItem have their own schema ids");
+}

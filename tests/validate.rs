@@ -256,3 +256,24 @@ fn unfetched_record_fields_and_routes_that_never_run_are_reported() {
     );
     assert_eq!(text.lines().count(), 3, "{text}");
 }
+
+#[test]
+fn entity_is_checked_against_the_channel_and_selects_the_schema_field_names_are_checked_with() {
+    assert_reports(
+        &["validate", "--avro", "schemas/avro", "tests/fixtures/entity"],
+        1,
+        &[
+            "tests/fixtures/entity/channels.yaml:5:13: error: route `wrong-entity`: the channel `/data/OrderChangeEvent` carries only `Order` changes, so `entity: OrderItem` never matches",
+            "tests/fixtures/entity/channels.yaml:10:13: error: route `platform`: `entity` is for change events",
+            "tests/fixtures/entity/channels.yaml:15:13: error: route `bad-name`: `entity` must be an object's API name",
+        ],
+    );
+    // On a custom channel, the entity's own schema: `Quantity` is an OrderItem field.
+    let text = assert_reports(
+        &["validate", "--avro", "schemas/avro", "tests/fixtures/entity-typo"],
+        1,
+        &["tests/fixtures/entity-typo/channels.yaml:6:19: error: route `item-typo`: `when`: `Quantiy` is not a field"],
+    );
+    assert!(text.contains("(did you mean `Quantity`?)"), "{text}");
+    assert!(!text.contains("order-on-all"), "`Status` is an Order field: {text}");
+}

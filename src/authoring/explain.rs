@@ -86,7 +86,9 @@ pub fn explain(rules: &RuleSet, event: &Event) -> Explanation {
     for (i, route) in rules.routes.iter().enumerate() {
         let channel_matches = route.channel == event.channel;
         let live = rules.candidates(&route.channel).contains(&i);
-        let units: Vec<Option<String>> = if !channel_matches || !live {
+        let entity = event.header.as_ref().map(|h| h.entity.as_str());
+        let other_entity = channel_matches && live && !rules.routes_for(event).contains(&i);
+        let units: Vec<Option<String>> = if !channel_matches || !live || other_entity {
             vec![None]
         } else if event.header.is_some() {
             event.record_ids().iter().cloned().map(Some).collect()
@@ -113,6 +115,15 @@ pub fn explain(rules: &RuleSet, event: &Event) -> Explanation {
             };
             if !channel_matches {
                 x.result = format!("not on this channel (the route listens on {})", route.channel);
+                routes.push(x);
+                continue;
+            }
+            if other_entity {
+                x.result = format!(
+                    "not for this entity (the route takes {} changes; this is {})",
+                    route.entity.as_deref().unwrap_or_default(),
+                    entity.unwrap_or("a platform event")
+                );
                 routes.push(x);
                 continue;
             }

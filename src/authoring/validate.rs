@@ -531,16 +531,25 @@ fn enrich_object(route: &crate::rules::Route) -> String {
 fn avro_fields(rules: &RuleSet, schemas: &AvroFields, problems: &mut Vec<Problem>) {
     let mut missing_schema = HashSet::new();
     for route in &rules.routes {
-        let Some(fields) = schemas.for_channel(&route.channel) else {
-            if missing_schema.insert(route.channel.clone()) {
+        // A route that names its entity is checked against that entity's schema (a multi-entity or custom
+        // channel has none of its own).
+        let (fields, what) = match &route.entity {
+            Some(entity) => (
+                schemas.for_object(entity),
+                format!("entity `{entity}` ({entity}ChangeEvent.avsc)"),
+            ),
+            None => (
+                schemas.for_channel(&route.channel),
+                format!("channel `{}`", route.channel),
+            ),
+        };
+        let Some(fields) = fields else {
+            if missing_schema.insert(what.clone()) {
                 problems.push(Problem::warning(
                     &route.file,
                     route.line,
                     route.column,
-                    format!(
-                        "no Avro schema for channel `{}` in the --avro folder: its field names are not checked",
-                        route.channel
-                    ),
+                    format!("no Avro schema for {what} in the --avro folder: its field names are not checked"),
                 ));
             }
             continue;

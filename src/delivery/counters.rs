@@ -87,7 +87,7 @@ pub fn record_evaluated(rules: &RuleSet, event: &Event) {
     } else {
         1
     };
-    for &i in rules.candidates(&event.channel) {
+    for &i in rules.routes_for(event) {
         metrics::counter!(m::ROUTE_EVALUATED, "route" => rules.routes[i].name.clone()).increment(units);
     }
 }

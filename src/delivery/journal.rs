@@ -40,7 +40,7 @@ pub fn entry(
     let mut routes = Vec::new();
     // The stop route (and the record it stopped for) that ended evaluation, per record.
     let mut stopped: Vec<(Option<&str>, &str)> = Vec::new();
-    for &i in rules.candidates(&event.channel) {
+    for &i in rules.routes_for(event) {
         let route = &rules.routes[i];
         let decisions: Vec<_> = plan
             .map(|(p, _, _)| p.decisions.iter().filter(|d| d.route == route.name).collect())

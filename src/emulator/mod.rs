@@ -42,6 +42,11 @@ pub const ORDER_CHANNEL: &str = "/data/OrderChangeEvent";
 pub const ORDER_ITEM_CHANNEL: &str = "/data/OrderItemChangeEvent";
 /// The platform-event channel the built-in Order_Fulfilment_Requested__e schema serves.
 pub const FULFILMENT_CHANNEL: &str = "/event/Order_Fulfilment_Requested__e";
+/// The standard multi-entity CDC channel: every entity's changes (here Order and OrderItem), each with its schema.
+pub const CHANGE_EVENTS_CHANNEL: &str = "/data/ChangeEvents";
+/// A custom channel with the Order and OrderItem members, enriched: every Order change carries `AccountId` and
+/// every OrderItem change `OrderId`, changed or not.
+pub const ORDERS_CUSTOM_CHANNEL: &str = "/data/Orders__chn";
 
 const ORDER_SCHEMA: &str = include_str!("../../schemas/avro/OrderChangeEvent.avsc");
 /// The same object with its fields in another order (and one field more), for the schema-change fault.
@@ -68,9 +73,15 @@ pub enum EmulatorError {
     #[error("the emulator's gRPC server failed: {0}")]
     Transport(#[from] tonic::transport::Error),
     #[error(
-        "the emulator has no topic `{0}` (it serves {ORDER_CHANNEL}, {ORDER_ITEM_CHANNEL} and {FULFILMENT_CHANNEL})"
+        "the emulator has no topic `{0}` (it serves {ORDER_CHANNEL}, {ORDER_ITEM_CHANNEL}, {CHANGE_EVENTS_CHANNEL}, {ORDERS_CUSTOM_CHANNEL} and {FULFILMENT_CHANNEL})"
     )]
     UnknownChannel(String),
+    #[error("the channel `{channel}` carries changes of {members}, not of `{entity}`")]
+    NotAMember {
+        channel: String,
+        entity: String,
+        members: String,
+    },
     #[error("cannot write the event as Avro: {0}")]
     Encode(#[from] EncodeError),
     #[error("a built-in schema does not parse: {0}")]
@@ -204,18 +215,34 @@ pub async fn start(options: EmulatorOptions) -> Result<EmulatorHandle, EmulatorE
     for schema in [&order, &order_v2, &fulfilment, &order_item] {
         state.schemas.insert(schema.fingerprint().to_owned(), schema.clone());
     }
+    let members = HashMap::from([
+        ("Order".to_owned(), order.clone()),
+        ("OrderItem".to_owned(), order_item.clone()),
+    ]);
+    state.topics.insert(
+        CHANGE_EVENTS_CHANNEL.to_owned(),
+        Topic {
+            members: members.clone(),
+            ..Topic::single(order.clone())
+        },
+    );
+    state.topics.insert(
+        ORDERS_CUSTOM_CHANNEL.to_owned(),
+        Topic {
+            members,
+            enriched: HashMap::from([
+                ("Order".to_owned(), vec!["AccountId".to_owned()]),
+                ("OrderItem".to_owned(), vec!["OrderId".to_owned()]),
+            ]),
+            ..Topic::single(order.clone())
+        },
+    );
     for (channel, schema) in [
         (ORDER_CHANNEL, order),
         (ORDER_ITEM_CHANNEL, order_item),
         (FULFILMENT_CHANNEL, fulfilment),
     ] {
-        state.topics.insert(
-            channel.to_owned(),
-            Topic {
-                schema,
-                log: Vec::new(),
-            },
-        );
+        state.topics.insert(channel.to_owned(), Topic::single(schema));
     }
     state.tokens.insert(options.access_token.clone());
     let settings = Settings {

@@ -28,6 +28,31 @@ pub(crate) struct Topic {
     pub schema: Arc<CompiledSchema>,
     /// Ordered by replay id.
     pub log: Vec<Stored>,
+    /// A multi-entity channel (`/data/ChangeEvents`, a custom `__chn` channel): each member entity's schema. An
+    /// event is written with its entity's schema, so one stream carries several schema ids. Empty: one schema.
+    pub members: HashMap<String, Arc<CompiledSchema>>,
+    /// A custom channel's enriched fields per entity: written with every change, from the org's record when the
+    /// change does not carry them, and never marked changed.
+    pub enriched: HashMap<String, Vec<String>>,
+}
+
+impl Topic {
+    pub fn single(schema: Arc<CompiledSchema>) -> Topic {
+        Topic {
+            schema,
+            log: Vec::new(),
+            members: HashMap::new(),
+            enriched: HashMap::new(),
+        }
+    }
+
+    /// The schema an event of `entity` is written with on this channel; `None`: the channel does not carry it.
+    pub fn schema_for(&self, entity: Option<&str>) -> Option<&Arc<CompiledSchema>> {
+        match entity {
+            Some(entity) if !self.members.is_empty() => self.members.get(entity),
+            _ => Some(&self.schema),
+        }
+    }
 }
 
 /// Faults a test asks for; each one-shot fault clears itself when it fires.
@@ -142,12 +167,24 @@ impl Shared {
             for (id, fields) in &event.record {
                 state.records.insert(id.clone(), fields.clone());
             }
-            let topic_schema = state
+            let topic = state
                 .topics
                 .get(&event.channel)
-                .map(|t| t.schema.clone())
                 .ok_or_else(|| EmulatorError::UnknownChannel(event.channel.clone()))?;
-            let payload = topic_schema.encode(event)?;
+            let entity = event.header.as_ref().map(|h| h.entity.as_str());
+            let topic_schema = topic
+                .schema_for(entity)
+                .cloned()
+                .ok_or_else(|| EmulatorError::NotAMember {
+                    channel: event.channel.clone(),
+                    entity: entity.unwrap_or_default().to_owned(),
+                    members: topic.members.keys().cloned().collect::<Vec<_>>().join(", "),
+                })?;
+            let enriched = entity.and_then(|e| topic.enriched.get(e));
+            let payload = match enriched {
+                Some(names) => topic_schema.encode(&with_enriched(event, names, &state.records))?,
+                None => topic_schema.encode(event)?,
+            };
             let stored = Stored {
                 replay: 0,
                 event_id: event.id.clone(),
@@ -176,6 +213,27 @@ impl Shared {
         self.stats.max_requested.fetch_max(requested, Ordering::Relaxed);
         self.stats.max_outstanding.fetch_max(outstanding, Ordering::Relaxed);
     }
+}
+
+/// `event` with a custom channel's enriched fields filled in: the value the change carries, else the org's
+/// current value of its (first) record. The header is left alone: an enriched field that did not change is not in
+/// `changedFields`, which is how a subscriber tells the two apart.
+fn with_enriched(event: &Event, names: &[String], records: &HashMap<String, RecordFields>) -> Event {
+    let mut event = event.clone();
+    let current = event
+        .header
+        .as_ref()
+        .and_then(|h| h.record_ids.first())
+        .and_then(|id| records.get(id))
+        .and_then(Option::as_ref);
+    for name in names {
+        if !event.fields.contains_key(name)
+            && let Some(value) = current.and_then(|fields| fields.get(name))
+        {
+            event.fields.insert(name.clone(), value.clone());
+        }
+    }
+    event
 }
 
 fn append(state: &mut State, channel: &str, mut stored: Stored) -> Result<u64, EmulatorError> {

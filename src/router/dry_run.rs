@@ -53,7 +53,7 @@ pub fn dry_run(rules: &RuleSet, event: &Event) -> Vec<DryRunError> {
     let empty = Map::new();
     helpers::with_ctx(&ctx, || {
         for unit_id in unit_ids {
-            for &i in rules.candidates(&event.channel) {
+            for &i in rules.routes_for(event) {
                 let route = &rules.routes[i];
                 scope.set_value("record_id", dyn_opt(unit_id.as_deref()));
                 scope.set_value("record", Dynamic::from_map(rhai::Map::new()));

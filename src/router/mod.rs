@@ -171,7 +171,7 @@ impl When<'_> {
             s.scope.set_value("record_id", dyn_opt(unit_id));
         }
         // The routes without a native `when`, evaluated by Rhai in one go (see `RuleSet::combined`).
-        let mut combined = match (unit_id, rules.combined(&event.channel)) {
+        let mut combined = match (unit_id, rules.combined(event)) {
             (Some(_), Some((all, count))) => {
                 let s = Script::get(&mut self.script, rules, event, unit_id);
                 helpers::with_ctx(&s.ctx, || eval_combined(rules, &mut s.scope, all, count)).map(Vec::into_iter)
@@ -179,7 +179,7 @@ impl When<'_> {
             _ => None,
         };
         let mut results = Vec::new();
-        for &i in rules.candidates(&event.channel) {
+        for &i in rules.routes_for(event) {
             let route = &rules.routes[i];
             let rendered = self.record_id_of(route, unit_id);
             let record_id = rendered.as_ref().map_or(unit_id, Option::as_deref);

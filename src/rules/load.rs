@@ -453,6 +453,30 @@ fn compile_route(
         Some(t)
     });
 
+    let entity = spec.entity.as_ref().and_then(|e| {
+        let value = e.value.trim();
+        let valid = value.chars().next().is_some_and(|c| c.is_ascii_alphabetic())
+            && value.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !valid {
+            problems.push(cx.err(e, format!("{route_label}: `entity` must be an object's API name (`Order`, `Invoice__c`), not `{value}`")));
+            return None;
+        }
+        match (mode, channel.as_deref().and_then(single_entity)) {
+            (Some(Mode::PlatformEvent), _) => {
+                problems.push(cx.err(e, format!("{route_label}: `entity` is for change events; a platform-event channel carries one event type")));
+                None
+            }
+            (_, Some(only)) if only != value => {
+                problems.push(cx.err(e, format!(
+                    "{route_label}: the channel `{}` carries only `{only}` changes, so `entity: {value}` never matches; use `/data/ChangeEvents` or a custom channel for several entities",
+                    channel.as_deref().unwrap_or_default()
+                )));
+                None
+            }
+            _ => Some(value.to_string()),
+        }
+    });
+
     let has_enrich = spec.enrich.is_some();
     let then: Vec<_> = spec
         .then
@@ -492,6 +516,7 @@ fn compile_route(
         line: spec.name.referenced.line(),
         column: spec.name.referenced.column(),
         channel: channel?,
+        entity,
         mode: mode?,
         when: when?,
         guard,
@@ -502,6 +527,21 @@ fn compile_route(
         stop: spec.stop,
         shadow: spec.shadow,
         limit: spec.limit,
+    })
+}
+
+/// The one entity a standard per-object CDC channel carries (`/data/OrderChangeEvent` -> `Order`,
+/// `/data/Invoice__ChangeEvent` -> `Invoice__c`); `None` for `/data/ChangeEvents`, custom `__chn` channels and
+/// platform events.
+pub fn single_entity(channel: &str) -> Option<String> {
+    let name = channel.strip_prefix("/data/")?;
+    if name == "ChangeEvents" || name.ends_with("__chn") {
+        return None;
+    }
+    let object = name.strip_suffix("ChangeEvent")?;
+    Some(match object.strip_suffix("__") {
+        Some(custom) => format!("{custom}__c"),
+        None => object.to_string(),
     })
 }
 

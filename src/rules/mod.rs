@@ -171,6 +171,8 @@ pub struct Route {
     pub column: u64,
     /// The channel name (aliases resolved).
     pub channel: String,
+    /// The entity this route takes on a channel that carries several (`None`: every event of the channel).
+    pub entity: Option<String>,
     pub mode: Mode,
     pub when: Predicate,
     pub guard: Option<Predicate>,
@@ -201,9 +203,50 @@ pub struct RuleSet {
     pub(crate) template_header: reads::Fields,
     /// The context variables (unset) and the `vars` (converted once), cloned for every event.
     pub(crate) base_scope: Scope<'static>,
-    /// Per channel, the `when` of every live route without a native form in one array expression, and
-    /// their count (see [`RuleSet::combined`]).
-    combined: HashMap<String, (AST, usize)>,
+    /// The route lists events are evaluated against (see [`RuleSet::lane`]).
+    lanes: Vec<Lane>,
+    /// Per channel: the lane of events whose entity no route names, and the lane of each entity routes name.
+    lane_index: HashMap<String, (usize, HashMap<String, usize>)>,
+}
+
+/// The routes one event is evaluated against: the live routes of its channel that take its entity (every route
+/// without `entity:`, and those naming the event's), in file order.
+#[derive(Debug, Default)]
+pub(crate) struct Lane {
+    pub routes: Vec<usize>,
+    /// The `when` of every route of the lane without a native form in one array expression, and their count (see
+    /// [`RuleSet::combined`]).
+    pub combined: Option<(AST, usize)>,
+}
+
+/// The lanes of the live routes: one per channel, and on a channel where routes name entities, one per entity.
+fn lanes(
+    live: &HashMap<String, Vec<usize>>,
+    routes: &[Route],
+) -> (Vec<Lane>, HashMap<String, (usize, HashMap<String, usize>)>) {
+    let mut lanes = Vec::new();
+    let mut index = HashMap::new();
+    for (channel, indexes) in live {
+        let lane = |entity: Option<&str>| Lane {
+            routes: indexes
+                .iter()
+                .copied()
+                .filter(|&i| routes[i].entity.as_deref().is_none_or(|e| Some(e) == entity))
+                .collect(),
+            combined: None,
+        };
+        lanes.push(lane(None));
+        let default = lanes.len() - 1;
+        let mut by_entity = HashMap::new();
+        for entity in indexes.iter().filter_map(|&i| routes[i].entity.as_deref()) {
+            if !by_entity.contains_key(entity) {
+                lanes.push(lane(Some(entity)));
+                by_entity.insert(entity.to_string(), lanes.len() - 1);
+            }
+        }
+        index.insert(channel.clone(), (default, by_entity));
+    }
+    (lanes, index)
 }
 
 impl std::fmt::Debug for RuleSet {
@@ -250,7 +293,8 @@ impl RuleSet {
             }
         }
         let base_scope = load::scope(&vars, true);
-        let combined = combine(&engine, &base_scope, &live, &routes, &reads);
+        let (mut lanes, lane_index) = lanes(&live, &routes);
+        combine(&engine, &base_scope, &mut lanes, &routes, &reads);
         RuleSet {
             version,
             routes,
@@ -262,7 +306,8 @@ impl RuleSet {
             reads,
             template_header,
             base_scope,
-            combined,
+            lanes,
+            lane_index,
         }
     }
 
@@ -271,13 +316,27 @@ impl RuleSet {
         self.live.get(channel).map(Vec::as_slice).unwrap_or(&[])
     }
 
-    /// The `when` predicates of the live routes on `channel` that have no native form, in file order, as
-    /// one expression whose value is the array of their values (and how many there are): one evaluation per
+    /// The routes `event` is evaluated against: the live routes of its channel, less those that name another
+    /// entity (`entity:`) than the event's.
+    pub(crate) fn lane(&self, event: &crate::event::Event) -> Option<&Lane> {
+        let (default, by_entity) = self.lane_index.get(&event.channel)?;
+        let entity = event.header.as_ref().map(|h| h.entity.as_str());
+        let i = entity.and_then(|e| by_entity.get(e)).unwrap_or(default);
+        self.lanes.get(*i)
+    }
+
+    /// Indexes of the routes `event` is evaluated against, in file order (see [`RuleSet::lane`]).
+    pub fn routes_for(&self, event: &crate::event::Event) -> &[usize] {
+        self.lane(event).map_or(&[], |l| l.routes.as_slice())
+    }
+
+    /// The `when` predicates of the routes `event` is evaluated against that have no native form, in file order,
+    /// as one expression whose value is the array of their values (and how many there are): one evaluation per
     /// record instead of one per route, which saves the engine's per-evaluation set-up and function
     /// lookups. The router falls back to evaluating route by route when it fails, so errors stay per
     /// route, with their positions.
-    pub(crate) fn combined(&self, channel: &str) -> Option<(&AST, usize)> {
-        self.combined.get(channel).map(|(ast, count)| (ast, *count))
+    pub(crate) fn combined(&self, event: &crate::event::Event) -> Option<(&AST, usize)> {
+        self.lane(event)?.combined.as_ref().map(|(ast, count)| (ast, *count))
     }
 
     /// Drops the native form of every predicate, so that Rhai evaluates them all: the reference the native
@@ -289,7 +348,13 @@ impl RuleSet {
                 guard.native = None;
             }
         }
-        self.combined = combine(&self.engine, &self.base_scope, &self.live, &self.routes, &self.reads);
+        combine(
+            &self.engine,
+            &self.base_scope,
+            &mut self.lanes,
+            &self.routes,
+            &self.reads,
+        );
         self
     }
 
@@ -315,35 +380,31 @@ impl RuleSet {
     }
 }
 
-/// Per channel, the `when` of its live routes without a native form as one array expression, when there
-/// are two or more (see [`RuleSet::combined`]). Only when no predicate can change the scope: the fallback
-/// then evaluates on what the failed combined attempt saw.
-fn combine(
-    engine: &Engine,
-    base_scope: &Scope<'static>,
-    live: &HashMap<String, Vec<usize>>,
-    routes: &[Route],
-    reads: &reads::Reads,
-) -> HashMap<String, (AST, usize)> {
-    if reads.methods {
-        return HashMap::new();
+/// Per lane, the `when` of its routes without a native form as one array expression, when there are two or more
+/// (see [`RuleSet::combined`]). Only when no predicate can change the scope: the fallback then evaluates on what
+/// the failed combined attempt saw.
+fn combine(engine: &Engine, base_scope: &Scope<'static>, lanes: &mut [Lane], routes: &[Route], reads: &reads::Reads) {
+    for lane in lanes.iter_mut() {
+        lane.combined = None;
+        if reads.methods {
+            continue;
+        }
+        // Each predicate on lines of its own, so that a trailing `// comment` stays inside.
+        let items: Vec<String> = lane
+            .routes
+            .iter()
+            .filter(|&&i| routes[i].when.native.is_none())
+            .map(|&i| format!("(\n{}\n)", routes[i].when.source))
+            .collect();
+        if items.len() < 2 {
+            continue;
+        }
+        let source = format!("[\n{}\n]", items.join(",\n"));
+        lane.combined = engine
+            .compile_expression_with_scope(base_scope, &source)
+            .ok()
+            .map(|ast| (ast, items.len()));
     }
-    live.iter()
-        .filter_map(|(channel, indexes)| {
-            // Each predicate on lines of its own, so that a trailing `// comment` stays inside.
-            let items: Vec<String> = indexes
-                .iter()
-                .filter(|&&i| routes[i].when.native.is_none())
-                .map(|&i| format!("(\n{}\n)", routes[i].when.source))
-                .collect();
-            if items.len() < 2 {
-                return None;
-            }
-            let source = format!("[\n{}\n]", items.join(",\n"));
-            let ast = engine.compile_expression_with_scope(base_scope, &source).ok()?;
-            Some((channel.clone(), (ast, items.len())))
-        })
-        .collect()
 }
 
 /// The closest of `options` to `word`, when it is close enough to be a likely typo.

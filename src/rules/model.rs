@@ -54,6 +54,13 @@ pub struct RouteSpec {
     /// The route's mode follows: `/data/...` is CDC, `/event/...` is platform-event.
     #[schemars(with = "String", example = &"orders")]
     pub channel: Spanned<String>,
+    /// CDC only: the entity whose changes this route takes (`Order`), for channels that carry several
+    /// (`/data/ChangeEvents`, a custom channel `/data/Orders__chn`). Events of other entities never reach the route:
+    /// it is not a candidate for them (nor shown as not matched). Field names are checked against that entity's
+    /// schema.
+    #[serde(default)]
+    #[schemars(with = "Option<String>", example = &"Order")]
+    pub entity: Option<Spanned<String>>,
     /// Optional free text for people reading the rules.
     #[serde(default)]
     #[schemars(example = &"Start provisioning when an approved order becomes Activating")]
