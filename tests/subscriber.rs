@@ -1313,3 +1313,149 @@ routes:
         .collect();
     assert_eq!(ids.len(), 2, "Order and OrderItem have their own schema ids");
 }
+
+/// A managed subscription (ManagedSubscribe) over real gRPC: Salesforce (the emulator) keeps the position. 1,000
+/// activations across a dropped stream and a restart give exactly 1,000 jobs and 1,000 events processed (the
+/// events redelivered after the drop were in flight and are not handed on twice); the committed position, sampled
+/// all along, never runs ahead of the stored (settled) one; a stop commits the last settled position, so the
+/// restarted process resumes right after it.
+#[tokio::test]
+async fn managed_subscription_commits_only_settled_positions_across_a_drop_and_a_restart() {
+    let h = Harness::new("sub-managed");
+    let name = "Switchyard_Orders";
+    let emu = Arc::new(
+        emulator_with(EmulatorOptions {
+            managed: vec![emulator::ManagedSubscription {
+                developer_name: name.into(),
+                topic: emulator::ORDER_CHANNEL.into(),
+                default_earliest: true,
+                running: true,
+            }],
+            ..EmulatorOptions::default()
+        })
+        .await,
+    );
+    let key = checkpoint_key(switchyard::config::Mode::Cdc, emulator::ORDER_CHANNEL);
+    // The committed position must never lead the stored one: sampled in this order (stored only grows).
+    let sampling = watch::channel(false);
+    let sampler = {
+        let (emu, h_prefix, key, mut stop) = (emu.clone(), h.key_prefix(), key.clone(), sampling.1.clone());
+        tokio::spawn(async move {
+            let conn = redis::aio::ConnectionManager::new(redis::Client::open(redis_url()).unwrap())
+                .await
+                .unwrap();
+            let store = CheckpointStore::redis(switchyard::state::Conn::Server(conn), &h_prefix);
+            let (mut samples, mut ahead) = (0u32, Vec::new());
+            while !*stop.borrow() {
+                let committed = emu.managed_committed(name);
+                let stored = store.get(&key).await.unwrap();
+                if let Some(c) = committed {
+                    samples += 1;
+                    if stored.as_ref().is_none_or(|s| *s < c) {
+                        ahead.push((c, stored));
+                    }
+                }
+                let _ = tokio::time::timeout(Duration::from_millis(5), stop.changed()).await;
+            }
+            (samples, ahead)
+        })
+    };
+    let managed = format!(", subscriptions: {{ orders: {name} }}");
+    for n in 1..=500 {
+        emu.publish(&common::activation(&h, n)).unwrap();
+    }
+    emu.inject(Fault::DropStreamAfter(230));
+    let run = start(&h, &config(&h, &emu, &redis_url(), &managed, "")).await;
+    run.settled(500, Duration::from_secs(60)).await;
+    let first = run.finish().await;
+    assert_eq!(
+        first.events, 500,
+        "each event handed on once, the drop's redeliveries included: {first:?}"
+    );
+    assert_eq!(
+        emu.managed_committed(name),
+        Some(emu.latest_replay_id()),
+        "stopping committed the last settled position"
+    );
+    let streams = emu.managed_streams();
+    assert!(streams >= 2, "the dropped stream was resubscribed ({streams} streams)");
+
+    // The rest arrive while no process runs; the next one resumes where Salesforce says.
+    for n in 501..=1000 {
+        emu.publish(&common::activation(&h, n)).unwrap();
+    }
+    let delivered_before = emu.delivered();
+    let run = start(&h, &config(&h, &emu, &redis_url(), &managed, "")).await;
+    run.settled(500, Duration::from_secs(60)).await;
+    let second = run.finish().await;
+    assert_eq!(
+        second.events, 500,
+        "nothing before the committed position came again: {second:?}"
+    );
+    assert_eq!(emu.delivered() - delivered_before, 500);
+    sampling.0.send_replace(true);
+    let (samples, ahead) = sampler.await.unwrap();
+    assert!(samples > 10, "the committed position was sampled ({samples} samples)");
+    assert!(
+        ahead.is_empty(),
+        "the committed position ran ahead of the settled one: {ahead:?}"
+    );
+    let commits = emu.managed_commits(name);
+    assert!(
+        commits.windows(2).all(|w| w[0] <= w[1]),
+        "commits only move forward: {commits:?}"
+    );
+
+    let jobs = h.jobs().await;
+    let ids: std::collections::HashSet<&str> = jobs.iter().map(|j| j.2["sfOrderId"].as_str().unwrap()).collect();
+    assert_eq!(jobs.len(), 1000, "one job per activation");
+    assert_eq!(ids.len(), 1000);
+    assert!(h.dead_letters().await.is_empty());
+}
+
+/// A managed subscription Salesforce does not know (or one in the STOP state) stops its channel with the error
+/// code, and the rest of the service keeps running; a second client on an active subscription is refused.
+#[tokio::test]
+async fn unknown_or_stopped_managed_subscriptions_stop_their_channel_clearly() {
+    let h = Harness::new("sub-managed-errors");
+    let emu = emulator_with(EmulatorOptions {
+        managed: vec![emulator::ManagedSubscription {
+            developer_name: "Paused_Orders".into(),
+            topic: emulator::ORDER_CHANNEL.into(),
+            default_earliest: false,
+            running: false,
+        }],
+        ..EmulatorOptions::default()
+    })
+    .await;
+    for (name, code) in [
+        ("No_Such_Subscription", "managed.subscription.developer.name.not.found"),
+        ("Paused_Orders", "managed.subscription.config.stopped"),
+    ] {
+        let managed = format!(", subscriptions: {{ orders: {name} }}");
+        let run = start(&h, &config(&h, &emu, &redis_url(), &managed, "")).await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        let state = loop {
+            let statuses = run.service.channels.lock().unwrap().clone();
+            let orders = statuses
+                .iter()
+                .find(|s| s.channel == emulator::ORDER_CHANNEL)
+                .map(|s| s.state());
+            if let Some(orders) = orders
+                && (matches!(orders, ChannelState::Stopped(_)) || tokio::time::Instant::now() > deadline)
+            {
+                break orders;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{name}: the orders channel never started"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let ChannelState::Stopped(why) = state else {
+            panic!("{name}: the channel did not stop: {state:?}");
+        };
+        assert!(why.contains(code), "{name}: {why}");
+        run.finish().await;
+    }
+}

@@ -321,12 +321,21 @@ impl Service {
             None => None,
         };
         let gauges = tokio::spawn(refresh_pause_gauges(self.stores.clone(), self.rules.clone()));
+        let subscriptions = match &source {
+            Source::Pubsub(pubsub) => Some(pubsub.subscriptions.clone()),
+            _ => None,
+        };
         let pipeline = self.pipeline.run(source, shutdown);
         tokio::pin!(pipeline);
         let stats = tokio::select! {
             stats = &mut pipeline => stats,
             () = feeding => pipeline.await,
         };
+        // Managed subscriptions commit the positions just stored to Salesforce before the process ends.
+        if let Some(subscriptions) = subscriptions {
+            crate::obs::stage::set("committing the managed subscriptions' positions");
+            subscriptions.finish(std::time::Duration::from_secs(6)).await;
+        }
         // Graceful handover: the last settled positions are stored, so a standby may take over from them now.
         if let Some(leases) = &self.stores.leases {
             crate::obs::stage::set("handing back the channel leases");

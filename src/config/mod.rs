@@ -170,7 +170,14 @@ impl Config {
 
     /// The Pub/Sub settings in effect (defaults when the section is absent).
     pub fn pubsub(&self) -> PubsubConfig {
-        self.source.pubsub.clone().unwrap_or_default()
+        let mut pubsub = self.source.pubsub.clone().unwrap_or_default();
+        // Managed subscriptions by channel name: aliases resolved.
+        pubsub.subscriptions = pubsub
+            .subscriptions
+            .into_iter()
+            .map(|(channel, name)| (self.channels.get(&channel).cloned().unwrap_or(channel), name))
+            .collect();
+        pubsub
     }
 }
 
@@ -793,6 +800,24 @@ impl LoadedConfig {
                     pubsub.batch_size
                 ),
             ));
+        }
+        if let Some(section) = &c.source.pubsub {
+            for (channel, name) in &section.subscriptions {
+                let at = ["source", "pubsub", "subscriptions", channel.as_str()];
+                if !c.channels.contains_key(channel) && Mode::of_channel(channel).is_none() {
+                    problems.push(err(&at, format!(
+                        "`source.pubsub.subscriptions` names `{channel}`, which is neither a channel alias ({}) nor a /data/... or /event/... channel",
+                        c.channels.keys().cloned().collect::<Vec<_>>().join(", ")
+                    )));
+                }
+                let valid = name.chars().next().is_some_and(|ch| ch.is_ascii_alphabetic())
+                    && name.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '_');
+                if !valid {
+                    problems.push(err(&at, format!(
+                        "the managed subscription for `{channel}` is `{name}`; give the ManagedEventSubscription's DeveloperName (letters, digits and _)"
+                    )));
+                }
+            }
         }
         if !(pubsub.endpoint.starts_with("https://") || pubsub.endpoint.starts_with("http://")) {
             problems.push(err(

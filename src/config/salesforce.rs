@@ -193,6 +193,13 @@ pub struct PubsubConfig {
     #[serde(default = "default_age_warning")]
     #[schemars(example = 48)]
     pub position_age_warning_hours: u64,
+    /// Managed subscriptions: channel (alias or name) -> the `DeveloperName` of its `ManagedEventSubscription`. Such a
+    /// channel is read with ManagedSubscribe: Salesforce keeps its position, switchyard commits a replay id
+    /// (CommitReplayRequest) once every event up to it has settled, and a restart resumes where the server says.
+    /// The subscription's own `defaultReplay` and `errorRecoveryReplay` apply, not `replay`.
+    #[serde(default)]
+    #[schemars(example = serde_json::json!({"orders": "Switchyard_Orders"}))]
+    pub subscriptions: std::collections::BTreeMap<String, String>,
 }
 
 impl Default for PubsubConfig {
@@ -206,6 +213,7 @@ impl Default for PubsubConfig {
             initial_backoff_ms: default_reconnect_initial(),
             max_backoff_ms: default_reconnect_max(),
             position_age_warning_hours: default_age_warning(),
+            subscriptions: Default::default(),
         }
     }
 }

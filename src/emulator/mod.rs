@@ -10,6 +10,7 @@
 //! the emulator assigns the next one, as the bus would.
 
 pub mod encode;
+mod managed;
 mod rest;
 mod service;
 mod state;
@@ -32,6 +33,7 @@ use crate::sources::pubsub::MAX_MESSAGE_BYTES;
 use crate::sources::pubsub::avro::{CompiledSchema, DecodeError};
 use crate::sources::pubsub::proto::pub_sub_server::PubSubServer;
 use encode::EncodeError;
+pub use managed::ManagedSubscription;
 
 use service::Service;
 use state::{Settings, Shared, State, Topic};
@@ -120,6 +122,8 @@ pub struct EmulatorOptions {
     pub idle_timeout: Duration,
     /// The connected app and org behind the OAuth token endpoint.
     pub oauth: OAuthSettings,
+    /// The org's managed subscriptions (ManagedSubscribe resolves them by developer name or id).
+    pub managed: Vec<ManagedSubscription>,
 }
 
 /// What the emulator's OAuth token endpoint accepts, and the org it reports.
@@ -165,6 +169,7 @@ impl Default for EmulatorOptions {
             keepalive_interval: DEFAULT_KEEPALIVE_INTERVAL,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             oauth: OAuthSettings::default(),
+            managed: Vec::new(),
         }
     }
 }
@@ -245,6 +250,12 @@ pub async fn start(options: EmulatorOptions) -> Result<EmulatorHandle, EmulatorE
         state.topics.insert(channel.to_owned(), Topic::single(schema));
     }
     state.tokens.insert(options.access_token.clone());
+    state.managed = options
+        .managed
+        .into_iter()
+        .enumerate()
+        .map(|(n, spec)| managed::Managed::new(spec, n + 1))
+        .collect();
     let settings = Settings {
         oauth: options.oauth,
         access_token: options.access_token,
@@ -450,6 +461,27 @@ impl EmulatorHandle {
     /// Subscribe calls that got past their first FetchRequest (a client's reconnects show here).
     pub fn subscriptions(&self) -> u64 {
         self.shared.stats.subscriptions.load(Ordering::Relaxed)
+    }
+
+    /// The committed replay id of a managed subscription (8 bytes, big-endian), once one was committed.
+    pub fn managed_committed(&self, developer_name: &str) -> Option<Vec<u8>> {
+        let state = self.shared.state();
+        let managed = state.managed.iter().find(|m| m.spec.developer_name == developer_name)?;
+        managed.committed.map(|id| id.to_be_bytes().to_vec())
+    }
+
+    /// Every successful commit of a managed subscription, in order.
+    pub fn managed_commits(&self, developer_name: &str) -> Vec<Vec<u8>> {
+        let state = self.shared.state();
+        let managed = state.managed.iter().find(|m| m.spec.developer_name == developer_name);
+        managed.map_or_else(Vec::new, |m| {
+            m.commits.iter().map(|id| id.to_be_bytes().to_vec()).collect()
+        })
+    }
+
+    /// ManagedSubscribe streams that got past their first request.
+    pub fn managed_streams(&self) -> u64 {
+        self.shared.stats.managed_streams.load(Ordering::Relaxed)
     }
 
     /// Stops the server and waits until it has stopped.

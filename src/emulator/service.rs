@@ -17,7 +17,7 @@ use crate::sources::pubsub::proto::{
 use crate::sources::pubsub::{error_codes, headers};
 
 use super::state::{Shared, Stored};
-use super::subscribe;
+use super::{managed, subscribe};
 
 /// Responses a stream may have queued before its task waits for the client to read; demand (num_requested), not
 /// this buffer, is what limits how much a subscriber receives.
@@ -289,12 +289,8 @@ impl PubSub for Service {
     ) -> Result<Response<Self::ManagedSubscribeStream>, Status> {
         let rpc_id = self.shared.rpc_id();
         self.authenticate(request.metadata(), &rpc_id, "ManagedSubscribe")?;
-        Err(failure(
-            Code::Unimplemented,
-            error_codes::UNIMPLEMENTED,
-            "The emulator does not implement managed subscriptions.",
-            &rpc_id,
-            "ManagedSubscribe",
-        ))
+        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        managed::start(self.shared.clone(), request.into_inner(), rpc_id, tx).await?;
+        Ok(Response::new(ReceiverStream::new(rx)))
     }
 }

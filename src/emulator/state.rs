@@ -86,6 +86,8 @@ pub(crate) struct State {
     pub reads: HashMap<String, u64>,
     /// The claims of the last JWT bearer assertion received.
     pub last_jwt: Option<JwtClaims>,
+    /// The org's managed subscriptions and their committed positions.
+    pub managed: Vec<super::managed::Managed>,
 }
 
 /// Counters that tests assert on.
@@ -96,6 +98,8 @@ pub(crate) struct Stats {
     pub delivered: AtomicU64,
     pub keepalives: AtomicU64,
     pub subscriptions: AtomicU64,
+    /// ManagedSubscribe streams that got past their first request.
+    pub managed_streams: AtomicU64,
     pub rpcs: AtomicU64,
     pub token_requests: AtomicU64,
     pub rest_reads: AtomicU64,

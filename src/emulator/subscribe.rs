@@ -5,6 +5,7 @@ use std::sync::atomic::Ordering;
 
 use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, sleep_until, timeout};
+use tokio_stream::{Stream, StreamExt};
 use tonic::{Code, Status, Streaming};
 
 use crate::sources::pubsub::proto::{ConsumerEvent, FetchRequest, FetchResponse, ProducerEvent, ReplayPreset};
@@ -15,7 +16,7 @@ use super::state::Shared;
 
 const RPC: &str = "Subscribe";
 
-type Outbound = mpsc::Sender<Result<FetchResponse, Status>>;
+pub(crate) type Outbound = mpsc::Sender<Result<FetchResponse, Status>>;
 
 /// Reads and checks the first FetchRequest, then spawns the stream's task. Errors in the first request are
 /// returned as the RPC's status, the way a client sees them from Salesforce.
@@ -88,20 +89,44 @@ pub(crate) async fn start(
             }
         }
     };
+    spawn_session(
+        shared,
+        first.topic_name,
+        position,
+        first.num_requested,
+        inbound,
+        (rpc_id, RPC),
+        tx,
+    );
+    Ok(())
+}
+
+/// Starts delivering `topic` after replay id `position` with `demand` requested; later requests come from
+/// `inbound`. The managed side runs the same session behind an adapter. Returns the session's task.
+pub(crate) fn spawn_session(
+    shared: Arc<Shared>,
+    topic: String,
+    position: u64,
+    demand: i32,
+    inbound: impl Stream<Item = Result<FetchRequest, Status>> + Send + Unpin + 'static,
+    (rpc_id, rpc): (String, &'static str),
+    tx: Outbound,
+) -> tokio::task::JoinHandle<()> {
     shared.stats.subscriptions.fetch_add(1, Ordering::Relaxed);
     let mut session = Session {
         shutdown: shared.shutdown.subscribe(),
         appended: shared.appended.subscribe(),
         faults: shared.faults_changed.subscribe(),
         shared,
-        topic: first.topic_name,
+        topic,
         position,
         pending: 0,
         rpc_id,
+        rpc,
         tx,
         last_sent: Instant::now(),
     };
-    session.add_demand(first.num_requested);
+    session.add_demand(demand);
     tracing::debug!(
         topic = %session.topic,
         rpc_id = %session.rpc_id,
@@ -110,8 +135,7 @@ pub(crate) async fn start(
     );
     // The task ends when the client goes away (a send fails or its request stream errors), when demand stays at 0
     // for the idle timeout (Salesforce closes such streams), on an injected drop, or on emulator shutdown.
-    tokio::spawn(session.run(inbound));
-    Ok(())
+    tokio::spawn(session.run(inbound))
 }
 
 struct Session {
@@ -122,6 +146,8 @@ struct Session {
     /// Events requested and not yet delivered.
     pending: i32,
     rpc_id: String,
+    /// The RPC the session serves, for error messages (`Subscribe`, `ManagedSubscribe`).
+    rpc: &'static str,
     tx: Outbound,
     last_sent: Instant,
     shutdown: watch::Receiver<bool>,
@@ -152,7 +178,7 @@ impl Session {
         self.shared.record_outstanding(requested, self.pending);
     }
 
-    async fn run(mut self, mut inbound: Streaming<FetchRequest>) {
+    async fn run(mut self, mut inbound: impl Stream<Item = Result<FetchRequest, Status>> + Unpin) {
         let mut inbound_open = true;
         loop {
             let silent = self.shared.state().faults.silent;
@@ -169,7 +195,7 @@ impl Session {
             };
             let woke = tokio::select! {
                 _ = self.shutdown.wait_for(|stop| *stop) => Wake::Shutdown,
-                request = inbound.message(), if inbound_open => Wake::Request(request),
+                request = inbound.next(), if inbound_open => Wake::Request(request.transpose()),
                 _ = self.appended.changed() => Wake::Changed,
                 _ = self.faults.changed() => Wake::Changed,
                 _ = sleep_until(deadline), if !silent => Wake::Timer,
@@ -207,7 +233,7 @@ impl Session {
                 error_codes::TOPIC_MISMATCH,
                 "The topic of a later FetchRequest must match the first one.",
                 &self.rpc_id,
-                RPC,
+                self.rpc,
             );
             let _ = self.send(Err(status)).await;
             return Step::Stop;
@@ -218,7 +244,7 @@ impl Session {
                 error_codes::REQUESTED_EVENTS_INVALID,
                 "The requested number of events in a fetch request must be greater than zero.",
                 &self.rpc_id,
-                RPC,
+                self.rpc,
             );
             let _ = self.send(Err(status)).await;
             return Step::Stop;
@@ -291,7 +317,7 @@ impl Session {
                 error_codes::SERVICE_UNAVAILABLE,
                 "The service is unavailable. Try again later.",
                 &self.rpc_id,
-                RPC,
+                self.rpc,
             );
             let _ = self.send(Err(status)).await;
             return Step::Stop;

@@ -41,6 +41,7 @@ pub const ENRICH_CALLS_PER_EVENT: &str = "switchyard_enrich_calls_per_event";
 pub const ENRICH_SECONDS: &str = "switchyard_enrich_duration_seconds";
 pub const SOURCE_RECONNECTS: &str = "switchyard_source_reconnects_total";
 pub const SOURCE_KEEPALIVES: &str = "switchyard_source_keepalives_total";
+pub const SOURCE_MANAGED_COMMITS: &str = "switchyard_source_managed_commits_total";
 pub const SOURCE_OUTSTANDING: &str = "switchyard_source_outstanding";
 pub const SOURCE_ERRORS: &str = "switchyard_source_errors_total";
 pub const SOURCE_STOPPED: &str = "switchyard_source_channel_stopped";
@@ -84,6 +85,10 @@ fn describe() {
         "Events settled (every action done, skipped as done, or dead-lettered), per channel."
     );
     describe_counter!(EVENTS_MALFORMED, "Input that was not an event (dead-lettered).");
+    describe_counter!(
+        SOURCE_MANAGED_COMMITS,
+        "Commits of settled positions to a managed subscription, per channel and result (ok, refused)."
+    );
     describe_counter!(EVENTS_UNMATCHED, "Events no route's `when` matched, per channel.");
     describe_gauge!(EVENTS_IN_FLIGHT, "Events read and not yet settled.");
     describe_gauge!(

@@ -206,8 +206,11 @@ pub struct RuleSet {
     /// The route lists events are evaluated against (see [`RuleSet::lane`]).
     lanes: Vec<Lane>,
     /// Per channel: the lane of events whose entity no route names, and the lane of each entity routes name.
-    lane_index: HashMap<String, (usize, HashMap<String, usize>)>,
+    lane_index: HashMap<String, LaneIndex>,
 }
+
+/// A channel's lanes: the one for events whose entity no route names, and one per entity named.
+type LaneIndex = (usize, HashMap<String, usize>);
 
 /// The routes one event is evaluated against: the live routes of its channel that take its entity (every route
 /// without `entity:`, and those naming the event's), in file order.
@@ -220,10 +223,7 @@ pub(crate) struct Lane {
 }
 
 /// The lanes of the live routes: one per channel, and on a channel where routes name entities, one per entity.
-fn lanes(
-    live: &HashMap<String, Vec<usize>>,
-    routes: &[Route],
-) -> (Vec<Lane>, HashMap<String, (usize, HashMap<String, usize>)>) {
+fn lanes(live: &HashMap<String, Vec<usize>>, routes: &[Route]) -> (Vec<Lane>, HashMap<String, LaneIndex>) {
     let mut lanes = Vec::new();
     let mut index = HashMap::new();
     for (channel, indexes) in live {

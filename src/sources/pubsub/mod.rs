@@ -41,6 +41,14 @@ pub mod error_codes {
     pub const TOPIC_NOT_FOUND: &str = "sfdc.platform.eventbus.grpc.topic.not.found";
     pub const SCHEMA_VALIDATION_FAILED: &str = "sfdc.platform.eventbus.grpc.schema.validation.failed";
     pub const UNIMPLEMENTED: &str = "sfdc.platform.eventbus.grpc.service.unimplemented";
+    pub const MANAGED_NAME_NOT_FOUND: &str =
+        "sfdc.platform.eventbus.grpc.managed.subscription.developer.name.not.found";
+    pub const MANAGED_ID_NOT_FOUND: &str = "sfdc.platform.eventbus.grpc.managed.subscription.id.not.found";
+    pub const MANAGED_ALREADY_ACTIVE: &str = "sfdc.platform.eventbus.grpc.managed.subscription.already.active";
+    pub const MANAGED_STOPPED: &str = "sfdc.platform.eventbus.grpc.managed.subscription.config.stopped";
+    pub const MANAGED_COMMIT_RESTRICTED: &str =
+        "sfdc.platform.eventbus.grpc.managed.subscription.fetch.request.commit.request.restricted";
+    pub const MANAGED_COMMIT_INVALID: &str = "sfdc.platform.eventbus.grpc.managed.subscription.commit.replayid.invalid";
 }
 
 /// HTTP/2 PING interval and timeout: a half-open connection (NAT, a dead peer) is noticed within a minute

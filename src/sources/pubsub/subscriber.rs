@@ -9,7 +9,7 @@
 //! nothing more, and Salesforce may close the idle stream after 60 s, which is a normal resubscribe once the
 //! pipeline takes events again.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -18,7 +18,9 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
 
 use super::avro::{RawEvent, SchemaRegistry};
-use super::proto::{FetchRequest, FetchResponse, ReplayPreset as WirePreset, SchemaRequest};
+use super::proto::{
+    CommitReplayRequest, FetchRequest, FetchResponse, ManagedFetchRequest, ReplayPreset as WirePreset, SchemaRequest,
+};
 use super::{error_codes, headers};
 use crate::auth::{Auth, AuthError, Credentials};
 use crate::clock::jitter;
@@ -27,6 +29,15 @@ use crate::obs::metrics as m;
 use crate::sources::{Delivery, Sourced};
 use crate::state::CheckpointStore;
 use crate::state::{Fence, Leases};
+
+/// How often a managed channel looks for a newly settled position to commit.
+const COMMIT_POLL: Duration = Duration::from_millis(200);
+/// How long a commit may wait for its response before it is sent again.
+const COMMIT_RESEND: Duration = Duration::from_secs(10);
+/// How long a stopping managed channel waits for its last settled position, to commit it.
+const FINAL_COMMIT_LIMIT: Duration = Duration::from_secs(5);
+/// The most handed-on positions a managed channel remembers while their commit is not acknowledged.
+const UNCOMMITTED_LIMIT: usize = 10_000;
 
 /// How long a channel stopped by a reload waits for its events in flight to settle before it releases its lease.
 const DRAIN_LIMIT: Duration = Duration::from_secs(30);
@@ -43,6 +54,9 @@ const FATAL_CODES: &[&str] = &[
     "sfdc.platform.eventbus.grpc.concurrent.client.limit.exceeded",
     "sfdc.platform.eventbus.grpc.subscription.fetch.topic.mismatch",
     "sfdc.platform.eventbus.grpc.subscription.fetch.requested.events.invalid",
+    error_codes::MANAGED_NAME_NOT_FOUND,
+    error_codes::MANAGED_ID_NOT_FOUND,
+    error_codes::MANAGED_STOPPED,
 ];
 
 /// The checkpoint key of a channel in a mode: each mode keeps its own positions.
@@ -133,6 +147,8 @@ pub struct Subscription {
 /// One running channel task.
 struct Running {
     key: Arc<str>,
+    /// A managed subscription: on stop it commits the last settled position to Salesforce before it ends.
+    managed: bool,
     status: Arc<ChannelStatus>,
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
@@ -197,9 +213,11 @@ impl Subscriptions {
                 global: self.global.clone(),
                 fence: None,
                 handed: None,
+                uncommitted: VecDeque::new(),
             };
             started.push(key.to_string());
             running.push(Running {
+                managed: self.sub.config.subscriptions.contains_key(channel),
                 key,
                 status,
                 stop: stop_tx,
@@ -211,9 +229,28 @@ impl Subscriptions {
         (started, stopped)
     }
 
+    /// Aborts every channel task but the managed ones, which end by themselves once they committed the last
+    /// settled position (see [`Subscriptions::finish`]).
     fn abort_all(&self) {
         for r in self.running.lock().unwrap_or_else(|e| e.into_inner()).iter() {
-            r.task.abort();
+            if !r.managed {
+                r.task.abort();
+            }
+        }
+    }
+
+    /// Once the service stopped and stored its last positions: waits up to `limit` for the managed channels to
+    /// commit them to Salesforce, then aborts what is left.
+    pub async fn finish(&self, limit: Duration) {
+        let tasks: Vec<_> = std::mem::take(&mut *self.running.lock().unwrap_or_else(|e| e.into_inner()));
+        let give_up = tokio::time::Instant::now() + limit;
+        for r in tasks {
+            r.stop.send_replace(true);
+            let abort = r.task.abort_handle();
+            if tokio::time::timeout_at(give_up, r.task).await.is_err() {
+                tracing::warn!(channel = %r.status.channel, "The last settled position was not committed to the managed subscription in time; Salesforce redelivers from its committed position (idempotency keys prevent duplicate jobs).");
+                abort.abort();
+            }
         }
     }
 }
@@ -318,6 +355,13 @@ enum Failure {
     Unauthenticated(Arc<Credentials>, tonic::Status),
 }
 
+/// A managed stream's commits: the last request id, and the commit waiting for its response (id, position, sent).
+#[derive(Default)]
+struct Commits {
+    next: u64,
+    waiting: Option<(String, Vec<u8>, Instant)>,
+}
+
 struct ChannelTask {
     sub: Subscription,
     channel: String,
@@ -333,6 +377,11 @@ struct ChannelTask {
     fence: Option<Arc<Fence>>,
     /// The position just past the last delivery handed to the pipeline in this term.
     handed: Option<Vec<u8>>,
+    /// Managed subscriptions: the positions handed on in this term that Salesforce has not acknowledged a commit
+    /// of, in order. A position is committed only when the pipeline stored it (everything up to it settled) and it
+    /// is one of these; an event redelivered after a reconnect whose replay id is here is in flight already and is
+    /// not handed on twice.
+    uncommitted: VecDeque<Vec<u8>>,
 }
 
 /// How a term of serving a channel ended.
@@ -439,6 +488,7 @@ impl ChannelTask {
     async fn serve(&mut self, fence: Option<Arc<Fence>>) -> Served {
         self.fence = fence;
         self.handed = None;
+        self.uncommitted.clear();
         let channel = self.channel.clone();
         let mut resume = match self.initial().await {
             Some(resume) => resume,
@@ -461,7 +511,10 @@ impl ChannelTask {
             }
             self.status.set(ChannelState::Connecting);
             let mut got_response = false;
-            let outcome = self.stream(&mut resume, &mut got_response).await;
+            let outcome = match self.sub.config.subscriptions.get(&self.channel).cloned() {
+                Some(name) => self.managed_stream(&name, &mut got_response).await,
+                None => self.stream(&mut resume, &mut got_response).await,
+            };
             if got_response {
                 backoff = initial_backoff;
             }
@@ -566,6 +619,10 @@ impl ChannelTask {
 
     /// The first position: configured start, stored position, fallback.
     async fn initial(&mut self) -> Option<Resume> {
+        if let Some(name) = self.sub.config.subscriptions.get(&self.channel) {
+            tracing::info!(channel = %self.channel, subscription = %name, "A managed subscription: Salesforce keeps the position, switchyard commits what has settled.");
+            return Some(Resume::Preset(ReplayPreset::Latest));
+        }
         let replay = &self.sub.config.replay;
         // Under a lease, every term may be a takeover: the stored position comes first, `start` is the fallback.
         let (start, fallback) = match (replay.start, self.fence.is_some()) {
@@ -730,6 +787,197 @@ impl ChannelTask {
         }
     }
 
+    /// One ManagedSubscribe stream, until it ends or fails: the same flow control as [`ChannelTask::stream`], the
+    /// position kept by Salesforce, and every newly stored (settled) position this term handed on committed.
+    async fn managed_stream(&mut self, name: &str, got_response: &mut bool) -> Result<End, Failure> {
+        let creds = self.sub.auth.credentials().await.map_err(Failure::Auth)?;
+        let channel = super::connect(&self.sub.endpoint)
+            .await
+            .map_err(|e| Failure::Connect(e.to_string()))?;
+        let mut client = super::client(channel);
+        let batch = self.sub.config.batch_size.clamp(1, super::MAX_OUTSTANDING as u32) as i32;
+        let (requests, rx) = mpsc::channel::<ManagedFetchRequest>(8);
+        let _ = requests
+            .send(ManagedFetchRequest {
+                developer_name: name.to_string(),
+                num_requested: batch,
+                ..ManagedFetchRequest::default()
+            })
+            .await;
+        let mut request = tonic::Request::new(ReceiverStream::new(rx));
+        authorize(request.metadata_mut(), &creds).map_err(Failure::Connect)?;
+        let unauthenticated = |status: tonic::Status| {
+            if status.code() == Code::Unauthenticated || error_code(&status) == error_codes::AUTH {
+                Failure::Unauthenticated(creds.clone(), status)
+            } else {
+                Failure::Status(status)
+            }
+        };
+        let mut stream = client
+            .managed_subscribe(request)
+            .await
+            .map_err(unauthenticated)?
+            .into_inner();
+        let mut commits = Commits::default();
+        let mut outstanding = batch;
+        metrics::gauge!(m::SOURCE_OUTSTANDING, "channel" => self.channel.clone()).set(f64::from(outstanding));
+        let watchdog = Duration::from_millis(self.sub.config.watchdog_ms.max(1));
+        let mut silent_at = tokio::time::Instant::now() + watchdog;
+        let mut poll = tokio::time::interval(COMMIT_POLL);
+        let mut final_by: Option<tokio::time::Instant> = None;
+        loop {
+            if let Some(by) = final_by
+                && (tokio::time::Instant::now() >= by || self.all_committed(&commits))
+            {
+                return Ok(End::Stopped);
+            }
+            enum Wake<M> {
+                Message(M),
+                Poll,
+                Stop,
+            }
+            let woke = tokio::select! {
+                message = stream.message() => Wake::Message(message),
+                () = tokio::time::sleep_until(silent_at) => return Ok(End::Silent),
+                _ = poll.tick() => Wake::Poll,
+                _ = self.stop.wait_for(|s| *s), if final_by.is_none() => Wake::Stop,
+            };
+            let message = match woke {
+                Wake::Message(message) => message,
+                Wake::Poll => {
+                    self.commit_settled(&requests, &mut commits).await;
+                    continue;
+                }
+                Wake::Stop => {
+                    // Stopping: the pipeline stores the last settled positions; commit them before the stream ends.
+                    final_by = Some(tokio::time::Instant::now() + FINAL_COMMIT_LIMIT);
+                    poll = tokio::time::interval(Duration::from_millis(50));
+                    continue;
+                }
+            };
+            let response = match message {
+                Ok(Some(response)) => response,
+                Ok(None) => return Ok(End::Closed),
+                Err(status) if status.code() == Code::Ok => return Ok(End::Closed),
+                Err(status) => return Err(unauthenticated(status)),
+            };
+            silent_at = tokio::time::Instant::now() + watchdog;
+            if !*got_response {
+                *got_response = true;
+                self.status.set(ChannelState::Streaming);
+            }
+            if let Some(commit) = &response.commit_response {
+                self.committed(commit, &mut commits);
+                if response.events.is_empty() && response.latest_replay_id.is_empty() {
+                    continue;
+                }
+            }
+            if final_by.is_some() {
+                // Nothing more is handed on while stopping; what arrives now is redelivered after the restart.
+                continue;
+            }
+            self.status.advanced();
+            outstanding = response.pending_num_requested.max(0);
+            if outstanding <= batch / 2 {
+                let more = ManagedFetchRequest {
+                    num_requested: batch - outstanding,
+                    ..ManagedFetchRequest::default()
+                };
+                if requests.send(more).await.is_err() {
+                    return Ok(End::Closed);
+                }
+                outstanding = batch;
+            }
+            metrics::gauge!(m::SOURCE_OUTSTANDING, "channel" => self.channel.clone()).set(f64::from(outstanding));
+            if response.events.is_empty() {
+                metrics::counter!(m::SOURCE_KEEPALIVES, "channel" => self.channel.clone()).increment(1);
+                let latest = response.latest_replay_id;
+                if !latest.is_empty()
+                    && self.handed.as_ref() != Some(&latest)
+                    && !self.uncommitted.contains(&latest)
+                    && !self.send(Delivery::Mark { end: latest }).await
+                {
+                    final_by = Some(tokio::time::Instant::now() + FINAL_COMMIT_LIMIT);
+                }
+                continue;
+            }
+            for consumer in response.events {
+                // Redelivered after a reconnect but handed on already (in flight, or settled and not committed yet).
+                if self.uncommitted.contains(&consumer.replay_id) {
+                    continue;
+                }
+                let delivery = self.decode(&mut client, &creds, &consumer).await?;
+                if !self.send(delivery).await {
+                    // Stopping while the pipeline was full: commit what settles, then end.
+                    final_by = Some(tokio::time::Instant::now() + FINAL_COMMIT_LIMIT);
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Whether the last position handed on was stored and its commit acknowledged (nothing left to commit).
+    fn all_committed(&self, commits: &Commits) -> bool {
+        self.handed.is_none() || (self.uncommitted.is_empty() && commits.waiting.is_none())
+    }
+
+    /// Commits the stored position when it moved to one this term handed on (so everything up to it settled).
+    async fn commit_settled(&mut self, requests: &mpsc::Sender<ManagedFetchRequest>, commits: &mut Commits) {
+        if commits
+            .waiting
+            .as_ref()
+            .is_some_and(|(_, _, at)| at.elapsed() < COMMIT_RESEND)
+            || self.uncommitted.is_empty()
+        {
+            return;
+        }
+        let stored = match self.sub.checkpoints.get(&self.key).await {
+            Ok(Some(stored)) => stored,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::debug!(channel = %self.channel, error = %e, "Cannot read the stored position to commit; retrying.");
+                return;
+            }
+        };
+        if !self.uncommitted.contains(&stored) {
+            return;
+        }
+        commits.next += 1;
+        let id = format!("{}-{}", self.key, commits.next);
+        let request = ManagedFetchRequest {
+            commit_replay_id_request: Some(CommitReplayRequest {
+                commit_request_id: id.clone(),
+                replay_id: stored.clone(),
+            }),
+            ..ManagedFetchRequest::default()
+        };
+        if requests.send(request).await.is_ok() {
+            commits.waiting = Some((id, stored, Instant::now()));
+        }
+    }
+
+    /// A commit's response: acknowledged positions are forgotten; a refused commit is logged and retried.
+    fn committed(&mut self, response: &super::proto::CommitReplayResponse, commits: &mut Commits) {
+        if commits
+            .waiting
+            .as_ref()
+            .is_some_and(|(id, _, _)| *id == response.commit_request_id)
+        {
+            commits.waiting = None;
+        }
+        if let Some(error) = &response.error {
+            metrics::counter!(m::SOURCE_MANAGED_COMMITS, "channel" => self.channel.clone(), "result" => "refused")
+                .increment(1);
+            tracing::warn!(channel = %self.channel, replay_id = %crate::hex::encode(&response.replay_id), error = %error.msg,
+                "Salesforce refused a commit of the managed subscription's position; it is sent again with the next settled position.");
+            return;
+        }
+        metrics::counter!(m::SOURCE_MANAGED_COMMITS, "channel" => self.channel.clone(), "result" => "ok").increment(1);
+        if let Some(at) = self.uncommitted.iter().position(|p| *p == response.replay_id) {
+            self.uncommitted.drain(..=at);
+        }
+    }
+
     /// Hands a delivery to the pipeline, waiting while it is full (backpressure); false when stopping.
     async fn send(&mut self, delivery: Delivery) -> bool {
         let end = delivery.end().to_vec();
@@ -743,6 +991,13 @@ impl ChannelTask {
             _ = self.stop.wait_for(|s| *s) => false,
         };
         if sent {
+            if self.sub.config.subscriptions.contains_key(&self.channel) {
+                self.uncommitted.push_back(end.clone());
+                // Bounded: a position never acknowledged (commits failing for long) must not grow it forever.
+                if self.uncommitted.len() > UNCOMMITTED_LIMIT {
+                    self.uncommitted.pop_front();
+                }
+            }
             self.handed = Some(end);
         }
         sent
