@@ -18,6 +18,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
 
 use super::avro::{RawEvent, SchemaRegistry};
+use super::proto::pub_sub_client::PubSubClient;
 use super::proto::{
     CommitReplayRequest, FetchRequest, FetchResponse, ManagedFetchRequest, ReplayPreset as WirePreset, SchemaRequest,
 };
@@ -681,13 +682,18 @@ impl ChannelTask {
         })
     }
 
-    /// One Subscribe stream, until it ends or fails.
-    async fn stream(&mut self, resume: &mut Resume, got_response: &mut bool) -> Result<End, Failure> {
+    /// A token and a client on a fresh connection, for one stream.
+    async fn open(&self) -> Result<(Arc<Credentials>, PubSubClient<tonic::transport::Channel>), Failure> {
         let creds = self.sub.auth.credentials().await.map_err(Failure::Auth)?;
         let channel = super::connect(&self.sub.endpoint)
             .await
             .map_err(|e| Failure::Connect(e.to_string()))?;
-        let mut client = super::client(channel);
+        Ok((creds, super::client(channel)))
+    }
+
+    /// One Subscribe stream, until it ends or fails.
+    async fn stream(&mut self, resume: &mut Resume, got_response: &mut bool) -> Result<End, Failure> {
+        let (creds, mut client) = self.open().await?;
         let batch = self.sub.config.batch_size.clamp(1, super::MAX_OUTSTANDING as u32) as i32;
         let (requests, rx) = mpsc::channel::<FetchRequest>(4);
         let (preset, replay_id) = match resume {
@@ -706,13 +712,7 @@ impl ChannelTask {
             .await;
         let mut request = tonic::Request::new(ReceiverStream::new(rx));
         authorize(request.metadata_mut(), &creds).map_err(Failure::Connect)?;
-        let unauthenticated = |status: tonic::Status| {
-            if status.code() == Code::Unauthenticated || error_code(&status) == error_codes::AUTH {
-                Failure::Unauthenticated(creds.clone(), status)
-            } else {
-                Failure::Status(status)
-            }
-        };
+        let unauthenticated = |status| refused(&creds, status);
         let mut stream = client.subscribe(request).await.map_err(unauthenticated)?.into_inner();
         let mut outstanding = batch;
         metrics::gauge!(m::SOURCE_OUTSTANDING, "channel" => self.channel.clone()).set(f64::from(outstanding));
@@ -790,11 +790,7 @@ impl ChannelTask {
     /// One ManagedSubscribe stream, until it ends or fails: the same flow control as [`ChannelTask::stream`], the
     /// position kept by Salesforce, and every newly stored (settled) position this term handed on committed.
     async fn managed_stream(&mut self, name: &str, got_response: &mut bool) -> Result<End, Failure> {
-        let creds = self.sub.auth.credentials().await.map_err(Failure::Auth)?;
-        let channel = super::connect(&self.sub.endpoint)
-            .await
-            .map_err(|e| Failure::Connect(e.to_string()))?;
-        let mut client = super::client(channel);
+        let (creds, mut client) = self.open().await?;
         let batch = self.sub.config.batch_size.clamp(1, super::MAX_OUTSTANDING as u32) as i32;
         let (requests, rx) = mpsc::channel::<ManagedFetchRequest>(8);
         let _ = requests
@@ -806,13 +802,7 @@ impl ChannelTask {
             .await;
         let mut request = tonic::Request::new(ReceiverStream::new(rx));
         authorize(request.metadata_mut(), &creds).map_err(Failure::Connect)?;
-        let unauthenticated = |status: tonic::Status| {
-            if status.code() == Code::Unauthenticated || error_code(&status) == error_codes::AUTH {
-                Failure::Unauthenticated(creds.clone(), status)
-            } else {
-                Failure::Status(status)
-            }
-        };
+        let unauthenticated = |status| refused(&creds, status);
         let mut stream = client
             .managed_subscribe(request)
             .await
@@ -1032,7 +1022,7 @@ impl ChannelTask {
     /// becomes a malformed delivery (dead-lettered with its replay id), never a silent drop.
     async fn decode(
         &self,
-        client: &mut super::proto::pub_sub_client::PubSubClient<tonic::transport::Channel>,
+        client: &mut PubSubClient<tonic::transport::Channel>,
         creds: &Arc<Credentials>,
         consumer: &super::proto::ConsumerEvent,
     ) -> Result<Delivery, Failure> {
@@ -1101,6 +1091,15 @@ impl ChannelTask {
             },
             Err(e) => malformed(e.to_string()),
         })
+    }
+}
+
+/// How a stream's status counts: a refused token (renewed once, then retried) or another failure.
+fn refused(creds: &Arc<Credentials>, status: tonic::Status) -> Failure {
+    if status.code() == Code::Unauthenticated || error_code(&status) == error_codes::AUTH {
+        Failure::Unauthenticated(creds.clone(), status)
+    } else {
+        Failure::Status(status)
     }
 }
 
