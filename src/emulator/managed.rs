@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use tokio::sync::mpsc;
-use tokio::time::timeout;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Status, Streaming};
 
@@ -19,7 +18,7 @@ use crate::sources::pubsub::proto::{
 
 use super::service::failure;
 use super::state::Shared;
-use super::subscribe::spawn_session;
+use super::subscribe::{check_demand, first_request, spawn_session};
 
 const RPC: &str = "ManagedSubscribe";
 
@@ -72,17 +71,7 @@ pub(crate) async fn start(
     tx: Outbound,
 ) -> Result<(), Status> {
     let fail = |code, error_code, message: &str| failure(code, error_code, message, &rpc_id, RPC);
-    let first = match timeout(shared.settings.idle_timeout, inbound.message()).await {
-        Ok(Ok(Some(first))) => first,
-        Ok(Ok(None)) | Err(_) => {
-            return Err(fail(
-                Code::InvalidArgument,
-                error_codes::REQUESTED_EVENTS_INVALID,
-                "The stream was opened without a ManagedFetchRequest.",
-            ));
-        }
-        Ok(Err(status)) => return Err(status),
-    };
+    let first = first_request(&shared, &mut inbound, "ManagedFetchRequest", &rpc_id, RPC).await?;
     if first.commit_replay_id_request.is_some() {
         return Err(fail(
             Code::InvalidArgument,
@@ -90,13 +79,7 @@ pub(crate) async fn start(
             "A commit request isn't allowed in the first ManagedFetchRequest of a stream.",
         ));
     }
-    if first.num_requested <= 0 {
-        return Err(fail(
-            Code::InvalidArgument,
-            error_codes::REQUESTED_EVENTS_INVALID,
-            "The requested number of events in a fetch request must be greater than zero.",
-        ));
-    }
+    check_demand(first.num_requested, &rpc_id, RPC)?;
     let (name, topic, position) = {
         let mut state = shared.state();
         let last = state.last_replay;

@@ -27,24 +27,8 @@ pub(crate) async fn start(
     tx: Outbound,
 ) -> Result<(), Status> {
     let fail = |code, error_code, message: &str| failure(code, error_code, message, &rpc_id, RPC);
-    let first = match timeout(shared.settings.idle_timeout, inbound.message()).await {
-        Ok(Ok(Some(first))) => first,
-        Ok(Ok(None)) | Err(_) => {
-            return Err(fail(
-                Code::InvalidArgument,
-                error_codes::REQUESTED_EVENTS_INVALID,
-                "The stream was opened without a FetchRequest.",
-            ));
-        }
-        Ok(Err(status)) => return Err(status),
-    };
-    if first.num_requested <= 0 {
-        return Err(fail(
-            Code::InvalidArgument,
-            error_codes::REQUESTED_EVENTS_INVALID,
-            "The requested number of events in a fetch request must be greater than zero.",
-        ));
-    }
+    let first = first_request(&shared, &mut inbound, "FetchRequest", &rpc_id, RPC).await?;
+    check_demand(first.num_requested, &rpc_id, RPC)?;
     let position = {
         let mut state = shared.state();
         if !state.topics.contains_key(&first.topic_name) {
@@ -99,6 +83,41 @@ pub(crate) async fn start(
         tx,
     );
     Ok(())
+}
+
+/// The first request of a stream; a stream opened without one (within the idle timeout) is refused.
+pub(crate) async fn first_request<T>(
+    shared: &Shared,
+    inbound: &mut Streaming<T>,
+    what: &str,
+    rpc_id: &str,
+    rpc: &str,
+) -> Result<T, Status> {
+    match timeout(shared.settings.idle_timeout, inbound.message()).await {
+        Ok(Ok(Some(first))) => Ok(first),
+        Ok(Ok(None)) | Err(_) => Err(failure(
+            Code::InvalidArgument,
+            error_codes::REQUESTED_EVENTS_INVALID,
+            &format!("The stream was opened without a {what}."),
+            rpc_id,
+            rpc,
+        )),
+        Ok(Err(status)) => Err(status),
+    }
+}
+
+/// A first request must ask for at least one event.
+pub(crate) fn check_demand(num_requested: i32, rpc_id: &str, rpc: &str) -> Result<(), Status> {
+    if num_requested > 0 {
+        return Ok(());
+    }
+    Err(failure(
+        Code::InvalidArgument,
+        error_codes::REQUESTED_EVENTS_INVALID,
+        "The requested number of events in a fetch request must be greater than zero.",
+        rpc_id,
+        rpc,
+    ))
 }
 
 /// Starts delivering `topic` after replay id `position` with `demand` requested; later requests come from
