@@ -165,8 +165,8 @@ checkpoint: {{ store: memory }}
                     } => jobs.push((idempotency_key, job_id, data)),
                     Op::Invalidate { keys, .. } => cache_keys.push(keys),
                     Op::Log { message, .. } => tracing::info!(event_id = %event.id, "{message}"),
-                    Op::DeadLetter { .. } | Op::Webhook { .. } => {
-                        unreachable!("the CDC mix has no dead-letter or webhook action")
+                    Op::DeadLetter { .. } | Op::Webhook { .. } | Op::SalesforceUpdate { .. } => {
+                        unreachable!("the CDC mix has no dead-letter, webhook or write-back action")
                     }
                 }
             }

@@ -399,6 +399,24 @@ pub fn describe(e: &reqwest::Error) -> String {
     out
 }
 
+/// Salesforce's REST errors are `[{"message": "...", "errorCode": "..."}]`.
+pub fn rest_message(body: &[u8]) -> String {
+    match serde_json::from_slice::<serde_json::Value>(body) {
+        Ok(serde_json::Value::Array(errors)) => errors
+            .iter()
+            .map(|e| {
+                format!(
+                    "{}: {}",
+                    e["errorCode"].as_str().unwrap_or("ERROR"),
+                    e["message"].as_str().unwrap_or("")
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("; "),
+        _ => String::from_utf8_lossy(&body[..body.len().min(300)]).into_owned(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -17,6 +17,9 @@ pub struct Action {
     /// A shadow route's action: recorded, never sent to its sink.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub shadow: bool,
+    /// One of the route's `on_failure` actions, run because another of its actions was dead-lettered.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub on_failure: bool,
     #[serde(flatten)]
     pub op: Op,
 }
@@ -52,6 +55,14 @@ pub enum Op {
     DeadLetter {
         reason: String,
     },
+    /// PATCH `/sobjects/{object}/{id}` with `fields` (the built-in `salesforce-update` sink).
+    SalesforceUpdate {
+        object: String,
+        id: String,
+        fields: Map<String, Value>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        idempotency_key: Option<String>,
+    },
 }
 
 impl Action {
@@ -59,7 +70,9 @@ impl Action {
     pub fn idempotency_key(&self) -> Option<&str> {
         match &self.op {
             Op::Enqueue { idempotency_key, .. } => Some(idempotency_key),
-            Op::Webhook { idempotency_key, .. } => idempotency_key.as_deref(),
+            Op::Webhook { idempotency_key, .. } | Op::SalesforceUpdate { idempotency_key, .. } => {
+                idempotency_key.as_deref()
+            }
             _ => None,
         }
     }
@@ -67,7 +80,7 @@ impl Action {
     /// Replaces the named job data, webhook body and log fields by `***` (the config's `redact`).
     pub fn redact(&mut self, names: &[String]) {
         let map = match &mut self.op {
-            Op::Log { fields, .. } => fields,
+            Op::Log { fields, .. } | Op::SalesforceUpdate { fields, .. } => fields,
             Op::Enqueue {
                 data: Value::Object(data),
                 ..
@@ -142,6 +155,10 @@ impl Action {
                 None => "POST".to_string(),
             },
             Op::DeadLetter { reason } => reason.clone(),
+            Op::SalesforceUpdate { object, id, fields, .. } => {
+                let names: Vec<&str> = fields.keys().map(String::as_str).collect();
+                format!("update {object} {id} ({})", names.join(", "))
+            }
         }
     }
 }

@@ -1459,3 +1459,63 @@ async fn unknown_or_stopped_managed_subscriptions_stop_their_channel_clearly() {
         run.finish().await;
     }
 }
+
+/// Issue 23 part 4: a provisioning job that cannot be enqueued (the queue's key is not a stream, so every XADD
+/// fails until the retry budget runs out) is dead-lettered once, and the route's `on_failure` writes the failure
+/// back to the Order through the emulator's REST API: exactly one PATCH, with the failure fields and the
+/// `Sforce-Call-Options` client. The write's own CDC event comes back over gRPC, is decided under the shipped
+/// rules, and neither provisions, writes back again, nor invalidates the customer's cache (internal fields only).
+#[tokio::test]
+async fn an_enqueue_dead_lettered_writes_the_failure_back_to_the_order_once_without_a_loop() {
+    let h = Harness::new("sub-write-back");
+    let emu = emulator_with(EmulatorOptions::default()).await;
+    let queue_key = format!("{}broken-queue", h.key_prefix());
+    h.set_key(&queue_key).await; // a string: XADD answers WRONGTYPE
+    let text = config(
+        &h,
+        &emu,
+        &redis_url(),
+        "",
+        "delivery: { retry: { initial_backoff_ms: 10, max_backoff_ms: 40, budget_ms: 400 } }\n",
+    )
+    .replace(
+        "kind: queue, queue: provisioning,",
+        &format!("kind: queue, format: stream, queue: \"{queue_key}\","),
+    );
+    assert!(text.contains("format: stream"), "{text}");
+    let run = start(&h, &text).await;
+    let o1 = order(&h, 1);
+    emu.publish(&approval(&h, 1)).unwrap();
+    // The approval, then the change event of the write-back itself.
+    run.settled(2, Duration::from_secs(30)).await;
+    // Nothing else follows: give a loop the time to show itself.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let updates = emu.updates();
+    assert_eq!(updates.len(), 1, "exactly one PATCH: {updates:?}");
+    let u = &updates[0];
+    assert_eq!((u.object.as_str(), u.id.as_str()), ("Order", o1.as_str()));
+    assert_eq!(u.client.as_deref(), Some("switchyard-provisioning"));
+    assert_eq!(u.fields["Activation_Status__c"], json!("Failed"));
+    assert_eq!(u.fields["Activation_Error_Code__c"], json!("SWITCHYARD_ENQUEUE_FAILED"));
+    let message = u.fields["Activation_Error_Message__c"].as_str().unwrap();
+    assert!(
+        message.contains("enqueue-provisioning") && message.contains("WRONGTYPE") && message.chars().count() <= 255,
+        "{message}"
+    );
+    let letters = h.dead_letters().await;
+    assert_eq!(letters.len(), 1, "only the enqueue is dead-lettered: {letters:?}");
+    assert!(
+        letters[0].to_string().contains("enqueue-provisioning"),
+        "{}",
+        letters[0]
+    );
+    let stats = run.finish().await;
+    assert_eq!(stats.events, 2, "{stats:?}");
+    assert_eq!(stats.dead_letters, 1, "{stats:?}");
+    assert_eq!(stats.routes_fired.get("provision-on-activating"), Some(&1), "{stats:?}");
+    assert_eq!(stats.actions_done.get("salesforce-update"), Some(&1), "{stats:?}");
+    // The approval changed Status (customer-facing); the write-back only internal fields: one invalidation.
+    assert_eq!(stats.actions_done.get("invalidate-cache"), Some(&1), "{stats:?}");
+    assert_eq!(emu.updates().len(), 1);
+    emu.shutdown().await.unwrap();
+}

@@ -277,3 +277,26 @@ fn entity_is_checked_against_the_channel_and_selects_the_schema_field_names_are_
     assert!(text.contains("(did you mean `Quantity`?)"), "{text}");
     assert!(!text.contains("order-on-all"), "`Status` is an Order field: {text}");
 }
+
+#[test]
+fn on_failure_actions_and_write_backs_are_checked_where_they_are_written() {
+    let text = assert_reports(
+        &["validate", "tests/fixtures/on-failure"],
+        1,
+        &[
+            "tests/fixtures/on-failure/rules.yaml:7:15: error: route `provision`: sink `enqueue-provisioning` (queue): `failure` is only known in `on_failure` actions",
+            "tests/fixtures/on-failure/rules.yaml:16:15: error: route `provision`: sink `salesforce-update` (salesforce-update) needs `object` and `fields`",
+            "tests/fixtures/on-failure/rules.yaml:19:17: error: route `provision`: sink `salesforce-update` (salesforce-update): `object` must be an object's API name",
+            "tests/fixtures/on-failure/rules.yaml:20:31: error: route `provision`: sink `salesforce-update` (salesforce-update): `Bad-Name` is not a field's API name",
+        ],
+    );
+    assert_eq!(text.lines().count(), 4, "{text}");
+    // The fields a write-back sets are checked against the object's schema, with a suggestion.
+    assert_reports(
+        &["validate", "--avro", "schemas/avro", "tests/fixtures/on-failure-typo"],
+        1,
+        &[
+            "tests/fixtures/on-failure-typo/rules.yaml:11:9: error: route `provision`: `salesforce-update` of Order: `Activation_Eror_Message__c` is not a field of the channel's Avro schema (did you mean `Activation_Error_Message__c`?)",
+        ],
+    );
+}

@@ -399,6 +399,7 @@ fn action(route: &str, sink: &str, record_id: Option<&str>, op: Op) -> Action {
         sink: sink.to_string(),
         record_id: record_id.map(str::to_string),
         shadow: false,
+        on_failure: false,
         op,
     }
 }

@@ -126,7 +126,6 @@ impl Service {
         metrics::gauge!(m::RULES_VERSION, "version" => ruleset.version.clone()).set(1.0);
         let rules = Arc::new(ArcSwap::from_pointee(ruleset));
         let stores = Arc::new(Stores::build(&config).await?);
-        let sinks = Arc::new(Sinks::build(&config, &stores).await?);
         delivery::register_series(&config.config, &rules.load());
         let counters = Arc::new(RouteCounters::default());
         let c = &config.config;
@@ -139,13 +138,25 @@ impl Service {
         };
         let needs_auth = c.source.kind != SourceKind::Jsonl && c.source.kind != SourceKind::Stdin
             || c.enricher() == EnricherKind::Salesforce;
+        let base = config.path.parent().unwrap_or(std::path::Path::new("."));
         let auth = match &salesforce {
-            Some(sf) if needs_auth => {
-                let base = config.path.parent().unwrap_or(std::path::Path::new("."));
-                Some(Arc::new(Auth::new(sf, base)?))
-            }
+            Some(sf) if needs_auth => Some(Arc::new(Auth::new(sf, base)?)),
+            // Only write-backs (`salesforce-update`) would use the org: settings that do not make a token source
+            // leave them dead-lettered, with the reason on each, rather than stopping the service.
+            Some(sf) => match Auth::new(sf, base) {
+                Ok(auth) => Some(Arc::new(auth)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "The `salesforce` settings cannot issue tokens: write-backs (`salesforce-update`) will be dead-lettered.");
+                    None
+                }
+            },
+            None => None,
+        };
+        let write_back = match (&auth, &salesforce) {
+            (Some(auth), Some(sf)) => Some((auth.clone(), sf)),
             _ => None,
         };
+        let sinks = Arc::new(Sinks::build(&config, &stores, write_back).await?);
         let enricher = match c.enricher() {
             EnricherKind::None => Enricher::None,
             EnricherKind::Recorded => Enricher::Recorded,

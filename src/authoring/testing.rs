@@ -326,6 +326,19 @@ pub fn action_json(action: &Action) -> Map<String, Value> {
         Op::DeadLetter { reason } => {
             m.insert("reason".into(), json!(reason));
         }
+        Op::SalesforceUpdate {
+            object,
+            id,
+            fields,
+            idempotency_key,
+        } => {
+            m.insert("object".into(), json!(object));
+            m.insert("id".into(), json!(id));
+            m.insert("fields".into(), Value::Object(fields.clone()));
+            if let Some(key) = idempotency_key {
+                m.insert("idempotency_key".into(), json!(key));
+            }
+        }
     }
     m
 }

@@ -495,7 +495,7 @@ fn unknown<'a>(
 
 fn template_paths(route: &crate::rules::Route) -> Vec<(&ActionTemplate, &crate::rules::template::Path)> {
     let mut out = Vec::new();
-    for action in route.then.iter().chain(&route.otherwise) {
+    for action in route.then.iter().chain(&route.otherwise).chain(&route.on_failure) {
         let templates = action.params.templates();
         for t in templates {
             out.extend(t.paths().map(|p| (action, p)));
@@ -531,6 +531,23 @@ fn enrich_object(route: &crate::rules::Route) -> String {
 fn avro_fields(rules: &RuleSet, schemas: &AvroFields, problems: &mut Vec<Problem>) {
     let mut missing_schema = HashSet::new();
     for route in &rules.routes {
+        // The fields a write-back sets, against its object's schema (when the folder has it).
+        for action in route.then.iter().chain(&route.otherwise).chain(&route.on_failure) {
+            let crate::rules::ActionParams::SalesforceUpdate { object, fields, .. } = &action.params else {
+                continue;
+            };
+            let Some(schema) = schemas.for_object(object) else {
+                continue;
+            };
+            for (name, _) in fields {
+                if let Err(message) = avro::lookup(schema, &[name.as_str()]) {
+                    problems.push(action_problem(
+                        action,
+                        format!("route `{}`: `salesforce-update` of {object}: {message}", route.name),
+                    ));
+                }
+            }
+        }
         // A route that names its entity is checked against that entity's schema (a multi-entity or custom
         // channel has none of its own).
         let (fields, what) = match &route.entity {

@@ -21,8 +21,8 @@ pub use salesforce::{
     ReplayStart, RestConfig, SalesforceConfig,
 };
 pub use sinks::{
-    CacheSinkConfig, DEAD_LETTER_SINK, LogSinkConfig, QueueFormat, QueueSinkConfig, SinkConfig, SinkKind,
-    WebhookSignature, WebhookSinkConfig, default_sinks,
+    BUILT_IN_SINKS, CacheSinkConfig, DEAD_LETTER_SINK, LogSinkConfig, QueueFormat, QueueSinkConfig,
+    SALESFORCE_UPDATE_SINK, SinkConfig, SinkKind, WebhookSignature, WebhookSinkConfig, default_sinks,
 };
 pub use spans::Spans;
 
@@ -743,10 +743,10 @@ impl LoadedConfig {
                 )));
             }
         }
-        if c.sinks.contains_key(DEAD_LETTER_SINK) {
+        for name in BUILT_IN_SINKS.iter().filter(|n| c.sinks.contains_key(**n)) {
             problems.push(err(
-                &["sinks", DEAD_LETTER_SINK],
-                format!("the sink name `{DEAD_LETTER_SINK}` is built in; choose another name"),
+                &["sinks", name],
+                format!("the sink name `{name}` is built in; choose another name"),
             ));
         }
         if c.source.kind == SourceKind::Jsonl && c.source.jsonl.is_none() {

@@ -76,6 +76,16 @@ pub struct SalesforceConfig {
     #[serde(default)]
     #[schemars(example = serde_json::json!({"timeout_ms": 10000, "concurrency": 8, "attempts": 4}))]
     pub rest: RestConfig,
+    /// The client name sent with every write-back (`salesforce-update`) as `Sforce-Call-Options: client=<name>`.
+    /// Salesforce puts it in the `changeOrigin` of the change event the write causes, which is how the shipped
+    /// rules' loop guard (`ignored_change_origins`) tells switchyard's own writes apart.
+    #[serde(default = "default_call_options_client")]
+    #[schemars(example = &"switchyard-provisioning")]
+    pub call_options_client: String,
+}
+
+fn default_call_options_client() -> String {
+    "switchyard-provisioning".into()
 }
 
 /// The OAuth flow.

@@ -54,6 +54,7 @@ pub enum SinkKind {
     Log,
     Webhook,
     DeadLetter,
+    SalesforceUpdate,
 }
 
 impl SinkKind {
@@ -64,6 +65,7 @@ impl SinkKind {
             SinkKind::Log => "log",
             SinkKind::Webhook => "webhook",
             SinkKind::DeadLetter => "dead-letter",
+            SinkKind::SalesforceUpdate => "salesforce-update",
         }
     }
 }
@@ -201,3 +203,10 @@ pub fn default_sinks() -> IndexMap<String, SinkConfig> {
 
 /// The name of the built-in dead-letter sink.
 pub const DEAD_LETTER_SINK: &str = "dead-letter";
+
+/// The name of the built-in write-back sink: PATCH a record through the Salesforce REST API with the config's
+/// `salesforce` credentials (the source's OAuth).
+pub const SALESFORCE_UPDATE_SINK: &str = "salesforce-update";
+
+/// The sink names a config cannot use: the built-in sinks.
+pub const BUILT_IN_SINKS: [&str; 2] = [DEAD_LETTER_SINK, SALESFORCE_UPDATE_SINK];

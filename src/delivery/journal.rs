@@ -79,7 +79,10 @@ pub fn entry(
                 .filter(|(a, _)| a.route == d.route && a.record_id == d.record_id)
                 .map(|(a, r)| ActionEntry {
                     sink: a.sink.clone(),
-                    summary: a.what(),
+                    summary: match a.on_failure {
+                        true => format!("on_failure: {}", a.what()),
+                        false => a.what(),
+                    },
                     idempotency_key: a.idempotency_key().map(str::to_string),
                     result: result_text(r),
                 })

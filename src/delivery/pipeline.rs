@@ -25,7 +25,7 @@ use crate::delivery::{ActionResult, Dispatcher, Paused};
 use crate::enrich::Enricher;
 use crate::event::Event;
 use crate::obs::metrics as m;
-use crate::plan::{Op, Outcome, Plan};
+use crate::plan::{Action, Op, Outcome, Plan};
 use crate::router::{self, Needs};
 use crate::rules::RuleSet;
 use crate::sinks::Sinks;
@@ -564,7 +564,10 @@ impl Pipeline {
             }
         }
         let paused = self.runaway_guard(rules, &event, &plan).await;
-        let results = self.dispatcher.run_guarded(&plan, &event, fence, &paused).await;
+        let mut plan = plan;
+        let mut results = self.dispatcher.run_guarded(&plan, &event, fence, &paused).await;
+        self.on_failure(rules, &event, fence, &paused, &mut plan, &mut results)
+            .await;
         stats.count(&plan, &results);
         if let Some(journal) = &self.stores.journal {
             let settled = !results
@@ -579,6 +582,63 @@ impl Pipeline {
         if self.print_decisions {
             out.push_str(&render_plan(&event, position, &plan, &results));
         }
+    }
+
+    /// Runs the `on_failure` actions of every route (per record) one of whose actions its sink could not do: called
+    /// and dead-lettered (a permanent error, retries exhausted) or its sink gone. Once per route and record, after
+    /// the plan's own actions; they and their results join the plan, so the journal, counters and printed
+    /// decisions show them. Not for `dead-letter` actions, route failures or paused routes: those did not try.
+    async fn on_failure(
+        &self,
+        rules: &RuleSet,
+        event: &Event,
+        fence: Option<&Fence>,
+        paused: &[Paused],
+        plan: &mut Plan,
+        results: &mut Vec<ActionResult>,
+    ) {
+        let mut failed: Vec<(&str, Option<&str>, router::FailureInfo)> = Vec::new();
+        for (action, result) in plan.actions.iter().zip(results.iter()) {
+            let ActionResult::DeadLettered { reason, letter } = result else {
+                continue;
+            };
+            let route_paused = paused
+                .iter()
+                .any(|p| p.route == action.route && p.record_id == action.record_id);
+            let tried = !matches!(action.op, Op::DeadLetter { .. }) && !action.on_failure && !route_paused;
+            let (route, record_id) = (action.route.as_str(), action.record_id.as_deref());
+            if tried && !failed.iter().any(|(r, id, _)| *r == route && *id == record_id) {
+                failed.push((
+                    route,
+                    record_id,
+                    router::FailureInfo {
+                        reason: reason.clone(),
+                        sink: action.sink.clone(),
+                        action: action.what(),
+                        letter: letter.clone(),
+                    },
+                ));
+            }
+        }
+        let actions: Vec<Action> = failed
+            .iter()
+            .flat_map(|(route, record_id, failure)| router::on_failure(rules, event, route, *record_id, failure))
+            .collect();
+        if actions.is_empty() {
+            return;
+        }
+        for (route, record_id, failure) in &failed {
+            tracing::warn!(route, record_id, event_id = %event.id, sink = %failure.sink, "An action of the route was dead-lettered; running its on_failure actions.");
+        }
+        let extra = Plan {
+            event_id: plan.event_id.clone(),
+            rules_version: plan.rules_version.clone(),
+            decisions: Vec::new(),
+            actions,
+        };
+        let extra_results = self.dispatcher.run(&extra, event, fence).await;
+        plan.actions.extend(extra.actions);
+        results.extend(extra_results);
     }
 
     /// Counts the fires of guarded routes (their own `limit`, else the config's `route_limit`) and returns the

@@ -36,6 +36,7 @@ use encode::EncodeError;
 pub use managed::ManagedSubscription;
 
 use service::Service;
+pub use state::Update;
 use state::{Settings, Shared, State, Topic};
 
 /// The CDC channel the built-in OrderChangeEvent schema serves.
@@ -364,6 +365,11 @@ impl EmulatorHandle {
     /// REST reads of one record id.
     pub fn rest_reads_of(&self, id: &str) -> u64 {
         self.shared.state().reads.get(id).copied().unwrap_or(0)
+    }
+
+    /// The REST updates (PATCH) the org accepted, in order.
+    pub fn updates(&self) -> Vec<Update> {
+        self.shared.state().updates.clone()
     }
 
     /// The claims of the last JWT bearer assertion the token endpoint received.

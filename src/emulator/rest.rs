@@ -17,6 +17,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde_json::{Value, json};
 
 use crate::auth::JwtClaims;
+use crate::event::{ChangeHeader, ChangeType, Event, EventKind};
 
 use super::state::Shared;
 
@@ -24,7 +25,10 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route("/services/oauth2/token", post(token))
         .route("/services/oauth2/userinfo", get(userinfo))
-        .route("/services/data/{version}/sobjects/{object}/{id}", get(sobject))
+        .route(
+            "/services/data/{version}/sobjects/{object}/{id}",
+            get(sobject).patch(update),
+        )
         .with_state(shared)
 }
 
@@ -187,6 +191,123 @@ async fn sobject(
         None => body.extend(record),
     }
     Json(Value::Object(body)).into_response()
+}
+
+/// `PATCH /sobjects/{object}/{id}`: updates the org's record and, like an org with CDC on, publishes the change
+/// event the write causes on every change channel that carries the object: an UPDATE whose changed fields are the
+/// fields written and whose `changeOrigin` names the API client from `Sforce-Call-Options: client=...`. Answers
+/// 204 like Salesforce; 404 for a record the org does not have; 400 `INVALID_FIELD` for a field its schema lacks.
+async fn update(
+    State(shared): State<Arc<Shared>>,
+    Path((version, object, id)): Path<(String, String, String)>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    if !shared.token_valid(bearer(&headers)) {
+        return rest_error(
+            StatusCode::UNAUTHORIZED,
+            "INVALID_SESSION_ID",
+            "Session expired or invalid",
+        );
+    }
+    let Some(api) = version.strip_prefix('v') else {
+        return rest_error(
+            StatusCode::NOT_FOUND,
+            "NOT_FOUND",
+            "The requested resource does not exist",
+        );
+    };
+    let fields = match serde_json::from_slice::<Value>(&body) {
+        Ok(Value::Object(fields)) if !fields.is_empty() => fields,
+        _ => {
+            return rest_error(
+                StatusCode::BAD_REQUEST,
+                "JSON_PARSER_ERROR",
+                "The request body must be a JSON object of the fields to update",
+            );
+        }
+    };
+    let client = headers
+        .get("sforce-call-options")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(',').find_map(|o| o.trim().strip_prefix("client=")))
+        .map(str::to_string);
+    let (previous, updated, channels) = {
+        let mut state = shared.state();
+        let Some(Some(previous)) = state.records.get(&id).cloned() else {
+            return rest_error(
+                StatusCode::NOT_FOUND,
+                "NOT_FOUND",
+                "The requested resource does not exist",
+            );
+        };
+        let mut updated = previous.clone();
+        updated.extend(fields.clone());
+        state.updates.push(super::state::Update {
+            object: object.clone(),
+            id: id.clone(),
+            fields: fields.clone(),
+            client: client.clone(),
+        });
+        let channels: Vec<String> = state
+            .topics
+            .iter()
+            .filter(|(name, topic)| topic.members.contains_key(&object) || **name == per_object_channel(&object))
+            .map(|(name, _)| name.clone())
+            .collect();
+        (previous, updated, channels)
+    };
+    let now = crate::clock::now_ms() as i64;
+    let origin = match &client {
+        Some(client) => format!("com/salesforce/api/rest/{api};client={client}"),
+        None => format!("com/salesforce/api/rest/{api}"),
+    };
+    let transaction = format!("{:016x}", now as u64 ^ u64::from(rand_u32()));
+    for channel in channels {
+        let event = Event {
+            id: format!("{transaction}:1"),
+            channel,
+            kind: Some(EventKind::Change),
+            replay_id: None,
+            schema_id: None,
+            header: Some(ChangeHeader {
+                entity: object.clone(),
+                change_type: ChangeType::Update,
+                record_ids: vec![id.clone()],
+                changed_fields: fields.keys().cloned().collect(),
+                nulled_fields: fields
+                    .iter()
+                    .filter(|(_, v)| v.is_null())
+                    .map(|(k, _)| k.clone())
+                    .collect(),
+                diff_fields: Vec::new(),
+                change_origin: Some(origin.clone()),
+                transaction_key: Some(transaction.clone()),
+                sequence_number: Some(1),
+                commit_timestamp: Some(now),
+                commit_number: Some(now),
+                commit_user: Some(shared.settings.oauth.user_id.clone()),
+            }),
+            fields: fields.clone(),
+            record: [(id.clone(), Some(updated.clone()))].into_iter().collect(),
+        };
+        if let Err(e) = shared.publish(&event) {
+            // The org refuses a field its schema does not have; nothing is changed.
+            shared.state().records.insert(id.clone(), Some(previous));
+            shared.state().updates.pop();
+            return rest_error(StatusCode::BAD_REQUEST, "INVALID_FIELD", &e.to_string());
+        }
+    }
+    shared.state().records.insert(id, Some(updated));
+    StatusCode::NO_CONTENT.into_response()
+}
+
+/// The standard CDC channel of an object: `/data/OrderChangeEvent`, `/data/Invoice__ChangeEvent` for `Invoice__c`.
+fn per_object_channel(object: &str) -> String {
+    match object.strip_suffix("__c") {
+        Some(custom) => format!("/data/{custom}__ChangeEvent"),
+        None => format!("/data/{object}ChangeEvent"),
+    }
 }
 
 /// Not cryptographic: only makes tokens differ between emulator runs.

@@ -88,6 +88,18 @@ pub(crate) struct State {
     pub last_jwt: Option<JwtClaims>,
     /// The org's managed subscriptions and their committed positions.
     pub managed: Vec<super::managed::Managed>,
+    /// The REST updates (PATCH) the org accepted, in order.
+    pub updates: Vec<Update>,
+}
+
+/// A REST update the org accepted.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Update {
+    pub object: String,
+    pub id: String,
+    pub fields: serde_json::Map<String, serde_json::Value>,
+    /// The API client named by `Sforce-Call-Options: client=...`.
+    pub client: Option<String>,
 }
 
 /// Counters that tests assert on.

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Map, Value};
 use tokio::sync::Semaphore;
 
-use crate::auth::{Auth, AuthError, describe};
+use crate::auth::{Auth, AuthError, describe, rest_message as salesforce_message};
 use crate::clock::jitter;
 use crate::config::{RestConfig, SalesforceConfig};
 use crate::event::RecordFields;
@@ -231,22 +231,4 @@ impl SalesforceEnricher {
 /// API names: letters, digits, underscores (and `.` for relationship paths); nothing that could change the URL.
 fn is_name(s: &str) -> bool {
     !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.')
-}
-
-/// Salesforce's REST errors are `[{"message": "...", "errorCode": "..."}]`.
-fn salesforce_message(body: &[u8]) -> String {
-    match serde_json::from_slice::<Value>(body) {
-        Ok(Value::Array(errors)) => errors
-            .iter()
-            .map(|e| {
-                format!(
-                    "{}: {}",
-                    e["errorCode"].as_str().unwrap_or("ERROR"),
-                    e["message"].as_str().unwrap_or("")
-                )
-            })
-            .collect::<Vec<_>>()
-            .join("; "),
-        _ => String::from_utf8_lossy(&body[..body.len().min(300)]).into_owned(),
-    }
 }

@@ -213,6 +213,7 @@ impl When<'_> {
             vars: &self.rules.vars,
             idempotency_key: None,
             route: &route.name,
+            failure: None,
         };
         Some(template.render_string(&rctx).ok().filter(|s| !s.is_empty()))
     }
@@ -285,6 +286,7 @@ pub fn plan(rules: &RuleSet, event: &Event, needs: Needs, records: &Records) -> 
                         sink: crate::config::DEAD_LETTER_SINK.into(),
                         record_id: w.record_id.clone(),
                         shadow: route.shadow,
+                        on_failure: false,
                         op: Op::DeadLetter { reason },
                     };
                     (Outcome::Failed(error.to_string()), vec![dead])
@@ -310,6 +312,89 @@ pub fn plan(rules: &RuleSet, event: &Event, needs: Needs, records: &Records) -> 
         decisions,
         actions,
     }
+}
+
+/// What an `on_failure` action is told about the action that failed (its template root `failure`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FailureInfo {
+    /// Why it failed (the dead letter's reason), cut to [`FAILURE_REASON_CHARS`] characters.
+    pub reason: String,
+    /// The sink that failed.
+    pub sink: String,
+    /// What the failed action did (`job activation-801...`).
+    pub action: String,
+    /// The dead letter's id (`dead-letter show ID`), when it was stored.
+    pub letter: Option<String>,
+}
+
+/// `failure.reason` is cut to this many characters: what a Salesforce Text field holds. The whole reason stays in
+/// the dead letter.
+pub const FAILURE_REASON_CHARS: usize = 255;
+
+impl FailureInfo {
+    fn to_json(&self) -> Value {
+        let reason: String = self.reason.chars().take(FAILURE_REASON_CHARS).collect();
+        serde_json::json!({
+            "reason": reason,
+            "sink": self.sink,
+            "action": self.action,
+            "letter": self.letter,
+        })
+    }
+}
+
+/// The `on_failure` actions of the route named `route` for one record of `event`, rendered with what failed. The
+/// records are the ones the event's routes read (kept with the event). A route unknown to `rules` (gone in a
+/// reload) has none. An action that cannot be rendered becomes a dead letter saying why, so nothing is dropped.
+pub fn on_failure(
+    rules: &RuleSet,
+    event: &Event,
+    route: &str,
+    record_id: Option<&str>,
+    failure: &FailureInfo,
+) -> Vec<Action> {
+    let Some(route) = rules.routes.iter().find(|r| r.name == route) else {
+        return Vec::new();
+    };
+    if route.on_failure.is_empty() {
+        return Vec::new();
+    }
+    let header = header_json(&rules.template_header, event.header.as_ref());
+    let record = match (&route.enrich, record_id.and_then(|id| event.record.get(id))) {
+        (Some(enrich), Some(Some(fields))) => requested_record(enrich, fields),
+        _ => Map::new(),
+    };
+    let failure = failure.to_json();
+    let ctx = RenderCtx {
+        event,
+        header: &header,
+        record_id,
+        record: &record,
+        vars: &rules.vars,
+        idempotency_key: None,
+        route: &route.name,
+        failure: Some(&failure),
+    };
+    route
+        .on_failure
+        .iter()
+        .map(|t| {
+            render(route, t, &ctx).unwrap_or_else(|error| Action {
+                route: route.name.clone(),
+                sink: crate::config::DEAD_LETTER_SINK.into(),
+                record_id: record_id.map(str::to_string),
+                shadow: route.shadow,
+                on_failure: true,
+                op: Op::DeadLetter {
+                    reason: format!(
+                        "route `{}`: an on_failure action failed for {}: {error}",
+                        route.name,
+                        describe(event, record_id)
+                    ),
+                },
+            })
+        })
+        .collect()
 }
 
 fn describe(event: &Event, record_id: Option<&str>) -> String {
@@ -349,6 +434,7 @@ impl Unit<'_> {
             vars: &self.rules.vars,
             idempotency_key: None,
             route: &route.name,
+            failure: None,
         };
         let rendered = templates
             .iter()

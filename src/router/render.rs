@@ -61,12 +61,37 @@ pub(super) fn render(route: &Route, t: &ActionTemplate, ctx: &RenderCtx<'_>) -> 
         ActionParams::DeadLetter { reason } => Op::DeadLetter {
             reason: reason.render_lossy(ctx),
         },
+        ActionParams::SalesforceUpdate {
+            object,
+            id,
+            fields,
+            idempotency_key,
+        } => {
+            let key = idempotency_key.as_ref().map(|k| key(t, k, ctx)).transpose()?;
+            let scoped = RenderCtx {
+                idempotency_key: key.as_deref(),
+                ..*ctx
+            };
+            let id = id
+                .render_string(&scoped)
+                .map_err(|missing| problem(t, format!("the record id `{}` has no value for {missing}", id.source())))?;
+            if id.trim().is_empty() || id == OVERFLOW_PLACEHOLDER_ID {
+                return Err(problem(t, format!("`{id}` is not a record id to update")));
+            }
+            Op::SalesforceUpdate {
+                object: object.clone(),
+                id,
+                fields: fields.iter().map(|(k, v)| (k.clone(), v.render(&scoped))).collect(),
+                idempotency_key: key,
+            }
+        }
     };
     Ok(Action {
         route: route.name.clone(),
         sink: t.sink.clone(),
         record_id: ctx.record_id.map(str::to_string),
         shadow: route.shadow,
+        on_failure: ctx.failure.is_some(),
         op,
     })
 }

@@ -13,7 +13,10 @@ use sha2::{Digest, Sha256};
 use super::model::{ActionSpec, RouteSpec, RulesFile};
 use super::template::{Root, Template, ValueTemplate};
 use super::{ActionParams, ActionTemplate, CONTEXT_VARIABLES, Placer, Predicate, Route, RuleSet, helpers, suggest};
-use crate::config::{DEAD_LETTER_SINK, EnricherKind, LoadedConfig, Mode, SinkKind, default_channels, default_sinks};
+use crate::config::{
+    BUILT_IN_SINKS, DEAD_LETTER_SINK, EnricherKind, LoadedConfig, Mode, SALESFORCE_UPDATE_SINK, SinkKind,
+    default_channels, default_sinks,
+};
 use crate::diag::{Problem, Severity};
 
 /// One rules file's path and text.
@@ -67,6 +70,8 @@ impl RuleEnv {
     fn sink_kind(&self, name: &str) -> Option<SinkKind> {
         if name == DEAD_LETTER_SINK {
             Some(SinkKind::DeadLetter)
+        } else if name == SALESFORCE_UPDATE_SINK {
+            Some(SinkKind::SalesforceUpdate)
         } else {
             self.sinks.get(name).copied()
         }
@@ -481,13 +486,27 @@ fn compile_route(
     let then: Vec<_> = spec
         .then
         .iter()
-        .filter_map(|a| compile_action(cx, a, env, is_var, &route_label, has_enrich, problems))
+        .filter_map(|a| compile_action(cx, a, env, is_var, &route_label, (has_enrich, false), problems))
         .collect();
     let otherwise: Vec<_> = spec
         .otherwise
         .iter()
-        .filter_map(|a| compile_action(cx, a, env, is_var, &route_label, has_enrich, problems))
+        .filter_map(|a| compile_action(cx, a, env, is_var, &route_label, (has_enrich, false), problems))
         .collect();
+    let on_failure: Vec<_> = spec
+        .on_failure
+        .iter()
+        .filter_map(|a| compile_action(cx, a, env, is_var, &route_label, (has_enrich, true), problems))
+        .collect();
+    if !spec.on_failure.is_empty() && spec.then.is_empty() && spec.otherwise.is_empty() {
+        let (line, column) = cx.at(&spec.name);
+        problems.push(Problem::warning(
+            cx.path,
+            line,
+            column,
+            format!("{route_label} has `on_failure` actions but no `then` or `else` actions; they never run"),
+        ));
+    }
     if spec.then.is_empty() && spec.otherwise.is_empty() {
         let (line, column) = cx.at(&spec.name);
         problems.push(Problem::warning(
@@ -524,6 +543,7 @@ fn compile_route(
         record_id,
         then,
         otherwise,
+        on_failure,
         stop: spec.stop,
         shadow: spec.shadow,
         limit: spec.limit,
@@ -625,6 +645,12 @@ fn compile_predicate(
     }
 }
 
+/// A Salesforce API name: a letter, then letters, digits and underscores (`Order`, `Activation_Status__c`).
+fn is_api_name(s: &str) -> bool {
+    s.chars().next().is_some_and(|c| c.is_ascii_alphabetic())
+        && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
 fn parse_template(
     cx: &FileCx<'_>,
     source: &Spanned<String>,
@@ -683,13 +709,13 @@ fn compile_action(
     env: &RuleEnv,
     is_var: &dyn Fn(&str) -> bool,
     route_label: &str,
-    has_enrich: bool,
+    (has_enrich, in_on_failure): (bool, bool),
     problems: &mut Vec<Problem>,
 ) -> Option<ActionTemplate> {
     let a = &spec.value;
     let sink = a.sink.value.trim();
     let Some(kind) = env.sink_kind(sink) else {
-        let names: Vec<&str> = env.sinks.keys().map(String::as_str).chain([DEAD_LETTER_SINK]).collect();
+        let names: Vec<&str> = env.sinks.keys().map(String::as_str).chain(BUILT_IN_SINKS).collect();
         let hint = suggest(sink, names.iter().copied())
             .map(|s| format!(" (did you mean `{s}`?)"))
             .unwrap_or_default();
@@ -715,6 +741,8 @@ fn compile_action(
         ("reason", a.reason.is_some()),
         ("body", a.body.is_some()),
         ("headers", a.headers.is_some()),
+        ("object", a.object.is_some()),
+        ("id", a.id.is_some()),
     ]
     .into_iter()
     .filter_map(|(k, p)| p.then_some(k))
@@ -725,6 +753,7 @@ fn compile_action(
         SinkKind::Log => &["message", "level", "fields"],
         SinkKind::Webhook => &["body", "headers", "idempotency_key"],
         SinkKind::DeadLetter => &["reason"],
+        SinkKind::SalesforceUpdate => &["object", "id", "fields", "idempotency_key"],
     };
     let label = format!("{route_label}: sink `{sink}` ({})", kind.as_str());
     let before = problems.len();
@@ -832,6 +861,51 @@ fn compile_action(
                 idempotency_key,
             }
         }
+        SinkKind::SalesforceUpdate => {
+            let (Some(object), Some(fields)) = (&a.object, &a.fields) else {
+                problems.push(cx.err(&a.sink, format!("{label} needs `object` and `fields`")));
+                return None;
+            };
+            if !is_api_name(object.value.trim()) {
+                problems.push(cx.err(
+                    object,
+                    format!("{label}: `object` must be an object's API name (`Order`, `Invoice__c`)"),
+                ));
+            }
+            if fields.is_empty() {
+                problems.push(cx.err(
+                    &a.sink,
+                    format!("{label}: `fields` is empty; there is nothing to update"),
+                ));
+            }
+            let mut entries = Vec::new();
+            for (k, v) in fields {
+                if !is_api_name(k) {
+                    problems.push(cx.err(v, format!("{label}: `{k}` is not a field's API name")));
+                }
+                entries.push((k.clone(), parse_value_template(cx, v, is_var, route_label, problems)?));
+            }
+            let id = match &a.id {
+                Some(id) => t(id, problems)?,
+                None => Template::parse("{{record_id}}", is_var).expect("a valid template"),
+            };
+            let idempotency_key = match &a.idempotency_key {
+                Some(key) => {
+                    let key_template = t(key, problems)?;
+                    if key_template.paths().any(|p| p.root == Root::IdempotencyKey) {
+                        problems.push(cx.err(key, format!("{label}: `idempotency_key` cannot refer to itself")));
+                    }
+                    Some(key_template)
+                }
+                None => None,
+            };
+            ActionParams::SalesforceUpdate {
+                object: object.value.trim().to_string(),
+                id,
+                fields: entries,
+                idempotency_key,
+            }
+        }
         SinkKind::DeadLetter => {
             let Some(reason) = &a.reason else {
                 problems.push(cx.err(&a.sink, format!("{label} needs `reason`")));
@@ -854,6 +928,17 @@ fn compile_action(
             line,
             column,
             format!("{label} reads `record`, but the route has no `enrich`: those values are always missing"),
+        ));
+    }
+    if !in_on_failure
+        && params
+            .templates()
+            .iter()
+            .any(|t| t.paths().any(|p| p.root == Root::Failure))
+    {
+        problems.push(cx.err(
+            &a.sink,
+            format!("{label}: `failure` is only known in `on_failure` actions (what failed, and why)"),
         ));
     }
     if problems[before..].iter().any(|p| p.severity == Severity::Error) {

@@ -117,6 +117,12 @@ pub enum ActionParams {
     DeadLetter {
         reason: Template,
     },
+    SalesforceUpdate {
+        object: String,
+        id: Template,
+        fields: Vec<(String, ValueTemplate)>,
+        idempotency_key: Option<Template>,
+    },
 }
 
 impl ActionParams {
@@ -157,6 +163,17 @@ impl ActionParams {
                 all
             }
             ActionParams::DeadLetter { reason } => vec![reason],
+            ActionParams::SalesforceUpdate {
+                id,
+                fields,
+                idempotency_key,
+                ..
+            } => {
+                let mut all = vec![id];
+                all.extend(fields.iter().flat_map(|(_, v)| v.templates()));
+                all.extend(idempotency_key);
+                all
+            }
         }
     }
 }
@@ -180,6 +197,8 @@ pub struct Route {
     pub record_id: Option<Template>,
     pub then: Vec<ActionTemplate>,
     pub otherwise: Vec<ActionTemplate>,
+    /// Run once when one of the route's actions was dead-lettered by its sink (see `RouteSpec::on_failure`).
+    pub on_failure: Vec<ActionTemplate>,
     pub stop: bool,
     pub shadow: bool,
     /// The route's own runaway guard (the config's `route_limit` applies when it has none).
@@ -282,7 +301,12 @@ impl RuleSet {
         }
         let mut template_header = reads::Fields::default();
         let templates = routes.iter().flat_map(|r| {
-            let actions = r.then.iter().chain(&r.otherwise).flat_map(|a| a.params.templates());
+            let actions = r
+                .then
+                .iter()
+                .chain(&r.otherwise)
+                .chain(&r.on_failure)
+                .flat_map(|a| a.params.templates());
             actions.chain(r.record_id.as_ref())
         });
         for path in templates.flat_map(Template::paths) {

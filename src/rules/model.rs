@@ -39,6 +39,19 @@ fn example_actions() -> Value {
     serde_json::json!([{"sink": "log", "message": "Order already has WHMCS Order ID, skipping provisioning"}])
 }
 
+fn example_on_failure() -> Value {
+    serde_json::json!([{
+        "sink": "salesforce-update",
+        "object": "Order",
+        "fields": {
+            "Activation_Status__c": "Failed",
+            "Activation_Error_Code__c": "SWITCHYARD_ENQUEUE_FAILED",
+            "Activation_Error_Message__c": "{{failure.reason}}"
+        },
+        "idempotency_key": "activation-failed-{{record_id}}-{{header.commit_timestamp}}"
+    }])
+}
+
 fn example_vars() -> Value {
     serde_json::json!({"trigger_statuses": ["Approved", "Reactivate"]})
 }
@@ -88,6 +101,14 @@ pub struct RouteSpec {
     #[serde(default, rename = "else")]
     #[schemars(with = "Vec<ActionSpec>", example = example_actions())]
     pub otherwise: Vec<Spanned<ActionSpec>>,
+    /// Actions run once, in order, when one of this route's actions could not be done: its sink failed for good
+    /// (a permanent error, or retries exhausted) and it was dead-lettered. Their templates may read `failure`
+    /// (`failure.reason`, `failure.sink`, `failure.action`, `failure.letter`). They do not run for a route that
+    /// failed before acting (a predicate or enrichment error), a paused route, a `dead-letter` action, or a
+    /// retried dead letter that fails again; an `on_failure` action that fails is dead-lettered like any other.
+    #[serde(default)]
+    #[schemars(with = "Vec<ActionSpec>", example = example_on_failure())]
+    pub on_failure: Vec<Spanned<ActionSpec>>,
     /// When `when` held, evaluate no later route for this record.
     #[serde(default)]
     #[schemars(example = false)]
@@ -119,8 +140,8 @@ pub struct EnrichSpec {
 ///
 /// `queue` sinks take `job`, `idempotency_key`, `job_options`; `cache-invalidate` sinks take `keys`,
 /// `patterns`, `publish`; `log` sinks take `message`, `level`, `fields`; `webhook` sinks take `body`,
-/// `headers`, `idempotency_key`; the built-in `dead-letter` takes `reason`. Strings are templates
-/// (`{{record_id}}`).
+/// `headers`, `idempotency_key`; the built-in `dead-letter` takes `reason`; the built-in `salesforce-update` takes
+/// `object`, `id`, `fields`, `idempotency_key`. Strings are templates (`{{record_id}}`).
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ActionSpec {
@@ -133,6 +154,7 @@ pub struct ActionSpec {
     pub job: Option<IndexMap<String, Spanned<Value>>>,
     /// queue: the key that makes the action idempotent; also the BullMQ job id. Must render completely.
     /// webhook: optional; sent as the `Idempotency-Key` header, and a redelivered event does not POST again.
+    /// salesforce-update: optional; a redelivered event does not write again.
     #[serde(default)]
     #[schemars(with = "Option<String>", example = &"activation-{{record_id}}-{{header.commit_timestamp}}")]
     pub idempotency_key: Option<Spanned<String>>,
@@ -160,7 +182,8 @@ pub struct ActionSpec {
     #[serde(default)]
     #[schemars(example = &"warn")]
     pub level: Option<LogLevel>,
-    /// log: extra structured fields (templates).
+    /// log: extra structured fields (templates). salesforce-update: the fields to set (API names; string values
+    /// are templates, a whole `{{...}}` keeps its JSON type, `null` clears the field).
     #[serde(default)]
     #[schemars(with = "Option<IndexMap<String, Value>>", example = serde_json::json!({"account": "{{record.AccountId}}"}))]
     pub fields: Option<IndexMap<String, Spanned<Value>>>,
@@ -172,6 +195,14 @@ pub struct ActionSpec {
     #[serde(default)]
     #[schemars(with = "Option<IndexMap<String, String>>", example = serde_json::json!({"X-Correlation-Id": "cdc-order-{{record_id}}"}))]
     pub headers: Option<IndexMap<String, Spanned<String>>>,
+    /// salesforce-update: the sObject type to update (an API name: `Order`).
+    #[serde(default)]
+    #[schemars(with = "Option<String>", example = &"Order")]
+    pub object: Option<Spanned<String>>,
+    /// salesforce-update: the id of the record to update (template; default `{{record_id}}`).
+    #[serde(default)]
+    #[schemars(with = "Option<String>", example = &"{{record_id}}")]
+    pub id: Option<Spanned<String>>,
     /// dead-letter: why the event is parked for an operator.
     #[serde(default)]
     #[schemars(with = "Option<String>", example = &"GAP_OVERFLOW for {{header.entity}}: resync needed")]

@@ -21,6 +21,8 @@ pub enum Root {
     ReplayId,
     IdempotencyKey,
     Route,
+    /// What failed, in `on_failure` actions only: `reason`, `sink`, `action`, `letter`.
+    Failure,
     Var(String),
 }
 
@@ -34,6 +36,7 @@ pub const ROOTS: &[&str] = &[
     "replay_id",
     "idempotency_key",
     "route",
+    "failure",
 ];
 
 impl Root {
@@ -47,6 +50,7 @@ impl Root {
             "replay_id" => Root::ReplayId,
             "idempotency_key" => Root::IdempotencyKey,
             "route" => Root::Route,
+            "failure" => Root::Failure,
             other if vars(other) => Root::Var(other.to_string()),
             _ => return None,
         })
@@ -62,6 +66,7 @@ impl Root {
             Root::ReplayId => "replay_id",
             Root::IdempotencyKey => "idempotency_key",
             Root::Route => "route",
+            Root::Failure => "failure",
             Root::Var(name) => name,
         }
     }
@@ -121,6 +126,8 @@ pub struct RenderCtx<'a> {
     pub vars: &'a Map<String, Value>,
     pub idempotency_key: Option<&'a str>,
     pub route: &'a str,
+    /// What failed, for an `on_failure` action (`None` elsewhere: `failure` renders as missing).
+    pub failure: Option<&'a Value>,
 }
 
 impl RenderCtx<'_> {
@@ -145,6 +152,7 @@ impl RenderCtx<'_> {
             Root::ReplayId => return scalar(self.event.replay_id.as_deref(), &path.segments),
             Root::IdempotencyKey => return scalar(self.idempotency_key, &path.segments),
             Root::Route => return scalar(Some(self.route), &path.segments),
+            Root::Failure => walk(self.failure?, segments),
             Root::Var(name) => walk(self.vars.get(name)?, segments),
         };
         found.filter(|v| !v.is_null()).cloned()
@@ -422,6 +430,7 @@ mod tests {
             vars: &vars,
             idempotency_key: Some("k-1"),
             route: "r",
+            failure: None,
         };
         let t = Template::parse(source, &|n| n == "queue_tag").unwrap();
         f(&t, &ctx);

@@ -3,14 +3,20 @@
 mod cache;
 mod log;
 mod queue;
+mod salesforce;
 mod webhook;
+
+pub use salesforce::CALL_OPTIONS_HEADER;
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 
-use crate::config::{Config, LoadedConfig, QueueFormat, RedisEndpoint, SinkConfig};
+use crate::auth::Auth;
+use crate::config::{
+    Config, LoadedConfig, QueueFormat, RedisEndpoint, SALESFORCE_UPDATE_SINK, SalesforceConfig, SinkConfig,
+};
 use crate::event::Event;
 use crate::failure::Failure;
 use crate::plan::{Action, Op};
@@ -34,6 +40,7 @@ pub enum Sink {
     CacheInvalidate(cache::CacheSink),
     Log(log::LogSink),
     Webhook(webhook::WebhookSink),
+    SalesforceUpdate(salesforce::SalesforceUpdateSink),
 }
 
 impl Sink {
@@ -75,6 +82,9 @@ impl Sink {
                 },
             ) => s.invalidate(keys, patterns, publish.as_ref()).await,
             (Sink::Log(s), Op::Log { level, message, fields }) => s.write(action, *level, message, fields, cx),
+            (Sink::SalesforceUpdate(s), Op::SalesforceUpdate { object, id, fields, .. }) => {
+                s.update(object, id, fields).await
+            }
             _ => Err(Failure::Permanent(format!(
                 "sink `{}` cannot run a `{}` action",
                 action.sink,
@@ -91,6 +101,7 @@ fn op_name(op: &Op) -> &'static str {
         Op::Log { .. } => "log",
         Op::Webhook { .. } => "webhook",
         Op::DeadLetter { .. } => "dead-letter",
+        Op::SalesforceUpdate { .. } => "salesforce-update",
     }
 }
 
@@ -115,6 +126,8 @@ pub enum BuildError {
     Connect(#[from] ConnectError),
     #[error("webhook sink `{sink}`: {message}")]
     Webhook { sink: String, message: String },
+    #[error("the `salesforce-update` sink: {0}")]
+    SalesforceUpdate(String),
     #[error("cannot open BullMQ queue `{queue}` for sink `{sink}`: {message}")]
     Queue {
         sink: String,
@@ -124,15 +137,30 @@ pub enum BuildError {
 }
 
 impl Sinks {
-    /// Builds every sink of the config on the stores' main Redis (or memory), connecting each sink's own Redis.
-    pub async fn build(loaded: &LoadedConfig, stores: &Stores) -> Result<Sinks, BuildError> {
+    /// Builds every sink of the config on the stores' main Redis (or memory), connecting each sink's own Redis,
+    /// and the built-in `salesforce-update` on the org of `salesforce` (without one, it dead-letters every write).
+    pub async fn build(
+        loaded: &LoadedConfig,
+        stores: &Stores,
+        salesforce: Option<(Arc<Auth>, &SalesforceConfig)>,
+    ) -> Result<Sinks, BuildError> {
         let sinks = Sinks {
             by_name: ArcSwap::from_pointee(HashMap::new()),
             main: stores.main.clone(),
             memory: stores.memory.clone(),
             redis_checks: Arc::new(ArcSwap::from_pointee(Vec::new())),
         };
-        let (by_name, checks) = sinks.build_all(loaded, loaded.config.sinks.iter()).await?;
+        let (mut by_name, checks) = sinks.build_all(loaded, loaded.config.sinks.iter()).await?;
+        let write_back = match salesforce {
+            Some((auth, config)) => {
+                salesforce::SalesforceUpdateSink::new(auth, config).map_err(BuildError::SalesforceUpdate)?
+            }
+            None => salesforce::SalesforceUpdateSink::unconfigured(),
+        };
+        by_name.insert(
+            SALESFORCE_UPDATE_SINK.to_string(),
+            Arc::new(Sink::SalesforceUpdate(write_back)),
+        );
         sinks.by_name.store(Arc::new(by_name));
         sinks.redis_checks.store(Arc::new(checks));
         Ok(sinks)
