@@ -328,6 +328,13 @@ fn a_permanently_failing_sink_is_dead_lettered_alone_and_retry_succeeds_once_it_
         listed.contains("provision-on-activating") && listed.contains("not an integer"),
         "{listed}"
     );
+    // The routes' on_failure write-backs have no org to go to in this config: not sent, and said so, once each.
+    assert_eq!(
+        setup.logs().matches("Write-back not sent").count(),
+        3,
+        "{}",
+        setup.logs()
+    );
 
     // Fixed: the retry runs each action again through the normal path, with its idempotency key.
     let _: () = redis::cmd("DEL").arg(&meta).query(&mut setup.conn()).unwrap();

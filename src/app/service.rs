@@ -169,6 +169,7 @@ impl Service {
         };
         let mut pipeline = Pipeline::new(&config.config, rules.clone(), stores.clone(), sinks.clone(), enricher);
         pipeline.counters = counters.clone();
+        pipeline.write_back = salesforce.is_some();
         let mut reloader = Reloader::new(rules.clone(), counters, config.rule_paths(), env).with_pauses(stores.clone());
         // With a config file on disk, a reload re-reads it and applies what can change live.
         if !embedded && config.path.is_file() {

@@ -29,6 +29,18 @@ pub fn result_text(result: &ActionResult) -> String {
     }
 }
 
+fn action_entry(a: &crate::plan::Action, r: &ActionResult) -> ActionEntry {
+    ActionEntry {
+        sink: a.sink.clone(),
+        summary: match a.on_failure {
+            true => format!("on_failure: {}", a.what()),
+            false => a.what(),
+        },
+        idempotency_key: a.idempotency_key().map(str::to_string),
+        result: result_text(r),
+    }
+}
+
 /// The entry of `event`, decided by `plan` under `rules`, whose actions ended as `results`.
 pub fn entry(
     rules: &RuleSet,
@@ -77,15 +89,7 @@ pub fn entry(
                 .iter()
                 .zip(results)
                 .filter(|(a, _)| a.route == d.route && a.record_id == d.record_id)
-                .map(|(a, r)| ActionEntry {
-                    sink: a.sink.clone(),
-                    summary: match a.on_failure {
-                        true => format!("on_failure: {}", a.what()),
-                        false => a.what(),
-                    },
-                    idempotency_key: a.idempotency_key().map(str::to_string),
-                    result: result_text(r),
-                })
+                .map(|(a, r)| action_entry(a, r))
                 .collect();
             routes.push(RouteEntry {
                 route: route.name.clone(),

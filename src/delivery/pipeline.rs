@@ -20,7 +20,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::Instrument;
 
 use super::counters::{self, RouteCounters};
-use crate::config::{Config, OnUnmatched};
+use crate::config::{Config, OnUnmatched, SALESFORCE_UPDATE_SINK};
 use crate::delivery::{ActionResult, Dispatcher, Paused};
 use crate::enrich::Enricher;
 use crate::event::Event;
@@ -110,6 +110,10 @@ pub struct Pipeline {
     pub route_limit: Option<crate::plan::Limit>,
     /// Per-route counters for `/rules`.
     pub counters: Arc<RouteCounters>,
+    /// Whether the config has a Salesforce org to write back to. Without one (a JSONL replay, a test), the
+    /// `salesforce-update` actions of `on_failure` are not sent: each is logged instead (the failed action itself
+    /// is dead-lettered as always).
+    pub write_back: bool,
     /// Events and malformed inputs settled so far, for whoever waits on progress.
     pub settled: watch::Sender<u64>,
 }
@@ -215,6 +219,7 @@ impl Pipeline {
             redact: config.redact.clone(),
             route_limit: config.route_limit,
             counters: Arc::default(),
+            write_back: false,
             settled: watch::Sender::new(0),
         }
     }
@@ -620,10 +625,19 @@ impl Pipeline {
                 ));
             }
         }
-        let actions: Vec<Action> = failed
+        let mut actions: Vec<Action> = failed
             .iter()
             .flat_map(|(route, record_id, failure)| router::on_failure(rules, event, route, *record_id, failure))
             .collect();
+        if !self.write_back {
+            actions.retain(|a| {
+                let write_back = a.sink == SALESFORCE_UPDATE_SINK;
+                if write_back {
+                    tracing::warn!(route = %a.route, record_id = a.record_id.as_deref(), event_id = %event.id, action = %a.what(), "Write-back not sent: the config has no `salesforce` section (the failed action is dead-lettered).");
+                }
+                !write_back
+            });
+        }
         if actions.is_empty() {
             return;
         }

@@ -66,25 +66,7 @@ pub(super) fn render(route: &Route, t: &ActionTemplate, ctx: &RenderCtx<'_>) -> 
             id,
             fields,
             idempotency_key,
-        } => {
-            let key = idempotency_key.as_ref().map(|k| key(t, k, ctx)).transpose()?;
-            let scoped = RenderCtx {
-                idempotency_key: key.as_deref(),
-                ..*ctx
-            };
-            let id = id
-                .render_string(&scoped)
-                .map_err(|missing| problem(t, format!("the record id `{}` has no value for {missing}", id.source())))?;
-            if id.trim().is_empty() || id == OVERFLOW_PLACEHOLDER_ID {
-                return Err(problem(t, format!("`{id}` is not a record id to update")));
-            }
-            Op::SalesforceUpdate {
-                object: object.clone(),
-                id,
-                fields: fields.iter().map(|(k, v)| (k.clone(), v.render(&scoped))).collect(),
-                idempotency_key: key,
-            }
-        }
+        } => update(t, ctx, object, id, fields, idempotency_key.as_ref())?,
     };
     Ok(Action {
         route: route.name.clone(),
@@ -120,6 +102,34 @@ fn enqueue(
         data: job.render(&scoped),
         idempotency_key: key,
         options: job_options.clone(),
+    })
+}
+
+/// A write-back: the record id must render to an id, the key (when there is one) completely.
+fn update(
+    t: &ActionTemplate,
+    ctx: &RenderCtx<'_>,
+    object: &str,
+    id: &Template,
+    fields: &[(String, ValueTemplate)],
+    idempotency_key: Option<&Template>,
+) -> Result<Op, RouteError> {
+    let key = idempotency_key.map(|k| key(t, k, ctx)).transpose()?;
+    let scoped = RenderCtx {
+        idempotency_key: key.as_deref(),
+        ..*ctx
+    };
+    let rendered = id
+        .render_string(&scoped)
+        .map_err(|missing| problem(t, format!("the record id `{}` has no value for {missing}", id.source())))?;
+    if rendered.trim().is_empty() || rendered == OVERFLOW_PLACEHOLDER_ID {
+        return Err(problem(t, format!("`{rendered}` is not a record id to update")));
+    }
+    Ok(Op::SalesforceUpdate {
+        object: object.to_string(),
+        id: rendered,
+        fields: fields.iter().map(|(k, v)| (k.clone(), v.render(&scoped))).collect(),
+        idempotency_key: key,
     })
 }
 
