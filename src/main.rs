@@ -59,6 +59,7 @@ async fn main() -> ExitCode {
             http_listen,
             jwt_public_key,
             client_secret,
+            managed,
         } => {
             let mut oauth = switchyard::emulator::OAuthSettings {
                 client_secret,
@@ -73,7 +74,15 @@ async fn main() -> ExitCode {
                     }
                 }
             }
-            emulator(listen, http_listen, events, serve_malformed, access_token, oauth).await
+            let options = switchyard::emulator::EmulatorOptions {
+                addr: listen,
+                http_addr: http_listen,
+                access_token,
+                oauth,
+                managed,
+                ..Default::default()
+            };
+            emulator(options, events, serve_malformed).await
         }
         Command::Checkpoint { config, op } => {
             admin(config, |service, out| {
@@ -420,14 +429,11 @@ fn test(paths: Vec<PathBuf>) -> ExitCode {
 }
 
 async fn emulator(
-    listen: std::net::SocketAddr,
-    http_listen: std::net::SocketAddr,
+    options: switchyard::emulator::EmulatorOptions,
     events: Option<PathBuf>,
     serve_malformed: bool,
-    access_token: String,
-    oauth: switchyard::emulator::OAuthSettings,
 ) -> ExitCode {
-    use switchyard::emulator::{EmulatorOptions, read_lines, run_cli};
+    use switchyard::emulator::{read_lines, run_cli};
     let lines = match events.as_deref().map(read_lines).transpose() {
         Ok(lines) => lines.unwrap_or_default(),
         Err(e) => {
@@ -435,14 +441,7 @@ async fn emulator(
             return ExitCode::FAILURE;
         }
     };
-    tracing::info!(%listen, lines = lines.len(), "Pub/Sub emulator listening (plain HTTP/2, loopback).");
-    let options = EmulatorOptions {
-        addr: listen,
-        http_addr: http_listen,
-        access_token,
-        oauth,
-        ..Default::default()
-    };
+    tracing::info!(listen = %options.addr, lines = lines.len(), managed = options.managed.len(), "Pub/Sub emulator listening (plain HTTP/2, loopback).");
     match run_cli(options, events.as_deref(), lines, serve_malformed).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -1519,3 +1519,68 @@ async fn an_enqueue_dead_lettered_writes_the_failure_back_to_the_order_once_with
     assert_eq!(emu.updates().len(), 1);
     emu.shutdown().await.unwrap();
 }
+
+/// `switchyard emulator --managed NAME=TOPIC` gives the org managed subscriptions: a service that maps both CDC
+/// channels to them reads every demo event once, commits its settled position on stop, and a second service (with
+/// no stored position of its own: a memory checkpoint) resumes where the emulator process says, reading nothing
+/// again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_emulator_cli_serves_managed_subscriptions_that_keep_the_position_across_services() {
+    use std::process::Stdio;
+    use tokio::io::AsyncBufReadExt;
+    let h = Harness::new("emulator_cli_managed");
+    let demo = repo().join("examples/events/order-lifecycle.jsonl");
+    let cdc = std::fs::read_to_string(&demo)
+        .unwrap()
+        .lines()
+        .filter_map(|l| Event::from_json(l).ok())
+        .filter(|e| e.channel != emulator::FULFILMENT_CHANNEL)
+        .count() as u64;
+    let (grpc, http) = (common::free_port(), common::free_port());
+    let log = h.dir.path().join("emulator.log");
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["emulator", "--listen", &format!("127.0.0.1:{grpc}"), "--http-listen"])
+        .arg(format!("127.0.0.1:{http}"))
+        .arg("--events")
+        .arg(&demo)
+        .args(["--managed", "Switchyard_Orders=/data/OrderChangeEvent"])
+        .args(["--managed", "Switchyard_Items=/data/OrderItemChangeEvent"])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut out = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(line) = out.next_line().await.unwrap() {
+            if line.starts_with("export SF_CLIENT_SECRET") {
+                return;
+            }
+        }
+        panic!("the emulator ended: {}", std::fs::read_to_string(&log).unwrap());
+    })
+    .await
+    .expect("the emulator serves within 30 s");
+    let text = format!(
+        "source:\n  kind: pubsub\n  pubsub: {{ endpoint: \"http://127.0.0.1:{grpc}\", \
+         subscriptions: {{ orders: Switchyard_Orders, order-items: Switchyard_Items }} }}\n\
+         rules: [{rules}]\nsinks:\n  enqueue-provisioning: {{ kind: queue, queue: provisioning, job_name: provision-order }}\n  \
+         invalidate-cache: {{ kind: cache-invalidate }}\n  log: {{ kind: log }}\n\
+         salesforce: {{ login_url: \"http://127.0.0.1:{http}\", client_id: {id}, client_secret: {secret} }}\n\
+         checkpoint: {{ store: memory }}\n",
+        rules = repo().join("rules").display(),
+        id = emulator::DEFAULT_CLIENT_ID,
+        secret = emulator::DEFAULT_CLIENT_SECRET,
+    );
+    let first = start(&h, &text).await;
+    first.settled(cdc, Duration::from_secs(60)).await;
+    let stats = first.finish().await;
+    assert_eq!(stats.events + stats.malformed, cdc, "{stats:?}");
+    // The committed positions live in the emulator process: a new service starts after them.
+    let second = start(&h, &text).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let again = second.finish().await;
+    assert_eq!(again.events + again.malformed, 0, "nothing is read twice: {again:?}");
+    child.kill().await.unwrap();
+}

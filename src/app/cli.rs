@@ -171,6 +171,10 @@ pub enum Command {
         /// The connected app's consumer secret the token endpoint expects.
         #[arg(long, default_value = "emulator-client-secret")]
         client_secret: String,
+        /// A managed subscription of the org (ManagedSubscribe, CommitReplayRequest), repeatable:
+        /// `NAME=TOPIC` (default replay EARLIEST), `NAME=TOPIC@latest`, or `NAME=TOPIC@stopped` (state STOP).
+        #[arg(long, value_name = "NAME=TOPIC")]
+        managed: Vec<crate::emulator::ManagedSubscription>,
     },
     /// Inspect or move stored source positions.
     Checkpoint {

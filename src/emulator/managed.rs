@@ -34,6 +34,44 @@ pub struct ManagedSubscription {
     pub running: bool,
 }
 
+impl std::str::FromStr for ManagedSubscription {
+    type Err = String;
+
+    /// `NAME=TOPIC`, optionally `@latest` (default replay LATEST instead of EARLIEST) or `@stopped` (state STOP):
+    /// `Switchyard_Orders=/data/OrderChangeEvent`, `Late=/data/OrderChangeEvent@latest`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (name, rest) = s
+            .split_once('=')
+            .ok_or_else(|| format!("`{s}`: write NAME=TOPIC (`Switchyard_Orders=/data/OrderChangeEvent`)"))?;
+        let (topic, flag) = match rest.split_once('@') {
+            Some((topic, flag)) => (topic, Some(flag)),
+            None => (rest, None),
+        };
+        let valid_name = name.chars().next().is_some_and(|c| c.is_ascii_alphabetic())
+            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !valid_name {
+            return Err(format!(
+                "`{name}` is not a developer name (letters, digits, underscores)"
+            ));
+        }
+        if !(topic.starts_with("/data/") || topic.starts_with("/event/")) {
+            return Err(format!("`{topic}` is not a channel (/data/... or /event/...)"));
+        }
+        let (default_earliest, running) = match flag {
+            None => (true, true),
+            Some("latest") => (false, true),
+            Some("stopped") => (true, false),
+            Some(other) => return Err(format!("`@{other}`: the flags are @latest and @stopped")),
+        };
+        Ok(ManagedSubscription {
+            developer_name: name.to_string(),
+            topic: topic.to_string(),
+            default_earliest,
+            running,
+        })
+    }
+}
+
 /// What the server keeps per managed subscription.
 #[derive(Debug)]
 pub(crate) struct Managed {
