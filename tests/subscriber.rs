@@ -1584,3 +1584,124 @@ async fn the_emulator_cli_serves_managed_subscriptions_that_keep_the_position_ac
     assert_eq!(again.events + again.malformed, 0, "nothing is read twice: {again:?}");
     child.kill().await.unwrap();
 }
+
+/// `record` on a custom channel keeps what the stream said per entity (each event's own schema id, the enriched
+/// field in `fields` but not in `changed_fields`), and `replay` of that recording decides each event with the routes
+/// of its entity.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn record_and_replay_keep_entities_schemas_and_enriched_fields_of_a_custom_channel() {
+    let h = Harness::new("record-custom");
+    let emu = emulator_with(EmulatorOptions::default()).await;
+    let rules = h.dir.path().join("rules");
+    std::fs::create_dir_all(&rules).unwrap();
+    let custom = emulator::ORDERS_CUSTOM_CHANNEL;
+    std::fs::write(
+        rules.join("custom.yaml"),
+        format!(
+            r#"version: 1
+routes:
+  - name: order-account-changed
+    channel: {custom}
+    entity: Order
+    when: changed("AccountId")
+    then: [{{ sink: log, message: "order {{{{record_id}}}} moved" }}]
+  - name: order-status
+    channel: {custom}
+    entity: Order
+    when: changed("Status")
+    then: [{{ sink: log, message: "order {{{{record_id}}}} status" }}]
+  - name: line-quantity
+    channel: {custom}
+    entity: OrderItem
+    when: changed("Quantity")
+    then: [{{ sink: invalidate-cache, keys: ["orders:detail:{{{{event.OrderId}}}}"] }}]
+"#
+        ),
+    )
+    .unwrap();
+    let (o1, a1) = (order(&h, 1), h.account(1));
+    let l1 = format!("802{}001AAA", &order(&h, 0)[3..12]);
+    let on = |mut e: Value, entity: &str| {
+        e["channel"] = json!(custom);
+        e["header"]["entity"] = json!(entity);
+        event(&e)
+    };
+    let status = h.change(
+        "tx-r1",
+        std::slice::from_ref(&o1),
+        &["Status"],
+        json!({"Status": "Activated"}),
+        records(&[(o1.clone(), json!({"AccountId": a1}))]),
+    );
+    emu.publish(&on(status, "Order")).unwrap();
+    let line = h.change(
+        "tx-r2",
+        std::slice::from_ref(&l1),
+        &["Quantity"],
+        json!({"Quantity": 3.0}),
+        records(&[(l1.clone(), json!({"OrderId": o1}))]),
+    );
+    emu.publish(&on(line, "OrderItem")).unwrap();
+    let config = h.dir.path().join("config.yaml");
+    std::fs::write(&config, common::pubsub_config(&h, &emu, &redis_url(), &rules, "", "")).unwrap();
+    let out = h.dir.path().join("recorded.jsonl");
+    let record = tokio::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["record", "--from", "earliest", "--max-events", "2", "--config"])
+        .arg(&config)
+        .arg("--out")
+        .arg(&out)
+        .output();
+    let record = tokio::time::timeout(Duration::from_secs(60), record)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(record.status.success(), "{}", String::from_utf8_lossy(&record.stderr));
+    let got: Vec<Event> = std::fs::read_to_string(&out)
+        .unwrap()
+        .lines()
+        .map(|l| Event::from_json(l).unwrap())
+        .collect();
+    assert_eq!(got.len(), 2);
+    let (order_event, line_event) = (&got[0], &got[1]);
+    let entity = |e: &Event| e.header.as_ref().unwrap().entity.clone();
+    assert_eq!(
+        (entity(order_event), entity(line_event)),
+        ("Order".into(), "OrderItem".into())
+    );
+    assert_ne!(order_event.schema_id, line_event.schema_id, "each entity's own schema");
+    // Enriched: present, not changed.
+    assert_eq!(order_event.fields["AccountId"], json!(a1));
+    assert!(
+        !order_event
+            .header
+            .as_ref()
+            .unwrap()
+            .changed_fields
+            .contains(&"AccountId".to_string())
+    );
+    assert_eq!(line_event.fields["OrderId"], json!(o1));
+    let replay = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["replay", "--events"])
+        .arg(&out)
+        .arg("--rules")
+        .arg(&rules)
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&replay.stdout).to_string();
+    assert!(
+        replay.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&replay.stderr)
+    );
+    assert!(
+        said.contains("order-status") && said.contains("line-quantity"),
+        "{said}"
+    );
+    assert!(
+        !said.contains("order-account-changed"),
+        "an enriched field did not change: {said}"
+    );
+    emu.shutdown().await.unwrap();
+}
