@@ -228,6 +228,12 @@ impl Server<'_> {
                 detail: Some(format!("sink ({})", kind.as_str())),
                 ..CompletionItem::default()
             }));
+            items.extend(crate::config::BUILT_IN_SINKS.iter().map(|name| CompletionItem {
+                label: name.to_string(),
+                kind: Some(CompletionItemKind::MODULE),
+                detail: Some("sink (built in)".into()),
+                ..CompletionItem::default()
+            }));
         }
         items
     }

@@ -29,7 +29,8 @@ pub struct TestFile {
     #[schemars(example = vec!["orders.yaml".to_string()])]
     pub rules: Vec<PathBuf>,
     /// A service config (relative to this file) for channel aliases, sinks and mode. Default: the
-    /// built-in aliases and sinks (`enqueue-provisioning`, `invalidate-cache`, `log`, `dead-letter`).
+    /// built-in aliases and sinks (`enqueue-provisioning`, `invalidate-cache`, `log`, `dead-letter`,
+    /// `salesforce-update`).
     #[serde(default)]
     #[schemars(example = &"../examples/demo.yaml")]
     pub config: Option<PathBuf>,
@@ -72,7 +73,8 @@ pub struct TestCase {
 pub struct Expect {
     /// The exact actions, in order: each names its `sink` and the rendered parameters to check
     /// (queue: `job`, `idempotency_key`, `job_id`; cache-invalidate: `keys`, `patterns`, `publish`; log:
-    /// `message`, `level`, `fields`; dead-letter: `reason`; any: `route`, `record_id`, `shadow`).
+    /// `message`, `level`, `fields`; dead-letter: `reason`; salesforce-update: `object`, `id`, `fields`,
+    /// `idempotency_key`; any: `route`, `record_id`, `shadow`).
     /// Parameters left out are not checked; the number and order of actions always are.
     #[serde(default)]
     #[schemars(example = example_actions())]
