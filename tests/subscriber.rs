@@ -1705,3 +1705,52 @@ routes:
     );
     emu.shutdown().await.unwrap();
 }
+
+/// The write-back retries and dead-letters like every sink: a 503 from Salesforce is retried and the Order is
+/// written once; a 400 (a validation rule refusing the write) dead-letters the write-back itself, which does not
+/// start another `on_failure`.
+#[tokio::test]
+async fn a_write_back_is_retried_on_503_and_dead_lettered_on_400_without_another_on_failure() {
+    let h = Harness::new("sub-write-back-faults");
+    let emu = emulator_with(EmulatorOptions::default()).await;
+    let queue_key = format!("{}broken-queue", h.key_prefix());
+    h.set_key(&queue_key).await;
+    let text = config(
+        &h,
+        &emu,
+        &redis_url(),
+        "",
+        "delivery: { retry: { initial_backoff_ms: 10, max_backoff_ms: 40, budget_ms: 400 } }\n",
+    )
+    .replace(
+        "kind: queue, queue: provisioning,",
+        &format!("kind: queue, format: stream, queue: \"{queue_key}\","),
+    );
+    let run = start(&h, &text).await;
+    let (o1, o2) = (order(&h, 1), order(&h, 2));
+    emu.inject(Fault::FailRestUpdates { status: 503, times: 1 });
+    emu.publish(&approval(&h, 1)).unwrap();
+    // The approval and the write-back's own change event.
+    run.settled(2, Duration::from_secs(30)).await;
+    let updates = emu.updates();
+    assert_eq!(updates.len(), 1, "{updates:?}");
+    assert_eq!(updates[0].id, o1);
+    emu.inject(Fault::FailRestUpdates { status: 400, times: 1 });
+    emu.publish(&approval(&h, 2)).unwrap();
+    run.settled(3, Duration::from_secs(30)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(emu.updates().len(), 1, "the refused write changed nothing");
+    let letters = h.dead_letters().await;
+    let of = |id: &str| letters.iter().filter(|l| l.to_string().contains(id)).count();
+    assert_eq!((of(&o1), of(&o2)), (1, 2), "{letters:?}");
+    let refused = letters
+        .iter()
+        .find(|l| l.to_string().contains("FIELD_CUSTOM_VALIDATION_EXCEPTION"))
+        .unwrap_or_else(|| panic!("the write-back's letter says why: {letters:?}"));
+    assert!(refused.to_string().contains(&o2), "{refused}");
+    let stats = run.finish().await;
+    assert_eq!(stats.events, 3, "{stats:?}");
+    assert_eq!(stats.dead_letters, 3, "{stats:?}");
+    assert_eq!(stats.actions_done.get("salesforce-update"), Some(&1), "{stats:?}");
+    emu.shutdown().await.unwrap();
+}

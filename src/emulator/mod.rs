@@ -200,6 +200,9 @@ pub enum Fault {
     FailRestReads { status: u16, times: usize },
     /// The next `times` REST reads wait `delay` before answering (a client timeout shorter than that fails them).
     SlowRestReads { delay: Duration, times: usize },
+    /// The next `times` REST updates (PATCH) answer `status` (503: retried; 400: `FIELD_CUSTOM_VALIDATION_EXCEPTION`,
+    /// as an org's validation rule refuses a write) and change nothing.
+    FailRestUpdates { status: u16, times: usize },
 }
 
 /// A running emulator. Dropping it shuts the server down; [`EmulatorHandle::shutdown`] also waits for that.
@@ -430,6 +433,9 @@ impl EmulatorHandle {
             Fault::FailRestReads { status, times } => self
                 .shared
                 .update_faults(|f| f.rest_failures.extend(std::iter::repeat_n(status, times))),
+            Fault::FailRestUpdates { status, times } => self
+                .shared
+                .update_faults(|f| f.update_failures.extend(std::iter::repeat_n(status, times))),
             Fault::SlowRestReads { delay, times } => {
                 self.shared.update_faults(|f| f.rest_delays = Some((delay, times)))
             }

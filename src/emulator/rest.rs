@@ -217,6 +217,21 @@ async fn update(
             "The requested resource does not exist",
         );
     };
+    if let Some(status) = shared.state().faults.update_failures.pop_front() {
+        let status = StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+        return match status {
+            StatusCode::BAD_REQUEST => rest_error(
+                status,
+                "FIELD_CUSTOM_VALIDATION_EXCEPTION",
+                "The emulator's validation rule refused this update",
+            ),
+            _ => rest_error(
+                status,
+                "SERVER_UNAVAILABLE",
+                "The emulator was told to fail this update",
+            ),
+        };
+    }
     let fields = match serde_json::from_slice::<Value>(&body) {
         Ok(Value::Object(fields)) if !fields.is_empty() => fields,
         _ => {

@@ -65,6 +65,8 @@ pub(crate) struct Faults {
     pub silent: bool,
     /// Statuses the next REST reads answer with, one each.
     pub rest_failures: VecDeque<u16>,
+    /// Statuses the next REST updates answer with, one each.
+    pub update_failures: VecDeque<u16>,
     /// A delay for the next `n` REST reads.
     pub rest_delays: Option<(Duration, usize)>,
 }
