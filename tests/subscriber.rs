@@ -1460,20 +1460,14 @@ async fn unknown_or_stopped_managed_subscriptions_stop_their_channel_clearly() {
     }
 }
 
-/// Issue 23 part 4: a provisioning job that cannot be enqueued (the queue's key is not a stream, so every XADD
-/// fails until the retry budget runs out) is dead-lettered once, and the route's `on_failure` writes the failure
-/// back to the Order through the emulator's REST API: exactly one PATCH, with the failure fields and the
-/// `Sforce-Call-Options` client. The write's own CDC event comes back over gRPC, is decided under the shipped
-/// rules, and neither provisions, writes back again, nor invalidates the customer's cache (internal fields only).
-#[tokio::test]
-async fn an_enqueue_dead_lettered_writes_the_failure_back_to_the_order_once_without_a_loop() {
-    let h = Harness::new("sub-write-back");
-    let emu = emulator_with(EmulatorOptions::default()).await;
+/// A service on the shipped rules whose provisioning queue cannot take a job: its key is a string, so every XADD
+/// answers WRONGTYPE until the (short) retry budget runs out and the enqueue is dead-lettered.
+async fn start_with_a_broken_queue(h: &Harness, emu: &EmulatorHandle) -> Running {
     let queue_key = format!("{}broken-queue", h.key_prefix());
-    h.set_key(&queue_key).await; // a string: XADD answers WRONGTYPE
+    h.set_key(&queue_key).await;
     let text = config(
-        &h,
-        &emu,
+        h,
+        emu,
         &redis_url(),
         "",
         "delivery: { retry: { initial_backoff_ms: 10, max_backoff_ms: 40, budget_ms: 400 } }\n",
@@ -1483,7 +1477,19 @@ async fn an_enqueue_dead_lettered_writes_the_failure_back_to_the_order_once_with
         &format!("kind: queue, format: stream, queue: \"{queue_key}\","),
     );
     assert!(text.contains("format: stream"), "{text}");
-    let run = start(&h, &text).await;
+    start(h, &text).await
+}
+
+/// Issue 23 part 4: a provisioning job that cannot be enqueued (the queue's key is not a stream, so every XADD
+/// fails until the retry budget runs out) is dead-lettered once, and the route's `on_failure` writes the failure
+/// back to the Order through the emulator's REST API: exactly one PATCH, with the failure fields and the
+/// `Sforce-Call-Options` client. The write's own CDC event comes back over gRPC, is decided under the shipped
+/// rules, and neither provisions, writes back again, nor invalidates the customer's cache (internal fields only).
+#[tokio::test]
+async fn an_enqueue_dead_lettered_writes_the_failure_back_to_the_order_once_without_a_loop() {
+    let h = Harness::new("sub-write-back");
+    let emu = emulator_with(EmulatorOptions::default()).await;
+    let run = start_with_a_broken_queue(&h, &emu).await;
     let o1 = order(&h, 1);
     emu.publish(&approval(&h, 1)).unwrap();
     // The approval, then the change event of the write-back itself.
@@ -1713,20 +1719,7 @@ routes:
 async fn a_write_back_is_retried_on_503_and_dead_lettered_on_400_without_another_on_failure() {
     let h = Harness::new("sub-write-back-faults");
     let emu = emulator_with(EmulatorOptions::default()).await;
-    let queue_key = format!("{}broken-queue", h.key_prefix());
-    h.set_key(&queue_key).await;
-    let text = config(
-        &h,
-        &emu,
-        &redis_url(),
-        "",
-        "delivery: { retry: { initial_backoff_ms: 10, max_backoff_ms: 40, budget_ms: 400 } }\n",
-    )
-    .replace(
-        "kind: queue, queue: provisioning,",
-        &format!("kind: queue, format: stream, queue: \"{queue_key}\","),
-    );
-    let run = start(&h, &text).await;
+    let run = start_with_a_broken_queue(&h, &emu).await;
     let (o1, o2) = (order(&h, 1), order(&h, 2));
     emu.inject(Fault::FailRestUpdates { status: 503, times: 1 });
     emu.publish(&approval(&h, 1)).unwrap();

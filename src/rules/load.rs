@@ -765,6 +765,14 @@ fn compile_action(
     }
 
     let t = |s: &Spanned<String>, problems: &mut Vec<Problem>| parse_template(cx, s, is_var, route_label, problems);
+    // An idempotency key: a template that must not name itself.
+    let own_key = |key: &Spanned<String>, problems: &mut Vec<Problem>| {
+        let template = t(key, problems)?;
+        if template.paths().any(|p| p.root == Root::IdempotencyKey) {
+            problems.push(cx.err(key, format!("{label}: `idempotency_key` cannot refer to itself")));
+        }
+        Some(template)
+    };
     let params = match kind {
         SinkKind::Queue => {
             let (Some(job), Some(key)) = (&a.job, &a.idempotency_key) else {
@@ -780,10 +788,7 @@ fn compile_action(
             for (k, v) in job {
                 entries.push((k.clone(), parse_value_template(cx, v, is_var, route_label, problems)?));
             }
-            let key_template = t(key, problems)?;
-            if key_template.paths().any(|p| p.root == Root::IdempotencyKey) {
-                problems.push(cx.err(key, format!("{label}: `idempotency_key` cannot refer to itself")));
-            }
+            let key_template = own_key(key, problems)?;
             ActionParams::Queue {
                 job: ValueTemplate::Object(entries),
                 idempotency_key: key_template,
@@ -846,13 +851,7 @@ fn compile_action(
                 headers.push((k.clone(), t(v, problems)?));
             }
             let idempotency_key = match &a.idempotency_key {
-                Some(key) => {
-                    let key_template = t(key, problems)?;
-                    if key_template.paths().any(|p| p.root == Root::IdempotencyKey) {
-                        problems.push(cx.err(key, format!("{label}: `idempotency_key` cannot refer to itself")));
-                    }
-                    Some(key_template)
-                }
+                Some(key) => Some(own_key(key, problems)?),
                 None => None,
             };
             ActionParams::Webhook {
@@ -890,13 +889,7 @@ fn compile_action(
                 None => Template::parse("{{record_id}}", is_var).expect("a valid template"),
             };
             let idempotency_key = match &a.idempotency_key {
-                Some(key) => {
-                    let key_template = t(key, problems)?;
-                    if key_template.paths().any(|p| p.root == Root::IdempotencyKey) {
-                        problems.push(cx.err(key, format!("{label}: `idempotency_key` cannot refer to itself")));
-                    }
-                    Some(key_template)
-                }
+                Some(key) => Some(own_key(key, problems)?),
                 None => None,
             };
             ActionParams::SalesforceUpdate {
