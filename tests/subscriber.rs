@@ -922,10 +922,43 @@ async fn mode_switch_by_config_reload_and_back_loses_nothing_and_keeps_each_mode
 /// `switchyard emulator --events` serves the demo's own file, whose one malformed line it skips with a warning that
 /// names the line, and the project's own client (`record`) decodes every event of it; with `--serve-malformed`
 /// the line goes on the bus as a payload no schema decodes, which the client reports and does not record.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_emulator_serves_the_demo_file_skipping_or_serving_its_malformed_line() {
+/// Starts `switchyard emulator --events EVENTS` with `extra` arguments on free ports, its log in `log`, and waits
+/// until it serves (it prints its connection settings then). Returns the process and its gRPC and HTTP ports.
+async fn spawn_emulator(
+    events: &std::path::Path,
+    extra: &[&str],
+    log: &std::path::Path,
+) -> (tokio::process::Child, u16, u16) {
     use std::process::Stdio;
     use tokio::io::AsyncBufReadExt;
+    let (grpc, http) = (common::free_port(), common::free_port());
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["emulator", "--listen", &format!("127.0.0.1:{grpc}"), "--http-listen"])
+        .arg(format!("127.0.0.1:{http}"))
+        .arg("--events")
+        .arg(events)
+        .args(extra)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(log).unwrap())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut out = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let ready = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(line) = out.next_line().await.unwrap() {
+            if line.starts_with("export SF_CLIENT_SECRET") {
+                return;
+            }
+        }
+        panic!("the emulator ended: {}", std::fs::read_to_string(log).unwrap());
+    });
+    ready.await.expect("the emulator serves within 30 s");
+    (child, grpc, http)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_emulator_serves_the_demo_file_skipping_or_serving_its_malformed_line() {
     let h = Harness::new("emulator_demo_file");
     let demo = repo().join("examples/events/order-lifecycle.jsonl");
     let text = std::fs::read_to_string(&demo).unwrap();
@@ -941,33 +974,9 @@ async fn the_emulator_serves_the_demo_file_skipping_or_serving_its_malformed_lin
         + 1;
     assert!(valid + 1 == lines.len(), "the demo file has exactly one malformed line");
     for serve_malformed in [false, true] {
-        let (grpc, http) = (common::free_port(), common::free_port());
         let log = h.dir.path().join(format!("emulator-{serve_malformed}.log"));
-        let mut emulator = tokio::process::Command::new(env!("CARGO_BIN_EXE_switchyard"));
-        emulator
-            .args(["emulator", "--listen", &format!("127.0.0.1:{grpc}"), "--http-listen"])
-            .arg(format!("127.0.0.1:{http}"))
-            .arg("--events")
-            .arg(&demo)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .kill_on_drop(true);
-        if serve_malformed {
-            emulator.arg("--serve-malformed");
-        }
-        let mut emulator = emulator.spawn().unwrap();
-        let mut out = tokio::io::BufReader::new(emulator.stdout.take().unwrap()).lines();
-        // It prints its connection settings once it serves.
-        let ready = tokio::time::timeout(Duration::from_secs(30), async {
-            while let Some(line) = out.next_line().await.unwrap() {
-                if line.starts_with("export SF_CLIENT_SECRET") {
-                    return;
-                }
-            }
-            panic!("the emulator ended: {}", std::fs::read_to_string(&log).unwrap());
-        });
-        ready.await.expect("the emulator serves within 30 s");
+        let extra: &[&str] = if serve_malformed { &["--serve-malformed"] } else { &[] };
+        let (mut emulator, grpc, http) = spawn_emulator(&demo, extra, &log).await;
         let said = std::fs::read_to_string(&log).unwrap();
         if serve_malformed {
             assert!(said.contains("served as an undecodable payload"), "{said}");
@@ -1532,8 +1541,6 @@ async fn an_enqueue_dead_lettered_writes_the_failure_back_to_the_order_once_with
 /// again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_emulator_cli_serves_managed_subscriptions_that_keep_the_position_across_services() {
-    use std::process::Stdio;
-    use tokio::io::AsyncBufReadExt;
     let h = Harness::new("emulator_cli_managed");
     let demo = repo().join("examples/events/order-lifecycle.jsonl");
     let cdc = std::fs::read_to_string(&demo)
@@ -1542,32 +1549,13 @@ async fn the_emulator_cli_serves_managed_subscriptions_that_keep_the_position_ac
         .filter_map(|l| Event::from_json(l).ok())
         .filter(|e| e.channel != emulator::FULFILMENT_CHANNEL)
         .count() as u64;
-    let (grpc, http) = (common::free_port(), common::free_port());
-    let log = h.dir.path().join("emulator.log");
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
-        .args(["emulator", "--listen", &format!("127.0.0.1:{grpc}"), "--http-listen"])
-        .arg(format!("127.0.0.1:{http}"))
-        .arg("--events")
-        .arg(&demo)
-        .args(["--managed", "Switchyard_Orders=/data/OrderChangeEvent"])
-        .args(["--managed", "Switchyard_Items=/data/OrderItemChangeEvent"])
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut out = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
-    tokio::time::timeout(Duration::from_secs(30), async {
-        while let Some(line) = out.next_line().await.unwrap() {
-            if line.starts_with("export SF_CLIENT_SECRET") {
-                return;
-            }
-        }
-        panic!("the emulator ended: {}", std::fs::read_to_string(&log).unwrap());
-    })
-    .await
-    .expect("the emulator serves within 30 s");
+    let managed = [
+        "--managed",
+        "Switchyard_Orders=/data/OrderChangeEvent",
+        "--managed",
+        "Switchyard_Items=/data/OrderItemChangeEvent",
+    ];
+    let (mut child, grpc, http) = spawn_emulator(&demo, &managed, &h.dir.path().join("emulator.log")).await;
     let text = format!(
         "source:\n  kind: pubsub\n  pubsub: {{ endpoint: \"http://127.0.0.1:{grpc}\", \
          subscriptions: {{ orders: Switchyard_Orders, order-items: Switchyard_Items }} }}\n\

@@ -498,22 +498,17 @@ fn compile_route(
         .iter()
         .filter_map(|a| compile_action(cx, a, env, is_var, &route_label, (has_enrich, true), problems))
         .collect();
-    if !spec.on_failure.is_empty() && spec.then.is_empty() && spec.otherwise.is_empty() {
-        let (line, column) = cx.at(&spec.name);
-        problems.push(Problem::warning(
-            cx.path,
-            line,
-            column,
-            format!("{route_label} has `on_failure` actions but no `then` or `else` actions; they never run"),
-        ));
-    }
     if spec.then.is_empty() && spec.otherwise.is_empty() {
         let (line, column) = cx.at(&spec.name);
+        let on_failure = match spec.on_failure.is_empty() {
+            true => "",
+            false => " (its `on_failure` actions never run either)",
+        };
         problems.push(Problem::warning(
             cx.path,
             line,
             column,
-            format!("{route_label} has no `then` or `else` actions; it never does anything"),
+            format!("{route_label} has no `then` or `else` actions; it never does anything{on_failure}"),
         ));
     }
     if !spec.otherwise.is_empty() && spec.guard.is_none() {
