@@ -954,6 +954,8 @@ async fn spawn_emulator(
         panic!("the emulator ended: {}", std::fs::read_to_string(log).unwrap());
     });
     ready.await.expect("the emulator serves within 30 s");
+    // Keep reading: a closed stdout ends the emulator (as it ends any command whose reader went away).
+    tokio::spawn(async move { while let Ok(Some(_)) = out.next_line().await {} });
     (child, grpc, http)
 }
 
