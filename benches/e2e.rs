@@ -134,7 +134,7 @@ checkpoint: {{ store: memory }}
                     if let Some(journal) = journal {
                         let position = format!("{}@{}", w.channel, switchyard::hex::encode(&w.replay_id));
                         let settled = Some((&plan, results.as_slice(), &[][..]));
-                        journal.record(journal::entry(&rules, &event, &position, settled, &journal.mask));
+                        journal.record(journal::entry(&rules, event, &position, settled, &journal.mask));
                     }
                     results.len()
                 }

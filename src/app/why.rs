@@ -383,15 +383,13 @@ async fn tap_stream(
     let (mut shown, mut read_count) = (0u64, 0u64);
     loop {
         let read = store.read_after(&after, std::time::Duration::from_millis(500));
-        let entries = tokio::select! {
+        let (cursor, entries) = tokio::select! {
             () = &mut stop => break,
             read = read => read?,
         };
+        after = cursor;
         read_count += entries.len() as u64;
         for entry in &entries {
-            if let Some(id) = &entry.id {
-                after = id.clone();
-            }
             let Some(line) = tap_output(entry, filter, as_json) else {
                 continue;
             };

@@ -408,7 +408,8 @@ pub struct JournalConfig {
     #[serde(default = "default_true")]
     #[schemars(example = true)]
     pub enabled: bool,
-    /// Entries kept: the Redis stream is trimmed to about this many (`MAXLEN ~`); in memory, exactly.
+    /// Entries kept: in Redis this many plus at most one written batch (the stream keeps one item per batch of up
+    /// to 128 entries, and trims whole items); in memory, exactly.
     #[serde(default = "default_journal_max_len")]
     #[schemars(example = 100000)]
     pub max_len: usize,

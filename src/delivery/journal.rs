@@ -41,10 +41,12 @@ fn action_entry(a: &crate::plan::Action, r: &ActionResult) -> ActionEntry {
     }
 }
 
-/// The entry of `event`, decided by `plan` under `rules`, whose actions ended as `results`.
+/// The entry of `event`, decided by `plan` under `rules`, whose actions ended as `results`. The entry keeps the
+/// event (masked) with only the payload fields the rules read (predicates and templates), all a reader needs to
+/// say which clause was false or to explain it again; what no rule looks at would only cost the write.
 pub fn entry(
     rules: &RuleSet,
-    event: &Event,
+    mut event: Event,
     position: &str,
     plan: Option<(&Plan, &[ActionResult], &[Paused])>,
     mask: &[String],
@@ -52,7 +54,7 @@ pub fn entry(
     let mut routes = Vec::new();
     // The stop route (and the record it stopped for) that ended evaluation, per record.
     let mut stopped: Vec<(Option<&str>, &str)> = Vec::new();
-    for &i in rules.routes_for(event) {
+    for &i in rules.routes_for(&event) {
         let route = &rules.routes[i];
         let decisions: Vec<_> = plan
             .map(|(p, _, _)| p.decisions.iter().filter(|d| d.route == route.name).collect())
@@ -99,7 +101,7 @@ pub fn entry(
             });
         }
     }
-    let mut event = event.clone();
+    rules.keep_read_fields(&mut event);
     event.redact(mask);
     let header = event.header.as_ref();
     Entry {

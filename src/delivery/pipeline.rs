@@ -557,7 +557,7 @@ impl Pipeline {
         metrics::counter!(m::EVENTS, "channel" => event.channel.clone()).increment(1);
         counters::record_evaluated(rules, &event);
         if !needs.matched() {
-            self.unmatched(rules, &event, position, stats, out).await;
+            self.unmatched(rules, event, position, stats, out).await;
             return;
         }
         let plan = self.finish(rules, &mut event, needs).await;
@@ -574,6 +574,9 @@ impl Pipeline {
         self.on_failure(rules, &event, fence, &paused, &mut plan, &mut results)
             .await;
         stats.count(&plan, &results);
+        if self.print_decisions {
+            out.push_str(&render_plan(&event, position, &plan, &results));
+        }
         if let Some(journal) = &self.stores.journal {
             let settled = !results
                 .iter()
@@ -581,11 +584,8 @@ impl Pipeline {
             // An unsettled event is redelivered, and journaled then.
             if settled {
                 let plan = Some((&plan, results.as_slice(), paused.as_slice()));
-                journal.record(super::journal::entry(rules, &event, position, plan, &journal.mask));
+                journal.record(super::journal::entry(rules, event, position, plan, &journal.mask));
             }
-        }
-        if self.print_decisions {
-            out.push_str(&render_plan(&event, position, &plan, &results));
         }
     }
 
@@ -720,12 +720,9 @@ impl Pipeline {
         self.finish(rules, event, needs).await
     }
 
-    async fn unmatched(&self, rules: &RuleSet, event: &Event, position: &str, stats: &mut Stats, out: &mut String) {
+    async fn unmatched(&self, rules: &RuleSet, event: Event, position: &str, stats: &mut Stats, out: &mut String) {
         stats.unmatched += 1;
         metrics::counter!(m::EVENTS_UNMATCHED, "channel" => event.channel.clone()).increment(1);
-        if let Some(journal) = &self.stores.journal {
-            journal.record(super::journal::entry(rules, event, position, None, &journal.mask));
-        }
         if self.print_decisions {
             let _ = writeln!(out, "{} ({position}): no route matched", event.id);
         }
@@ -742,6 +739,9 @@ impl Pipeline {
                 self.dispatcher.park(letter).await;
                 stats.dead_letters += 1;
             }
+        }
+        if let Some(journal) = &self.stores.journal {
+            journal.record(super::journal::entry(rules, event, position, None, &journal.mask));
         }
     }
 }

@@ -220,6 +220,8 @@ pub struct RuleSet {
     pub(crate) reads: reads::Reads,
     /// The members of `header` that action templates read: the router renders only those to JSON.
     pub(crate) template_header: reads::Fields,
+    /// The payload fields predicates or templates read (see [`RuleSet::keep_read_fields`]).
+    read_fields: reads::Fields,
     /// The context variables (unset) and the `vars` (converted once), cloned for every event.
     pub(crate) base_scope: Scope<'static>,
     /// The route lists events are evaluated against (see [`RuleSet::lane`]).
@@ -309,10 +311,14 @@ impl RuleSet {
                 .flat_map(|a| a.params.templates());
             actions.chain(r.record_id.as_ref())
         });
+        let mut read_fields = reads.event.clone();
+        read_fields.extend(&reads.became);
         for path in templates.flat_map(Template::paths) {
             match (&path.root, path.segments.first()) {
                 (template::Root::Header, Some(member)) => template_header.add(member),
                 (template::Root::Header, None) => template_header = reads::Fields::All,
+                (template::Root::Event, Some(member)) => read_fields.add(member),
+                (template::Root::Event, None) => read_fields = reads::Fields::All,
                 _ => {}
             }
         }
@@ -329,6 +335,7 @@ impl RuleSet {
             live,
             reads,
             template_header,
+            read_fields,
             base_scope,
             lanes,
             lane_index,
@@ -347,6 +354,14 @@ impl RuleSet {
         let entity = event.header.as_ref().map(|h| h.entity.as_str());
         let i = entity.and_then(|e| by_entity.get(e)).unwrap_or(default);
         self.lanes.get(*i)
+    }
+
+    /// Drops the payload fields no predicate or template reads (the decision journal keeps the rest): the
+    /// rules decide and render the same from what is left.
+    pub fn keep_read_fields(&self, event: &mut crate::event::Event) {
+        if let reads::Fields::Only(names) = &self.read_fields {
+            event.fields.retain(|name, _| names.contains(name));
+        }
     }
 
     /// Indexes of the routes `event` is evaluated against, in file order (see [`RuleSet::lane`]).
@@ -467,5 +482,28 @@ mod tests {
             Some("Activation_Status__c")
         );
         assert_eq!(super::suggest("zzz", ["event"]), None);
+    }
+
+    /// The journal keeps the payload fields the shipped rules read (predicates: `became`, `event.X`; templates)
+    /// and drops the rest.
+    #[test]
+    fn keep_read_fields_keeps_what_the_shipped_rules_read() {
+        let paths = [std::path::PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/rules"))];
+        let loaded = super::load::load_paths(&paths, &super::load::RuleEnv::defaults());
+        let rules = loaded.ruleset.expect("the shipped rules load");
+        let mut event = crate::event::Event::default();
+        for (name, value) in [
+            ("Activation_Status__c", "Activating"),
+            ("Status", "Approved"),
+            ("Order_Id__c", "801"),
+            ("WHMCS_Order_ID__c", "1"),
+        ] {
+            event.fields.insert(name.into(), value.into());
+        }
+        rules.keep_read_fields(&mut event);
+        let mut kept: Vec<&str> = event.fields.keys().map(String::as_str).collect();
+        kept.sort_unstable();
+        // WHMCS_Order_ID__c is read from the enriched record, never from the event.
+        assert_eq!(kept, ["Activation_Status__c", "Order_Id__c", "Status"]);
     }
 }

@@ -27,6 +27,14 @@ impl Fields {
         }
     }
 
+    /// Adds every member `other` has (all of them, when `other` is `All`).
+    pub(crate) fn extend(&mut self, other: &Fields) {
+        match other {
+            Fields::All => *self = Fields::All,
+            Fields::Only(names) => names.iter().for_each(|n| self.add(n)),
+        }
+    }
+
     pub(crate) fn add(&mut self, name: &str) {
         if let Fields::Only(names) = self
             && !names.contains(name)

@@ -1,13 +1,14 @@
 //! The decision journal: one entry per decided event (what every route on its channel did, and what the actions
 //! returned), for `switchyard why` and `switchyard tap`.
 //!
-//! The pipeline hands entries over without waiting ([`Journal::record`]); one writer task stores them in batches:
-//! in the main Redis, one script call per batch appends to the stream `{prefix}journal` (trimmed to `max_len`,
-//! `MAXLEN ~`, and to the retention, `MINID ~`) and adds `id \0 stream-id` for each of its record ids, event id
-//! and idempotency keys to the index (`{prefix}journal:idx:{n}`, a sorted set per run of consecutive entries,
-//! expiring a retention after its last write and deleted once the cap has trimmed its entries), so one record's
-//! history is found in O(log n) per bucket. Without Redis, a bounded ring in memory. A journal that falls behind drops entries and counts them
-//! (`switchyard_journal_dropped_total`): it never slows delivery.
+//! The pipeline hands entries over without waiting ([`Journal::record`]); one writer task stores them in batches.
+//! In the main Redis, each batch is one item of the stream `{prefix}journal` (its entries as a JSON array; the
+//! stream is trimmed to `max_len` entries and to the retention), and then `id \0 stream-id` for each distinct record
+//! id, event id and idempotency key of the batch goes into the index (`{prefix}journal:idx:{n}`, a sorted set per
+//! run of consecutive entries, expiring a retention after its last write and deleted once the cap has trimmed its
+//! entries), so one record's history is found in O(log n) per bucket. Without Redis, a bounded ring in memory. A
+//! journal that falls behind drops entries and counts them (`switchyard_journal_dropped_total`): it never slows
+//! delivery.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -24,8 +25,8 @@ use crate::obs::metrics as m;
 
 /// Entries waiting for the writer; past this, new ones are dropped (and counted).
 const QUEUE: usize = 16_384;
-/// Entries per script call.
-const BATCH: usize = 256;
+/// Entries per stream item (one write): small enough that `why` reading a record's items stays quick.
+const BATCH: usize = 128;
 /// History returned for one id, newest first.
 const HISTORY: usize = 200;
 
@@ -155,62 +156,32 @@ pub enum Store {
     },
 }
 
-/// Appends a batch: `KEYS` = the stream and the entry counter; `ARGV` = max_len, the oldest time kept (ms), the
-/// retention (ms), the index key prefix, the bucket size, then per entry its JSON and its ids (count first, each
-/// id followed by `\0`).
+/// Appends a written batch as one stream item: `KEYS` = the stream, the entry counter and the items' first
+/// entries; `ARGV` = max_len, the oldest time kept (ms), the batch's entry count and its entries (a JSON array).
+/// Returns the item's stream id and the number of its first entry.
 ///
-/// The index is one sorted set per [`bucket_size`] consecutive entries (the counter numbers them), members
-/// `id \0 stream-id`, all of score 0, so that `ZRANGEBYLEX` finds an id's members in O(log n). A bucket expires a
-/// retention after its last write, and is deleted as soon as the stream's cap has trimmed every entry it names: the
-/// index never outgrows the stream, however fast events come, and its sets stay small (an insert into a set of a
-/// few thousand members costs Redis well under half of one into a set of a million, measured with `redis-server`
-/// 7.0 on this project's CI machine). Keys are built in the script from the prefix; they share its hash tag
-/// (validated on a Cluster), so they live in the slot of the stream.
+/// One item per batch, not per entry: one `XADD` of a few hundred KB costs Redis a fraction of a hundred small
+/// ones. The cap is in entries: the sorted set `{prefix}journal:items` scores each item by the number of its first
+/// entry, so that the item holding the entry `max_len` back from the newest is found in O(log n), and every item
+/// before it is trimmed (`MINID`, exact: the stream keeps at most one batch past the cap). The retention trims by
+/// time (`MINID ~`). Keys share the prefix's hash tag (validated on a Cluster), so they live in one slot.
 static APPEND: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(
         r#"
-local maxlen, minms, retention, idx, size = tonumber(ARGV[1]), ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
-local n = 0
-local i = 6
-while i <= #ARGV do
-  n = n + 1
-  i = i + 2 + tonumber(ARGV[i + 1])
-end
-local seq = redis.call('INCRBY', KEYS[2], n) - n
-local add, bucket = {}, math.floor(seq / size)
-local function flush()
-  if #add > 0 then
-    redis.call('ZADD', idx .. bucket, unpack(add))
-    redis.call('PEXPIRE', idx .. bucket, retention)
-    add = {}
+local maxlen, minms, n = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])
+local first = redis.call('INCRBY', KEYS[2], n) - n
+local sid = redis.call('XADD', KEYS[1], '*', 'n', n, 'first', first, 'entries', ARGV[4])
+redis.call('ZADD', KEYS[3], first, sid)
+local cut = first + n - maxlen
+if cut > 0 then
+  local keep = redis.call('ZREVRANGEBYSCORE', KEYS[3], cut, '-inf', 'WITHSCORES', 'LIMIT', 0, 1)
+  if #keep > 0 then
+    redis.call('XTRIM', KEYS[1], 'MINID', keep[1])
+    redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', '(' .. keep[2])
   end
-end
-i = 6
-while i <= #ARGV do
-  local c = tonumber(ARGV[i + 1])
-  local sid = redis.call('XADD', KEYS[1], 'MAXLEN', '~', maxlen, '*', 'entry', ARGV[i])
-  local b = math.floor(seq / size)
-  -- unpack() is bounded by Lua's C stack (8,000 values): add in chunks, and per bucket.
-  if b ~= bucket or #add >= 2000 then
-    flush()
-    bucket = b
-  end
-  for j = 1, c do
-    add[#add + 1] = 0
-    add[#add + 1] = ARGV[i + 1 + j] .. sid
-  end
-  seq = seq + 1
-  i = i + 2 + c
-end
-flush()
--- The buckets whose every entry is past the cap (the stream keeps about maxlen): gone with them.
-local stale = math.floor((seq - maxlen) / size) - 1
-local first_stale = math.floor((seq - n - maxlen) / size) - 1
-for s = math.max(first_stale, 0), stale do
-  redis.call('UNLINK', idx .. s)
 end
 redis.call('XTRIM', KEYS[1], 'MINID', '~', minms)
-return seq
+return {sid, first}
 "#,
     )
 });
@@ -236,7 +207,14 @@ impl Store {
         format!("{prefix}journal:seq")
     }
 
-    async fn append(&self, entries: &[Entry], now_ms: u64) -> Result<(), Failure> {
+    /// The items' first entries (see [`APPEND`]).
+    pub fn items_key(prefix: &str) -> String {
+        format!("{prefix}journal:items")
+    }
+
+    /// Stores `entries` as one item (the first of the two writes of a batch): its stream id and first entry's
+    /// number, which [`Store::index`] needs. Memory: the whole write.
+    async fn append(&self, entries: &[Entry], now_ms: u64) -> Result<Appended, Failure> {
         match self {
             Store::Redis {
                 conn,
@@ -244,34 +222,28 @@ impl Store {
                 max_len,
                 retention,
             } => {
-                let retention_ms = retention.as_millis() as u64;
-                let mut invocation = APPEND.key(Self::stream_key(prefix));
-                invocation
-                    .key(Self::counter_key(prefix))
-                    .arg(*max_len)
-                    .arg(now_ms.saturating_sub(retention_ms))
-                    .arg(retention_ms)
-                    .arg(Self::index_prefix(prefix))
-                    .arg(bucket_size(*max_len));
-                let mut member = Vec::new();
-                for entry in entries {
-                    let ids = entry.ids();
-                    invocation
-                        .arg(serde_json::to_string(entry).unwrap_or_default())
-                        .arg(ids.len());
-                    for id in ids {
-                        member.clear();
-                        member.extend_from_slice(id.as_bytes());
-                        member.push(0);
-                        invocation.arg(&member[..]);
+                let mut payload = Vec::with_capacity(entries.len() * 512);
+                payload.push(b'[');
+                for (i, entry) in entries.iter().enumerate() {
+                    if i > 0 {
+                        payload.push(b',');
                     }
+                    serde_json::to_writer(&mut payload, entry).map_err(|e| Failure::Permanent(e.to_string()))?;
                 }
+                payload.push(b']');
                 let mut conn = conn.clone();
-                invocation
-                    .invoke_async::<i64>(&mut conn)
+                let (sid, first): (String, u64) = APPEND
+                    .key(Self::stream_key(prefix))
+                    .key(Self::counter_key(prefix))
+                    .key(Self::items_key(prefix))
+                    .arg(*max_len)
+                    .arg(now_ms.saturating_sub(retention.as_millis() as u64))
+                    .arg(entries.len())
+                    .arg(payload)
+                    .invoke_async(&mut conn)
                     .await
                     .map_err(|e| Failure::from_redis(&e))?;
-                Ok(())
+                Ok(Appended::Item { sid, first })
             }
             Store::Memory { ring, max_len } => {
                 let mut ring = ring.lock().unwrap_or_else(|e| e.into_inner());
@@ -284,9 +256,65 @@ impl Store {
                         ring.1.pop_front();
                     }
                 }
-                Ok(())
+                Ok(Appended::Stored)
             }
         }
+    }
+
+    /// Indexes a stored item (the second write of a batch), in the bucket of its first entry: `id \0 stream-id`
+    /// for each distinct id of its entries (record ids, event ids, idempotency keys), all of score 0, so that
+    /// `ZRANGEBYLEX` finds an id's items in O(log n) per bucket. The members are built here and sent as plain
+    /// `ZADD`s (no script): Redis does nothing per member but the insert, and serves other clients between the
+    /// commands. A bucket expires a retention after its last write, and is deleted as soon as the cap has trimmed
+    /// every entry it names, so the index never outgrows the stream and its sets stay small.
+    async fn index(&self, entries: &[Entry], sid: &str, first: u64) -> Result<(), Failure> {
+        let Store::Redis {
+            conn,
+            prefix,
+            max_len,
+            retention,
+        } = self
+        else {
+            return Ok(());
+        };
+        let size = bucket_size(*max_len);
+        let bucket = format!("{}{}", Self::index_prefix(prefix), first / size);
+        let mut seen = std::collections::HashSet::new();
+        let mut pipe = redis::pipe();
+        let mut zadd = redis::cmd("ZADD");
+        zadd.arg(&bucket);
+        let mut members = 0;
+        for id in entries.iter().flat_map(Entry::ids) {
+            if !seen.insert(id) {
+                continue;
+            }
+            zadd.arg(0).arg([id.as_bytes(), b"\0", sid.as_bytes()].concat());
+            members += 1;
+            if members % 1_024 == 0 {
+                pipe.add_command(std::mem::replace(&mut zadd, redis::cmd("ZADD")))
+                    .ignore();
+                zadd.arg(&bucket);
+            }
+        }
+        if members % 1_024 != 0 {
+            pipe.add_command(zadd).ignore();
+        }
+        pipe.cmd("PEXPIRE")
+            .arg(&bucket)
+            .arg(retention.as_millis() as u64)
+            .ignore();
+        // The buckets whose every entry is past the cap: gone with them (those this batch moved past it).
+        let (end, cap, size) = (first as i64 + entries.len() as i64, *max_len as i64, size as i64);
+        let stale = (end - cap).div_euclid(size) - 1;
+        for b in ((first as i64 - cap).div_euclid(size) - 1).max(0)..=stale {
+            pipe.cmd("UNLINK")
+                .arg(format!("{}{b}", Self::index_prefix(prefix)))
+                .ignore();
+        }
+        let mut conn = conn.clone();
+        pipe.query_async::<()>(&mut conn)
+            .await
+            .map_err(|e| Failure::from_redis(&e))
     }
 
     /// The entries found by `id` (record id, event id or idempotency key), newest first, and how many the index
@@ -350,8 +378,16 @@ impl Store {
                 }
                 let found: Vec<Vec<StreamEntry>> =
                     pipe.query_async(&mut conn).await.map_err(|e| Failure::from_redis(&e))?;
-                let entries: Vec<Entry> = found.into_iter().flatten().filter_map(|e| parse(&e)).collect();
-                let trimmed = ids.len() - entries.len();
+                // Items the index names but the cap trimmed; each of the others holds one or more of the id's
+                // entries among those of its batch.
+                let trimmed = found.iter().filter(|item| item.is_empty()).count();
+                let mut entries: Vec<Entry> = found
+                    .iter()
+                    .flatten()
+                    .flat_map(|item| parse(item).into_iter().rev())
+                    .filter(|entry| entry.ids().contains(&id))
+                    .collect();
+                entries.truncate(HISTORY);
                 Ok((entries, trimmed))
             }
             Store::Memory { ring, .. } => {
@@ -383,7 +419,11 @@ impl Store {
                     .query_async(&mut conn)
                     .await
                     .map_err(|e| Failure::from_redis(&e))?;
-                Ok(found.iter().filter_map(parse).collect())
+                Ok(found
+                    .iter()
+                    .flat_map(|item| parse(item).into_iter().rev())
+                    .take(n)
+                    .collect())
             }
             Store::Memory { ring, .. } => {
                 let ring = ring.lock().unwrap_or_else(|e| e.into_inner());
@@ -392,15 +432,16 @@ impl Store {
         }
     }
 
-    /// Entries after `after` (a stream id; `$` for only new ones), waiting up to `block` for the first. Redis only.
-    pub async fn read_after(&self, after: &str, block: Duration) -> Result<Vec<Entry>, Failure> {
+    /// Entries after the stream item `after` (`$` for only new ones), waiting up to `block` for the first, with
+    /// the id of the last item read (where to read on from; `after` when none came). Redis only.
+    pub async fn read_after(&self, after: &str, block: Duration) -> Result<(String, Vec<Entry>), Failure> {
         let Store::Redis { conn, prefix, .. } = self else {
-            return Ok(Vec::new());
+            return Ok((after.to_string(), Vec::new()));
         };
         let mut conn = conn.clone();
         let reply: Option<Vec<(String, Vec<StreamEntry>)>> = redis::cmd("XREAD")
             .arg("COUNT")
-            .arg(500)
+            .arg(8)
             .arg("BLOCK")
             .arg(block.as_millis() as u64)
             .arg("STREAMS")
@@ -409,68 +450,43 @@ impl Store {
             .query_async(&mut conn)
             .await
             .map_err(|e| Failure::from_redis(&e))?;
-        Ok(reply
+        let items: Vec<StreamEntry> = reply
             .unwrap_or_default()
             .into_iter()
-            .flat_map(|(_, entries)| entries)
-            .filter_map(|e| parse(&e))
-            .collect())
+            .flat_map(|(_, items)| items)
+            .collect();
+        let cursor = items.last().map_or_else(|| after.to_string(), |(sid, _)| sid.clone());
+        Ok((cursor, items.iter().flat_map(parse).collect()))
     }
 
-    /// Entries ever added to the stream (Redis' `entries-added`, which trimming does not lower).
+    /// Entries ever added to the journal (its counter, which trimming does not lower).
     pub async fn added(&self) -> Result<u64, Failure> {
         let Store::Redis { conn, prefix, .. } = self else {
             return Ok(0);
         };
         let mut conn = conn.clone();
-        let info: redis::Value = redis::cmd("XINFO")
-            .arg("STREAM")
-            .arg(Self::stream_key(prefix))
+        let added: Option<u64> = redis::cmd("GET")
+            .arg(Self::counter_key(prefix))
             .query_async(&mut conn)
             .await
-            .or_else(|e| match e.code() {
-                // No stream yet: nothing was added.
-                Some("ERR") => Ok(redis::Value::Nil),
-                _ => Err(e),
-            })
             .map_err(|e| Failure::from_redis(&e))?;
-        let pairs: Vec<(String, redis::Value)> = match info {
-            redis::Value::Map(map) => map
-                .into_iter()
-                .filter_map(|(k, v)| Some((redis::from_redis_value::<String>(k).ok()?, v)))
-                .collect(),
-            redis::Value::Array(items) => items
-                .chunks(2)
-                .filter_map(|kv| {
-                    Some((
-                        redis::from_redis_value::<String>(kv[0].clone()).ok()?,
-                        kv.get(1)?.clone(),
-                    ))
-                })
-                .collect(),
-            _ => Vec::new(),
-        };
-        Ok(pairs
-            .into_iter()
-            .find(|(k, _)| k == "entries-added")
-            .and_then(|(_, v)| redis::from_redis_value::<u64>(v).ok())
-            .unwrap_or(0))
+        Ok(added.unwrap_or(0))
     }
 
-    /// Entries after the stream id `after`.
+    /// Entries in the items after the stream item `after`.
     pub async fn count_after(&self, after: &str) -> Result<u64, Failure> {
         let Store::Redis { conn, prefix, .. } = self else {
             return Ok(0);
         };
         let mut conn = conn.clone();
-        let ids: Vec<StreamEntry> = redis::cmd("XRANGE")
+        let items: Vec<StreamEntry> = redis::cmd("XRANGE")
             .arg(Self::stream_key(prefix))
             .arg(format!("({after}"))
             .arg("+")
             .query_async(&mut conn)
             .await
             .map_err(|e| Failure::from_redis(&e))?;
-        Ok(ids.len() as u64)
+        Ok(items.iter().map(item_len).sum())
     }
 
     /// The id of the newest entry (`0-0` when empty): where a tap starts.
@@ -492,11 +508,25 @@ impl Store {
     }
 }
 
-fn parse((id, fields): &StreamEntry) -> Option<Entry> {
-    let json = fields.iter().find(|(k, _)| k == "entry")?;
-    let mut entry: Entry = serde_json::from_str(&json.1).ok()?;
-    entry.id = Some(id.clone());
-    Some(entry)
+/// The entries of one stream item, oldest first, each with the id `{stream id}.{n}` (its place in the item).
+fn parse((sid, fields): &StreamEntry) -> Vec<Entry> {
+    let Some((_, json)) = fields.iter().find(|(k, _)| k == "entries") else {
+        return Vec::new();
+    };
+    let mut entries: Vec<Entry> = serde_json::from_str(json).unwrap_or_default();
+    for (i, entry) in entries.iter_mut().enumerate() {
+        entry.id = Some(format!("{sid}.{i}"));
+    }
+    entries
+}
+
+/// How many entries an item holds, from its `n` field (without parsing them).
+fn item_len((_, fields): &StreamEntry) -> u64 {
+    fields
+        .iter()
+        .find(|(k, _)| k == "n")
+        .and_then(|(_, n)| n.parse().ok())
+        .unwrap_or(0)
 }
 
 enum Msg {
@@ -579,15 +609,35 @@ impl Journal {
     }
 }
 
-/// Stores a batch, retrying a little while Redis is away; then drops it (counted): the journal is history, the
-/// dead letters and positions are what keep events from being lost.
+/// What [`Store::append`] did: stored the entries as a Redis stream item still to index, or stored them whole.
+enum Appended {
+    Item { sid: String, first: u64 },
+    Stored,
+}
+
+/// Stores a batch (the item, then its index), retrying a little while Redis is away, each write on its own (an
+/// item is never appended twice); then drops it (counted): the journal is history, the dead letters and positions
+/// are what keep events from being lost. A batch stored but never indexed is counted too: `why` cannot find it.
 async fn write(store: &Store, entries: &[Entry], dropped: &AtomicU64) {
-    for attempt in 0..3u32 {
-        match store.append(entries, crate::clock::now_ms()).await {
-            Ok(()) => return,
+    let mut item = None;
+    let mut attempt = 0u32;
+    loop {
+        let step = match &item {
+            None => store.append(entries, crate::clock::now_ms()).await.map(Some),
+            Some(Appended::Item { sid, first }) => store.index(entries, sid, *first).await.map(|()| None),
+            Some(Appended::Stored) => return,
+        };
+        match step {
+            Ok(Some(appended)) => item = Some(appended),
+            Ok(None) => return,
             Err(e) => {
-                tracing::warn!(error = %e, entries = entries.len(), attempt, "Journal write failed.");
-                tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
+                let indexing = item.is_some();
+                tracing::warn!(error = %e, entries = entries.len(), attempt, indexing, "Journal write failed.");
+                attempt += 1;
+                if attempt == 3 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(200 << (attempt - 1))).await;
             }
         }
     }
