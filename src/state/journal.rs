@@ -369,26 +369,7 @@ impl Store {
                 ids.dedup_by(|a, b| a.2 == b.2);
                 ids.truncate(HISTORY);
                 let ids: Vec<String> = ids.into_iter().map(|(_, _, sid)| sid).collect();
-                if ids.is_empty() {
-                    return Ok((Vec::new(), 0));
-                }
-                let mut pipe = redis::pipe();
-                for sid in &ids {
-                    pipe.cmd("XRANGE").arg(Self::stream_key(prefix)).arg(sid).arg(sid);
-                }
-                let found: Vec<Vec<StreamEntry>> =
-                    pipe.query_async(&mut conn).await.map_err(|e| Failure::from_redis(&e))?;
-                // Items the index names but the cap trimmed; each of the others holds one or more of the id's
-                // entries among those of its batch.
-                let trimmed = found.iter().filter(|item| item.is_empty()).count();
-                let mut entries: Vec<Entry> = found
-                    .iter()
-                    .flatten()
-                    .flat_map(|item| parse(item).into_iter().rev())
-                    .filter(|entry| entry.ids().contains(&id))
-                    .collect();
-                entries.truncate(HISTORY);
-                Ok((entries, trimmed))
+                read_items(&mut conn, &Self::stream_key(prefix), &ids, id).await
             }
             Store::Memory { ring, .. } => {
                 let ring = ring.lock().unwrap_or_else(|e| e.into_inner());
@@ -508,25 +489,50 @@ impl Store {
     }
 }
 
+/// The entries for `id` in the stream items `sids` (newest first), newest first, and how many of the items the cap
+/// trimmed since the index named them.
+async fn read_items(conn: &mut Conn, stream: &str, sids: &[String], id: &str) -> Result<(Vec<Entry>, usize), Failure> {
+    if sids.is_empty() {
+        return Ok((Vec::new(), 0));
+    }
+    let mut pipe = redis::pipe();
+    for sid in sids {
+        pipe.cmd("XRANGE").arg(stream).arg(sid).arg(sid);
+    }
+    let found: Vec<Vec<StreamEntry>> = pipe.query_async(conn).await.map_err(|e| Failure::from_redis(&e))?;
+    // Each item still there holds one or more of the id's entries among those of its batch.
+    let trimmed = found.iter().filter(|item| item.is_empty()).count();
+    let mut entries: Vec<Entry> = found
+        .iter()
+        .flatten()
+        .flat_map(|item| parse(item).into_iter().rev())
+        .filter(|entry| entry.ids().contains(&id))
+        .collect();
+    entries.truncate(HISTORY);
+    Ok((entries, trimmed))
+}
+
 /// The entries of one stream item, oldest first, each with the id `{stream id}.{n}` (its place in the item).
+/// An item written before batches were items (one `entry` field) reads as that one entry.
 fn parse((sid, fields): &StreamEntry) -> Vec<Entry> {
-    let Some((_, json)) = fields.iter().find(|(k, _)| k == "entries") else {
-        return Vec::new();
+    let mut entries: Vec<Entry> = match fields.iter().find(|(k, _)| k == "entries" || k == "entry") {
+        Some((k, json)) if k == "entries" => serde_json::from_str(json).unwrap_or_default(),
+        Some((_, json)) => serde_json::from_str(json).map(|e| vec![e]).unwrap_or_default(),
+        None => Vec::new(),
     };
-    let mut entries: Vec<Entry> = serde_json::from_str(json).unwrap_or_default();
     for (i, entry) in entries.iter_mut().enumerate() {
         entry.id = Some(format!("{sid}.{i}"));
     }
     entries
 }
 
-/// How many entries an item holds, from its `n` field (without parsing them).
+/// How many entries an item holds, from its `n` field (without parsing them; an item of an earlier version, one).
 fn item_len((_, fields): &StreamEntry) -> u64 {
     fields
         .iter()
         .find(|(k, _)| k == "n")
         .and_then(|(_, n)| n.parse().ok())
-        .unwrap_or(0)
+        .unwrap_or(1)
 }
 
 enum Msg {
@@ -643,4 +649,46 @@ async fn write(store: &Store, entries: &[Entry], dropped: &AtomicU64) {
     }
     metrics::counter!(m::JOURNAL_DROPPED).increment(entries.len() as u64);
     dropped.fetch_add(entries.len() as u64, Ordering::Relaxed);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(event_id: &str) -> Entry {
+        Entry {
+            id: None,
+            at_ms: 1,
+            event_id: event_id.into(),
+            channel: "/data/OrderChangeEvent".into(),
+            change_type: None,
+            commit_user: None,
+            record_ids: Vec::new(),
+            position: "p".into(),
+            rules_version: "v".into(),
+            routes: Vec::new(),
+            rejected: None,
+            event: Event::default(),
+        }
+    }
+
+    #[test]
+    fn an_item_reads_as_its_batch_and_an_earlier_versions_item_as_one_entry() {
+        let batch = serde_json::to_string(&[entry("a"), entry("b")]).unwrap();
+        let item = (
+            "5-0".to_string(),
+            vec![("n".into(), "2".into()), ("entries".into(), batch)],
+        );
+        let read = parse(&item);
+        let ids: Vec<_> = read.iter().map(|e| (e.event_id.as_str(), e.id.as_deref())).collect();
+        assert_eq!(ids, [("a", Some("5-0.0")), ("b", Some("5-0.1"))]);
+        assert_eq!(item_len(&item), 2);
+
+        let old = (
+            "4-0".to_string(),
+            vec![("entry".into(), serde_json::to_string(&entry("c")).unwrap())],
+        );
+        assert_eq!(parse(&old)[0].event_id, "c");
+        assert_eq!(item_len(&old), 1);
+    }
 }
