@@ -102,22 +102,10 @@ impl Stores {
             Some(r) => Pauses::redis(r.conn.clone(), &r.config.key_prefix, config.instance_name()),
             None => Pauses::memory(),
         };
-        let journal = config.journal.enabled.then(|| {
-            let store = match &main {
-                Some(r) => JournalStore::Redis {
-                    conn: r.conn.clone(),
-                    prefix: r.config.key_prefix.clone(),
-                    max_len: config.journal.max_len,
-                    retention: config.journal.retention,
-                },
-                None => JournalStore::Memory {
-                    ring: std::sync::Mutex::default(),
-                    max_len: config.journal.max_len.min(MEMORY_JOURNAL_MAX),
-                },
-            };
-            let mask = config.redact.iter().chain(&config.journal.mask).cloned().collect();
-            Arc::new(Journal::start(store, mask))
-        });
+        let journal = match config.journal.enabled {
+            false => None,
+            true => Some(Self::journal(loaded, main.as_ref()).await?),
+        };
         Ok(Stores {
             pauses,
             journal,
@@ -128,6 +116,26 @@ impl Stores {
             checkpoints,
             leases,
         })
+    }
+
+    /// The decision journal: in the main Redis, over a connection of its own (its batch writes, tens of KB each,
+    /// never sit in the socket ahead of the pipeline's small commands), else in memory.
+    async fn journal(loaded: &LoadedConfig, main: Option<&MainRedis>) -> Result<Arc<Journal>, ConnectError> {
+        let config = &loaded.config;
+        let store = match main {
+            Some(r) => JournalStore::Redis {
+                conn: redis::connect(loaded, &r.endpoint).await?,
+                prefix: r.config.key_prefix.clone(),
+                max_len: config.journal.max_len,
+                retention: config.journal.retention,
+            },
+            None => JournalStore::Memory {
+                ring: std::sync::Mutex::default(),
+                max_len: config.journal.max_len.min(MEMORY_JOURNAL_MAX),
+            },
+        };
+        let mask = config.redact.iter().chain(&config.journal.mask).cloned().collect();
+        Ok(Arc::new(Journal::start(store, mask)))
     }
 
     /// Where source positions are kept: the configured store, else the main Redis, else memory.
