@@ -1,4 +1,5 @@
-//! CPU benches, one core: Avro decode, routing, and the native baseline (a) in the same run.
+//! CPU benches, one core: Avro decode, routing, the native baseline (a) in the same run, and the decision
+//! journal's entry.
 //!
 //! `cargo bench --bench engine`. Throughput is in events (elements) per second of CPU time of the bench
 //! thread over the mix of `common::event_mix`; the ratio engine / native is read from the same run (see
@@ -11,8 +12,9 @@ use std::time::Duration;
 
 use common::CpuTime;
 use common::{Extra, assert_same_decisions, encode, event_mix, native_decide, records_for, registry, rules};
-use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use switchyard::authoring::testing::plan_recorded;
+use switchyard::delivery::{ActionResult, journal};
 use switchyard::router;
 
 /// Events per iteration: enough to cover the mix many times over, few enough for quick samples.
@@ -111,6 +113,38 @@ fn benches(c: &mut Criterion<CpuTime>) {
             }
         })
     });
+    g.finish();
+
+    // The decision journal's part of the process's work per event, after dispatch: its entry (what every route did,
+    // the event cut to the fields the rules read), and then that entry as the writer's JSON. The plans are made,
+    // and the events cloned, outside the measured time.
+    let plans: Vec<_> = events.iter().map(|e| plan_recorded(&shipped, e)).collect();
+    let done: Vec<Vec<ActionResult>> = plans
+        .iter()
+        .map(|p| vec![ActionResult::Done { attempts: 1 }; p.actions.len()])
+        .collect();
+    let mut g = c.benchmark_group("journal");
+    g.throughput(Throughput::Elements(EVENTS as u64));
+    for json in [false, true] {
+        g.bench_function(if json { "entry+json" } else { "entry" }, |b| {
+            b.iter_batched(
+                || events.clone(),
+                |events| {
+                    let mut bytes = Vec::with_capacity(EVENTS * 512);
+                    for ((event, plan), results) in events.into_iter().zip(&plans).zip(&done) {
+                        let settled = Some((plan, results.as_slice(), &[][..]));
+                        let entry = journal::entry(&shipped, event, "/data/OrderChangeEvent@00", settled, &[]);
+                        if json {
+                            serde_json::to_writer(&mut bytes, &entry).expect("serializes");
+                        }
+                        black_box(entry);
+                    }
+                    bytes
+                },
+                BatchSize::LargeInput,
+            )
+        });
+    }
     g.finish();
 
     // Loading the rule set: what start-up and every reload pay (parse, compile, native forms, static checks).

@@ -567,7 +567,12 @@ impl Journal {
         tokio::spawn(async move {
             let mut entries = Vec::with_capacity(BATCH);
             let mut flushed = Vec::new();
-            while gather(&mut rx, &mut entries, &mut flushed).await {
+            // In memory a write is a push: nothing to save by waiting, and `why` finds what `tap` showed at once.
+            let linger = match *writer {
+                Store::Redis { .. } => LINGER,
+                Store::Memory { .. } => Duration::ZERO,
+            };
+            while gather(&mut rx, linger, &mut entries, &mut flushed).await {
                 if !entries.is_empty() {
                     write(&writer, &entries, &lost).await;
                     entries.clear();
@@ -612,17 +617,23 @@ impl Journal {
 }
 
 /// Waits for the next batch: the first message, then more until the batch is full, a flush is asked for, the
-/// queue is closed or [`LINGER`] has passed since the first. False when the queue is closed and drained.
+/// queue is closed or `linger` has passed since the first (at once when it is zero). False when the queue is
+/// closed and drained.
 ///
 /// Lingering is what makes the batches full under load: without it the writer takes whatever a few events left in
 /// the queue (about 9 entries a batch in `cargo bench --bench e2e`), and pays the item's script, its index and
 /// two round trips for each handful.
-async fn gather(rx: &mut mpsc::Receiver<Msg>, entries: &mut Vec<Entry>, flushed: &mut Vec<oneshot::Sender<()>>) -> bool {
+async fn gather(
+    rx: &mut mpsc::Receiver<Msg>,
+    linger: Duration,
+    entries: &mut Vec<Entry>,
+    flushed: &mut Vec<oneshot::Sender<()>>,
+) -> bool {
     let mut batch = Vec::with_capacity(BATCH);
     if rx.recv_many(&mut batch, BATCH).await == 0 {
         return false;
     }
-    let deadline = tokio::time::Instant::now() + LINGER;
+    let deadline = tokio::time::Instant::now() + linger;
     loop {
         for msg in batch.drain(..) {
             match msg {
@@ -630,7 +641,7 @@ async fn gather(rx: &mut mpsc::Receiver<Msg>, entries: &mut Vec<Entry>, flushed:
                 Msg::Flush(done) => flushed.push(done),
             }
         }
-        if entries.len() >= BATCH || !flushed.is_empty() {
+        if entries.len() >= BATCH || !flushed.is_empty() || linger.is_zero() {
             return true;
         }
         match tokio::time::timeout_at(deadline, rx.recv_many(&mut batch, BATCH - entries.len())).await {
