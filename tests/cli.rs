@@ -278,16 +278,29 @@ fn commands_piped_into_a_reader_that_stops_end_quietly() {
 fn the_peer_comparison_decides_like_the_shipped_rules() {
     let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let required = std::env::var_os("SWITCHYARD_INTEROP_REQUIRED").is_some_and(|v| !v.is_empty() && v != "0");
-    let node = Command::new("node").arg("--version").output().is_ok_and(|o| o.status.success());
+    let node = Command::new("node")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
     let modules = repo.join("scripts/peers/node_modules/json-rules-engine").is_dir();
     if !(node && modules) {
-        assert!(!required, "SWITCHYARD_INTEROP_REQUIRED is set but node or scripts/peers/node_modules is missing");
+        assert!(
+            !required,
+            "SWITCHYARD_INTEROP_REQUIRED is set but node or scripts/peers/node_modules is missing"
+        );
         eprintln!("skipped: the peer comparison needs node and `npm ci` in scripts/peers");
         return;
     }
     let out = Command::new("python3")
         .arg(repo.join("scripts/bench-peers"))
-        .args(["--events", "2000", "--runs", "1", "--bin", env!("CARGO_BIN_EXE_switchyard")])
+        .args([
+            "--events",
+            "2000",
+            "--runs",
+            "1",
+            "--bin",
+            env!("CARGO_BIN_EXE_switchyard"),
+        ])
         .output()
         .expect("python3 runs scripts/bench-peers");
     let text = stdout(&out);
@@ -295,7 +308,10 @@ fn the_peer_comparison_decides_like_the_shipped_rules() {
     assert!(text.contains("2000 events replayed (0 malformed)"), "{text}");
     // The mix's 2,000 events: 600 activations to provision (300 single, 100 bulk of 3) and 50 gap re-checks; its 200
     // platform events decide nothing in CDC mode.
-    assert!(text.contains("route provision-on-activating: fired 600 time(s)"), "{text}");
+    assert!(
+        text.contains("route provision-on-activating: fired 600 time(s)"),
+        "{text}"
+    );
     assert!(text.contains("sink enqueue-provisioning: 650 action(s)"), "{text}");
     assert!(!text.contains("fulfilment"), "{text}");
     assert!(text.contains("same decisions:"), "{text}");
