@@ -31,7 +31,7 @@ function changedAny(changed, names) {
 // UPDATE: the field changed and now equals the value; CREATE/UNDELETE: it equals the value.
 function became(header, fields, field, value) {
   if (header.change_type === 'UPDATE') {
-    return header.changed_fields.some((c) => covers(field, c)) && fields[field] === value;
+    return changedAny(header.changed_fields, [field]) && fields[field] === value;
   }
   return (header.change_type === 'CREATE' || header.change_type === 'UNDELETE') && fields[field] === value;
 }
@@ -119,5 +119,5 @@ async function run(engine, decide) {
 }
 
 module.exports = {
-  ORDERS, VARS, covers, changedAny, became, isBlank, containsAny, isGap, text, action, run,
+  ORDERS, VARS, changedAny, became, isBlank, containsAny, isGap, text, action, run,
 };
