@@ -3,12 +3,13 @@
 //!
 //! The pipeline hands entries over without waiting ([`Journal::record`]); one writer task stores them in batches.
 //! In the main Redis, each batch is one item of the stream `{prefix}journal` (its entries as a JSON array; the
-//! stream is trimmed to `max_len` entries and to the retention), and then `id \0 stream-id` for each distinct record
-//! id, event id and idempotency key of the batch goes into the index (`{prefix}journal:idx:{n}`, a sorted set per
-//! run of consecutive entries, expiring a retention after its last write and deleted once the cap has trimmed its
-//! entries), so one record's history is found in O(log n) per bucket. Without Redis, a bounded ring in memory. A
-//! journal that falls behind drops entries and counts them (`switchyard_journal_dropped_total`): it never slows
-//! delivery.
+//! stream is trimmed to `max_len` entries and to the retention), and then the batch goes into the index of its run
+//! of consecutive entries (a bucket, expiring a retention after its last write and deleted once the cap has trimmed
+//! its entries): `record-id \0 stream-id` for each distinct record id into the sorted set `{prefix}journal:idx:{n}`,
+//! so that one record's history is found in O(log n) per bucket, and each event id and idempotency key into the
+//! hash `{prefix}journal:keys:{n}`, which names the item of its newest entry in the bucket; the rest of its history
+//! is its records'. Without Redis, a bounded ring in memory. A journal that falls behind drops entries and counts
+//! them (`switchyard_journal_dropped_total`): it never slows delivery.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -145,6 +146,26 @@ impl Entry {
     }
 }
 
+impl Entry {
+    /// Where [`Store::index`] puts the entry's ids: its record ids into `members` (the sorted set), its event id
+    /// and idempotency keys into `fields` (the hash), found through its record ids. Input rejected before routing
+    /// names no record: its event id and position are members.
+    fn index_ids<'a>(&'a self, members: &mut Vec<&'a str>, fields: &mut Vec<&'a str>) {
+        if self.record_ids.is_empty() {
+            members.extend(self.ids());
+            return;
+        }
+        members.extend(self.record_ids.iter().map(String::as_str));
+        fields.push(&self.event_id);
+        fields.extend(
+            self.routes
+                .iter()
+                .flat_map(|r| &r.actions)
+                .filter_map(|a| a.idempotency_key.as_deref()),
+        );
+    }
+}
+
 /// Where the journal lives.
 pub enum Store {
     Redis {
@@ -203,6 +224,11 @@ impl Store {
     /// The prefix of the index buckets' keys (the bucket number follows).
     pub fn index_prefix(prefix: &str) -> String {
         format!("{prefix}journal:idx:")
+    }
+
+    /// The prefix of the index buckets' hashes of event ids and idempotency keys (the bucket number follows).
+    pub fn keys_prefix(prefix: &str) -> String {
+        format!("{prefix}journal:keys:")
     }
 
     /// The counter of entries ever appended, which numbers them for the index buckets.
@@ -264,12 +290,15 @@ impl Store {
         }
     }
 
-    /// Indexes a stored item (the second write of a batch), in the bucket of its first entry: `id \0 stream-id`
-    /// for each distinct id of its entries (record ids, event ids, idempotency keys), all of score 0, so that
-    /// `ZRANGEBYLEX` finds an id's items in O(log n) per bucket. The members are built here and sent as plain
-    /// `ZADD`s (no script): Redis does nothing per member but the insert, and serves other clients between the
-    /// commands. A bucket expires a retention after its last write, and is deleted as soon as the cap has trimmed
-    /// every entry it names, so the index never outgrows the stream and its sets stay small.
+    /// Indexes a stored item (the second write of a batch), in the bucket of its first entry. The sorted set
+    /// holds `record-id \0 stream-id` for each distinct record id of its entries (and, for input rejected before
+    /// routing, which names no record, its event id and position), all of score 0, so that `ZRANGEBYLEX` finds a
+    /// record's items in O(log n) per bucket. The bucket's hash maps each event id and idempotency key to the item:
+    /// a field costs Redis about a third of a set member, and `why` on one of them finds its entry there, then the
+    /// rest of its history through the entry's record ids ([`Store::history`]). Plain commands built here (no
+    /// script): Redis does nothing per member but the insert, and serves other clients between the commands. Both
+    /// expire a retention after their last write, and are deleted as soon as the cap has trimmed every entry they
+    /// name, so the index never outgrows the stream.
     async fn index(&self, entries: &[Entry], sid: &str, first: u64) -> Result<(), Failure> {
         let Store::Redis {
             conn,
@@ -282,36 +311,46 @@ impl Store {
         };
         let size = bucket_size(*max_len);
         let bucket = format!("{}{}", Self::index_prefix(prefix), first / size);
-        let mut seen = std::collections::HashSet::new();
+        let keys = format!("{}{}", Self::keys_prefix(prefix), first / size);
+        let mut members = Vec::with_capacity(entries.len());
+        let mut fields = Vec::with_capacity(entries.len() * 2);
+        for entry in entries {
+            entry.index_ids(&mut members, &mut fields);
+        }
+        members.sort_unstable();
+        members.dedup();
+        fields.sort_unstable();
+        fields.dedup();
         let mut pipe = redis::pipe();
-        let mut zadd = redis::cmd("ZADD");
-        zadd.arg(&bucket);
-        let mut members = 0;
-        for id in entries.iter().flat_map(Entry::ids) {
-            if !seen.insert(id) {
-                continue;
+        for chunk in members.chunks(1_024) {
+            let zadd = pipe.cmd("ZADD").arg(&bucket);
+            for id in chunk {
+                let mut member = Vec::with_capacity(id.len() + 1 + sid.len());
+                member.extend_from_slice(id.as_bytes());
+                member.push(0);
+                member.extend_from_slice(sid.as_bytes());
+                zadd.arg(0).arg(member);
             }
-            zadd.arg(0).arg([id.as_bytes(), b"\0", sid.as_bytes()].concat());
-            members += 1;
-            if members % 1_024 == 0 {
-                pipe.add_command(std::mem::replace(&mut zadd, redis::cmd("ZADD")))
-                    .ignore();
-                zadd.arg(&bucket);
+            zadd.ignore();
+        }
+        for chunk in fields.chunks(1_024) {
+            let hset = pipe.cmd("HSET").arg(&keys);
+            for id in chunk {
+                hset.arg(*id).arg(sid);
             }
+            hset.ignore();
         }
-        if members % 1_024 != 0 {
-            pipe.add_command(zadd).ignore();
+        let ttl = retention.as_millis() as u64;
+        for key in [&bucket, &keys] {
+            pipe.cmd("PEXPIRE").arg(key).arg(ttl).ignore();
         }
-        pipe.cmd("PEXPIRE")
-            .arg(&bucket)
-            .arg(retention.as_millis() as u64)
-            .ignore();
         // The buckets whose every entry is past the cap: gone with them (those this batch moved past it).
         let (end, cap, size) = (first as i64 + entries.len() as i64, *max_len as i64, size as i64);
         let stale = (end - cap).div_euclid(size) - 1;
         for b in ((first as i64 - cap).div_euclid(size) - 1).max(0)..=stale {
             pipe.cmd("UNLINK")
                 .arg(format!("{}{b}", Self::index_prefix(prefix)))
+                .arg(format!("{}{b}", Self::keys_prefix(prefix)))
                 .ignore();
         }
         let mut conn = conn.clone();
@@ -347,32 +386,24 @@ impl Store {
                 let newest = (count - 1) / size;
                 // The stream keeps about max_len (`MAXLEN ~` keeps a little more): one bucket more than it needs.
                 let oldest = (count.saturating_sub(*max_len as u64) / size).saturating_sub(1);
-                let min = [b"[", id.as_bytes(), b"\0"].concat();
-                let max = [b"[", id.as_bytes(), b"\0\xff"].concat();
-                let mut pipe = redis::pipe();
-                for bucket in (oldest..=newest).rev() {
-                    pipe.cmd("ZRANGEBYLEX")
-                        .arg(format!("{}{bucket}", Self::index_prefix(prefix)))
-                        .arg(&min)
-                        .arg(&max);
+                let buckets = (oldest..=newest).rev();
+                let stream = Self::stream_key(prefix);
+                let (mut sids, fields) = lookup(&mut conn, prefix, buckets.clone(), &[id], true).await?;
+                if !fields.is_empty() {
+                    // An event id or idempotency key: its newest entry in each bucket, then its records' histories,
+                    // which hold every entry of it (an action's key is its record's; so is a redelivered event).
+                    let (found, _) = read_items(&mut conn, &stream, &fields, id).await?;
+                    let mut records: Vec<&str> = found
+                        .iter()
+                        .flat_map(|e| e.record_ids.iter().map(String::as_str))
+                        .collect();
+                    records.sort_unstable();
+                    records.dedup();
+                    sids.extend(lookup(&mut conn, prefix, buckets, &records, false).await?.0);
+                    sids.extend(fields);
                 }
-                let buckets: Vec<Vec<Vec<u8>>> =
-                    pipe.query_async(&mut conn).await.map_err(|e| Failure::from_redis(&e))?;
-                let mut ids: Vec<(u64, u64, String)> = buckets
-                    .into_iter()
-                    .flatten()
-                    .filter_map(|member| {
-                        let sid = String::from_utf8(member.get(id.len() + 1..)?.to_vec()).ok()?;
-                        let (ms, seq) = sid.split_once('-')?;
-                        Some((ms.parse().ok()?, seq.parse().ok()?, sid))
-                    })
-                    .filter(|(ms, _, _)| *ms >= since)
-                    .collect();
-                ids.sort_unstable_by_key(|&(ms, seq, _)| std::cmp::Reverse((ms, seq)));
-                ids.dedup_by(|a, b| a.2 == b.2);
-                ids.truncate(HISTORY);
-                let ids: Vec<String> = ids.into_iter().map(|(_, _, sid)| sid).collect();
-                read_items(&mut conn, &Self::stream_key(prefix), &ids, id).await
+                let sids = newest_first(sids, since);
+                read_items(&mut conn, &stream, &sids, id).await
             }
             Store::Memory { ring, .. } => {
                 let ring = ring.lock().unwrap_or_else(|e| e.into_inner());
@@ -490,6 +521,71 @@ impl Store {
             .map_err(|e| Failure::from_redis(&e))?;
         Ok(last.into_iter().next().map_or_else(|| "0-0".into(), |(id, _)| id))
     }
+}
+
+/// The stream ids of the items that `buckets` of the index name for `ids`: those of the sorted sets (record ids),
+/// and with `fields`, those of the hashes (event ids and idempotency keys), in one pipelined round trip.
+async fn lookup(
+    conn: &mut Conn,
+    prefix: &str,
+    buckets: impl Iterator<Item = u64>,
+    ids: &[&str],
+    fields: bool,
+) -> Result<(Vec<String>, Vec<String>), Failure> {
+    let mut pipe = redis::pipe();
+    // Per command: the length of the id a sorted set's members start with, or None for a hash's field.
+    let mut asked = Vec::new();
+    for bucket in buckets {
+        for id in ids {
+            pipe.cmd("ZRANGEBYLEX")
+                .arg(format!("{}{bucket}", Store::index_prefix(prefix)))
+                .arg([b"[", id.as_bytes(), b"\0"].concat())
+                .arg([b"[", id.as_bytes(), b"\0\xff"].concat());
+            asked.push(Some(id.len()));
+            if fields {
+                pipe.cmd("HGET")
+                    .arg(format!("{}{bucket}", Store::keys_prefix(prefix)))
+                    .arg(*id);
+                asked.push(None);
+            }
+        }
+    }
+    if asked.is_empty() {
+        return Ok((Vec::new(), Vec::new()));
+    }
+    let replies: Vec<redis::Value> = pipe.query_async(conn).await.map_err(|e| Failure::from_redis(&e))?;
+    let parsing = |e: redis::ParsingError| Failure::from_redis(&e.into());
+    let (mut members, mut found) = (Vec::new(), Vec::new());
+    for (reply, asked) in replies.into_iter().zip(asked) {
+        match asked {
+            Some(len) => {
+                let named: Vec<Vec<u8>> = redis::from_redis_value(reply).map_err(parsing)?;
+                members.extend(
+                    named
+                        .into_iter()
+                        .filter_map(|m| String::from_utf8(m.get(len + 1..)?.to_vec()).ok()),
+                );
+            }
+            None => found.extend(redis::from_redis_value::<Option<String>>(reply).map_err(parsing)?),
+        }
+    }
+    Ok((members, found))
+}
+
+/// Stream ids newest first, without repeats or those older than `since` (ms), at most [`HISTORY`].
+fn newest_first(sids: Vec<String>, since: u64) -> Vec<String> {
+    let mut ids: Vec<(u64, u64, String)> = sids
+        .into_iter()
+        .filter_map(|sid| {
+            let (ms, seq) = sid.split_once('-')?;
+            Some((ms.parse().ok()?, seq.parse().ok()?, sid))
+        })
+        .filter(|(ms, _, _)| *ms >= since)
+        .collect();
+    ids.sort_unstable_by_key(|&(ms, seq, _)| std::cmp::Reverse((ms, seq)));
+    ids.dedup_by(|a, b| a.2 == b.2);
+    ids.truncate(HISTORY);
+    ids.into_iter().map(|(_, _, sid)| sid).collect()
 }
 
 /// The entries for `id` in the stream items `sids` (newest first), newest first, and how many of the items the cap
