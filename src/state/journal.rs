@@ -132,12 +132,7 @@ impl Entry {
             // Input rejected before routing is found by where it was, too (`events.jsonl:7`, a replay id).
             ids.push(&self.position);
         }
-        for key in self
-            .routes
-            .iter()
-            .flat_map(|r| &r.actions)
-            .filter_map(|a| a.idempotency_key.as_deref())
-        {
+        for key in self.idempotency_keys() {
             if !ids.contains(&key) {
                 ids.push(key);
             }
@@ -155,12 +150,15 @@ impl Entry {
         }
         members.extend(self.record_ids.iter().map(String::as_str));
         fields.push(&self.event_id);
-        fields.extend(
-            self.routes
-                .iter()
-                .flat_map(|r| &r.actions)
-                .filter_map(|a| a.idempotency_key.as_deref()),
-        );
+        fields.extend(self.idempotency_keys());
+    }
+
+    /// Its actions' idempotency keys, in order (repeats included).
+    fn idempotency_keys(&self) -> impl Iterator<Item = &str> {
+        self.routes
+            .iter()
+            .flat_map(|r| &r.actions)
+            .filter_map(|a| a.idempotency_key.as_deref())
     }
 }
 
